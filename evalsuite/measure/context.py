@@ -1,0 +1,66 @@
+"""What every measure stage receives: the models, the run's settings, and the results to append to."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.load import LoadedModel
+from evalsuite.results import Results
+
+
+@dataclass
+class RunContext:
+    """A stage reads ``variants`` (``"fp"`` first, then each scheme, all on ``device`` in ``dtype``),
+    appends records to ``results`` and per-item data to ``results.details[stage]``.
+
+    ``reload(dtype)`` gives a fresh fp model in another dtype (the KL noise floor needs fp32);
+    ``checkpoint()`` saves what has been computed so far, so a later failure loses nothing.
+    In a distributed run ``rank``/``world_size`` say which shard is this process's.
+    """
+
+    loaded: LoadedModel
+    variants: dict[str, nn.Module]
+    configs: dict[str, Any]
+    device: torch.device
+    dtype: torch.dtype
+    args: argparse.Namespace
+    results: Results
+    data_dir: Path | None = None
+    limit: int | None = None
+    reload: Callable[[torch.dtype], nn.Module] | None = None
+    checkpoint: Callable[[], None] = lambda: None
+    rank: int = 0
+    world_size: int = 1
+    show_progress: bool = field(default_factory=lambda: sys.stderr.isatty())
+
+    @property
+    def tokenizer(self):
+        if self.loaded.tokenizer is None:
+            raise EvalsuiteError(f"{self.loaded.info.path}: this model has no tokenizer; pass --tokenizer PATH")
+        return self.loaded.tokenizer
+
+    @property
+    def fp(self) -> nn.Module:
+        return self.variants["fp"]
+
+    @property
+    def quantized(self) -> dict[str, nn.Module]:
+        return {k: v for k, v in self.variants.items() if k != "fp"}
+
+    def progress(self, iterable: Iterable, desc: str, total: int | None = None, unit: str = "it"):
+        """A progress bar on stderr for anything that takes more than a few seconds."""
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not self.show_progress or self.rank != 0,
+                    leave=False, mininterval=1.0)
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return getattr(self.args, name, default)

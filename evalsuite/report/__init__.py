@@ -1,0 +1,1 @@
+"""Stage 5 of the pipeline: report. Renders results files; never imports torch."""

@@ -1,0 +1,213 @@
+"""The one results type: what measure produces, judge annotates and report renders.
+
+A results file is JSON with this shape (schema ``evalsuite.results/1``)::
+
+    {
+      "schema": "evalsuite.results/1",
+      "run":      {...metadata: model, schemes, device, dtype, versions, seeds, timings...},
+      "records":  [{stage, task, variant, metric, value, unit, n, higher_is_better,
+                    stderr, ci95, definition, extra}, ...],
+      "details":  {stage: {...per-item / per-window data for histograms and significance}},
+      "errors":   [{stage, variant, message}, ...],
+      "verdicts": [{check, verdict, reason, ...}, ...]
+    }
+
+This module never imports torch: reporters and the judge read results files only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evalsuite.errors import EvalsuiteError
+
+SCHEMA = "evalsuite.results/1"
+SCHEMA_FAMILY = "evalsuite.results/"
+SUPPORTED_SCHEMAS = (SCHEMA,)
+
+REQUIRED_RECORD_KEYS = ("stage", "task", "variant", "metric", "value", "unit", "n", "higher_is_better")
+
+
+@dataclass
+class Metric:
+    """One measured number, with its unit, sample size and (where one exists) uncertainty.
+
+    ``variant`` is ``"fp"`` for the reference or a scheme name such as ``"int8-wo"``; paired
+    metrics (quantized against fp) carry the quantized variant's name.
+    ``ci95`` is a two-element [low, high] list; ``stderr`` is one standard error.
+    ``higher_is_better`` is None for descriptive numbers that have no good direction.
+    """
+
+    stage: str
+    task: str
+    variant: str
+    metric: str
+    value: float | None
+    unit: str
+    n: int
+    higher_is_better: bool | None
+    stderr: float | None = None
+    ci95: list[float] | None = None
+    definition: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, str, str, str]:
+        return (self.stage, self.task, self.variant, self.metric)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["value"] = _json_number(d["value"])
+        d["stderr"] = _json_number(d["stderr"])
+        if d["ci95"] is not None:
+            d["ci95"] = [_json_number(x) for x in d["ci95"]]
+        if not d["extra"]:
+            del d["extra"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Metric":
+        missing = [k for k in REQUIRED_RECORD_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"record lacks {', '.join(missing)}")
+        known = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        for k in ("value", "stderr"):
+            if kwargs.get(k) is not None:
+                kwargs[k] = float(kwargs[k])
+        if kwargs.get("ci95") is not None:
+            kwargs["ci95"] = [float(x) for x in kwargs["ci95"]]
+        return cls(**kwargs)
+
+
+def _json_number(x: float | None) -> float | str | None:
+    """JSON has no NaN or inf; keep them visible as strings rather than dropping them."""
+    if x is None:
+        return None
+    x = float(x)
+    if math.isnan(x):
+        return "nan"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return x
+
+
+@dataclass
+class Results:
+    run: dict[str, Any] = field(default_factory=dict)
+    records: list[Metric] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: list[dict[str, Any]] = field(default_factory=list)
+    schema: str = SCHEMA
+
+    def add(self, **kwargs: Any) -> Metric:
+        """Append one record; replaces an earlier record with the same key (a re-run stage)."""
+        m = Metric(**kwargs)
+        self.records = [r for r in self.records if r.key != m.key]
+        self.records.append(m)
+        return m
+
+    def find(
+        self,
+        stage: str | None = None,
+        task: str | None = None,
+        variant: str | None = None,
+        metric: str | None = None,
+    ) -> list[Metric]:
+        return [
+            r
+            for r in self.records
+            if (stage is None or r.stage == stage)
+            and (task is None or r.task == task)
+            and (variant is None or r.variant == variant)
+            and (metric is None or r.metric == metric)
+        ]
+
+    def get(self, stage: str, task: str, variant: str, metric: str) -> Metric | None:
+        found = self.find(stage, task, variant, metric)
+        return found[0] if found else None
+
+    def add_error(self, stage: str, message: str, variant: str | None = None) -> None:
+        self.errors.append({"stage": stage, "variant": variant, "message": message})
+
+    @property
+    def variants(self) -> list[str]:
+        """Variants in run order: ``fp`` first, then the schemes as given."""
+        order = ["fp", *self.run.get("schemes", [])]
+        seen = {r.variant for r in self.records}
+        return [v for v in order if v in seen] + sorted(seen - set(order))
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.run.get("partial"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "run": self.run,
+            "records": [r.to_dict() for r in self.records],
+            "details": self.details,
+            "errors": self.errors,
+            "verdicts": self.verdicts,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "results") -> "Results":
+        if not isinstance(d, dict) or "schema" not in d:
+            raise EvalsuiteError(f"{source}: not an evalsuite results file (no 'schema' key)")
+        schema = d["schema"]
+        if schema not in SUPPORTED_SCHEMAS:
+            raise EvalsuiteError(
+                f"{source}: results schema {schema!r} is not supported (this evalsuite reads "
+                f"{', '.join(SUPPORTED_SCHEMAS)})"
+            )
+        records = []
+        for i, r in enumerate(d.get("records", [])):
+            try:
+                records.append(Metric.from_dict(r))
+            except (ValueError, TypeError) as e:
+                raise EvalsuiteError(f"{source}: record {i} is malformed: {e}") from None
+        return cls(
+            run=d.get("run", {}),
+            records=records,
+            details=d.get("details", {}),
+            errors=d.get("errors", []),
+            verdicts=d.get("verdicts", []),
+            schema=schema,
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temp file + rename) so a crash never leaves half a results file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=1, allow_nan=False)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Results":
+        path = Path(path)
+        if not path.is_file():
+            raise EvalsuiteError(f"{path}: no such results file")
+        try:
+            data = json.loads(path.read_text())
+        except UnicodeDecodeError:
+            raise EvalsuiteError(f"{path}: not a results file (not UTF-8 text)") from None
+        except json.JSONDecodeError as e:
+            raise EvalsuiteError(f"{path}: truncated or corrupt results file ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(data, source=str(path))
+
