@@ -1,0 +1,81 @@
+"""Statistics shared by the stages and the judge: numpy and scipy only, no torch.
+
+Conventions: ``stderr`` is one standard error of a mean; ``ci95`` is a two-sided 95% interval as
+[low, high]; bootstrap resamples whole clusters (windows, documents, items), never tokens within one,
+because tokens of one window are not independent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats as sps
+
+DEFAULT_BOOTSTRAP = 2000
+
+
+def mean_stderr(x) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n)); stderr is nan for n < 2."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    if x.size < 2:
+        return float(x.mean()), math.nan
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(x.size))
+
+
+def bootstrap_ratio_of_sums(num, den, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> np.ndarray:
+    """Bootstrap replicates of sum(num)/sum(den), resampling clusters (rows) with replacement.
+
+    ``num`` and ``den`` are per-cluster sums (e.g. NLL and token count per window); a paired
+    statistic passes several numerators as columns of a 2-D ``num`` and gets one column each.
+    """
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(den), size=(n_boot, len(den)))
+    d = den[idx].sum(axis=1)
+    if num.ndim == 1:
+        return num[idx].sum(axis=1) / d
+    return num[idx].sum(axis=1) / d[:, None]
+
+
+def percentile_ci(replicates, level: float = 0.95) -> list[float]:
+    lo, hi = np.nanpercentile(np.asarray(replicates), [50 * (1 - level), 100 - 50 * (1 - level)], axis=0)
+    return [float(lo), float(hi)]
+
+
+def paired_bootstrap_mean_diff(a, b, n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> list[float]:
+    """95% interval of mean(b - a) over items scored by both (a: reference, b: candidate)."""
+    d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, d.size, size=(n_boot, d.size))
+    return percentile_ci(d[idx].mean(axis=1))
+
+
+def mcnemar_exact(a_correct, b_correct) -> tuple[float, int, int]:
+    """Exact (binomial) McNemar test for two classifiers on the same items.
+
+    Returns (two-sided p-value, right→wrong count, wrong→right count), with ``a`` the reference.
+    """
+    a = np.asarray(a_correct, dtype=bool)
+    b = np.asarray(b_correct, dtype=bool)
+    right_to_wrong = int((a & ~b).sum())
+    wrong_to_right = int((~a & b).sum())
+    n = right_to_wrong + wrong_to_right
+    if n == 0:
+        return 1.0, 0, 0
+    p = sps.binomtest(min(right_to_wrong, wrong_to_right), n, 0.5).pvalue
+    return float(min(1.0, p)), right_to_wrong, wrong_to_right
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float]:
+    """Wilson score interval of a proportion (well behaved near 0 and 1 and for small n)."""
+    if n == 0:
+        return [math.nan, math.nan]
+    z = sps.norm.ppf(0.5 + level / 2)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [centre - half, centre + half]
