@@ -78,4 +78,4 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float]:
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [centre - half, centre + half]
+    return [float(centre - half), float(centre + half)]
