@@ -1,0 +1,213 @@
+"""Stage 2, quantize: the seed's numerics, its API, the fixed hazards, and the other schemes."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.quantize import (
+    Int4WeightOnlyConfig,
+    Int8WeightOnlyConfig,
+    LayerPolicy,
+    WeightOnlyInt4Linear,
+    WeightOnlyInt8Linear,
+    WeightOnlyInt8QuantHandler,
+    known_schemes,
+    parse_scheme,
+    parse_schemes,
+    quantize_,
+)
+from evalsuite.quantize.int4_wo import pack_int4, unpack_int4
+
+
+def seed_int8_reference(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The seed's formulas written out independently in numpy float32."""
+    w = w.astype(np.float32)
+    absmax = np.maximum(np.abs(np.minimum(w.min(axis=1), 0)), np.maximum(w.max(axis=1), 0))
+    scales = np.maximum(absmax / np.float32(127.5), np.finfo(np.float32).eps).astype(np.float32)
+    q = np.clip(np.round(w / scales[:, None]), -128, 127).astype(np.int8)
+    return q, scales
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, bias: bool = True):
+        super().__init__()
+        self.up = nn.Linear(32, 48, bias=bias)
+        self.down = nn.Linear(48, 32, bias=bias)
+        self.output = nn.Linear(32, 40, bias=False)  # an output head by gpt-fast's name
+
+    def forward(self, x):
+        return self.output(self.down(torch.relu(self.up(x))))
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def test_int8_wo_matches_seed_formulas():
+    torch.manual_seed(0)
+    model = TwoLayer()
+    with torch.no_grad():
+        model.up.weight[3] = 0.0  # an all-zero row exercises the eps clamp
+    sd = WeightOnlyInt8QuantHandler(model).create_quantized_state_dict()
+    for name in ("up", "down"):
+        q_ref, scales_ref = seed_int8_reference(getattr(model, name).weight.detach().numpy())
+        assert sd[f"{name}.weight"].dtype == torch.int8
+        np.testing.assert_array_equal(sd[f"{name}.weight"].numpy(), q_ref)
+        np.testing.assert_allclose(sd[f"{name}.scales"].numpy(), scales_ref, rtol=0, atol=0)
+    assert sd["up.scales"][3] == torch.finfo(torch.float32).eps
+
+
+def test_int8_wo_runtime_forward_is_seed_expression():
+    torch.manual_seed(1)
+    model = TwoLayer()
+    x = torch.randn(5, 32)
+    q_ref, scales_ref = seed_int8_reference(model.up.weight.detach().numpy())
+    expected = torch.from_numpy(x.numpy() @ q_ref.astype(np.float32).T * scales_ref) + model.up.bias
+    quantize_(model, Int8WeightOnlyConfig())
+    torch.testing.assert_close(model.up(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_save_reload_gives_identical_outputs():
+    torch.manual_seed(2)
+    model = TwoLayer()
+    x = torch.randn(4, 32)
+    handler = WeightOnlyInt8QuantHandler(model)
+    sd = handler.create_quantized_state_dict()
+    handler.convert_for_runtime()
+    model.load_state_dict(sd, assign=True)
+    expected = model(x)
+
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = TwoLayer()
+    WeightOnlyInt8QuantHandler(fresh).convert_for_runtime()
+    fresh.load_state_dict(torch.load(buf, weights_only=True), assign=True)
+    assert torch.equal(fresh(x), expected)
+
+
+def test_bias_is_kept():
+    torch.manual_seed(3)
+    model = TwoLayer(bias=True)
+    with torch.no_grad():
+        model.up.bias.fill_(5.0)  # a bias this large cannot hide inside quantization error
+    x = torch.randn(3, 32)
+    ref = model.up(x)
+    quantize_(model, Int8WeightOnlyConfig())
+    assert isinstance(model.up, WeightOnlyInt8Linear)
+    assert torch.equal(model.up.bias, torch.full((48,), 5.0))
+    torch.testing.assert_close(model.up(x), ref, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("scheme", ["int8-wo", "int4-wo-g32", "int8-dq"])
+def test_fp16_model_stays_fp16(scheme):
+    torch.manual_seed(4)
+    model = TwoLayer().half()
+    quantize_(model, parse_scheme(scheme))
+    out = model(torch.randn(2, 32, dtype=torch.float16))
+    assert out.dtype == torch.float16
+    if scheme == "int8-wo":
+        assert model.up.scales.dtype == torch.float16
+
+
+def test_head_excluded_by_default_and_included_on_request(tiny_llama):
+    names = LayerPolicy().select(tiny_llama)
+    assert "lm_head" not in names
+    assert len(names) == 7 * 2  # q, k, v, o, gate, up, down in each of 2 blocks
+    assert "lm_head" in LayerPolicy(include_head=True).select(tiny_llama)
+
+    q = quantize_(copy.deepcopy(tiny_llama), parse_scheme("int8-wo"))
+    assert isinstance(q.lm_head, nn.Linear)
+    q_head = quantize_(copy.deepcopy(tiny_llama), parse_scheme("int8-wo+head"))
+    assert isinstance(q_head.lm_head, WeightOnlyInt8Linear)
+    # gpt-fast naming: the head is `output`
+    assert "output" not in LayerPolicy().select(TwoLayer())
+
+
+def test_skip_patterns_keep_layers_in_float(tiny_llama):
+    q = quantize_(copy.deepcopy(tiny_llama), parse_scheme("int8-wo"), skip=("*.mlp.down_proj",))
+    assert isinstance(q.model.layers[0].mlp.down_proj, nn.Linear)
+    assert isinstance(q.model.layers[0].mlp.up_proj, WeightOnlyInt8Linear)
+
+
+def test_int4_groupwise_against_independent_dequantization():
+    torch.manual_seed(5)
+    w = torch.randn(16, 96)
+    layer = nn.Linear(96, 16, bias=False)
+    layer.weight.data = w.clone()
+    model = nn.Sequential(layer)
+    quantize_(model, Int4WeightOnlyConfig(group_size=32))
+    deq = model[0].dequantize()
+    groups = w.reshape(16, 3, 32)
+    lo, hi = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (hi - lo).clamp(min=1e-6) / 15
+    ref = (torch.round((groups - lo) / step).clamp(0, 15) * step + lo).reshape(16, 96)
+    torch.testing.assert_close(deq, ref, atol=1e-5, rtol=1e-5)
+    # asymmetric 4-bit: error within half a step of each group
+    assert ((deq - w).abs().reshape(16, 3, 32) <= step / 2 + 1e-6).all()
+
+
+def test_int4_pads_widths_the_group_does_not_divide():
+    torch.manual_seed(6)
+    layer = nn.Linear(80, 8)  # 80 is not a multiple of 64
+    model = nn.Sequential(copy.deepcopy(layer))
+    quantize_(model, parse_scheme("int4-wo-g64"))
+    assert isinstance(model[0], WeightOnlyInt4Linear)
+    x = torch.randn(3, 80)
+    assert model[0].dequantize().shape == (8, 80)
+    torch.testing.assert_close(model(x), layer(x), atol=0.15, rtol=0.1)
+
+
+def test_int4_pack_roundtrip():
+    q = torch.randint(0, 16, (4, 10), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+
+
+def test_int8_dq_matches_float_reference():
+    torch.manual_seed(7)
+    layer = nn.Linear(64, 24)
+    x = torch.randn(6, 64)
+    model = quantize_(nn.Sequential(copy.deepcopy(layer)), parse_scheme("int8-dq"))
+    sx = x.abs().amax(-1, keepdim=True) / 127
+    sw = layer.weight.abs().amax(-1, keepdim=True) / 127
+    qx = torch.round(x / sx).clamp(-127, 127)
+    qw = torch.round(layer.weight / sw).clamp(-127, 127)
+    ref = (qx.double() @ qw.double().T) * sx.double() * sw.double().T + layer.bias.double()
+    torch.testing.assert_close(model(x).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scheme_names_parse_and_unknown_names_list_the_known_ones():
+    assert parse_scheme("int4-wo-g256").group_size == 256
+    assert parse_scheme("int8-wo+head").include_head
+    assert [c.name for c in parse_schemes("int8-wo, int4-wo-g128")] == ["int8-wo", "int4-wo-g128"]
+    for bad in ("int9", "int4-wo-g100", "int8-wo+tail"):
+        with pytest.raises(EvalsuiteError, match="known: int8-wo") as e:
+            parse_scheme(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(EvalsuiteError, match="twice"):
+        parse_schemes("int8-wo,int8-wo")
+    assert set(known_schemes()) >= {"int8-wo", "int8-dq", "int4-wo-g32", "int4-wo-g256"}
+
+
+@pytest.mark.slow
+def test_int8_wo_on_smollm2_stays_close_to_fp(smollm2):
+    """The real model: int8-wo logits stay close to fp and the top-1 token mostly agrees."""
+    ids = smollm2.tokenizer("The quick brown fox jumps over the lazy dog because", return_tensors="pt").input_ids
+    fp = smollm2.model(ids).logits
+    q = quantize_(copy.deepcopy(smollm2.model), parse_scheme("int8-wo"))
+    assert sum(isinstance(m, WeightOnlyInt8Linear) for m in q.modules()) == 210
+    ql = q(ids).logits
+    lp, lq = fp.double().log_softmax(-1), ql.double().log_softmax(-1)
+    kl = (lp.exp() * (lp - lq)).sum(-1)  # KL(P_fp || Q_int8) per token
+    assert (kl > 0).all()  # quantization did change something
+    assert kl.mean() < 0.05
+    assert (fp.argmax(-1) == ql.argmax(-1)).float().mean() > 0.8
