@@ -2,7 +2,7 @@
 called, so ``evalsuite --help`` is instant and lists them all.
 
 Exit codes: 0 every check passed, 1 a regression was flagged, 2 a usage or input error (one line on
-stderr, no traceback).
+stderr, no traceback), 3 an internal error (a bug: traceback on stderr, results so far kept).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sys
 
 from evalsuite import __version__
 from evalsuite.errors import EvalsuiteError
+
+EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 # name → (module, help); the module defines add_arguments(parser) and main(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -61,3 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("evalsuite: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # a bug in evalsuite: show it, and keep it apart from 1 (regression) and 2 (usage)
+        import traceback
+
+        traceback.print_exc()
+        print("evalsuite: internal error (exit 3); please report it with the traceback above", file=sys.stderr)
+        return EXIT_INTERNAL

