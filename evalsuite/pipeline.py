@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from evalsuite import __version__
+from evalsuite import __version__, distributed
 from evalsuite.errors import EvalsuiteError
 from evalsuite.measure import STAGE_MODULES, get_stage, parse_stages
 from evalsuite.results import Results
@@ -123,15 +123,25 @@ def run(args: argparse.Namespace) -> int:
     from evalsuite.quantize import quantize_
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    show_progress = sys.stderr.isatty() and not args.no_progress
+    if not show_progress:  # libraries' own bars (GGUF conversion, weight loading) clutter CI logs
+        os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if args.threads:
         torch.set_num_threads(args.threads)
     elif hasattr(os, "sched_getaffinity"):
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        # torchrun ranks on one host share its cores
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
+    # under torchrun: join the process group, one GPU per rank; only rank 0 writes files
+    dist_env = distributed.init(device.type)
+    device = distributed.device_for(device, dist_env)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else default_out_dir(model_path.stem if model_path.is_file() else model_path.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = distributed.broadcast(out_dir, dist_env.world_size)  # ranks' clocks may straddle a second
+    if dist_env.is_writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / "results.json"
 
     results = Results(run={
@@ -148,10 +158,12 @@ def run(args: argparse.Namespace) -> int:
         "versions": package_versions(),
         "git_revision": git_revision(),
         "stage_seconds": {},
+        "world_size": dist_env.world_size,
     })
 
     def checkpoint() -> None:
-        results.save(results_path)
+        if dist_env.is_writer:
+            results.save(results_path)
 
     def timed(name: str):
         class _T:
@@ -185,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     ctx = RunContext(
         loaded=loaded, variants=variants, configs={c.name: c for c in configs}, device=device, dtype=dtype,
         args=args, results=results, data_dir=data_dir, limit=args.limit, reload=reload, checkpoint=checkpoint,
-        show_progress=sys.stderr.isatty() and not args.no_progress,
+        show_progress=show_progress,
+        rank=dist_env.rank, world_size=dist_env.world_size,
     )
     try:
         for name, stage in zip(stages, stage_objs):
@@ -197,9 +210,16 @@ def run(args: argparse.Namespace) -> int:
         results.run["finished"] = now()
         checkpoint()
         raise EvalsuiteError(f"{e} (results so far saved to {results_path})") from None
+    except Exception as e:  # a bug, not a user error: keep what was measured, then let it surface
+        results.add_error(name, f"internal error: {type(e).__name__}: {e}")
+        results.run["finished"] = now()
+        checkpoint()
+        print(f"evalsuite: stage {name!r} crashed; results so far saved to {results_path}", file=sys.stderr)
+        raise
     results.run["finished"] = now()
     checkpoint()
-    return finish(results, out_dir, args)
+    code = finish(results, out_dir, args) if dist_env.is_writer else 0
+    return distributed.broadcast(code, dist_env.world_size)  # every rank exits as rank 0 does
 
 
 def finish(results: Results, out_dir: Path, args: argparse.Namespace) -> int:

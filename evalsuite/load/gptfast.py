@@ -4,6 +4,10 @@ speed stage named random-weight shapes (``llama-2-7b``, ...) without downloading
 Same parameter names as gpt-fast (``tok_embeddings``, ``layers.N.attention.wqkv``, ``output``),
 interleaved rotary embeddings as in its converted checkpoints. ``forward(idx)`` runs full causal
 attention for evaluation; after ``setup_caches`` a ``forward(idx, input_pos)`` decodes with a KV cache.
+
+``random_model(name)`` builds a named shape with random weights (speed needs no trained weights);
+``from_hf(model)`` runs a Hugging Face Llama-style model, quantized or not, through this decoder with a
+static KV cache by reusing its modules, so every variant is timed by the same torch.compile-friendly code.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ SHAPES: dict[str, dict] = {
                        intermediate_size=14336, vocab_size=32000, rope_base=1000000.0),
     "smollm2-135m": dict(block_size=8192, n_layer=30, n_head=9, n_local_heads=3, dim=576,
                          intermediate_size=1536, vocab_size=49152, rope_base=100000.0, tie_embeddings=True),
-    "tiny": dict(block_size=256, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128, vocab_size=512),
+    "tiny": dict(block_size=1024, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=128, vocab_size=512),
 }
 
 
@@ -155,8 +159,9 @@ class Transformer(nn.Module):
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int) -> None:
         """Allocate KV caches for decoding; ``forward(idx, input_pos)`` then reads and fills them."""
-        dtype = self.output.weight.dtype if self.output.weight.is_floating_point() else torch.bfloat16
-        device = self.tok_embeddings.weight.device
+        # the norm's weight has the run dtype even when a quantized head holds int8 codes
+        dtype = self.norm.weight.dtype
+        device = self.norm.weight.device
         for block in self.layers:
             a = block.attention
             a.kv_cache = KVCache(max_batch_size, max_seq_length, a.n_local_heads, a.head_dim, dtype, device)
@@ -176,9 +181,15 @@ class Transformer(nn.Module):
 
 
 def precompute_freqs_cis(seq_len: int, n_elem: int, base: float) -> Tensor:
-    freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2)[: n_elem // 2].float() / n_elem))
-    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
-    cis = torch.polar(torch.ones_like(freqs), freqs)
+    inv_freq = 1.0 / (base ** (torch.arange(0, n_elem, 2)[: n_elem // 2].float() / n_elem))
+    return freqs_cis_from_inv_freq(seq_len, inv_freq)
+
+
+def freqs_cis_from_inv_freq(seq_len: int, inv_freq: Tensor, scaling: float = 1.0) -> Tensor:
+    """[seq_len, n_elem/2, 2] cos/sin table; ``scaling`` multiplies both (HF's attention_scaling)."""
+    positions = torch.arange(seq_len, dtype=torch.float32)
+    freqs = torch.outer(positions, inv_freq.float().to(positions.device))
+    cis = torch.polar(torch.full_like(freqs, float(scaling)), freqs)
     return torch.stack([cis.real, cis.imag], dim=-1)
 
 
@@ -190,3 +201,164 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
         dim=-1,
     )
     return out.flatten(3).type_as(x)
+
+
+def random_model(name: str, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
+                 std: float = 0.02) -> Transformer:
+    """A ``Transformer`` of the named shape with N(0, std) weights and unit norms, built on the meta
+    device and materialised once in ``dtype`` (a 7B shape never exists in float32)."""
+    args = model_args(name)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.freqs_cis = precompute_freqs_cis(args.block_size, args.head_dim, args.rope_base).to(device)
+    return model.eval().requires_grad_(False)
+
+
+def _row_tensors(mod: nn.Module, rows: int) -> dict[str, Tensor] | None:
+    """The module's own tensors if every one is indexed by output row first, else None."""
+    tensors = {n: t for n, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
+               if t is not None}
+    if list(mod.children()) or not tensors or any(t.dim() == 0 or t.shape[0] != rows for t in tensors.values()):
+        return None
+    return tensors
+
+
+def _with_rows(template: nn.Module, tensors: dict[str, Tensor], out_features: int) -> nn.Module:
+    """A shallow copy of ``template`` holding ``tensors`` instead of its own (same forward)."""
+    new = template.__class__.__new__(template.__class__)
+    new.__dict__ = dict(template.__dict__)
+    new._parameters = {k: v for k, v in template._parameters.items()}
+    new._buffers = {k: v for k, v in template._buffers.items()}
+    new._modules = {}
+    for k, t in tensors.items():
+        if k in new._parameters:
+            new._parameters[k] = nn.Parameter(t, requires_grad=False)
+        else:
+            new._buffers[k] = t
+    new.out_features = out_features
+    return new
+
+
+def fuse_rows(mods: list[nn.Module]) -> nn.Module | None:
+    """One linear-like module whose output is the concatenation of ``mods``' outputs.
+
+    Works for any module whose tensors are all indexed by output row (``nn.Linear`` and the
+    weight-only/dynamic quantized modules, whose scales are per row or per row and group); None otherwise.
+    """
+    parts = [_row_tensors(m, getattr(m, "out_features", -1)) for m in mods]
+    if any(p is None for p in parts) or any(type(m) is not type(mods[0]) for m in mods):
+        return None
+    if any(p.keys() != parts[0].keys() for p in parts):
+        return None
+    fused = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return _with_rows(mods[0], fused, sum(m.out_features for m in mods))
+
+
+def permute_rows(mod: nn.Module, index: Tensor) -> nn.Module | None:
+    parts = _row_tensors(mod, getattr(mod, "out_features", -1))
+    if parts is None:
+        return None
+    return _with_rows(mod, {k: t[index.to(t.device)] for k, t in parts.items()}, mod.out_features)
+
+
+def _interleave_index(n_head: int, head_dim: int) -> Tensor:
+    """Row order that turns HF's half-split rotary layout into gpt-fast's interleaved one
+    (gpt-fast's convert_hf_checkpoint permutes q and k weights the same way)."""
+    return torch.arange(n_head * head_dim).view(n_head, 2, head_dim // 2).transpose(1, 2).reshape(-1)
+
+
+def from_hf(hf_model: nn.Module) -> Transformer:
+    """A gpt-fast ``Transformer`` over a Hugging Face Llama-style model's (possibly quantized) modules.
+
+    The projections keep their module type, so an int8-wo or int4 layer runs its own forward; q, k
+    and v are fused into ``wqkv`` (rows concatenated, q and k rows permuted to the interleaved rotary
+    layout). Norms and the output head are shared, not copied. Raises EvalsuiteError for models
+    this definition cannot express (qk-norm, sliding windows, non-Llama blocks).
+    """
+    cfg = hf_model.config
+    base = getattr(hf_model, "model", None)
+    layers = getattr(base, "layers", None)
+    head = getattr(hf_model, "lm_head", None)
+    rotary = getattr(base, "rotary_emb", None)
+    name = type(hf_model).__name__
+    if layers is None or head is None or rotary is None:
+        raise EvalsuiteError(f"the speed stage needs a Llama-style model; {name} is not one (use --speed-model SHAPE)")
+    n_head = cfg.num_attention_heads
+    n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    if head_dim * n_head != cfg.hidden_size or getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
+        raise EvalsuiteError(f"{name}: head layout or sliding-window attention not supported by the speed stage's decoder")
+    args = ModelArgs(block_size=int(getattr(cfg, "max_position_embeddings", 2048)), vocab_size=cfg.vocab_size,
+                     n_layer=len(layers), n_head=n_head, dim=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                     n_local_heads=n_kv, norm_eps=float(cfg.rms_norm_eps))
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.tok_embeddings = base.embed_tokens
+    model.output = head
+    model.norm = _norm(base.norm, args.norm_eps)
+    q_index, k_index = _interleave_index(n_head, head_dim), _interleave_index(n_kv, head_dim)
+    for block, layer in zip(model.layers, layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for needed in ("q_norm", "k_norm"):
+            if getattr(attn, needed, None) is not None:
+                raise EvalsuiteError(f"{name}: attention with {needed} is not supported by the speed stage's decoder")
+        q, k = permute_rows(attn.q_proj, q_index), permute_rows(attn.k_proj, k_index)
+        wqkv = fuse_rows([q, k, attn.v_proj]) if q is not None and k is not None else None
+        if wqkv is None:
+            raise EvalsuiteError(f"{name}: cannot fuse q/k/v projections of type {type(attn.q_proj).__name__}")
+        block.attention.wqkv, block.attention.wo = wqkv, attn.o_proj
+        block.feed_forward.w1, block.feed_forward.w3, block.feed_forward.w2 = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        block.attention_norm = _norm(layer.input_layernorm, args.norm_eps)
+        block.ffn_norm = _norm(layer.post_attention_layernorm, args.norm_eps)
+    device = model.norm.weight.device
+    model.freqs_cis = freqs_cis_from_inv_freq(args.block_size, rotary.inv_freq,
+                                              getattr(rotary, "attention_scaling", 1.0)).to(device)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise EvalsuiteError(f"{name}: could not map {leftover[0]} onto the gpt-fast decoder")
+    return model.eval()
+
+
+def _norm(hf_norm: nn.Module, eps: float) -> RMSNorm:
+    norm = RMSNorm.__new__(RMSNorm)
+    nn.Module.__init__(norm)
+    norm.eps = getattr(hf_norm, "variance_epsilon", eps)
+    norm.weight = hf_norm.weight
+    return norm
+
+
+def prefill(model: Transformer, idx: Tensor, input_pos: Tensor) -> Tensor:
+    """Run the prompt through the KV cache; returns the greedy next token [batch, 1]."""
+    logits = model(idx, input_pos)
+    return logits[:, -1:].argmax(dim=-1)
+
+
+def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor) -> Tensor:
+    """One cached decoding step at position ``input_pos`` [1]; returns the greedy next token [batch, 1]."""
+    logits = model(token, input_pos)
+    return logits[:, -1:].argmax(dim=-1)
+
+
+def greedy_decode(model: Transformer, prompt: Tensor, n_tokens: int, step=decode_one_token) -> Tensor:
+    """Greedy continuation of ``prompt`` [batch, len] by ``n_tokens`` tokens using the KV cache
+    (``setup_caches`` must cover len + n_tokens). Returns the new tokens [batch, n_tokens]."""
+    device = prompt.device
+    pos = torch.arange(prompt.shape[1], device=device)
+    token = prefill(model, prompt, pos)
+    out = [token]
+    input_pos = torch.tensor([prompt.shape[1]], device=device, dtype=torch.long)
+    for _ in range(n_tokens - 1):
+        token = step(model, token, input_pos).clone()
+        out.append(token)
+        input_pos += 1
+    return torch.cat(out, dim=1)

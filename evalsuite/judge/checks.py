@@ -1,0 +1,163 @@
+"""A check is one gate's verdict on one number, with the reason in words and the numbers behind it.
+
+Verdicts:
+
+- ``PASS``          the number is on the good side of its limit, or moved less than its tolerance;
+- ``FAIL``          it is beyond the limit (the whole 95% interval is), or it moved beyond its
+                    tolerance in the bad direction;
+- ``IMPROVED``      it moved beyond its tolerance in the good direction: reported, and failing
+                    when the gate is strict (a jump is as suspicious as a drop);
+- ``WITHIN-NOISE``  the run cannot tell: the 95% interval straddles the limit, or the change is
+                    larger than the fixed floor but inside the run's own noise;
+- ``SKIPPED``       the stage was not run, or the data to judge are missing or not comparable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+PASS, FAIL, IMPROVED, WITHIN_NOISE, SKIPPED = "PASS", "FAIL", "IMPROVED", "WITHIN-NOISE", "SKIPPED"
+VERDICTS = (FAIL, IMPROVED, WITHIN_NOISE, SKIPPED, PASS)
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+@dataclass
+class Check:
+    """One gate applied to one metric. ``kind`` is ``limit`` (quantized vs fp within the run),
+    ``baseline`` (this run vs a stored baseline) or ``run`` (the run itself, e.g. its errors)."""
+
+    check: str
+    kind: str
+    verdict: str
+    reason: str
+    stage: str | None = None
+    task: str | None = None
+    variant: str | None = None
+    metric: str | None = None
+    value: float | None = None
+    interval: list[float] | None = None
+    limit: float | None = None
+    baseline: float | None = None
+    tolerance: float | None = None
+    failing: bool = False
+    command: str | None = None   # the exact command that accepts the new values as the baseline
+    source: str | None = None    # where a limit comes from (a gates-config key)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("value", "limit", "baseline", "tolerance"):
+            if isinstance(d[k], float) and not math.isfinite(d[k]):
+                d[k] = str(d[k])
+        if d["interval"] is not None:
+            d["interval"] = [x if math.isfinite(x) else str(x) for x in d["interval"]]
+        return {k: v for k, v in d.items() if v is not None and v != {}}
+
+
+def finalize(checks: list[Check], strict: bool) -> list[Check]:
+    """Mark which checks fail the run: every FAIL, and every IMPROVED when ``strict``."""
+    for c in checks:
+        c.failing = c.verdict == FAIL or (strict and c.verdict == IMPROVED)
+    return checks
+
+
+def exit_code(verdicts: list[dict[str, Any]]) -> int:
+    """1 when any check fails the run, else 0."""
+    return 1 if any(v.get("failing", v.get("verdict") == FAIL) for v in verdicts) else 0
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if not math.isfinite(x):
+        return str(x)
+    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
+        return f"{x:.{max(digits - 1, 1)}e}"
+    return f"{x:.{digits}g}"
+
+
+def limit_verdict(value: float, interval: list[float] | None, limit: float, upper: bool) -> tuple[str, str]:
+    """Judge ``value`` against ``limit`` (``upper``: must be ≤ limit; else ≥ limit).
+
+    With a 95% interval: PASS when all of it is on the good side, FAIL when all of it is on the bad
+    side, WITHIN-NOISE when it contains the limit. Without one the point value decides.
+    """
+    op, bad_op = ("≤", ">") if upper else ("≥", "<")
+
+    def good(x: float) -> bool:
+        return x <= limit if upper else x >= limit
+
+    if not math.isfinite(value):
+        return FAIL, f"value {fmt(value)} is not finite"
+    if interval is None or not all(math.isfinite(x) for x in interval):
+        verdict = PASS if good(value) else FAIL
+        return verdict, f"{fmt(value)} {op if verdict == PASS else bad_op} limit {fmt(limit)} (no interval recorded)"
+    lo, hi = sorted(interval)
+    ci = f"95% CI [{fmt(lo)}, {fmt(hi)}]"
+    if good(lo) and good(hi):
+        return PASS, f"{fmt(value)}, {ci} entirely {op} limit {fmt(limit)}"
+    if not good(lo) and not good(hi):
+        return FAIL, f"{fmt(value)}, {ci} entirely {bad_op} limit {fmt(limit)}"
+    side = "inside" if good(value) else "beyond"
+    return WITHIN_NOISE, f"{fmt(value)} is {side} limit {fmt(limit)} but its {ci} contains the limit: the sample is too small to tell"
+
+
+def stderr_of(value: float | None, stderr: float | None, ci95: list[float] | None, cv: float | None) -> float | None:
+    """One standard error of a recorded number: its ``stderr``; else its 95% interval's half-width
+    / 1.96; else, for timings, ``cv × value`` (the spread of single samples, deliberately wide
+    because run-to-run variation on a GPU exceeds the within-run spread)."""
+    if stderr is not None and math.isfinite(stderr):
+        return abs(stderr)
+    if ci95 is not None and len(ci95) == 2 and all(math.isfinite(x) for x in ci95):
+        return abs(ci95[1] - ci95[0]) / (2 * Z95)
+    if cv is not None and value is not None and math.isfinite(cv) and math.isfinite(value):
+        return abs(cv * value)
+    return None
+
+
+def drift_verdict(
+    base: float,
+    cand: float,
+    se: float | None,
+    sigma: float,
+    floor: float,
+    higher_is_better: bool,
+) -> tuple[str, str, float]:
+    """Judge a move from ``base`` to ``cand``. ``se`` is the standard error of the difference
+    (None when neither side recorded one), ``floor`` the smallest change worth flagging.
+
+    Tolerance = max(sigma × se, floor). |Δ| ≤ floor → PASS; floor < |Δ| ≤ tolerance → WITHIN-NOISE;
+    beyond tolerance → FAIL in the bad direction, IMPROVED in the good one.
+    Returns (verdict, reason, tolerance).
+    """
+    if not (math.isfinite(base) and math.isfinite(cand)):
+        return _nonfinite_verdict(base, cand, higher_is_better) + (math.nan,)
+    diff = cand - base
+    noise = sigma * se if se is not None else 0.0
+    tol = max(noise, floor)
+    rel = f" ({diff / base:+.2%})" if base not in (0, 0.0) and math.isfinite(base) else ""
+    moved = f"{fmt(base)} → {fmt(cand)}, Δ {diff:+.4g}{rel}"
+    basis = f"{sigma:g}σ = {fmt(noise)} (σ from stderr/CI/CV of both runs)" if se is not None else "no uncertainty recorded"
+    if abs(diff) <= floor:
+        return PASS, f"{moved}: within the floor ±{fmt(floor)}", tol
+    if abs(diff) <= tol:
+        return WITHIN_NOISE, f"{moved}: beyond the floor ±{fmt(floor)} but inside the noise, {basis}", tol
+    worse = diff < 0 if higher_is_better else diff > 0
+    verdict = FAIL if worse else IMPROVED
+    word = "worse" if worse else "better"
+    return verdict, f"{moved}: {word} beyond tolerance ±{fmt(tol)} [{basis}; floor {fmt(floor)}]", tol
+
+
+def _nonfinite_verdict(base: float, cand: float, higher_is_better: bool) -> tuple[str, str]:
+    """NaN or infinite values (an exact layer has infinite SQNR): order them, never subtract them."""
+    moved = f"{fmt(base)} → {fmt(cand)}"
+    if base == cand:
+        return PASS, f"{moved}: unchanged"
+    if math.isnan(cand):
+        return FAIL, f"{moved}: candidate value is not a number"
+    if math.isnan(base):
+        return SKIPPED, f"{moved}: baseline value is not a number"
+    worse = cand < base if higher_is_better else cand > base
+    return (FAIL, f"{moved}: worse") if worse else (IMPROVED, f"{moved}: better")

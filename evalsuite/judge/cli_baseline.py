@@ -1,0 +1,64 @@
+"""``evalsuite baseline update|show``: write baselines from a results file, or print one.
+
+``update RESULTS.json [--variant V] [--dir reports/baselines]`` writes one file per variant to
+``<dir>/<model>/<device>-<dtype>/<variant>.json``, keeping any hand-written per-metric tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tabulate import tabulate
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.judge.baseline import DEFAULT_DIR, baseline_path, from_results, load_baselines, variant_group
+from evalsuite.judge.checks import fmt
+from evalsuite.results import Results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["update", "save", "show"], help="update (= save) from a results file, or show a baseline")
+    p.add_argument("file", metavar="FILE", help="results.json (update) or a baseline file (show)")
+    p.add_argument("--variant", action="append", help="only these variants (repeatable; default all in the file)")
+    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"baseline folder (default {DEFAULT_DIR})")
+    p.add_argument("--allow-partial", action="store_true", help="accept a --limit run as a baseline")
+
+
+def update(args: argparse.Namespace) -> int:
+    results = Results.load(args.file)
+    if results.partial and not args.allow_partial:
+        raise EvalsuiteError(f"{args.file}: a partial run (--limit {results.run.get('limit')}) makes a poor baseline; "
+                             "pass --allow-partial to use it anyway")
+    groups = list(dict.fromkeys(variant_group(v) for v in results.variants))
+    wanted = args.variant or groups
+    unknown = [v for v in wanted if v not in groups]
+    if unknown:
+        raise EvalsuiteError(f"{args.file}: no variant {', '.join(unknown)} (it has {', '.join(groups) or 'none'})")
+    for g in wanted:
+        b = from_results(results, g, source=args.file)
+        path = baseline_path(Path(args.dir), results, g)
+        if path.is_file():
+            old = load_baselines(path)[0]
+            b.tolerances = {k: t for k, t in old.tolerances.items() if b.get(k) is not None}
+        b.save(path)
+        print(f"baseline {g}: {len(b.metrics)} metrics → {path}")
+    return 0
+
+
+def show(args: argparse.Namespace) -> int:
+    for b in load_baselines(args.file):
+        if args.variant and b.variant not in args.variant:
+            continue
+        print(f"baseline {b.variant} of {b.model.get('name')} (sha256 {str(b.model.get('sha256'))[:12]}), "
+              f"{b.device_type}-{b.dtype}, updated {b.updated}, from {b.source.get('results')}")
+        rows = [[m.stage, m.task, m.variant, m.metric, fmt(m.value), m.unit,
+                 {True: "↑", False: "↓", None: ""}[m.higher_is_better],
+                 fmt(m.stderr) if m.stderr is not None else (f"[{fmt(m.ci95[0])}, {fmt(m.ci95[1])}]" if m.ci95 else ""),
+                 b.tolerances.get(m.key, "")] for m in b.metrics if not (m.stage == "layers" and m.task != "all")]
+        print(tabulate(rows, headers=["stage", "task", "variant", "metric", "value", "unit", "better", "stderr / CI", "tolerance"]))
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    return show(args) if args.action == "show" else update(args)

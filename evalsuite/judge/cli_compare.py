@@ -1,0 +1,72 @@
+"""``evalsuite compare A.json B.json``: every shared metric of two results files, side by side.
+
+A is the reference (the baseline), B the candidate. Each metric with a direction gets a verdict with
+the same tolerances as ``gate``; metrics the gate excludes are shown too (``--all`` also shows
+descriptive ones). Exit 1 when a metric got worse beyond its tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tabulate import tabulate
+
+from evalsuite.judge import config_from_args
+from evalsuite.judge.baseline import check_identity, compare_metric, from_results, metric_key, variant_group
+from evalsuite.judge.checks import FAIL, VERDICTS, fmt
+from evalsuite.report.table import colour
+from evalsuite.results import Results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="A.json", help="reference results file")
+    p.add_argument("b", metavar="B.json", help="candidate results file")
+    p.add_argument("--variant", action="append", help="only these variants (repeatable)")
+    p.add_argument("--stage", action="append", help="only these stages (repeatable)")
+    p.add_argument("--all", action="store_true", help="also per-layer and descriptive metrics")
+    p.add_argument("--any-model", action="store_true", help="allow comparing two different models")
+    p.add_argument("--gates", metavar="FILE", help="gate config YAML (tolerances)")
+    p.add_argument("--sigma", type=float, help="tolerance in standard errors (default 3)")
+    p.add_argument("--strict", action="store_true", help="IMPROVED fails too")
+
+
+def main(args: argparse.Namespace) -> int:
+    a, b = Results.load(args.a), Results.load(args.b)
+    config = config_from_args(args)
+    if not args.any_model and a.records:
+        check_identity(from_results(a, variant_group(a.records[0].variant), args.a), b, args.a)
+    rows, failing = [], False
+    for m in a.records:
+        key = metric_key(m)
+        if args.variant and m.variant not in args.variant or args.stage and m.stage not in args.stage:
+            continue
+        c = b.get(*m.key)
+        gated = m.higher_is_better is not None and not config.excluded(key)
+        if not args.all and not gated and m.higher_is_better is None:
+            continue
+        if not args.all and m.stage == "layers" and m.task != "all":
+            continue
+        if c is None or m.value is None or c.value is None:
+            rows.append([key, fmt(m.value), fmt(c.value if c else None), "", "", "SKIPPED", "missing on one side"])
+            continue
+        diff = c.value - m.value
+        rel = f"{diff / m.value:+.2%}" if m.value else ""
+        if m.higher_is_better is None:
+            rows.append([key, fmt(m.value), fmt(c.value), f"{diff:+.4g}", rel, "", "descriptive"])
+            continue
+        verdict, reason, tol = compare_metric(m, c, config)
+        if not gated:
+            reason = "(not gated) " + reason
+        elif verdict == FAIL or (config.strict and verdict == "IMPROVED"):
+            failing = True
+        rows.append([key, fmt(m.value), fmt(c.value), f"{diff:+.4g}", rel, verdict, f"±{fmt(tol)}"])
+    use_colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    rows.sort(key=lambda r: VERDICTS.index(r[5]) if r[5] in VERDICTS else len(VERDICTS))
+    for r in rows:
+        r[5] = colour(r[5], use_colour)
+    print(f"A = {args.a}\nB = {args.b}")
+    print(tabulate(rows, headers=["metric", "A", "B", "Δ", "Δ%", "verdict", "tolerance / note"]) if rows
+          else "(no shared metrics)")
+    return 1 if failing else 0

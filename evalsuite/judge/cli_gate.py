@@ -1,0 +1,57 @@
+"""``evalsuite gate --baseline FILE --candidate FILE``: judge a results file against a baseline.
+
+Runs the within-run limits and the baseline comparison, prints the verdict table, optionally writes
+the reports (``--out``) and a JUnit file (``--junit``). Exit 1 when any check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.judge import add_gate_arguments, annotate, config_from_args, judge, resolve_baselines
+from evalsuite.judge.checks import exit_code
+from evalsuite.results import Results
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--candidate", required=True, metavar="FILE", help="results.json of the run to judge")
+    p.add_argument("--variant", action="append", help="only these baseline variants (repeatable)")
+    p.add_argument("--out", metavar="DIR", help="write results.json (with verdicts), report.md/html and junit.xml here")
+    p.add_argument("--formats", default="json,md,html,junit", help="what --out gets (default json,md,html,junit)")
+    p.add_argument("--junit", metavar="FILE", help="write a JUnit XML file with one test case per check")
+    add_gate_arguments(p.add_argument_group("gates"))
+
+
+def main(args: argparse.Namespace) -> int:
+    from evalsuite.report.junit import write_junit
+    from evalsuite.report.table import render_verdicts
+
+    if not args.baseline and not args.baselines:
+        raise EvalsuiteError("gate needs --baseline FILE (a baseline or results file) or --baselines DIR")
+    candidate = Results.load(args.candidate)
+    baselines, missing, directory = resolve_baselines(candidate, args, args.candidate)
+    if args.baseline and not baselines:
+        raise EvalsuiteError(f"{args.baseline}: no baseline for variant(s) {', '.join(args.variant or [])}")
+    checks = judge(candidate, config_from_args(args), baselines, results_path=args.candidate,
+                   baseline_dir=directory, extra_checks=missing)
+    annotate(candidate, checks)
+    print(render_verdicts(candidate.verdicts, color=sys.stdout.isatty() and "NO_COLOR" not in os.environ))
+    if args.out:
+        from evalsuite.report import FORMATS, write_reports
+
+        formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+        if not formats or any(f not in FORMATS for f in formats):
+            raise EvalsuiteError(f"--formats {args.formats}: choose from {', '.join(FORMATS)}")
+        written = write_reports(candidate, Path(args.out), formats)
+        print("reports: " + ", ".join(str(p) for p in written))
+    if args.junit:
+        write_junit(candidate, Path(args.junit))
+    if args.history and not args.no_history:
+        from evalsuite.judge.history import append_run
+
+        print(f"history: run {append_run(args.history, candidate, source=args.candidate)} appended to {args.history}")
+    return exit_code(candidate.verdicts)

@@ -1,0 +1,156 @@
+"""Gate configuration: the limits each scheme must meet and the tolerances of baseline checks.
+
+Defaults are below (``DEFAULTS``); a YAML file given with ``--gates FILE`` overrides any key, e.g.::
+
+    strict: true                    # IMPROVED fails too (PyTorch accuracy-CI style)
+    schemes:
+      "int4-*": {kld_mean_max: 0.2}
+    baseline:
+      sigma: 4
+
+Within-run limits (quantized variant vs fp of the same run), by scheme pattern, first match wins:
+
+- ``kld_mean_max``      mean per-token KL(fp ‖ quantized) in nats; PASS needs the whole 95% CI below.
+- ``ppl_ratio_max``     token-PPL(quantized) / token-PPL(fp); PASS needs the whole 95% CI below
+                        (MLPerf's "≥ 99% of fp" for int8, a looser bound for int4).
+- ``max_acc_drop``      allowed accuracy drop, absolute (Intel Neural Compressor: 1% relative loss);
+                        delta_acc PASS needs the 95% CI (paired bootstrap) above −max_acc_drop.
+- ``layer_sqnr_min_db`` every quantized linear layer's ``layer_metric`` (output SQNR, else weight
+                        SQNR) must be at least this many dB; the worst layer is named.
+- ``speedup_min``       per speed task, tokens/s(quantized) / tokens/s(fp) must reach this on the
+                        device types in ``speed_devices`` (a CPU speed-up says nothing about a GPU).
+
+Baseline tolerances (this run vs a stored baseline): a metric fails when it moves in its bad
+direction by more than max(``sigma`` × combined standard error, floor), where the floor is
+``rel_floor`` × |baseline| (pattern-matched on ``stage/task/variant/metric``, first match wins) or
+``abs_floor``. Metrics matching ``exclude`` are reported by ``compare`` but not gated.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evalsuite.errors import EvalsuiteError
+
+DEFAULTS: dict[str, Any] = {
+    "strict": False,
+    "schemes": {
+        # weight-only int8 halves the bytes a decode step reads: it must not be slower than fp
+        "int8-wo*": {"kld_mean_max": 0.01, "ppl_ratio_max": 1.01, "max_acc_drop": 0.01,
+                     "layer_sqnr_min_db": 30.0, "speedup_min": {"decode_bs1": 1.0}},
+        "int8-*": {"kld_mean_max": 0.01, "ppl_ratio_max": 1.01, "max_acc_drop": 0.01,
+                   "layer_sqnr_min_db": 30.0, "speedup_min": {}},
+        # int4 speed depends on the kernel the device has; only its accuracy is gated by default
+        "int4-*": {"kld_mean_max": 0.15, "ppl_ratio_max": 1.15, "max_acc_drop": 0.03,
+                   "layer_sqnr_min_db": 15.0, "speedup_min": {}},
+        "*": {"kld_mean_max": 0.05, "ppl_ratio_max": 1.05, "max_acc_drop": 0.02,
+              "layer_sqnr_min_db": 20.0, "speedup_min": {}},
+    },
+    "layer_metric": ["output_sqnr_db", "weight_sqnr_db"],
+    "speed_devices": ["cuda"],
+    "baseline": {
+        "sigma": 3.0,
+        "abs_floor": 1e-9,
+        "rel_floor": {
+            # tail quantiles and extremes carry no interval: a wider fixed floor
+            "ppl/*/*/kld_max": 0.25,
+            "ppl/*/*/kld_p99_9": 0.10,
+            "ppl/*/*/kld_p99": 0.05,
+            "ppl/*/*/kld_median": 0.05,
+            "ppl/*/*/delta_p_*": 0.05,
+            # GPU clocks and co-tenants move timings more than the within-run CV shows
+            "speed/*": 0.05,
+            "*": 0.005,
+        },
+        "exclude": ["*/mcnemar_p", "*/flips_*", "speed/*/compile_s", "layers/model.*", "layers/block.*",
+                    "layers/*/clipped_fraction"],
+    },
+}
+
+
+PATTERN_TABLES = ("schemes", "rel_floor")
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if k in PATTERN_TABLES and isinstance(v, dict) and isinstance(out.get(k), dict):
+            # user patterns first (first match wins), then the defaults they do not redefine
+            merged = {p: _merge(out[k][p], s) if isinstance(s, dict) and isinstance(out[k].get(p), dict)
+                      else copy.deepcopy(s) for p, s in v.items()}
+            merged.update({p: s for p, s in out[k].items() if p not in merged})
+            out[k] = merged
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+@dataclass
+class GateConfig:
+    data: dict[str, Any]
+
+    @property
+    def strict(self) -> bool:
+        return bool(self.data.get("strict"))
+
+    def scheme(self, variant: str) -> tuple[str, dict[str, Any]]:
+        """The limits for ``variant`` and the pattern they came from. Patterns are tried in order,
+        with a catch-all ``*`` always last."""
+        pats = sorted(self.data["schemes"], key=lambda p: p == "*")
+        for pattern in pats:
+            if fnmatch.fnmatchcase(variant, pattern):
+                return pattern, {**self.data["schemes"].get("*", {}), **self.data["schemes"][pattern]}
+        return "*", {}
+
+    def rel_floor(self, key: str) -> float:
+        table = self.data["baseline"]["rel_floor"]
+        for pattern in sorted(table, key=lambda p: p == "*"):
+            if fnmatch.fnmatchcase(key, pattern):
+                return float(table[pattern])
+        return 0.0
+
+    def excluded(self, key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) for p in self.data["baseline"]["exclude"])
+
+    @property
+    def sigma(self) -> float:
+        return float(self.data["baseline"]["sigma"])
+
+    @property
+    def abs_floor(self) -> float:
+        return float(self.data["baseline"]["abs_floor"])
+
+
+def load_gate_config(path: str | Path | None = None, strict: bool | None = None,
+                     sigma: float | None = None) -> GateConfig:
+    """Defaults, overridden by the YAML file at ``path`` and then by explicit options."""
+    data = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise EvalsuiteError(f"--gates {p}: no such file")
+        try:
+            user = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise EvalsuiteError(f"--gates {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(user, dict):
+            raise EvalsuiteError(f"--gates {p}: expected a mapping at the top level")
+        unknown = set(user) - set(DEFAULTS)
+        if unknown:
+            raise EvalsuiteError(f"--gates {p}: unknown keys {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
+        data = _merge(data, user)
+    if strict is not None and strict:
+        data["strict"] = True
+    if sigma is not None:
+        if sigma <= 0:
+            raise EvalsuiteError("--sigma must be positive")
+        data["baseline"]["sigma"] = sigma
+    return GateConfig(data)

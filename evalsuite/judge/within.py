@@ -1,0 +1,187 @@
+"""Gates within one run: each quantized variant against the fp reference measured beside it."""
+
+from __future__ import annotations
+
+import math
+
+from evalsuite.judge.checks import FAIL, PASS, SKIPPED, Z95, Check, fmt, limit_verdict
+from evalsuite.judge.config import GateConfig
+from evalsuite.judge.layers import block_sqnr, layer_summary
+from evalsuite.results import Metric, Results
+
+
+def quantized_variants(results: Results) -> list[str]:
+    """Scheme variants of the run (not ``fp`` nor derived ones such as ``fp@noise``)."""
+    names = [*results.run.get("schemes", []), *results.variants]
+    return [v for v in dict.fromkeys(names) if v != "fp" and "@" not in v]
+
+
+def _stage_ran(results: Results, stage: str) -> bool:
+    stages = results.run.get("stages")
+    return stage in stages if stages is not None else bool(results.find(stage=stage))
+
+
+def _skipped(results: Results, stage: str, variant: str, metric: str, what: str) -> Check:
+    if not _stage_ran(results, stage):
+        reason = f"stage {stage} was not run"
+    else:
+        reason = f"no {metric} record for {variant} (stage {stage} ran; partial or failed data)"
+    return Check(f"{stage}/{variant}/{what}", "limit", SKIPPED, reason, stage=stage, variant=variant, metric=metric)
+
+
+def _limit_check(m: Metric, limit: float, upper: bool, name: str, source: str, note: str = "") -> Check:
+    verdict, reason = limit_verdict(m.value if m.value is not None else math.nan, m.ci95, limit, upper)
+    return Check(name, "limit", verdict, reason + note, stage=m.stage, task=m.task, variant=m.variant,
+                 metric=m.metric, value=m.value, interval=m.ci95, limit=limit,
+                 source=f"gates config: {source}")
+
+
+def ppl_checks(results: Results, variant: str, limits: dict, pattern: str) -> list[Check]:
+    out: list[Check] = []
+    kld = results.find(stage="ppl", variant=variant, metric="kld_mean")
+    ratio = results.find(stage="ppl", variant=variant, metric="ppl_ratio")
+    if not kld:
+        out.append(_skipped(results, "ppl", variant, "kld_mean", "kld_mean"))
+    for m in kld:
+        floor = results.get("ppl", m.task, "fp@noise", "kld_mean")
+        note = ""
+        if floor is not None and floor.extra.get("trivial"):
+            note = f"; noise floor not measured ({results.run.get('dtype', 'the run')} is the reference precision)"
+        elif floor is not None and floor.value is not None:
+            note = f"; noise floor (fp {results.run.get('dtype', 'run dtype')} vs fp32) {fmt(floor.value)}"
+            if m.value is not None and floor.value > 0:
+                note += f", {m.value / floor.value:.3g}× smaller" if m.value >= floor.value \
+                    else ", larger: the quantization error is below the dtype's own rounding noise"
+        out.append(_limit_check(m, limits["kld_mean_max"], True, f"ppl/{m.task}/{variant}/kld_mean",
+                                f"schemes.{pattern}.kld_mean_max", note))
+    if not ratio:
+        out.append(_skipped(results, "ppl", variant, "ppl_ratio", "ppl_ratio"))
+    for m in ratio:
+        out.append(_limit_check(m, limits["ppl_ratio_max"], True, f"ppl/{m.task}/{variant}/ppl_ratio",
+                                f"schemes.{pattern}.ppl_ratio_max"))
+    for m in results.find(stage="ppl", variant=variant, metric="nonfinite_tokens"):
+        bad = m.value is None or not math.isfinite(m.value) or m.value > 0
+        out.append(Check(f"ppl/{m.task}/{variant}/nonfinite_tokens", "limit", FAIL if bad else PASS,
+                         f"{fmt(m.value)} tokens with NaN/inf logits (must be 0)", stage="ppl", task=m.task,
+                         variant=variant, metric="nonfinite_tokens", value=m.value, limit=0.0))
+    return out
+
+
+def task_checks(results: Results, variant: str, limits: dict, pattern: str) -> list[Check]:
+    deltas = results.find(stage="tasks", variant=variant, metric="delta_acc")
+    if not deltas:
+        return [_skipped(results, "tasks", variant, "delta_acc", "delta_acc")]
+    out = []
+    for m in deltas:
+        p = results.get("tasks", m.task, variant, "mcnemar_p")
+        r2w = results.get("tasks", m.task, variant, "flips_right_to_wrong")
+        w2r = results.get("tasks", m.task, variant, "flips_wrong_to_right")
+        note = f"; n={m.n}"
+        if p is not None:
+            note += f", McNemar exact p={fmt(p.value, 3)}"
+        if r2w is not None and w2r is not None:
+            note += f", flips right→wrong {fmt(r2w.value)} / wrong→right {fmt(w2r.value)}"
+        out.append(_limit_check(m, -float(limits["max_acc_drop"]), False, f"tasks/{m.task}/{variant}/delta_acc",
+                                f"schemes.{pattern}.max_acc_drop", note))
+    return out
+
+
+def layer_checks(results: Results, variant: str, limits: dict, pattern: str, views: list[str]) -> list[Check]:
+    """Every quantized layer's weight and output SQNR against its floor; the worst layer is named."""
+    default = float(limits["layer_sqnr_min_db"])
+    name = f"layers/{variant}/sqnr"
+    summary = layer_summary(results, variant, views, default)
+    if summary is None:
+        return [_skipped(results, "layers", variant, "output_sqnr_db", "sqnr")]
+    worst = summary.worst
+    under = summary.under
+    total = len(summary.values)
+    if under:
+        shown = "; ".join(f"{k} ({summary.describe(k)})" for k in under[:3])
+        more = f"; and {len(under) - 3} more" if len(under) > 3 else ""
+        reason = f"{len(under)} of {total} layers below their SQNR floor, worst first: {shown}{more}"
+    else:
+        reason = f"all {total} layers at or above their SQNR floor; least headroom {worst}: {summary.describe(worst)}"
+    worst_view = min(summary.values[worst], key=lambda v: summary.values[worst][v] - summary.floors[worst][v])
+    return [Check(name, "limit", FAIL if under else PASS, reason, stage="layers", task=worst, variant=variant,
+                  metric=worst_view, value=summary.values[worst][worst_view], limit=summary.floors[worst][worst_view],
+                  source=f"layer records' floor_db (layers stage thresholds), else gates config: "
+                         f"schemes.{pattern}.layer_sqnr_min_db",
+                  extra={"worst": worst, "under": under})]
+
+
+def block_checks(results: Results, variant: str) -> list[Check]:
+    """Hidden-state SQNR after each block against its floor: where the error accumulates."""
+    blocks = [(d, v, f) for d, v, f in block_sqnr(results, variant) if f is not None]
+    if not blocks:
+        return []
+    under = [(d, v, f) for d, v, f in blocks if not (math.isfinite(v) and v >= f)]
+    d, v, f = min(blocks, key=lambda b: b[1] - b[2] if math.isfinite(b[1]) else -math.inf)
+    if under:
+        reason = f"{len(under)} of {len(blocks)} blocks below their hidden-state SQNR floor: " + ", ".join(
+            f"block.{b} {fmt(x, 3)} dB (floor {fmt(fl, 3)})" for b, x, fl in under[:5])
+    else:
+        reason = f"all {len(blocks)} blocks at or above their hidden-state SQNR floor; lowest block.{d} {fmt(v, 3)} dB (floor {fmt(f, 3)})"
+    return [Check(f"layers/{variant}/hidden_sqnr", "limit", FAIL if under else PASS, reason, stage="layers",
+                  task=f"block.{d}", variant=variant, metric="hidden_sqnr_db", value=v, limit=f,
+                  extra={"under": [f"block.{b}" for b, _, _ in under]})]
+
+
+def speedup_interval(results: Results, m: Metric) -> list[float] | None:
+    """95% interval of a speed-up: its own ci95 if recorded, else speedup × (1 ± 1.96·√(cv_q² + cv_fp²))
+    from the two tokens/s records' coefficients of variation (first-order ratio error)."""
+    if m.ci95 is not None:
+        return m.ci95
+    cvs = []
+    for variant in ("fp", m.variant):
+        tps = results.get("speed", m.task, variant, "tokens_per_s")
+        if tps is None or tps.extra.get("cv") is None:
+            return None
+        cvs.append(float(tps.extra["cv"]))
+    if m.value is None:
+        return None
+    rel = Z95 * math.sqrt(sum(c * c for c in cvs))
+    return [m.value * (1 - rel), m.value * (1 + rel)]
+
+
+def speed_checks(results: Results, variant: str, limits: dict, pattern: str, devices: list[str]) -> list[Check]:
+    wanted = limits.get("speedup_min") or {}
+    out = []
+    for task, minimum in wanted.items():
+        m = results.get("speed", task, variant, "speedup")
+        name = f"speed/{task}/{variant}/speedup"
+        if m is None:
+            out.append(_skipped(results, "speed", variant, "speedup", f"{task}/speedup"))
+            out[-1].check, out[-1].task = name, task
+            continue
+        device = m.extra.get("device_type") or results.run.get("device", {}).get("type")
+        if device not in devices:
+            out.append(Check(name, "limit", SKIPPED, f"measured on {device}; speed-up is gated on {', '.join(devices)} only",
+                             stage="speed", task=task, variant=variant, metric="speedup", value=m.value, limit=float(minimum)))
+            continue
+        m = Metric(**{**m.__dict__, "ci95": speedup_interval(results, m)})
+        out.append(_limit_check(m, float(minimum), False, name, f"schemes.{pattern}.speedup_min.{task}"))
+    return out
+
+
+def run_checks(results: Results) -> list[Check]:
+    """The run itself: errors the stages recorded mean partial data (the checks they affect say so;
+    non-finite logits fail their own check), so they are listed here as SKIPPED, not hidden."""
+    if not results.errors:
+        return [Check("run/errors", "run", PASS, "no stage recorded an error")]
+    msgs = "; ".join(f"{e.get('stage')}{'/' + e['variant'] if e.get('variant') else ''}: {e.get('message')}"
+                     for e in results.errors[:5])
+    return [Check("run/errors", "run", SKIPPED, f"{len(results.errors)} stage error(s), data partial: {msgs}")]
+
+
+def within_run_checks(results: Results, config: GateConfig) -> list[Check]:
+    checks = run_checks(results)
+    metrics = list(config.data["layer_metric"])
+    for variant in quantized_variants(results):
+        pattern, limits = config.scheme(variant)
+        checks += ppl_checks(results, variant, limits, pattern)
+        checks += task_checks(results, variant, limits, pattern)
+        checks += layer_checks(results, variant, limits, pattern, metrics)
+        checks += block_checks(results, variant)
+        checks += speed_checks(results, variant, limits, pattern, list(config.data["speed_devices"]))
+    return checks
