@@ -449,3 +449,14 @@ def test_history_survives_a_crash_mid_write(tmp_path):
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
         assert conn.execute("SELECT count(*) FROM metrics").fetchone()[0] == len(first.records)
+
+
+def test_head_quantized_against_policy_fails_on_its_inf_floor():
+    """The layers stage writes floor_db "inf" (JSON has no infinity) for a layer the policy keeps in float."""
+    from evalsuite.judge.layers import layer_summary
+
+    res = make_results(seed=1)
+    res.add(stage="layers", task="lm_head", variant="int8-wo", metric="weight_sqnr_db", value=45.0, unit="dB", n=1,
+            higher_is_better=True, extra={"floor_db": "inf"})
+    summary = layer_summary(res, "int8-wo", ["weight_sqnr_db"], default_floor_db=30.0)
+    assert summary.floors["lm_head"]["weight_sqnr_db"] == math.inf

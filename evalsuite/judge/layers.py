@@ -52,6 +52,19 @@ class LayerSummary:
                          for v, x in self.values[layer].items())
 
 
+def _floor(value) -> float | None:
+    """A record's ``floor_db``: a number, or ``"inf"`` (JSON has no infinity) for a layer the policy
+    keeps in float, which no quantized SQNR can meet."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
 def layer_summary(results: Results, variant: str, views: list[str], default_floor_db: float) -> LayerSummary | None:
     """Per-module records of ``variant`` (tasks other than ``all`` and ``block.N``) for each of ``views``."""
     values: dict[str, dict[str, float]] = {}
@@ -62,7 +75,8 @@ def layer_summary(results: Results, variant: str, views: list[str], default_floo
                 continue
             floor = r.extra.get("floor_db") if r.extra else None
             values.setdefault(r.task, {})[view] = r.value if r.value is not None else math.nan
-            floors.setdefault(r.task, {})[view] = float(floor) if isinstance(floor, (int, float)) else default_floor_db
+            parsed = _floor(floor)
+            floors.setdefault(r.task, {})[view] = default_floor_db if parsed is None else parsed
     return LayerSummary(variant, values, floors) if values else None
 
 
@@ -73,5 +87,5 @@ def block_sqnr(results: Results, variant: str) -> list[tuple[int, float, float |
         d = depth_of(r.task)
         if d is not None and r.value is not None:
             floor = r.extra.get("floor_db") if r.extra else None
-            out.append((d, r.value, float(floor) if isinstance(floor, (int, float)) else None))
+            out.append((d, r.value, _floor(floor)))
     return sorted(out)
