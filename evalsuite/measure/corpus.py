@@ -56,3 +56,45 @@ def wikitext(split: str, data_dir: Path | None) -> tuple[str, str]:
     except Exception as e:  # offline, or the Hub refused: tell the user how to point at local data
         raise EvalsuiteError(f"cannot fetch WikiText-2 from the Hub ({type(e).__name__}); pass --data-dir") from None
     return "".join(ds["text"]), "hf:wikitext/wikitext-2-v1"
+
+
+# corpus names accepted by ``--ppl-corpus`` besides a file path → (WikiText-2 split, task name)
+NAMED_CORPORA = {"wikitext2": ("test", "wikitext2"), "wikitext2-valid": ("valid", "wikitext2-valid")}
+
+
+def load_corpus(spec: str, data_dir: Path | None) -> tuple[str, str, str]:
+    """(text, source description, task name) of a named corpus (``wikitext2``, ``wikitext2-valid``)
+    or of a .txt/.jsonl file; the task name of a file is its stem."""
+    if spec in NAMED_CORPORA:
+        split, task = NAMED_CORPORA[spec]
+        text, source = wikitext(split, data_dir)
+        return text, source, task
+    path = Path(spec)
+    if not path.exists() and path.suffix not in (".txt", ".jsonl"):
+        raise EvalsuiteError(f"unknown corpus {spec!r}: give {', '.join(NAMED_CORPORA)} or a .txt/.jsonl file")
+    return read_text_file(path), str(path), path.stem
+
+
+def _utf8_lengths(codepoints):
+    return 1 + (codepoints >= 0x80) + (codepoints >= 0x800) + (codepoints >= 0x10000)
+
+
+def char_prefix_counts(text: str):
+    """Prefix sums over characters: ``bytes[i]`` = UTF-8 bytes of ``text[:i]``, ``words[i]`` = words
+    that start in ``text[:i]``. A word is a maximal run of non-whitespace characters, the unit of
+    lm-eval's wikitext ``word_perplexity`` (``re.split(r"\\s+", doc)``, which also counts an empty
+    piece for leading or trailing whitespace; we do not)."""
+    import numpy as np
+
+    cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    n_bytes = np.zeros(cps.size + 1, dtype=np.int64)
+    np.cumsum(_utf8_lengths(cps), out=n_bytes[1:])
+    space = np.isin(cps, _WHITESPACE)
+    starts = ~space & np.concatenate(([True], space[:-1]))
+    n_words = np.zeros(cps.size + 1, dtype=np.int64)
+    np.cumsum(starts, out=n_words[1:])
+    return n_bytes, n_words
+
+
+# the code points Python's str.isspace() (and so re's \s) treats as whitespace
+_WHITESPACE = [c for c in range(0x3001) if chr(c).isspace()]
