@@ -1,11 +1,335 @@
-"""Placeholder until the stage lands."""
+"""Downstream tasks through lm-eval: fp and every quantized variant answer the same items.
+
+Tasks are lm-eval YAML definitions in the project's ``tasks/`` folder (plus any ``--tasks-dir``);
+they read the local mirror when ``--data-dir`` is given and the Hub otherwise. lm-eval builds the
+requests and scores each item (``process_results``); the models are run by ``TorchLM`` (or by
+lm-eval's own ``HFLM`` with ``--lm-adapter hf``) with no request cache, so no variant can read
+another's answers. Statistics are ours, from the per-item values:
+
+- per variant: every metric of the task; ``mean``-aggregated ones (``acc``, ``acc_norm``) with the
+  standard error of the mean; LAMBADA's ``perplexity`` is recorded as ``ppl`` with a bootstrap ci95.
+- paired (variant = scheme, against fp on the same items): ``delta_acc`` = acc(scheme) - acc(fp)
+  with a paired-bootstrap 95% interval, ``mcnemar_p`` (exact binomial McNemar test on the
+  discordant items), ``flips_right_to_wrong`` and ``flips_wrong_to_right``; for LAMBADA also
+  ``ppl_ratio`` = ppl(scheme) / ppl(fp) with a paired-bootstrap interval.
+
+Per-item values go to ``results.details["tasks"][task]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.measure import Stage
 
+TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+DEFAULT_SUITE = "standard"
+PAIRED_METRIC = "acc"
+RENAMED = {"perplexity": "ppl"}
+N_BOOT = 2000
 
-def run(ctx):
-    raise EvalsuiteError("stage 'tasks' is not available yet")
+
+def add_arguments(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--tasks", help="lm-eval task names or suites (tags), comma separated "
+                                   f"(default: the '{DEFAULT_SUITE}' suite)")
+    g.add_argument("--suite", help="a suite of tasks by name: quick (arc_easy, piqa, lambada_openai) or standard "
+                                   "(the eight mirrored tasks); any tag of the task YAMLs works")
+    g.add_argument("--tasks-dir", action="append", default=[],
+                   help="another folder of lm-eval task YAMLs (repeatable); its tasks override ours of the same name")
+    g.add_argument("--task-limit", type=int, help="evaluate at most N items per task (default --limit; marks results partial)")
+    g.add_argument("--task-batch-size", type=int, help="sequences per forward (default 256 on GPU, 32 on CPU)")
+    g.add_argument("--task-batch-tokens", type=int,
+                   help="padded tokens per forward (default 65536 on GPU, 4096 on CPU)")
+    g.add_argument("--lm-adapter", choices=["fast", "hf"], default="fast",
+                   help="fast: evalsuite's TorchLM; hf: lm-eval's HFLM (slower; for cross-checks)")
 
 
-STAGE = Stage(name="tasks", help="tasks", run=run)
+# ------------------------------------------------------------------------------------------ tasks
+def task_dirs(extra: list[str] | tuple[str, ...] = ()) -> list[Path]:
+    """Our tasks/ folder, then the user's folders (later folders override earlier ones)."""
+    dirs = [TASKS_DIR]
+    for d in extra:
+        p = Path(d)
+        if not p.is_dir():
+            raise EvalsuiteError(f"--tasks-dir {d}: no such directory")
+        dirs.append(p.resolve())
+    return dirs
+
+
+def check_yaml_files(dirs: list[Path]) -> None:
+    """lm-eval silently skips a YAML it cannot parse; we name it instead."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for d in dirs:
+        for path in sorted(d.glob("**/*.yaml")):
+            try:
+                cfg = load_yaml(path, resolve_func=False)
+            except Exception as e:  # yaml raises many types (scanner, parser, constructor errors)
+                raise EvalsuiteError(f"{path}: malformed task YAML ({_first_line(e)})") from None
+            if not isinstance(cfg, dict) or not ({"task", "group", "class"} & set(cfg)):
+                raise EvalsuiteError(f"{path}: not a task definition (needs a 'task' or 'group' key)")
+
+
+def task_manager(dirs: list[Path], data_dir: Path | None):
+    """A TaskManager over our folders only (lm-eval's 14k built-in tasks take seconds to index).
+    ``data_dir`` reaches each task's dataset loader through the metadata."""
+    from lm_eval.tasks import TaskManager
+
+    check_yaml_files(dirs)
+    meta = {"data_dir": str(data_dir.resolve())} if data_dir is not None else None
+    return TaskManager(include_path=[str(d) for d in dirs], include_defaults=False, metadata=meta)
+
+
+def resolve_task_names(tm, spec: str) -> list[str]:
+    """Task names (in the order given) from names, suites (tags) and groups."""
+    names: list[str] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item in tm.all_subtasks:
+            found = [item]
+        elif item in tm.all_tags:
+            found = sorted(tm.task_index[item].tags)
+        elif item in tm.all_groups:
+            found = list(tm.load([item])["tasks"])
+        else:
+            known = ", ".join(tm.all_subtasks)
+            suites = ", ".join(tm.all_tags)
+            raise EvalsuiteError(f"unknown task {item!r}; known tasks: {known}; suites: {suites}")
+        names += [n for n in found if n not in names]
+    if not names:
+        raise EvalsuiteError("no tasks given")
+    return names
+
+
+def load_task(tm, name: str):
+    """Build one lm-eval task with its dataset; data problems become one-line errors."""
+    try:
+        return tm.load([name])["tasks"][name]
+    except EvalsuiteError:
+        raise
+    except ValueError as e:  # mirror.DataError and lm-eval's config errors
+        raise EvalsuiteError(f"task {name}: {_first_line(e)}") from None
+    except Exception as e:  # the Hub offline, a missing dataset, a bad template
+        raise EvalsuiteError(f"task {name}: cannot load ({type(e).__name__}: {_first_line(e)}); "
+                             "for the local mirror pass --data-dir") from None
+
+
+# ------------------------------------------------------------------------------------------ running
+def build_requests(task, limit: int | None) -> dict[int, list]:
+    """The task's instances grouped by doc id, each group in lm-eval's order (by ``idx``)."""
+    task.build_all_requests(limit=limit, rank=0, world_size=1, cache_requests=False)
+    by_doc: dict[int, list] = defaultdict(list)
+    for inst in task.instances:
+        by_doc[inst.doc_id].append(inst)
+    for group in by_doc.values():
+        group.sort(key=lambda inst: inst.idx)
+    return dict(sorted(by_doc.items()))
+
+
+def run_model(lm, task, by_doc: dict[int, list], rank: int = 0, world_size: int = 1) -> dict[int, dict[str, Any]]:
+    """Per-doc metric values of one model: its responses, lm-eval's filters, ``process_results``.
+
+    Instances' response slots are reset first, so nothing of a previous variant is reused.
+    """
+    from evalsuite.distributed import gather, shard
+
+    instances = [inst for group in by_doc.values() for inst in group]
+    by_type: dict[str, list[int]] = defaultdict(list)
+    for k, inst in enumerate(instances):
+        inst.resps = []
+        inst.filtered_resps = {}
+        by_type[inst.request_type].append(k)
+    for req_type, idx in by_type.items():
+        mine = shard(idx, rank, world_size)
+        answers = getattr(lm, req_type)([instances[k] for _, k in mine]) if mine else []
+        for k, answer in zip(idx, gather(list(zip((i for i, _ in mine), answers)), world_size)):
+            instances[k].resps = [answer]
+    task.apply_filters()
+    key = next(iter(instances[0].filtered_resps))
+    return {doc_id: task.process_results(group[0].doc, [inst.filtered_resps[key] for inst in group])
+            for doc_id, group in by_doc.items()}
+
+
+def loglikelihoods(by_doc: dict[int, list]) -> list[list[float]]:
+    """Each doc's log-likelihoods in nats (one per choice / continuation), from the last run."""
+    out = []
+    for group in by_doc.values():
+        vals = []
+        for inst in group:
+            r = inst.resps[0] if inst.resps else None
+            vals.append(float(r[0]) if isinstance(r, tuple) else float(r) if isinstance(r, (int, float)) else math.nan)
+        out.append(vals)
+    return out
+
+
+def make_lm(ctx, model, encode_cache: dict):
+    """The adapter for one variant: a fresh object, never a cache shared with another variant."""
+    from evalsuite.measure.lm_adapter import TorchLM
+
+    batch_size = ctx.option("task_batch_size")
+    if ctx.option("lm_adapter", "fast") == "hf":
+        from lm_eval.models.huggingface import HFLM
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise EvalsuiteError("--lm-adapter hf needs a Hugging Face model; use the default fast adapter")
+        return HFLM(pretrained=model, tokenizer=ctx.tokenizer, batch_size=batch_size or 32, device=str(ctx.device))
+    return TorchLM(model, ctx.tokenizer, device=ctx.device, batch_size=batch_size,
+                   batch_tokens=ctx.option("task_batch_tokens"), encode_cache=encode_cache,
+                   show_progress=ctx.show_progress and ctx.rank == 0)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def _is_binary(values: list[Any]) -> bool:
+    return all(isinstance(v, (bool, int, float, np.floating, np.integer)) and float(v) in (0.0, 1.0) for v in values)
+
+
+def variant_records(task, name: str, variant: str, per_doc: list[dict[str, Any]], extra: dict) -> list[dict]:
+    """Record kwargs for every metric of one variant on one task."""
+    from lm_eval.api.metrics import mean
+
+    from evalsuite.stats import mean_stderr, percentile_ci
+
+    aggregation, hib = task.aggregation(), task.higher_is_better()
+    out = []
+    for metric in per_doc[0]:
+        values = [d[metric] for d in per_doc]
+        agg = aggregation.get(metric)
+        rec = dict(stage="tasks", task=name, variant=variant, metric=RENAMED.get(metric, metric), n=len(values),
+                   higher_is_better=hib.get(metric), extra=dict(extra))
+        if agg is mean or agg is None:
+            value, stderr = mean_stderr(np.asarray(values, dtype=np.float64))
+            rec.update(value=value, stderr=None if math.isnan(stderr) else stderr,
+                       unit="fraction" if _is_binary(values) else "mean",
+                       definition=f"mean over {len(values)} items of lm-eval's per-item {metric}; stderr of the mean")
+        elif metric == "perplexity":
+            ll = np.asarray(values, dtype=np.float64)
+            rng = np.random.default_rng(0)
+            reps = np.exp(-ll[rng.integers(0, ll.size, size=(N_BOOT, ll.size))].mean(axis=1))
+            rec.update(value=float(np.exp(-ll.mean())), unit="perplexity", ci95=percentile_ci(reps),
+                       definition="exp(-mean over items of the target's log-likelihood in nats) (lm-eval's "
+                                  "per-item perplexity); ci95 by bootstrap over items")
+        else:
+            unit = "bits/byte" if metric == "bits_per_byte" else "perplexity" if "perplexity" in metric else metric
+            rec.update(value=float(agg(values)), unit=unit,
+                       definition=f"lm-eval aggregation {getattr(agg, '__name__', agg)} of per-item {metric}")
+        out.append(rec)
+    return out
+
+
+def paired_records(name: str, variant: str, fp_docs: list[dict], q_docs: list[dict], extra: dict,
+                   seed: int = 0) -> list[dict]:
+    """delta_acc / mcnemar_p / flips (and ppl_ratio for perplexity tasks) of ``variant`` against fp."""
+    from evalsuite.stats import mcnemar_exact, paired_bootstrap_mean_diff
+
+    out = []
+    common = dict(stage="tasks", task=name, variant=variant, extra=dict(extra))
+    if PAIRED_METRIC in fp_docs[0]:
+        a = np.asarray([d[PAIRED_METRIC] for d in fp_docs], dtype=np.float64)
+        b = np.asarray([d[PAIRED_METRIC] for d in q_docs], dtype=np.float64)
+        n = a.size
+        p, r2w, w2r = mcnemar_exact(a > 0.5, b > 0.5)
+        out += [
+            dict(common, metric="delta_acc", value=float(b.mean() - a.mean()), unit="fraction", n=n,
+                 higher_is_better=True, ci95=paired_bootstrap_mean_diff(a, b, n_boot=N_BOOT, seed=seed),
+                 definition="acc(variant) - acc(fp) on the same items; ci95 by paired bootstrap over items"),
+            dict(common, metric="mcnemar_p", value=p, unit="p-value", n=n, higher_is_better=None,
+                 definition="exact two-sided McNemar test (binomial on the items only one of fp and variant "
+                            "answers right)"),
+            dict(common, metric="flips_right_to_wrong", value=float(r2w), unit="items", n=n, higher_is_better=False,
+                 definition="items fp answers right and the variant wrong"),
+            dict(common, metric="flips_wrong_to_right", value=float(w2r), unit="items", n=n, higher_is_better=None,
+                 definition="items fp answers wrong and the variant right"),
+        ]
+    if "perplexity" in fp_docs[0]:
+        la = np.asarray([d["perplexity"] for d in fp_docs], dtype=np.float64)
+        lb = np.asarray([d["perplexity"] for d in q_docs], dtype=np.float64)
+        lo, hi = paired_bootstrap_mean_diff(lb, la, n_boot=N_BOOT, seed=seed)  # mean(la - lb) = ln ppl ratio
+        out.append(dict(common, metric="ppl_ratio", value=float(np.exp((la - lb).mean())), unit="ratio", n=la.size,
+                        higher_is_better=False, ci95=[math.exp(lo), math.exp(hi)],
+                        definition="ppl(variant) / ppl(fp) on the same items; ci95 by paired bootstrap over items"))
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (tuple, list)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (bool, np.bool_)):
+        return bool(v)
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        f = float(v)
+        return f if math.isfinite(f) else str(f)
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------ the stage
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval warns per task about custom datasets and per-request progress; keep stderr readable."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def run(ctx) -> None:
+    limit = ctx.option("task_limit") or ctx.limit
+    if limit is not None and limit < 1:
+        raise EvalsuiteError("--task-limit must be at least 1")
+    if limit is not None:
+        ctx.results.run["partial"] = True
+    spec = ",".join(s for s in (ctx.option("tasks"), ctx.option("suite")) if s) or DEFAULT_SUITE
+    with _quiet_lm_eval():
+        tm = task_manager(task_dirs(ctx.option("tasks_dir") or []), ctx.data_dir)
+        names = resolve_task_names(tm, spec)
+        details = ctx.results.details.setdefault("tasks", {})
+        encode_cache: dict[str, list[int]] = {}
+        seed = int(ctx.option("seed", 0) or 0)
+        for name in names:
+            evaluate_task(ctx, tm, name, limit, details, encode_cache, seed)
+
+
+def evaluate_task(ctx, tm, name: str, limit: int | None, details: dict, encode_cache: dict, seed: int) -> None:
+    task = load_task(tm, name)
+    by_doc = build_requests(task, limit)
+    if not by_doc:
+        raise EvalsuiteError(f"task {name}: no items to evaluate")
+    extra = {"partial": limit is not None, "limit": limit, "adapter": ctx.option("lm_adapter", "fast")}
+    entry = details[name] = {"n": len(by_doc), "limit": limit, "doc_ids": list(by_doc), "seconds": {},
+                             "values": {}, "loglikelihoods": {}}
+    per_variant: dict[str, list[dict]] = {}
+    for variant, model in ctx.variants.items():
+        t0 = time.perf_counter()
+        lm = make_lm(ctx, model, encode_cache)
+        per_doc = list(run_model(lm, task, by_doc, ctx.rank, ctx.world_size).values())
+        entry["seconds"][variant] = round(time.perf_counter() - t0, 3)
+        entry["values"][variant] = {m: [_jsonable(d[m]) for d in per_doc] for m in per_doc[0]}
+        entry["loglikelihoods"][variant] = loglikelihoods(by_doc)
+        per_variant[variant] = per_doc
+        for rec in variant_records(task, name, variant, per_doc, dict(extra, seconds=entry["seconds"][variant])):
+            ctx.results.add(**rec)
+        if variant != "fp" and "fp" in per_variant:
+            for rec in paired_records(name, variant, per_variant["fp"], per_doc, extra, seed=seed):
+                ctx.results.add(**rec)
+        ctx.checkpoint()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+STAGE = Stage(name="tasks", help="downstream tasks through lm-eval, fp vs each variant on the same items",
+              run=run, add_arguments=add_arguments)

@@ -1,0 +1,320 @@
+"""An lm-eval model over any causal-LM torch module, fp or quantized: ``TorchLM``.
+
+lm-eval's ``HFLM`` runs a Hugging Face model one padded batch at a time with the full vocabulary
+projection at every position; this adapter is the same computation, faster:
+
+- requests are sorted by length (longest first) and packed into batches under a token budget;
+- requests whose model input is identical (e.g. BoolQ's one-token " no"/" yes" after the same
+  passage) share one forward;
+- the vocabulary projection runs only on the hidden states of the positions that are scored
+  (a pre-hook on the model's head), and the normaliser (logsumexp) runs in float32 on those rows only;
+- tokenization is batched and can be shared between the adapters of several variants (tokens do
+  not depend on the model; lm-eval's request cache does not depend on it either, which is why we
+  never use that cache).
+
+Log-likelihood of a continuation (lm-eval's definition): the sum over its tokens of
+log p(token | everything before it), in nats. The model input is context + continuation without its
+last token (the last target token is never fed), truncated from the left to ``max_length`` tokens;
+``is_greedy`` says whether every continuation token is the argmax at its position.
+Right padding needs no attention mask: with causal attention no real position sees a pad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from torch import nn
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.load.model import forward_logits
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+@dataclass
+class _Scored:
+    """One unique model input and the requests that read their log-likelihoods from it."""
+
+    tokens: list[int]
+    keep: int  # how many final positions any of its requests scores
+    members: list[tuple[int, list[int]]]  # (request index, target tokens)
+
+
+class TorchLM(TemplateLM):
+    """lm-eval ``TemplateLM`` over ``model`` (any module ``forward_logits`` can call).
+
+    ``batch_size`` caps sequences per forward (default 256 on GPU, 32 on CPU), ``batch_tokens``
+    caps padded tokens per forward (default 65536 on GPU, 4096 on CPU).
+    ``encode_cache`` (a dict) may be shared between adapters of the same tokenizer.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device | str | None = None,
+                 batch_size: int | None = None, batch_tokens: int | None = None, max_length: int | None = None,
+                 encode_cache: dict[str, list[int]] | None = None, show_progress: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self._device = torch.device(device) if device is not None else next(model.parameters()).device
+        on_gpu = self._device.type == "cuda"
+        self.batch_size = int(batch_size or (256 if on_gpu else 32))
+        if self.batch_size < 1:
+            raise EvalsuiteError("batch size must be at least 1")
+        self.batch_tokens = int(batch_tokens or (65536 if on_gpu else 4096))
+        self.scored_rows = 8192  # float32 logits rows per forward: 8192 x 128k vocab = 4 GiB
+        cfg = getattr(model, "config", None)
+        cfg_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "block_size", None)
+        # as HFLM: the model's context length, else 2048
+        self.max_length = int(max_length or cfg_len or DEFAULT_MAX_LENGTH)
+        self.encode_cache = encode_cache if encode_cache is not None else {}
+        self.show_progress = show_progress
+        self._head = vocabulary_head(model)
+
+    # ----------------------------------------------------------------------------- tokens
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """The token an empty context is replaced by: BOS where the tokenizer has one (as HFLM)."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.encode_many([string], add_special_tokens=bool(add_special_tokens))[0]
+
+    def tok_decode(self, tokens: Iterable[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=False)
+
+    def encode_many(self, strings: list[str], add_special_tokens: bool = False) -> list[list[int]]:
+        """Token ids of each string (one batched tokenizer call for those not yet cached)."""
+        cache = self.encode_cache if not add_special_tokens else {}
+        todo = list(dict.fromkeys(s for s in strings if s not in cache))
+        if todo:
+            ids = self.tokenizer(todo, add_special_tokens=add_special_tokens)["input_ids"]
+            cache.update(zip(todo, ids))
+        return [cache[s] for s in strings]
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """TemplateLM's encoding rules (trailing context spaces move to the continuation; the
+        continuation's tokens are those of context+continuation after the context's), batched."""
+        pairs = []
+        for context, continuation in (r.args for r in requests):
+            if context:
+                spaces = len(context) - len(context.rstrip())
+                if spaces:
+                    context, continuation = context[:-spaces], context[-spaces:] + continuation
+            pairs.append((context, continuation))
+        strings = [s for c, x in pairs for s in ((c, c + x) if c else (x,))]
+        self.encode_many(strings)
+        new_reqs = []
+        for (orig, (context, continuation)) in zip((r.args for r in requests), pairs):
+            if context:
+                context_enc = self.encode_cache[context]
+                continuation_enc = self.encode_cache[context + continuation][len(context_enc):]
+            else:
+                continuation_enc = self.encode_cache[continuation]
+                if continuation_enc and continuation_enc[0] == self.prefix_token_id:
+                    context_enc, continuation_enc = continuation_enc[:1], continuation_enc[1:]
+                else:
+                    context_enc = [self.prefix_token_id]
+            new_reqs.append((tuple(orig), context_enc, continuation_enc))
+        return self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+
+    # ----------------------------------------------------------------------------- scoring
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """(sum of continuation token log-probs in nats, is_greedy) per (key, context, continuation)."""
+        groups: dict[tuple[int, ...], _Scored] = {}
+        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+            if not continuation_enc:
+                raise EvalsuiteError("a request has an empty continuation; nothing to score")
+            whole = list(context_enc) + list(continuation_enc)
+            window = whole[-(self.max_length + 1):]
+            n = len(continuation_enc)
+            if n >= len(window):
+                raise EvalsuiteError(f"a continuation of {n} tokens does not fit max_length {self.max_length}")
+            inp = tuple(window[:-1])
+            g = groups.get(inp)
+            if g is None:
+                g = groups[inp] = _Scored(list(inp), n, [])
+            g.keep = max(g.keep, n)
+            g.members.append((i, window[-n:]))
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        ordered = sorted(groups.values(), key=lambda g: -len(g.tokens))
+        batches = list(self._batches(ordered))
+        bar = _progress(batches, "loglikelihood", disable_tqdm or not self.show_progress)
+        for batch in bar:
+            for (i, value) in self._score_batch(batch):
+                out[i] = value
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], value)
+        return out  # type: ignore[return-value]
+
+    def _batches(self, ordered: list[_Scored]) -> Iterable[list[_Scored]]:
+        """Consecutive runs of the length-sorted inputs under the sequence and token budgets; the
+        scored positions (rows of float32 logits) are capped too, for rolling windows."""
+        batch: list[_Scored] = []
+        scored = 0
+        for g in ordered:
+            width = len(batch[0].tokens) if batch else len(g.tokens)
+            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * width > self.batch_tokens
+                          or scored + g.keep > self.scored_rows):
+                yield batch
+                batch, scored = [], 0
+            batch.append(g)
+            scored += g.keep
+        if batch:
+            yield batch
+
+    def _score_batch(self, batch: list[_Scored]) -> list[tuple[int, tuple[float, bool]]]:
+        lengths = [len(g.tokens) for g in batch]
+        ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)
+        for r, g in enumerate(batch):
+            ids[r, :lengths[r]] = torch.tensor(g.tokens)
+        # (row, position) of every scored position: the last ``keep`` positions of each input
+        rows, positions = [], []
+        for r, g in enumerate(batch):
+            rows += [r] * g.keep
+            positions += range(lengths[r] - g.keep, lengths[r])
+        selected = self._logits_at(ids.to(self._device), rows, positions).float()
+        # log p(target) = logit(target) - logsumexp(logits): no [N, vocab] log-softmax is written
+        log_z = torch.logsumexp(selected, dim=-1)
+        greedy = selected.argmax(dim=-1)
+        # each request reads the last len(targets) of its input's scored rows
+        flat_rows, flat_targets, owner = [], [], []
+        start = 0
+        owners: list[int] = []
+        for g in batch:
+            for i, targets in g.members:
+                n = len(targets)
+                first = start + g.keep - n
+                flat_rows += range(first, first + n)
+                flat_targets += targets
+                owner += [len(owners)] * n
+                owners.append(i)
+            start += g.keep
+        fr = torch.tensor(flat_rows, device=self._device)
+        ft = torch.tensor(flat_targets, device=self._device)
+        token_lp = (selected[fr, ft] - log_z[fr]).double()
+        token_hit = (greedy[fr] == ft).to(torch.int32)
+        own = torch.tensor(owner, device=self._device)
+        sums = torch.zeros(len(owners), dtype=torch.float64, device=self._device).index_add_(0, own, token_lp)
+        misses = torch.zeros(len(owners), dtype=torch.int32, device=self._device).index_add_(0, own, 1 - token_hit)
+        sums, misses = sums.tolist(), misses.tolist()
+        return [(i, (sums[k], misses[k] == 0)) for k, i in enumerate(owners)]
+
+    def _logits_at(self, ids: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
+        """Logits [N, vocab] at the given (row, position) pairs of a forward over ``ids``.
+
+        Where the model's vocabulary projection is a known module, a pre-hook hands it only those
+        N hidden states, so the projection (the costliest matmul of a small model) and anything the
+        model applies to its logits afterwards (scaling, soft-capping) run on N rows, not all.
+        """
+        r = torch.tensor(rows, device=ids.device)
+        p = torch.tensor(positions, device=ids.device)
+        if self._head is None:
+            return forward_logits(self.model, ids)[r, p]
+
+        def pick(module, args):
+            hidden = args[0]
+            return (hidden[r, p].unsqueeze(0), *args[1:])
+
+        handle = self._head.register_forward_pre_hook(pick)
+        try:
+            logits = forward_logits(self.model, ids)
+        finally:
+            handle.remove()
+        return logits.reshape(len(rows), -1)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Log-likelihood of whole strings in disjoint windows of ``max_length`` tokens (the first
+        token conditioned on the prefix token), summed per string; lm-eval's definition."""
+        texts = [r.args[0] for r in requests]
+        windows, owner = [], []
+        for k, tokens in enumerate(self.encode_many(texts)):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
+                windows.append(((None, None), list(ctx), list(cont)))
+                owner.append(k)
+        totals = [0.0] * len(texts)
+        for k, (ll, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)):
+            totals[k] += ll
+        for r, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", r.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuation of each context until a stop string, EOS or ``max_gen_toks`` tokens.
+
+        Sampling arguments are ignored (greedy only). Batched over requests with right padding;
+        each step re-runs the whole prefix (no KV cache), which keeps it model-agnostic.
+        """
+        outputs: list[str | None] = [None] * len(requests)
+        contexts = self.encode_many([r.args[0] for r in requests])
+        order = sorted(range(len(requests)), key=lambda i: -len(contexts[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            for i, text in zip(chunk, self._generate([contexts[i] for i in chunk], [requests[i].args[1] for i in chunk])):
+                outputs[i] = text
+                self.cache_hook.add_partial("generate_until", requests[i].args, text)
+        return outputs  # type: ignore[return-value]
+
+    def _generate(self, contexts: list[list[int]], kwargs_list: list[dict]) -> list[str]:
+        stops, limits = [], []
+        for kw in kwargs_list:
+            until = kw.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            stops.append(until + [self.tok_decode([self.eot_token_id])])
+            limits.append(int(kw.get("max_gen_toks", 256)))
+        budget = max(limits)
+        prompts = [c[-(self.max_length - budget):] if self.max_length > budget else c[-1:] for c in contexts]
+        seqs = [list(p) for p in prompts]
+        done = [False] * len(seqs)
+        for _ in range(budget):
+            live = [r for r in range(len(seqs)) if not done[r]]
+            if not live:
+                break
+            lengths = [len(seqs[r]) for r in live]
+            ids = torch.zeros(len(live), max(lengths), dtype=torch.long)
+            for k, r in enumerate(live):
+                ids[k, :lengths[k]] = torch.tensor(seqs[r])
+            logits = self._logits_at(ids.to(self._device), list(range(len(live))), [n - 1 for n in lengths])
+            nxt = logits.argmax(-1).tolist()
+            for k, r in enumerate(live):
+                seqs[r].append(nxt[k])
+                generated = seqs[r][len(prompts[r]):]
+                text = self.tok_decode(generated)
+                if nxt[k] == self.eot_token_id or len(generated) >= limits[r] or any(s in text for s in stops[r]):
+                    done[r] = True
+        texts = []
+        for r, seq in enumerate(seqs):
+            text = self.tok_decode(seq[len(prompts[r]):])
+            for s in stops[r]:
+                text = text.split(s)[0] if s else text
+            texts.append(text)
+        return texts
+
+
+def vocabulary_head(model: nn.Module) -> nn.Module | None:
+    """The module projecting the last hidden states onto the vocabulary, if we can name it:
+    a Hugging Face model's output embeddings, a gpt-fast Transformer's ``output``."""
+    from evalsuite.load import gptfast
+
+    if isinstance(model, gptfast.Transformer):
+        return model.output
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def _progress(items: list, desc: str, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=disable, leave=False, mininterval=1.0)

@@ -1,0 +1,202 @@
+"""Datasets of the evalsuite task definitions: the local mirror when a data dir is given, else the Hub.
+
+Every task here reads rows in the mirror's format (see the data folder's SOURCES.md), so one prompt
+template in the YAML serves both sources:
+
+- ``multiple_choice``: ``{"query": str, "choices": [str, ...], "gold": int}``
+- ``partial``: ``{"context_options": [str, ...], "continuation": str, "gold": int}`` (Winogrande:
+  the same continuation is scored after each context option)
+- ``cloze``: ``{"context": str, "continuation": str}`` (LAMBADA: the last word)
+- ``documents``: ``{"page": str}`` (WikiText: one article per row)
+
+The YAML names this module's ``load`` as ``custom_dataset``; lm-eval calls it with the task's
+``dataset_kwargs`` plus the run's metadata, where evalsuite puts ``data_dir`` when the user gave one.
+A bad row raises ``DataError`` naming the file and line, which evalsuite turns into a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+SPLIT = "test"
+
+
+class DataError(ValueError):
+    """A data file that does not have the fields or values its task format needs."""
+
+
+def load(format: str, mirror: str | None = None, hub: dict[str, Any] | None = None, data_dir: str | None = None,
+         **_: Any):
+    """``{"test": Dataset}`` in the mirror's row format: from ``data_dir/mirror`` when a data dir is
+    given and the task has a mirror file, else from the Hub."""
+    import datasets
+
+    if data_dir and mirror:
+        rows = read_mirror(Path(data_dir) / mirror, format)
+    elif hub:
+        rows = read_hub(hub, format)
+    else:
+        raise DataError(f"{mirror}: this task has no Hub source; pass --data-dir with the local mirror")
+    return datasets.DatasetDict({SPLIT: datasets.Dataset.from_list(rows)})
+
+
+def read_mirror(path: Path, format: str) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    if format == "documents":
+        return wikitext_articles(path.read_text(encoding="utf-8"))
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{line_no}: not a JSON object ({e.msg})") from None
+            problem = check_row(row, format)
+            if problem:
+                raise DataError(f"{path}:{line_no}: {problem}")
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def check_row(row: Any, format: str) -> str | None:
+    """What is wrong with one row of the given format, or None."""
+    if not isinstance(row, dict):
+        return "row is not a JSON object"
+    fields = {"multiple_choice": (("query", str), ("choices", list), ("gold", int)),
+              "partial": (("context_options", list), ("continuation", str), ("gold", int)),
+              "cloze": (("context", str), ("continuation", str))}.get(format)
+    if fields is None:
+        return f"unknown data format {format!r}"
+    for name, typ in fields:
+        if name not in row:
+            return f"missing field {name!r}"
+        if not isinstance(row[name], typ) or (typ is int and isinstance(row[name], bool)):
+            return f"field {name!r} should be a {typ.__name__}, got {type(row[name]).__name__}"
+    options = row.get("choices", row.get("context_options"))
+    if options is not None:
+        if len(options) < 2 or not all(isinstance(o, str) for o in options):
+            return "options should be a list of at least two strings"
+        if not 0 <= row["gold"] < len(options):
+            return f"gold label {row['gold']} is out of range for {len(options)} options"
+    if format == "cloze" and not row["continuation"].strip():
+        return "empty continuation"
+    return None
+
+
+_HEADING = re.compile(r"^ = [^=].* = $")
+
+
+def wikitext_articles(text: str) -> list[dict[str, str]]:
+    """Split WikiText (one article starts at each top-level `` = Title = `` line) into pages."""
+    pages: list[list[str]] = []
+    for line in text.splitlines(keepends=True):
+        if _HEADING.match(line.rstrip("\n")) or not pages:
+            pages.append([])
+        pages[-1].append(line)
+    return [{"page": "".join(p)} for p in pages if "".join(p).strip()]
+
+
+def read_hub(hub: dict[str, Any], format: str) -> list[dict[str, Any]]:
+    """Rows of a Hub dataset converted into the mirror format by the named converter."""
+    import datasets
+
+    ds = datasets.load_dataset(hub["path"], hub.get("name"), split=hub["split"])
+    convert = HUB_CONVERTERS[hub["convert"]]
+    rows = [convert(r) for r in ds]
+    for i, row in enumerate(rows):
+        problem = check_row(row, format) if format != "documents" else None
+        if problem:
+            raise DataError(f"{hub['path']} ({hub['split']}) row {i}: {problem}")
+    return rows
+
+
+def _arc(r):
+    return {"query": f"Question: {r['question']}", "choices": list(r["choices"]["text"]),
+            "gold": list(r["choices"]["label"]).index(r["answerKey"])}
+
+
+def _piqa(r):
+    return {"query": f"Question: {r['goal']}\n", "choices": [r["sol1"], r["sol2"]], "gold": int(r["label"])}
+
+
+def _boolq(r):
+    return {"query": f"Passage: {r['passage']}\nQuestion: {r['question']}?", "choices": ["no", "yes"],
+            "gold": int(r["label"])}
+
+
+def _copa(r):
+    connector = {"cause": "because", "effect": "therefore"}[r["question"]]
+    lower = [c[:1].lower() + c[1:] for c in (r["choice1"], r["choice2"])]
+    return {"query": f"{r['premise'].strip().rstrip('.')}, {connector}", "choices": lower, "gold": int(r["label"])}
+
+
+def _openbookqa(r):
+    return {"query": r["question_stem"], "choices": list(r["choices"]["text"]),
+            "gold": list(r["choices"]["label"]).index(r["answerKey"].strip())}
+
+
+def _winogrande(r):
+    cut = r["sentence"].index("_")
+    return {"context_options": [r["sentence"][:cut] + o for o in (r["option1"], r["option2"])],
+            "continuation": r["sentence"][cut + 1:].strip(), "gold": int(r["answer"]) - 1}
+
+
+def _lambada(r):
+    context, word = r["text"].rsplit(" ", 1)
+    return {"context": context, "continuation": word}
+
+
+def _hellaswag_clean(text: str) -> str:
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def _hellaswag(r):
+    ctx = f"{r['ctx_a']} {r['ctx_b'].capitalize()}"
+    return {"query": _hellaswag_clean(f"{r['activity_label']}: {ctx}"),
+            "choices": [_hellaswag_clean(e) for e in r["endings"]], "gold": int(r["label"])}
+
+
+def _wikitext(r):
+    return {"page": r["page"]}
+
+
+HUB_CONVERTERS: dict[str, Callable[[dict], dict]] = {
+    "arc": _arc, "piqa": _piqa, "boolq": _boolq, "copa": _copa, "openbookqa": _openbookqa,
+    "winogrande": _winogrande, "lambada": _lambada, "hellaswag": _hellaswag, "wikitext": _wikitext,
+}
+
+
+def partial_gold(doc: dict) -> int:
+    """Winogrande's gold index; lm-eval reads an int from doc_to_text as "score each context"."""
+    return doc["gold"]
+
+
+def partial_continuation(doc: dict) -> str:
+    return doc["continuation"]
+
+
+def partial_contexts(doc: dict) -> list[str]:
+    return doc["context_options"]
+
+
+def wikitext_page(doc: dict) -> str:
+    """The article with WikiText's tokenization undone (lm-eval's detokenizer)."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
+
+    return wikitext_detokenizer(doc)
+
+
+def wikitext_results(doc: dict, results: list) -> dict[str, tuple[float, int]]:
+    """(log-likelihood, count) pairs for word and byte perplexity and bits per byte, as lm-eval's."""
+    from lm_eval.tasks.wikitext.preprocess_wikitext import process_results
+
+    return process_results(doc, results)

@@ -1,0 +1,210 @@
+"""The fast lm-eval adapter: log-likelihoods equal a direct float64 computation and lm-eval's HFLM."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from evalsuite.measure.lm_adapter import TorchLM
+from tests.conftest import make_tiny_llama
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def direct_loglikelihood(model: nn.Module, context: list[int], continuation: list[int], max_length: int = 10**9):
+    """Sum of log p(continuation token | all before), float64, one unbatched forward; and greedy."""
+    whole = (context + continuation)[-(max_length + 1):]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([whole[:-1]])).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    n = len(continuation)
+    positions = range(len(whole) - 1 - n, len(whole) - 1)
+    total = sum(logprobs[p, whole[p + 1]].item() for p in positions)
+    greedy = all(logits[p].argmax().item() == whole[p + 1] for p in positions)
+    return total, greedy
+
+
+class LogitsOnly(nn.Module):
+    """A model without ``logits_to_keep``: the adapter must take the full-logits path."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, use_cache=False):
+        return SimpleNamespace(logits=self.inner(input_ids=input_ids).logits)
+
+
+def token_requests(seed: int = 0, n: int = 9, vocab: int = 256):
+    """Requests of varied lengths, two sharing a model input (same context, one-token continuations)."""
+    g = torch.Generator().manual_seed(seed)
+    reqs = []
+    for i in range(n):
+        ctx = torch.randint(0, vocab, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        cont = torch.randint(0, vocab, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        reqs.append(((f"c{i}", "x"), ctx, cont))
+    reqs.append((("shared", "a"), reqs[0][1], [7]))
+    reqs.append((("shared", "b"), reqs[0][1], [8]))
+    return reqs
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["head_hook", "full_logits"])
+def test_tiny_model_matches_direct_computation(wrap):
+    model = make_tiny_llama()
+    lm_model = LogitsOnly(model) if wrap else model
+    reqs = token_requests()
+    got = TorchLM(lm_model, tokenizer=None, device="cpu", batch_size=4)._loglikelihood_tokens(reqs)
+    for (_, ctx, cont), (ll, greedy) in zip(reqs, got):
+        ref, ref_greedy = direct_loglikelihood(model, ctx, cont)
+        assert ll == pytest.approx(ref, abs=1e-4)
+        assert greedy == ref_greedy
+
+
+def test_batching_and_padding_do_not_change_results():
+    model = make_tiny_llama(seed=1)
+    reqs = token_requests(seed=3, n=12)
+    one = TorchLM(model, None, device="cpu", batch_size=1)._loglikelihood_tokens(reqs)
+    many = TorchLM(model, None, device="cpu", batch_size=64)._loglikelihood_tokens(reqs)
+    budget = TorchLM(model, None, device="cpu", batch_size=64, batch_tokens=50)._loglikelihood_tokens(reqs)
+    for a, b, c in zip(one, many, budget):
+        assert a[0] == pytest.approx(b[0], abs=1e-4) and a[0] == pytest.approx(c[0], abs=1e-4)
+        assert a[1] == b[1] == c[1]
+
+
+def test_long_inputs_are_truncated_from_the_left():
+    model = make_tiny_llama(seed=2)
+    ctx, cont = list(range(100)), [5, 6, 7]
+    (ll, _), = TorchLM(model, None, device="cpu", max_length=16)._loglikelihood_tokens([(("a", "b"), ctx, cont)])
+    ref, _ = direct_loglikelihood(model, ctx, cont, max_length=16)
+    assert ll == pytest.approx(ref, abs=1e-4)
+    assert not math.isclose(ll, direct_loglikelihood(model, ctx, cont)[0], abs_tol=1e-4)
+
+
+def _instances(req_type, args_list):
+    from lm_eval.api.instance import Instance
+
+    return [Instance(req_type, {}, args, i) for i, args in enumerate(args_list)]
+
+
+REQUESTS = [
+    ("Question: What is the capital of France?\nAnswer:", " Paris"),
+    ("Question: What is the capital of France?\nAnswer:", " The city of London"),
+    ("The cat sat on the ", "mat."),  # trailing space moves to the continuation
+    ("", "Hello world"),  # empty context: the prefix token conditions the first token
+]
+
+
+def test_smollm2_matches_direct_computation(smollm2):
+    tok = smollm2.tokenizer
+    got = TorchLM(smollm2.model, tok, device="cpu", batch_size=3).loglikelihood(_instances("loglikelihood", REQUESTS))
+    for (context, continuation), (ll, greedy) in zip(REQUESTS, got):
+        if context:
+            stripped = context.rstrip()
+            ctx = tok(stripped, add_special_tokens=False)["input_ids"]
+            whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
+        else:
+            ctx = [tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]
+            whole = ctx + tok(continuation, add_special_tokens=False)["input_ids"]
+        ref, ref_greedy = direct_loglikelihood(smollm2.model, ctx, whole[len(ctx):])
+        assert ll == pytest.approx(ref, abs=1e-3)
+        assert greedy == ref_greedy
+
+
+def test_smollm2_rolling_and_generation(smollm2):
+    tok = smollm2.tokenizer
+    lm = TorchLM(smollm2.model, tok, device="cpu", max_length=8)
+    text = "The quick brown fox jumps over the lazy dog. It was a sunny day."
+    (total,) = lm.loglikelihood_rolling(_instances("loglikelihood_rolling", [(text,)]))
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    # disjoint windows of 8 predicted tokens, each conditioned on exactly the tokens in its window
+    ref = 0.0
+    for start in range(1, len(ids), 8):
+        n = min(8, len(ids) - start)
+        window = ids[max(0, start + n - 9):start + n]
+        ref += direct_loglikelihood(smollm2.model, window[:len(window) - n], window[len(window) - n:])[0]
+    assert total == pytest.approx(ref, abs=1e-3)
+
+    prompt = "Question: What is 2+2?\nAnswer:"
+    (out,) = TorchLM(smollm2.model, tok, device="cpu").generate_until(
+        _instances("generate_until", [(prompt, {"until": ["\n"], "max_gen_toks": 6})]))
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    for _ in range(6):  # independent greedy decode
+        nxt = int(smollm2.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        ids.append(nxt)
+    expected = tok.decode(ids[len(tok(prompt, add_special_tokens=False)["input_ids"]):]).split("\n")[0]
+    assert out == expected
+
+
+MIRRORED = ["arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai", "boolq", "copa", "openbookqa"]
+
+
+@pytest.mark.parametrize("task_name", MIRRORED)
+def test_same_answers_as_lm_eval_hflm(task_name, smollm2, data_dir):
+    """A few items of each mirrored task: per-item log-likelihoods within 1e-3 nats of HFLM's and
+    the same per-item metric values."""
+    from lm_eval.models.huggingface import HFLM
+
+    from evalsuite.measure import tasks as stage
+
+    tm = stage.task_manager(stage.task_dirs(), data_dir)
+    task = stage.load_task(tm, task_name)
+    by_doc = stage.build_requests(task, limit=1 if task_name in ("boolq", "lambada_openai", "arc_challenge") else 2)
+    fast = stage.run_model(TorchLM(smollm2.model, smollm2.tokenizer, device="cpu"), task, by_doc)
+    fast_ll = stage.loglikelihoods(by_doc)
+    hf = HFLM(pretrained=smollm2.model, tokenizer=smollm2.tokenizer, batch_size=4, device="cpu")
+    ref = stage.run_model(hf, task, by_doc)
+    ref_ll = stage.loglikelihoods(by_doc)
+    for a, b in zip(fast_ll, ref_ll):
+        assert a == pytest.approx(b, rel=2e-5, abs=1e-3)  # fp32 sums over ~30 tokens
+    for doc_id in fast:
+        for metric in ("acc", "acc_norm"):
+            if metric in fast[doc_id]:
+                assert fast[doc_id][metric] == ref[doc_id][metric]
+
+
+@pytest.mark.gpu
+def test_bf16_on_gpu_agrees_with_fp32_and_with_itself_across_batchings(smollm2):
+    """In bf16 the batch shape changes rounding, not answers: batch 1 vs 256 within 0.05 nats, and
+    both within 2% of the fp32 CPU values."""
+    import copy
+
+    model = copy.deepcopy(smollm2.model).to("cuda", torch.bfloat16)
+    insts = _instances("loglikelihood", REQUESTS * 3)
+    ref = TorchLM(smollm2.model, smollm2.tokenizer, device="cpu").loglikelihood(insts)
+    one = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=1).loglikelihood(insts)
+    many = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=256).loglikelihood(insts)
+    for (r, _), (a, _), (b, _) in zip(ref, one, many):
+        assert a == pytest.approx(b, abs=0.05)
+        assert a == pytest.approx(r, rel=0.02, abs=0.05)
+
+
+def test_scored_row_cap_does_not_change_results():
+    model = make_tiny_llama(seed=4)
+    reqs = token_requests(seed=5, n=10)
+    capped = TorchLM(model, None, device="cpu")
+    capped.scored_rows = 3
+    free = TorchLM(model, None, device="cpu")._loglikelihood_tokens(reqs)
+    for (a, ga), (b, gb) in zip(capped._loglikelihood_tokens(reqs), free):
+        assert a == pytest.approx(b, abs=1e-4) and ga == gb
+
+
+def test_gpt_fast_model_matches_direct_computation():
+    """A gpt-fast Transformer (its head is ``output``; it returns logits, not an output object)."""
+    from evalsuite.load import gptfast
+
+    torch.manual_seed(0)
+    model = gptfast.Transformer(gptfast.ModelArgs(block_size=64, vocab_size=256, n_layer=2, n_head=4, dim=32)).eval()
+    reqs = token_requests(seed=6, n=6)
+    lm = TorchLM(model, None, device="cpu", batch_size=4)
+    assert lm.max_length == 64 and lm._head is model.output
+    for (_, ctx, cont), (ll, greedy) in zip(reqs, lm._loglikelihood_tokens(reqs)):
+        whole = ctx + cont
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0].double(), dim=-1)
+        positions = range(len(ctx) - 1, len(whole) - 1)
+        assert ll == pytest.approx(sum(logprobs[p, whole[p + 1]].item() for p in positions), abs=1e-4)
+        assert greedy == all(logprobs[p].argmax().item() == whole[p + 1] for p in positions)

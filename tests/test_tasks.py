@@ -1,0 +1,215 @@
+"""The tasks stage: task loading (local mirror, bad input), paired statistics, a real SmolLM2 run."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.measure import tasks as stage
+from evalsuite.results import Results
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+MIRRORED = ["arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai", "boolq", "copa", "openbookqa"]
+
+
+# ------------------------------------------------------------------------------------ task loading
+def test_suites_and_names_resolve(data_dir):
+    tm = stage.task_manager(stage.task_dirs(), data_dir)
+    assert sorted(stage.resolve_task_names(tm, "standard")) == sorted(MIRRORED)
+    assert sorted(stage.resolve_task_names(tm, "quick")) == ["arc_easy", "lambada_openai", "piqa"]
+    assert stage.resolve_task_names(tm, "piqa,quick") == ["piqa", "arc_easy", "lambada_openai"]
+
+
+@pytest.mark.parametrize("name", MIRRORED)
+def test_mirrored_tasks_read_the_local_files(name, data_dir):
+    """Each task's first requests are built from the first row of its mirror file."""
+    tm = stage.task_manager(stage.task_dirs(), data_dir)
+    task = stage.load_task(tm, name)
+    by_doc = stage.build_requests(task, limit=3)
+    assert list(by_doc) == [0, 1, 2]
+    mirror = task.config.dataset_kwargs["mirror"]
+    with open(data_dir / mirror) as f:
+        row = json.loads(f.readline())
+    args = [inst.args for inst in by_doc[0]]
+    if "choices" in row:
+        assert [cont.strip() for _, cont in args] == [c.strip() for c in row["choices"]]
+        assert all(row["query"].strip() in ctx for ctx, _ in args)
+    elif "context_options" in row:
+        assert [ctx for ctx, _ in args] == row["context_options"]
+        assert all(cont.strip() == row["continuation"] for _, cont in args)
+    else:
+        assert args == [(row["context"], " " + row["continuation"])]
+
+
+def test_unknown_task_lists_the_known_ones(data_dir):
+    tm = stage.task_manager(stage.task_dirs(), data_dir)
+    with pytest.raises(EvalsuiteError, match=r"unknown task 'arc_eazy'.*arc_easy.*suites: .*quick"):
+        stage.resolve_task_names(tm, "arc_eazy")
+
+
+def test_malformed_yaml_is_named(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("task: broken\ndoc_to_text: [unclosed\n")
+    with pytest.raises(EvalsuiteError, match=r"broken\.yaml: malformed task YAML"):
+        stage.task_manager(stage.task_dirs([str(tmp_path)]), None)
+
+
+def _user_task(tmp_path, rows: list, fmt: str = "multiple_choice") -> None:
+    """A user's own task in a --tasks-dir, reading a mirror-format file of ``rows``."""
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "mine.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    mirror = (stage.TASKS_DIR / "mirror.py").resolve()
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mirror.py").write_text(mirror.read_text())
+    (tmp_path / "tasks" / "mine.yaml").write_text(
+        "task: my_task\ncustom_dataset: !function mirror.load\n"
+        f"dataset_kwargs: {{mirror: mine.jsonl, format: {fmt}}}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{query}}'\ndoc_to_target: gold\n"
+        "doc_to_choice: choices\nmetric_list:\n  - metric: acc\n")
+
+
+def test_user_task_dir_adds_a_task(tmp_path):
+    _user_task(tmp_path, [{"query": "Q1", "choices": ["a", "b"], "gold": 1}] * 3)
+    tm = stage.task_manager(stage.task_dirs([str(tmp_path / "tasks")]), tmp_path / "data")
+    assert "my_task" in stage.resolve_task_names(tm, "my_task")
+    assert len(stage.build_requests(stage.load_task(tm, "my_task"), None)) == 3
+
+
+@pytest.mark.parametrize("bad_row, message", [
+    ({"query": "Q", "gold": 0}, r"mine\.jsonl:2: missing field 'choices'"),
+    ({"query": "Q", "choices": ["a", "b"], "gold": 2}, r"mine\.jsonl:2: gold label 2 is out of range for 2 options"),
+])
+def test_bad_data_rows_are_named(tmp_path, bad_row, message):
+    _user_task(tmp_path, [{"query": "Q", "choices": ["a", "b"], "gold": 0}, bad_row])
+    tm = stage.task_manager(stage.task_dirs([str(tmp_path / "tasks")]), tmp_path / "data")
+    with pytest.raises(EvalsuiteError, match=message):
+        stage.load_task(tm, "my_task")
+
+
+# ------------------------------------------------------------------------------------ paired statistics
+def _docs(correct):
+    return [{"acc": float(c)} for c in correct]
+
+
+def test_paired_statistics_on_a_hand_computed_case():
+    # 10 items: fp right on 0-6; the variant loses items 0, 1, 2 and gains item 9
+    fp = [1, 1, 1, 1, 1, 1, 1, 0, 0, 0]
+    q = [0, 0, 0, 1, 1, 1, 1, 0, 0, 1]
+    recs = {r["metric"]: r for r in stage.paired_records("t", "int8-wo", _docs(fp), _docs(q), {})}
+    assert recs["flips_right_to_wrong"]["value"] == 3
+    assert recs["flips_wrong_to_right"]["value"] == 1
+    assert recs["delta_acc"]["value"] == pytest.approx(0.5 - 0.7)
+    # exact McNemar by hand: 4 discordant items, 1 of one kind: p = 2 * (C(4,0) + C(4,1)) / 2^4
+    assert recs["mcnemar_p"]["value"] == pytest.approx(2 * (1 + 4) / 16)
+    lo, hi = recs["delta_acc"]["ci95"]
+    assert lo <= -0.2 <= hi and lo >= -0.6 and hi <= 0.2
+
+
+def test_paired_test_finds_what_the_unpaired_test_misses():
+    """Two models differing on few items, agreeing on the rest: lm-eval's unpaired z-test on the
+    two accuracies sees nothing; McNemar and the paired interval see the difference."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    fp = rng.random(n) < 0.6
+    q = fp.copy()
+    flip = np.flatnonzero(fp)[:30]  # 30 right→wrong, none the other way
+    q[flip] = False
+    recs = {r["metric"]: r for r in stage.paired_records("t", "v", _docs(fp), _docs(q), {}, seed=1)}
+    a, b = fp.mean(), q.mean()
+    se = math.sqrt(a * (1 - a) / n + b * (1 - b) / n)
+    unpaired_p = 2 * sps.norm.sf(abs(a - b) / se)
+    assert unpaired_p > 0.05
+    assert recs["mcnemar_p"]["value"] == pytest.approx(sps.binomtest(0, 30, 0.5).pvalue)
+    assert recs["mcnemar_p"]["value"] < 1e-6
+    assert recs["delta_acc"]["ci95"][1] < 0
+
+
+def test_variant_records_use_the_mean_and_its_stderr():
+    class FakeTask:
+        def aggregation(self):
+            from lm_eval.api.metrics import mean, perplexity
+            return {"acc": mean, "perplexity": perplexity}
+
+        def higher_is_better(self):
+            return {"acc": True, "perplexity": False}
+
+    ll = [-1.0, -2.0, -0.5, -3.0]
+    docs = [{"acc": a, "perplexity": x} for a, x in zip([1, 0, 1, 1], ll)]
+    recs = {r["metric"]: r for r in stage.variant_records(FakeTask(), "t", "fp", docs, {})}
+    assert recs["acc"]["value"] == 0.75
+    assert recs["acc"]["stderr"] == pytest.approx(sps.sem([1, 0, 1, 1]))
+    assert recs["ppl"]["value"] == pytest.approx(math.exp(-np.mean(ll)))
+    assert recs["ppl"]["ci95"][0] <= recs["ppl"]["value"] <= recs["ppl"]["ci95"][1]
+
+
+# ------------------------------------------------------------------------------------ a real run
+def _context(smollm2, data_dir, **options):
+    from evalsuite.measure.context import RunContext
+    from evalsuite.quantize import parse_schemes, quantize_
+
+    (cfg,) = parse_schemes("int8-wo")
+    variants = {"fp": smollm2.model, cfg.name: quantize_(copy.deepcopy(smollm2.model), cfg)}
+    args = argparse.Namespace(**{"tasks": None, "suite": None, "tasks_dir": [], "task_limit": None,
+                                 "task_batch_size": 16, "task_batch_tokens": None, "lm_adapter": "fast",
+                                 "seed": 0, **options})
+    return RunContext(loaded=smollm2, variants=variants, configs={cfg.name: cfg}, device=torch.device("cpu"),
+                      dtype=torch.float32, args=args, results=Results(run={"schemes": [cfg.name]}),
+                      data_dir=data_dir, limit=None, show_progress=False)
+
+
+def test_smollm2_run_of_two_tasks(smollm2, data_dir):
+    ctx = _context(smollm2, data_dir, tasks="copa,arc_easy", task_limit=4)
+    saved = []
+    ctx.checkpoint = lambda: saved.append(len(ctx.results.records))
+    stage.run(ctx)
+    res = ctx.results
+    assert res.partial and saved and saved == sorted(saved)
+    for task in ("copa", "arc_easy"):
+        item = res.details["tasks"][task]
+        assert item["n"] == 4 and item["doc_ids"] == list(range(4))
+        for variant in ("fp", "int8-wo"):
+            correct = item["values"][variant]["acc"]
+            # per-item correctness = argmax of the recorded per-choice log-likelihoods
+            golds = [json.loads(line)["gold"] for line, _ in zip(open(data_dir / "downstream" / f"{task}.jsonl"), range(4))]
+            lls = item["loglikelihoods"][variant]
+            assert correct == [float(int(np.argmax(l)) == g) for l, g in zip(lls, golds)]
+            rec = res.get("tasks", task, variant, "acc")
+            assert rec.value == pytest.approx(np.mean(correct)) and rec.n == 4 and rec.extra["partial"]
+        fp, q = np.array(item["values"]["fp"]["acc"]), np.array(item["values"]["int8-wo"]["acc"])
+        assert res.get("tasks", task, "int8-wo", "flips_right_to_wrong").value == int(((fp == 1) & (q == 0)).sum())
+        assert res.get("tasks", task, "int8-wo", "delta_acc").value == pytest.approx(q.mean() - fp.mean())
+        assert res.get("tasks", task, "int8-wo", "mcnemar_p") is not None
+        # each variant is scored by its own model: no answer is reused across variants
+        assert item["loglikelihoods"]["fp"] != item["loglikelihoods"]["int8-wo"]
+    assert res.get("tasks", "arc_easy", "fp", "acc_norm") is not None
+
+
+def test_cli_bad_data_exits_2_and_keeps_earlier_tasks(smollm2_path, data_dir, tmp_path, capsys):
+    """copa is evaluated, then a user task whose data has an out-of-range label: exit 2 with one line
+    naming the file and line, and copa's records are in the saved results."""
+    from evalsuite.cli import main
+
+    _user_task(tmp_path, [{"query": "Q", "choices": ["a", "b"], "gold": 0}, {"query": "Q", "choices": ["a"], "gold": 0}])
+    (tmp_path / "data" / "downstream").mkdir()
+    (tmp_path / "data" / "downstream" / "copa.jsonl").symlink_to(data_dir / "downstream" / "copa.jsonl")
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(smollm2_path), "--stages", "tasks", "--tasks", "copa,my_task",
+                 "--tasks-dir", str(tmp_path / "tasks"), "--limit", "2", "--data-dir", str(tmp_path / "data"),
+                 "--out", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "mine.jsonl:2: options should be a list of at least two strings" in err
+    saved = Results.load(out / "results.json")
+    assert saved.get("tasks", "copa", "fp", "acc") is not None
+    assert saved.get("tasks", "copa", "int8-wo", "delta_acc") is not None
+    assert any("mine.jsonl:2" in e["message"] for e in saved.errors)
