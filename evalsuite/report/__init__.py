@@ -14,6 +14,11 @@ FORMATS = ("json", "md", "html", "junit")
 
 
 def render_figures(results: Results) -> dict[str, tuple[str, bytes]]:
+    """The report's plots as PNGs; none (the tables still render) where matplotlib is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return {}
     from evalsuite.report.plots import FIGURES
 
     out = {}
