@@ -226,6 +226,16 @@ def variant_records(task, name: str, variant: str, per_doc: list[dict[str, Any]]
     return out
 
 
+def _delta_interval(a: np.ndarray, b: np.ndarray, seed: int) -> list[float]:
+    from evalsuite.stats import paired_bootstrap_mean_diff, paired_proportion_diff_ci
+
+    boot = paired_bootstrap_mean_diff(a, b, n_boot=N_BOOT, seed=seed)
+    if not (_is_binary(a.tolist()) and _is_binary(b.tolist())):
+        return boot
+    score = paired_proportion_diff_ci(a > 0.5, b > 0.5)
+    return [min(boot[0], score[0]), max(boot[1], score[1])]
+
+
 def paired_records(name: str, variant: str, fp_docs: list[dict], q_docs: list[dict], extra: dict,
                    seed: int = 0) -> list[dict]:
     """delta_acc / mcnemar_p / flips (and ppl_ratio for perplexity tasks) of ``variant`` against fp."""
@@ -240,8 +250,9 @@ def paired_records(name: str, variant: str, fp_docs: list[dict], q_docs: list[di
         p, r2w, w2r = mcnemar_exact(a > 0.5, b > 0.5)
         out += [
             dict(common, metric="delta_acc", value=float(b.mean() - a.mean()), unit="fraction", n=n,
-                 higher_is_better=True, ci95=paired_bootstrap_mean_diff(a, b, n_boot=N_BOOT, seed=seed),
-                 definition="acc(variant) - acc(fp) on the same items; ci95 by paired bootstrap over items"),
+                 higher_is_better=True, ci95=_delta_interval(a, b, seed),
+                 definition="acc(variant) - acc(fp) on the same items; ci95 the hull of a paired bootstrap over "
+                            "items and Newcombe's paired score interval (honest when few items flip)"),
             dict(common, metric="mcnemar_p", value=p, unit="p-value", n=n, higher_is_better=None,
                  definition="exact two-sided McNemar test (binomial on the items only one of fp and variant "
                             "answers right)"),

@@ -1,0 +1,59 @@
+"""Shared statistics: intervals checked by simulation and against scipy, not against fixed numbers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from evalsuite import stats
+
+
+def _paired(rng, n, p_a, p_b, rho_both):
+    """Correct/incorrect for two models on n items: both right with prob rho_both, and the rest
+    split so the marginal accuracies are p_a and p_b."""
+    probs = np.array([rho_both, p_a - rho_both, p_b - rho_both, 1 - p_a - p_b + rho_both])
+    cells = rng.choice(4, size=n, p=probs)
+    return np.isin(cells, (0, 1)), np.isin(cells, (0, 2))
+
+
+@pytest.mark.parametrize("n, p_a, p_b, both", [(200, 0.6, 0.55, 0.5), (60, 0.8, 0.8, 0.75), (500, 0.4, 0.42, 0.38)])
+def test_paired_difference_interval_covers_at_its_level(n, p_a, p_b, both):
+    rng = np.random.default_rng(n)
+    truth, hits, trials = p_b - p_a, 0, 600
+    for _ in range(trials):
+        a, b = _paired(rng, n, p_a, p_b, both)
+        lo, hi = stats.paired_proportion_diff_ci(a, b)
+        hits += lo <= truth <= hi
+    # 95% nominal; Newcombe's interval is known to be near-nominal to slightly conservative
+    assert 0.925 <= hits / trials <= 0.99
+
+
+def test_paired_difference_interval_is_wide_when_the_sample_is_tiny():
+    a = b = np.array([True, True])  # no item flips: a bootstrap interval would be [0, 0]
+    assert stats.paired_bootstrap_mean_diff(a.astype(float), b.astype(float), n_boot=200) == [0.0, 0.0]
+    lo, hi = stats.paired_proportion_diff_ci(a, b)
+    assert lo < -0.3 and hi >= 0.0
+
+
+def test_paired_difference_interval_narrows_with_agreement():
+    rng = np.random.default_rng(0)
+    a = rng.random(400) < 0.6
+    identical = stats.paired_proportion_diff_ci(a, a)
+    independent = stats.paired_proportion_diff_ci(a, rng.random(400) < 0.6)
+    assert identical[1] - identical[0] < (independent[1] - independent[0]) / 3
+
+
+def test_wilson_matches_scipy():
+    for k, n in ((0, 10), (7, 20), (99, 100)):
+        lo, hi = stats.wilson_interval(k, n)
+        ref = sps.binomtest(k, n).proportion_ci(0.95, method="wilson")
+        assert (lo, hi) == pytest.approx((ref.low, ref.high), abs=1e-12)
+
+
+def test_mcnemar_matches_scipy_binomial():
+    a = np.array([1, 1, 1, 1, 1, 0, 0, 1, 0, 1], dtype=bool)
+    b = np.array([0, 0, 0, 1, 1, 1, 0, 1, 0, 0], dtype=bool)
+    p, r2w, w2r = stats.mcnemar_exact(a, b)
+    assert (r2w, w2r) == (4, 1)
+    assert p == pytest.approx(sps.binomtest(1, 5, 0.5).pvalue)
