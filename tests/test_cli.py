@@ -96,3 +96,15 @@ def test_run_without_stages_writes_a_valid_results_file(tmp_path, smollm2_path):
     for r in data["records"]:
         assert set(REQUIRED_RECORD_KEYS) <= set(r)
     Results.load(out / "results.json")  # reads back through the schema check
+
+
+def test_unknown_task_fails_before_the_model_loads(tmp_path, data_dir):
+    p = run_cli("run", "--stages", "tasks", "--tasks", "arc_easyy", "--data-dir", str(data_dir),
+                "--out", str(tmp_path / "out"))
+    _assert_one_line_error(p, "unknown task 'arc_easyy'")
+    assert not (tmp_path / "out").exists()  # rejected before anything was loaded or written
+
+
+def test_model_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVALSUITE_MODEL", str(tmp_path / "missing.gguf"))
+    _assert_one_line_error(run_cli("run", "--stages", "none"), f"{tmp_path / 'missing.gguf'}: no such file")

@@ -168,8 +168,9 @@ def test_same_answers_as_lm_eval_hflm(task_name, smollm2, data_dir):
 
 @pytest.mark.gpu
 def test_bf16_on_gpu_agrees_with_fp32_and_with_itself_across_batchings(smollm2):
-    """In bf16 the batch shape changes rounding, not answers: batch 1 vs 256 within 0.05 nats, and
-    both within 2% of the fp32 CPU values."""
+    """In bf16 the batch shape changes rounding, not answers: batch 1 vs 256 and both vs the fp32
+    CPU values within 2% (or 0.05 nats). Measured on an H200: batch shapes moved a 4.7-nat
+    continuation by 0.06 nats (1.3%), so a flat 0.05-nat bound is below bf16's own noise."""
     import copy
 
     model = copy.deepcopy(smollm2.model).to("cuda", torch.bfloat16)
@@ -178,7 +179,7 @@ def test_bf16_on_gpu_agrees_with_fp32_and_with_itself_across_batchings(smollm2):
     one = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=1).loglikelihood(insts)
     many = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=256).loglikelihood(insts)
     for (r, _), (a, _), (b, _) in zip(ref, one, many):
-        assert a == pytest.approx(b, abs=0.05)
+        assert a == pytest.approx(b, rel=0.02, abs=0.05)
         assert a == pytest.approx(r, rel=0.02, abs=0.05)
 
 

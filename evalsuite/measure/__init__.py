@@ -31,6 +31,7 @@ class Stage:
     help: str
     run: Callable[["RunContext"], None]
     add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
+    validate: Callable[[argparse.Namespace], None] | None = None  # cheap checks before the model loads
     needs_tokenizer: bool = True
 
 

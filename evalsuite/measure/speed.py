@@ -554,7 +554,8 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
                    help=f"time random weights of a named shape instead of the model ({', '.join(gptfast.SHAPES)})")
     g.add_argument("--speed-tokens", type=int, help=f"decoded tokens per sample (default {GPU_DEFAULT_TOKENS} on GPU, "
                                                     f"{CPU_DEFAULT_TOKENS} on CPU)")
-    g.add_argument("--speed-batch-sizes", default="1,8", help="decode batch sizes, comma separated (default 1,8)")
+    g.add_argument("--speed-batch-sizes", default="1",
+                   help="decode batch sizes, comma separated (default 1; each size is one more compile per variant)")
     g.add_argument("--speed-prompt-len", type=int, default=512, help="prefill prompt length; 0 skips prefill (default 512)")
     g.add_argument("--speed-repeats", type=int, default=5, help="timed samples per measurement (default 5)")
     g.add_argument("--speed-warmup", type=int, default=1, help="untimed warm-up samples (default 1)")

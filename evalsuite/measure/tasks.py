@@ -301,15 +301,26 @@ def run(ctx) -> None:
         raise EvalsuiteError("--task-limit must be at least 1")
     if limit is not None:
         ctx.results.run["partial"] = True
-    spec = ",".join(s for s in (ctx.option("tasks"), ctx.option("suite")) if s) or DEFAULT_SUITE
     with _quiet_lm_eval():
-        tm = task_manager(task_dirs(ctx.option("tasks_dir") or []), ctx.data_dir)
-        names = resolve_task_names(tm, spec)
+        tm, names = _selected_tasks(ctx.args, ctx.data_dir)
         details = ctx.results.details.setdefault("tasks", {})
         encode_cache: dict[str, list[int]] = {}
         seed = int(ctx.option("seed", 0) or 0)
         for name in names:
             evaluate_task(ctx, tm, name, limit, details, encode_cache, seed)
+
+
+def _selected_tasks(args: argparse.Namespace, data_dir: Path | None):
+    spec = ",".join(s for s in (getattr(args, "tasks", None), getattr(args, "suite", None)) if s) or DEFAULT_SUITE
+    tm = task_manager(task_dirs(getattr(args, "tasks_dir", None) or []), data_dir)
+    return tm, resolve_task_names(tm, spec)
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Check task names and YAML files before the model loads, so a typo costs a second, not a load."""
+    data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else None
+    with _quiet_lm_eval():
+        _selected_tasks(args, data_dir)
 
 
 def evaluate_task(ctx, tm, name: str, limit: int | None, details: dict, encode_cache: dict, seed: int) -> None:
@@ -343,4 +354,4 @@ def _first_line(e: BaseException) -> str:
 
 
 STAGE = Stage(name="tasks", help="downstream tasks through lm-eval, fp vs each variant on the same items",
-              run=run, add_arguments=add_arguments)
+              run=run, add_arguments=add_arguments, validate=validate)
