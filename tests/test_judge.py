@@ -460,3 +460,26 @@ def test_head_quantized_against_policy_fails_on_its_inf_floor():
             higher_is_better=True, extra={"floor_db": "inf"})
     summary = layer_summary(res, "int8-wo", ["weight_sqnr_db"], default_floor_db=30.0)
     assert summary.floors["lm_head"]["weight_sqnr_db"] == math.inf
+
+
+@pytest.mark.parametrize("fp_roofline, expected", [(0.09, "SKIPPED"), (0.7, "FAIL")])
+def test_speedup_gate_applies_only_to_memory_bound_decode(tmp_path, capsys, fp_roofline, expected):
+    """SmolLM2 on an H100 decodes at 9% of copy bandwidth: int8-wo measured 0.93x there, which says
+    nothing about bandwidth savings. A memory-bound fp decode keeps the gate."""
+    cand = make_results(seed=2, speed=0.5)
+    cand.add(stage="speed", task="decode_bs1", variant="fp", metric="roofline_fraction", value=fp_roofline,
+             unit="fraction", n=12, higher_is_better=True, extra={"device_type": "cuda"})
+    _, verdicts, _ = gate(tmp_path, make_results(seed=1), cand, capsys=capsys)
+    v = verdicts["speed/decode_bs1/int8-wo/speedup"]
+    assert v["verdict"] == expected
+    if expected == "SKIPPED":
+        assert "overhead-bound" in v["reason"]
+
+
+def test_speed_baseline_from_another_card_is_skipped(tmp_path, capsys):
+    base, cand = make_results(seed=1), make_results(seed=2, speed=0.5)
+    base.run["device"]["name"], cand.run["device"]["name"] = "NVIDIA H200", "NVIDIA H100 80GB HBM3"
+    _, verdicts, _ = gate(tmp_path, base, cand, capsys=capsys)
+    v = verdicts["baseline:speed/decode_bs1/int8-wo/tokens_per_s"]
+    assert v["verdict"] == "SKIPPED" and "H200" in v["reason"]
+    assert verdicts["baseline:ppl/wikitext2/int8-wo/kld_mean"]["verdict"] != "SKIPPED"  # accuracy still compared

@@ -168,9 +168,13 @@ def test_same_answers_as_lm_eval_hflm(task_name, smollm2, data_dir):
 
 @pytest.mark.gpu
 def test_bf16_on_gpu_agrees_with_fp32_and_with_itself_across_batchings(smollm2):
-    """In bf16 the batch shape changes rounding, not answers: batch 1 vs 256 and both vs the fp32
-    CPU values within 2% (or 0.05 nats). Measured on an H200: batch shapes moved a 4.7-nat
-    continuation by 0.06 nats (1.3%), so a flat 0.05-nat bound is below bf16's own noise."""
+    """In bf16 the batch shape changes rounding, not answers.
+
+    Bounds come from measurement, not hope: on an H100/H200 the bf16-vs-fp32 noise floor is a mean
+    per-token KLD of 0.001 nats (benchmarks/RESULTS.md), i.e. per-token log-prob noise of roughly
+    sqrt(2 * 0.001) = 0.045 nats, so a multi-token continuation moves by ~0.1-0.2 nats (0.21 was
+    seen). Batch 1 vs 256 moved one continuation by 0.06 nats. A padding or position bug moves
+    log-likelihoods by whole nats."""
     import copy
 
     model = copy.deepcopy(smollm2.model).to("cuda", torch.bfloat16)
@@ -178,9 +182,10 @@ def test_bf16_on_gpu_agrees_with_fp32_and_with_itself_across_batchings(smollm2):
     ref = TorchLM(smollm2.model, smollm2.tokenizer, device="cpu").loglikelihood(insts)
     one = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=1).loglikelihood(insts)
     many = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=256).loglikelihood(insts)
-    for (r, _), (a, _), (b, _) in zip(ref, one, many):
-        assert a == pytest.approx(b, rel=0.02, abs=0.05)
-        assert a == pytest.approx(r, rel=0.02, abs=0.05)
+    batch_diff = [abs(a - b) for (a, _), (b, _) in zip(one, many)]
+    fp32_diff = [abs(a - r) for (a, _), (r, _) in zip(one, ref)]
+    assert max(batch_diff) < 0.25 and sum(batch_diff) / len(batch_diff) < 0.1
+    assert max(fp32_diff) < 0.6 and sum(fp32_diff) / len(fp32_diff) < 0.25
 
 
 def test_scored_row_cap_does_not_change_results():

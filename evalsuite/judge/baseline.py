@@ -48,6 +48,7 @@ class Baseline:
     source: dict[str, Any] = field(default_factory=dict)
     updated: str | None = None
     path: Path | None = None
+    device_name: str | None = None  # the card: speed is only comparable on the same one
 
     def get(self, key: tuple[str, str, str, str]) -> Metric | None:
         return next((m for m in self.metrics if m.key == key), None)
@@ -60,7 +61,7 @@ class Baseline:
                 d["tolerance"] = self.tolerances[m.key]
             metrics.append(d)
         return {"schema": BASELINE_SCHEMA, "model": self.model, "variant": self.variant,
-                "device_type": self.device_type, "dtype": self.dtype, "partial": self.partial, "limit": self.limit,
+                "device_type": self.device_type, "device_name": self.device_name, "dtype": self.dtype, "partial": self.partial, "limit": self.limit,
                 "source": self.source, "updated": self.updated, "metrics": metrics}
 
     def save(self, path: Path) -> Path:
@@ -97,6 +98,7 @@ def from_results(results: Results, variant: str, source: str | None = None) -> B
                              f"(it has {', '.join(sorted({variant_group(v) for v in results.variants})) or 'none'})")
     return Baseline(model=model_identity(results), variant=variant,
                     device_type=(results.run.get("device") or {}).get("type"), dtype=results.run.get("dtype"),
+                    device_name=(results.run.get("device") or {}).get("name"),
                     metrics=metrics, partial=results.partial, limit=results.run.get("limit"),
                     source={"results": source, "git_revision": results.run.get("git_revision"),
                             "started": results.run.get("started")},
@@ -138,7 +140,7 @@ def load_baselines(path: str | os.PathLike) -> list[Baseline]:
         b = Baseline(model=dict(data["model"]), variant=str(data["variant"]), device_type=data.get("device_type"),
                      dtype=data.get("dtype"), metrics=metrics, tolerances=tolerances,
                      partial=bool(data.get("partial")), limit=data.get("limit"), source=data.get("source") or {},
-                     updated=data.get("updated"), path=path)
+                     updated=data.get("updated"), path=path, device_name=data.get("device_name"))
     except (KeyError, TypeError, ValueError) as e:
         raise EvalsuiteError(f"{path}: malformed baseline file ({type(e).__name__}: {e})") from None
     return [b]
@@ -201,6 +203,7 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
     command = update_command(results_path, baseline.variant, directory)
     stages = results.run.get("stages")
     device = (results.run.get("device") or {}).get("type")
+    device_name = (results.run.get("device") or {}).get("name")
     sample_differs = bool(baseline.partial) != results.partial or (
         (baseline.partial or results.partial) and baseline.limit != results.run.get("limit"))
     checks = []
@@ -219,6 +222,10 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
         common["value"] = c.value
         if b.stage == "speed" and baseline.device_type and device != baseline.device_type:
             checks.append(Check(name, "baseline", SKIPPED, f"baseline timed on {baseline.device_type}, this run on {device}", **common))
+            continue
+        if b.stage == "speed" and baseline.device_name and device_name and device_name != baseline.device_name:
+            checks.append(Check(name, "baseline", SKIPPED,
+                                f"baseline timed on {baseline.device_name}, this run on {device_name}", **common))
             continue
         if sample_differs and b.stage in ("ppl", "tasks"):
             checks.append(Check(name, "baseline", SKIPPED,
