@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, first_line
 
 SCHEMA = "evalsuite.nightly/1"
 PASS, FAIL, ERROR, NOT_RUN = "PASS", "FAIL", "ERROR", "NOT-RUN"
@@ -184,7 +184,7 @@ def load_config(path: Path) -> dict[str, Any]:
     except EvalsuiteError:
         raise
     except Exception as e:  # yaml.YAMLError / tomllib.TOMLDecodeError: first line only
-        raise EvalsuiteError(f"--config {path}: not valid {path.suffix[1:].upper()} ({str(e).splitlines()[0]})") from None
+        raise EvalsuiteError(f"--config {path}: not valid {path.suffix[1:].upper()} ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise EvalsuiteError(f"--config {path}: expected a mapping at the top level")
     return data

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, first_line
 
 DEFAULTS: dict[str, Any] = {
     "strict": False,
@@ -140,7 +140,7 @@ def load_gate_config(path: str | Path | None = None, strict: bool | None = None,
         try:
             user = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise EvalsuiteError(f"--gates {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise EvalsuiteError(f"--gates {p}: not valid YAML ({first_line(e)})") from None
         if not isinstance(user, dict):
             raise EvalsuiteError(f"--gates {p}: expected a mapping at the top level")
         unknown = set(user) - set(DEFAULTS)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load import gptfast
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def _load_hf(model_dir: Path, tok_dir: Path, gguf_file: str | None, tokenizer_pa
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise EvalsuiteError(f"{model_dir}: cannot load the model ({_first_line(e)})") from None
+        raise EvalsuiteError(f"{model_dir}: cannot load the model ({first_line(e)})") from None
     if tokenizer_path:
         return model, _load_tokenizer(tokenizer_path)
     has_tokenizer = gguf_file or any((tok_dir / f).is_file() for f in TOKENIZER_FILES)
@@ -167,7 +167,7 @@ def _load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
     try:
         return AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise EvalsuiteError(f"{path}: cannot load a tokenizer ({_first_line(e)})") from None
+        raise EvalsuiteError(f"{path}: cannot load a tokenizer ({first_line(e)})") from None
 
 
 def _cache_root() -> Path:
@@ -200,7 +200,7 @@ def _check_gguf(path: Path) -> None:
             if t.data_offset + t.n_bytes > os.path.getsize(path):
                 raise ValueError("file is truncated")
     except (ValueError, IndexError, OSError, KeyError) as e:
-        raise EvalsuiteError(f"{path}: {_first_line(e) or type(e).__name__}") from None
+        raise EvalsuiteError(f"{path}: {first_line(e)}") from None
 
 
 def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
@@ -236,7 +236,7 @@ def _load_gptfast(path: Path, arch: str | None, tokenizer_path) -> tuple[nn.Modu
     try:
         state_dict = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types for a bad or unsafe pickle
-        raise EvalsuiteError(f"{ckpt}: not a loadable gpt-fast checkpoint ({_first_line(e)})") from None
+        raise EvalsuiteError(f"{ckpt}: not a loadable gpt-fast checkpoint ({first_line(e)})") from None
     if not isinstance(state_dict, dict):
         raise EvalsuiteError(f"{ckpt}: not a gpt-fast checkpoint (holds a {type(state_dict).__name__}, not a state dict)")
     with torch.device("meta"):
@@ -254,21 +254,12 @@ def _load_gptfast(path: Path, arch: str | None, tokenizer_path) -> tuple[nn.Modu
     try:
         model.load_state_dict(state_dict, assign=True, strict=True)
     except RuntimeError as e:
-        raise EvalsuiteError(f"{ckpt}: does not match architecture {arch!r} ({_first_line(e)})") from None
+        raise EvalsuiteError(f"{ckpt}: does not match architecture {arch!r} ({first_line(e)})") from None
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     model.freqs_cis = gptfast.precompute_freqs_cis(args.block_size, args.head_dim, args.rope_base)
     tok = tokenizer_path or (ckpt.parent if (ckpt.parent / "tokenizer.json").is_file() else None)
     return model, (_load_tokenizer(tok) if tok else None)
-
-
-def _first_line(e: BaseException) -> str:
-    """The gist of an exception in one line (torch's state-dict errors put it on the second)."""
-    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(e).__name__
-    text = lines[0] if len(lines) == 1 or not lines[0].endswith(":") else f"{lines[0]} {lines[1]}"
-    return text[:300]
 
 
 def forward_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, first_line
 
 VIEWS = ("weight_sqnr_db", "output_sqnr_db", "hidden_sqnr_db")
 
@@ -110,7 +110,7 @@ def load_thresholds(path: str | Path | None) -> Thresholds:
 
             data = yaml.safe_load(text)
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError and YAMLError are ValueErrors or close
-        raise EvalsuiteError(f"{path}: not a readable thresholds file ({str(e).splitlines()[0]})") from None
+        raise EvalsuiteError(f"{path}: not a readable thresholds file ({first_line(e)})") from None
     except Exception as e:  # yaml.YAMLError does not derive from ValueError
         raise EvalsuiteError(f"{path}: not a readable thresholds file ({type(e).__name__})") from None
     _validate(data, path)

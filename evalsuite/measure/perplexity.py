@@ -46,7 +46,7 @@ from torch import nn
 
 from evalsuite import stats
 from evalsuite.distributed import gather, shard
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.measure import Stage
 
 NOISE = "fp@noise"
@@ -479,7 +479,7 @@ def _noise_reference(ctx) -> tuple[nn.Module | None, str]:
     try:
         return ctx.reload(torch.float32), "measured: fp in the run's dtype vs fp in float32"
     except (EvalsuiteError, RuntimeError, MemoryError) as e:  # a float32 copy may not fit the device
-        return None, f"unavailable: reloading in float32 failed ({str(e).splitlines()[0][:200]})"
+        return None, f"unavailable: reloading in float32 failed ({first_line(e, 200)})"
 
 
 def run(ctx) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load import gptfast
 from evalsuite.measure import Stage
 from evalsuite.stats import percentile_ci
@@ -220,7 +220,7 @@ def _run_soft_compiled(eager_fn: Callable, compile_kwargs: dict | None, run: Cal
         fn = torch.compile(eager_fn, **compile_kwargs)
         return run(fn), True, None
     except Exception as e:  # compilation fails in many ways (no compiler, unsupported op, OOM)
-        error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+        error = f"{type(e).__name__}: {first_line(e)}"
         torch._dynamo.reset()
         return run(eager_fn), False, error
 
@@ -417,7 +417,7 @@ def measure_variants(results, variants: Callable[[], Any], s: SpeedSettings, dev
         try:
             runs = {r.task: r for r in measure_variant(model, s, device)}
         except torch.cuda.OutOfMemoryError as e:  # one variant too large must not lose the others
-            results.add_error(STAGE_NAME, f"out of device memory: {str(e).splitlines()[0][:200]}", variant=name)
+            results.add_error(STAGE_NAME, f"out of device memory: {first_line(e, 200)}", variant=name)
             _drop_caches(model)
             del model
             _free(device)

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.measure import Stage
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
@@ -75,7 +75,7 @@ def check_yaml_files(dirs: list[Path]) -> None:
             try:
                 cfg = load_yaml(path, resolve_func=False)
             except Exception as e:  # yaml raises many types (scanner, parser, constructor errors)
-                raise EvalsuiteError(f"{path}: malformed task YAML ({_first_line(e)})") from None
+                raise EvalsuiteError(f"{path}: malformed task YAML ({first_line(e)})") from None
             if not isinstance(cfg, dict) or not ({"task", "group", "class"} & set(cfg)):
                 raise EvalsuiteError(f"{path}: not a task definition (needs a 'task' or 'group' key)")
 
@@ -117,9 +117,9 @@ def load_task(tm, name: str):
     except EvalsuiteError:
         raise
     except ValueError as e:  # mirror.DataError and lm-eval's config errors
-        raise EvalsuiteError(f"task {name}: {_first_line(e)}") from None
+        raise EvalsuiteError(f"task {name}: {first_line(e)}") from None
     except Exception as e:  # the Hub offline, a missing dataset, a bad template
-        raise EvalsuiteError(f"task {name}: cannot load ({type(e).__name__}: {_first_line(e)}); "
+        raise EvalsuiteError(f"task {name}: cannot load ({type(e).__name__}: {first_line(e)}); "
                              "for the local mirror pass --data-dir") from None
 
 
@@ -346,11 +346,6 @@ def evaluate_task(ctx, tm, name: str, limit: int | None, details: dict, encode_c
             for rec in paired_records(name, variant, per_variant["fp"], per_doc, extra, seed=seed):
                 ctx.results.add(**rec)
         ctx.checkpoint()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 STAGE = Stage(name="tasks", help="downstream tasks through lm-eval, fp vs each variant on the same items",
