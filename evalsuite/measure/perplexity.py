@@ -47,6 +47,7 @@ from torch import nn
 from evalsuite import stats
 from evalsuite.distributed import gather, shard
 from evalsuite.errors import EvalsuiteError, first_line
+from evalsuite.load.model import forward_logits
 from evalsuite.measure import Stage
 
 NOISE = "fp@noise"
@@ -213,12 +214,6 @@ class PassResult:
     pairs: dict[str, dict[str, list[np.ndarray]]] = field(default_factory=dict)
 
 
-def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from evalsuite.load.model import forward_logits
-
-    return forward_logits(model, x)
-
-
 @torch.inference_mode()
 def measure_pass(variants: dict[str, nn.Module], windows: Windows, device: torch.device, batch_size: int = 1,
                  reference32: nn.Module | None = None, progress: Callable[[Iterable], Iterable] = lambda it: it,
@@ -246,9 +241,9 @@ def measure_pass(variants: dict[str, nn.Module], windows: Windows, device: torch
         def tgt(b: int) -> torch.Tensor:
             return targets[b, firsts[b] - 1:]
 
-        fp_logits = _forward(variants["fp"], x)
+        fp_logits = forward_logits(variants["fp"], x)
         if reference32 is not None:
-            ref_logits = _forward(reference32, x)
+            ref_logits = forward_logits(reference32, x)
             for b in range(len(idx)):
                 s = stats_fn(rows(ref_logits, b), rows(fp_logits, b), tgt(b))
                 out[b]["nll"]["fp"] = s.pop("own_nll")
@@ -256,7 +251,7 @@ def measure_pass(variants: dict[str, nn.Module], windows: Windows, device: torch
                 out[b]["pairs"][NOISE] = s
             del ref_logits
         for name in names[1:]:
-            q_logits = _forward(variants[name], x)
+            q_logits = forward_logits(variants[name], x)
             for b in range(len(idx)):
                 s = stats_fn(rows(fp_logits, b), rows(q_logits, b), tgt(b))
                 out[b]["nll"][name] = s.pop("own_nll")
@@ -301,6 +296,12 @@ def _to_numpy(per_window: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, d
             else:
                 o[group].setdefault(key, {})[sub] = piece
     return host
+
+
+def _finite(parts: list[np.ndarray]) -> np.ndarray:
+    """The finite values of per-window arrays, concatenated."""
+    a = np.concatenate(parts) if parts else np.zeros(0)
+    return a[np.isfinite(a)]
 
 
 def _sums(per_window: list[np.ndarray], f: Callable[[np.ndarray], np.ndarray] = lambda a: a) -> np.ndarray:
@@ -365,10 +366,7 @@ def paired_records(pair: dict[str, list[np.ndarray]], seed: int, reference: str)
     kld_sum, dp_sum = _sums(pair["kld"]), _sums(pair["delta_p"])
     dp_sq_sum, same_sum = _sums(pair["delta_p"], np.square), _sums(pair["same_top1"])
     ref_sum, cand_sum = _sums(pair["nll_ref"]), _sums(pair["nll"])
-    kld = np.concatenate(pair["kld"]) if pair["kld"] else np.zeros(0)
-    kld = kld[np.isfinite(kld)]
-    dp = np.concatenate(pair["delta_p"]) if pair["delta_p"] else np.zeros(0)
-    dp = dp[np.isfinite(dp)]
+    kld, dp = _finite(pair["kld"]), _finite(pair["delta_p"])
     ok = tokens > 0
     mean = (lambda s: float(s.sum()) / tokens) if ok else (lambda s: None)
     pct = (lambda q: float(np.percentile(kld, q))) if ok else (lambda q: None)
@@ -506,10 +504,9 @@ def run(ctx) -> None:
     ctx.results.details["ppl"] = details
     ctx.results.run["partial"] = ctx.results.run.get("partial", False) or protocol.max_windows is not None
     ctx.checkpoint()
-    n_batches = math.ceil(len(range(ctx.rank, len(windows), ctx.world_size)) / batch_size)
     stats_fn = torch.compile(paired_token_stats, dynamic=True) if ctx.option("ppl_compile") else paired_token_stats
     result = measure_pass(ctx.variants, windows, ctx.device, batch_size, reference32,
-                          progress=lambda it: ctx.progress(it, "ppl", total=n_batches, unit="batch"),
+                          progress=lambda it: ctx.progress(it, "ppl", unit="batch"),
                           rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn)
     del reference32
     seed = int(ctx.option("seed", 0) or 0)
