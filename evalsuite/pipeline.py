@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     from evalsuite.load import load_model
     from evalsuite.measure.context import RunContext
     from evalsuite.quantize import quantize_
+    from evalsuite.quantize.policy import parse_skip
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     show_progress = sys.stderr.isatty() and not args.no_progress
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
         return _T()
 
-    skip = tuple(s.strip() for s in args.skip_layers.split(",") if s.strip())
+    skip = parse_skip(args.skip_layers)
     with timed("load"):
         loaded = load_model(model_path, device=device, dtype=dtype, arch=args.arch, tokenizer_path=args.tokenizer)
         info = loaded.info

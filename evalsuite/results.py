@@ -63,10 +63,10 @@ class Metric:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["value"] = _json_number(d["value"])
-        d["stderr"] = _json_number(d["stderr"])
+        d["value"] = json_number(d["value"])
+        d["stderr"] = json_number(d["stderr"])
         if d["ci95"] is not None:
-            d["ci95"] = [_json_number(x) for x in d["ci95"]]
+            d["ci95"] = [json_number(x) for x in d["ci95"]]
         if not d["extra"]:
             del d["extra"]
         return d
@@ -86,7 +86,7 @@ class Metric:
         return cls(**kwargs)
 
 
-def _json_number(x: float | None) -> float | str | None:
+def json_number(x: float | None) -> float | str | None:
     """JSON has no NaN or inf; keep them visible as strings rather than dropping them."""
     if x is None:
         return None

@@ -349,7 +349,7 @@ def decode_one_token(model: Transformer, token: Tensor, input_pos: Tensor) -> Te
     return logits[:, -1:].argmax(dim=-1)
 
 
-def greedy_decode(model: Transformer, prompt: Tensor, n_tokens: int, step=decode_one_token) -> Tensor:
+def greedy_decode(model: Transformer, prompt: Tensor, n_tokens: int) -> Tensor:
     """Greedy continuation of ``prompt`` [batch, len] by ``n_tokens`` tokens using the KV cache
     (``setup_caches`` must cover len + n_tokens). Returns the new tokens [batch, n_tokens]."""
     device = prompt.device
@@ -358,7 +358,7 @@ def greedy_decode(model: Transformer, prompt: Tensor, n_tokens: int, step=decode
     out = [token]
     input_pos = torch.tensor([prompt.shape[1]], device=device, dtype=torch.long)
     for _ in range(n_tokens - 1):
-        token = step(model, token, input_pos).clone()
+        token = decode_one_token(model, token, input_pos).clone()
         out.append(token)
         input_pos += 1
     return torch.cat(out, dim=1)

@@ -62,5 +62,12 @@ class RunContext:
         return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not self.show_progress or self.rank != 0,
                     leave=False, mininterval=1.0)
 
+    @property
+    def skip(self) -> tuple[str, ...]:
+        """``--skip-layers`` patterns: linear layers the run kept in floating point."""
+        from evalsuite.quantize.policy import parse_skip
+
+        return parse_skip(self.option("skip_layers"))
+
     def option(self, name: str, default: Any = None) -> Any:
         return getattr(self.args, name, default)

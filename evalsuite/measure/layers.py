@@ -37,6 +37,7 @@ from torch import nn
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.measure import Stage
+from evalsuite.results import json_number
 from evalsuite.measure.layer_thresholds import FLOAT_LAYER, Floors, Thresholds, load_thresholds
 from evalsuite.quantize.base import QuantizedLinear
 from evalsuite.results import Metric, Results
@@ -458,7 +459,7 @@ def run(ctx) -> None:
     opts = options(ctx)
     calib = load_calibration(ctx, opts)
     fp = ctx.fp
-    skip = tuple(s.strip() for s in (ctx.option("skip_layers", "") or "").split(",") if s.strip())
+    skip = ctx.skip
 
     mine = [b for _, b in shard(calib.batches, ctx.rank, ctx.world_size)]
     layer_sums, block_sums = measure_activations(fp, ctx.quantized, mine, ctx.device,
@@ -604,13 +605,6 @@ def record(results, variant: str, rows: list[LayerRow], summary: BlockSummary, b
                 extra={"worst_block": _block(summary.worst), "first_jump_block": _block(summary.first_jump),
                        "largest_jump_block": _block(summary.largest_jump), "jump_db": summary.jump_db,
                        "threshold_db": summary.floor_db, "under_threshold": [_block(i) for i in summary.under]})
-
-
-def json_number(x: float | None) -> float | str | None:
-    """Extras and details are plain JSON: inf and nan travel as strings, as the results schema does."""
-    if x is None or math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
 
 
 def _block(i: int | None) -> str | None:

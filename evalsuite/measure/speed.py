@@ -125,29 +125,18 @@ def speedup_interval(fp_tps, scheme_tps, n_boot: int = 2000, seed: int = 0) -> t
 def weight_bytes(model: nn.Module) -> int:
     """Bytes a dense decoding step reads: every persistent parameter and buffer of every module
     except embedding tables, each storage counted once (see the module docstring)."""
-    embedding_storages = set()
-    for mod in model.modules():
-        if isinstance(mod, nn.Embedding):
-            embedding_storages.add(_storage_key(mod.weight))
-    seen: set = set()
-    total = 0
-    for mod in model.modules():
-        if isinstance(mod, nn.Embedding):
-            continue
-        for t in _persistent_tensors(mod):
-            key = _storage_key(t)
-            if key in seen:
-                continue
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    return _unique_bytes(m for m in model.modules() if not isinstance(m, nn.Embedding))
 
 
 def total_tensor_bytes(model: nn.Module) -> int:
     """All persistent parameters and buffers, embeddings included, each storage once."""
+    return _unique_bytes(model.modules())
+
+
+def _unique_bytes(modules) -> int:
     seen: set = set()
     total = 0
-    for mod in model.modules():
+    for mod in modules:
         for t in _persistent_tensors(mod):
             key = _storage_key(t)
             if key not in seen:
@@ -491,7 +480,6 @@ def random_variants(shape: str, configs: dict[str, Any], device: torch.device, d
     """Yields ("fp", random model of ``shape``) then each scheme's quantized copy, one at a time."""
     from evalsuite.quantize import quantize_
 
-    gptfast.model_args(shape)  # unknown names fail before any allocation
     fp = gptfast.random_model(shape, device, dtype, seed=seed)
     yield "fp", fp
     for name, cfg in configs.items():
@@ -533,7 +521,7 @@ def run(ctx) -> None:
     shape = ctx.option("speed_model")
     if shape:
         gptfast.model_args(shape)
-        skip = tuple(p.strip() for p in (ctx.option("skip_layers") or "").split(",") if p.strip())
+        skip = ctx.skip
         variants = lambda: random_variants(shape, ctx.configs, ctx.device, ctx.dtype, s.seed, skip)  # noqa: E731
     else:
         variants = lambda: ((name, as_decoder(m)) for name, m in ctx.variants.items())  # noqa: E731

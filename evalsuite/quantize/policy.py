@@ -27,6 +27,11 @@ def output_head_name(model: nn.Module) -> str | None:
     return None
 
 
+def parse_skip(spec: str | None) -> tuple[str, ...]:
+    """``--skip-layers "a.*,b"`` → ("a.*", "b")."""
+    return tuple(s.strip() for s in (spec or "").split(",") if s.strip())
+
+
 @dataclass(frozen=True)
 class LayerPolicy:
     """Selects the ``nn.Linear`` modules to quantize.
