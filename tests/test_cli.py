@@ -108,3 +108,9 @@ def test_unknown_task_fails_before_the_model_loads(tmp_path, data_dir):
 def test_model_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("EVALSUITE_MODEL", str(tmp_path / "missing.gguf"))
     _assert_one_line_error(run_cli("run", "--stages", "none"), f"{tmp_path / 'missing.gguf'}: no such file")
+
+
+def test_bad_task_limit_fails_before_the_model_loads(tmp_path):
+    p = run_cli("run", "--stages", "tasks", "--task-limit", "0", "--out", str(tmp_path / "out"))
+    _assert_one_line_error(p, "--task-limit must be at least 1")
+    assert not (tmp_path / "out").exists()

@@ -36,7 +36,6 @@ TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 DEFAULT_SUITE = "standard"
 PAIRED_METRIC = "acc"
 RENAMED = {"perplexity": "ppl"}
-N_BOOT = 2000
 
 
 def add_arguments(g: argparse._ArgumentGroup) -> None:
@@ -197,7 +196,7 @@ def variant_records(task, name: str, variant: str, per_doc: list[dict[str, Any]]
     """Record kwargs for every metric of one variant on one task."""
     from lm_eval.api.metrics import mean
 
-    from evalsuite.stats import mean_stderr, percentile_ci
+    from evalsuite.stats import bootstrap_ratio_of_sums, mean_stderr, percentile_ci
 
     aggregation, hib = task.aggregation(), task.higher_is_better()
     out = []
@@ -213,8 +212,7 @@ def variant_records(task, name: str, variant: str, per_doc: list[dict[str, Any]]
                        definition=f"mean over {len(values)} items of lm-eval's per-item {metric}; stderr of the mean")
         elif metric == "perplexity":
             ll = np.asarray(values, dtype=np.float64)
-            rng = np.random.default_rng(0)
-            reps = np.exp(-ll[rng.integers(0, ll.size, size=(N_BOOT, ll.size))].mean(axis=1))
+            reps = np.exp(-bootstrap_ratio_of_sums(ll, np.ones_like(ll), seed=0))
             rec.update(value=float(np.exp(-ll.mean())), unit="perplexity", ci95=percentile_ci(reps),
                        definition="exp(-mean over items of the target's log-likelihood in nats) (lm-eval's "
                                   "per-item perplexity); ci95 by bootstrap over items")
@@ -229,7 +227,7 @@ def variant_records(task, name: str, variant: str, per_doc: list[dict[str, Any]]
 def _delta_interval(a: np.ndarray, b: np.ndarray, seed: int) -> list[float]:
     from evalsuite.stats import paired_bootstrap_mean_diff, paired_proportion_diff_ci
 
-    boot = paired_bootstrap_mean_diff(a, b, n_boot=N_BOOT, seed=seed)
+    boot = paired_bootstrap_mean_diff(a, b, seed=seed)
     if not (_is_binary(a.tolist()) and _is_binary(b.tolist())):
         return boot
     score = paired_proportion_diff_ci(a > 0.5, b > 0.5)
@@ -264,7 +262,7 @@ def paired_records(name: str, variant: str, fp_docs: list[dict], q_docs: list[di
     if "perplexity" in fp_docs[0]:
         la = np.asarray([d["perplexity"] for d in fp_docs], dtype=np.float64)
         lb = np.asarray([d["perplexity"] for d in q_docs], dtype=np.float64)
-        lo, hi = paired_bootstrap_mean_diff(lb, la, n_boot=N_BOOT, seed=seed)  # mean(la - lb) = ln ppl ratio
+        lo, hi = paired_bootstrap_mean_diff(lb, la, seed=seed)  # mean(la - lb) = ln ppl ratio
         out.append(dict(common, metric="ppl_ratio", value=float(np.exp((la - lb).mean())), unit="ratio", n=la.size,
                         higher_is_better=False, ci95=[math.exp(lo), math.exp(hi)],
                         definition="ppl(variant) / ppl(fp) on the same items; ci95 by paired bootstrap over items"))
@@ -297,8 +295,6 @@ def _quiet_lm_eval():
 
 def run(ctx) -> None:
     limit = ctx.option("task_limit") or ctx.limit
-    if limit is not None and limit < 1:
-        raise EvalsuiteError("--task-limit must be at least 1")
     if limit is not None:
         ctx.results.run["partial"] = True
     with _quiet_lm_eval():
@@ -318,6 +314,8 @@ def _selected_tasks(args: argparse.Namespace, data_dir: Path | None):
 
 def validate(args: argparse.Namespace) -> None:
     """Check task names and YAML files before the model loads, so a typo costs a second, not a load."""
+    if getattr(args, "task_limit", None) is not None and args.task_limit < 1:
+        raise EvalsuiteError("--task-limit must be at least 1")
     data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else None
     with _quiet_lm_eval():
         _selected_tasks(args, data_dir)
