@@ -14,7 +14,7 @@ import sys
 from evalsuite import __version__
 from evalsuite.errors import EvalsuiteError
 
-EXIT_OK, EXIT_REGRESSION, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_USAGE, EXIT_INTERNAL = 2, 3  # 0 and 1 are the commands' own: pass, regression
 
 # name → (module, help); the module defines add_arguments(parser) and main(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -53,13 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
-            return 2
+            return EXIT_USAGE
         module = importlib.import_module(COMMANDS[args.command][0])
         entry = getattr(module, "main", None) or getattr(module, args.command)
         return int(entry(args) or 0)
     except EvalsuiteError as e:
         print(f"evalsuite: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("evalsuite: interrupted", file=sys.stderr)
         return 130

@@ -161,6 +161,12 @@ class Results:
         return [v for v in order if v in seen] + sorted(seen - set(order))
 
     @property
+    def scheme_variants(self) -> list[str]:
+        """The quantized variants that have records, in run order (not ``fp``, nor derived ones
+        such as ``fp@noise`` or ``int8-wo@triton``)."""
+        return [v for v in self.variants if v != "fp" and "@" not in v]
+
+    @property
     def partial(self) -> bool:
         return bool(self.run.get("partial"))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from evalsuite.judge.baseline import DEFAULT_DIR, Baseline, baseline_checks, find_baselines, load_baselines
@@ -88,7 +87,7 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
     Returns the run's exit code: 1 when any gate failed, else 0.
     """
     from evalsuite.report import write_reports
-    from evalsuite.report.table import render_table, render_verdicts
+    from evalsuite.report.table import colour_enabled, render_table, render_verdicts
 
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
@@ -99,7 +98,7 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
     written = write_reports(results, out_dir)
     print(render_table(results))
     print()
-    print(render_verdicts(results.verdicts, color=sys.stdout.isatty() and "NO_COLOR" not in os.environ))
+    print(render_verdicts(results.verdicts, color=colour_enabled()))
     hist = history_path(args, out_dir)
     if hist is not None:
         from evalsuite.judge.history import append_run

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from evalsuite.errors import EvalsuiteError
-from evalsuite.judge.checks import FAIL, IMPROVED, SKIPPED, Check, drift_verdict, stderr_of
+from evalsuite.judge.checks import FAIL, IMPROVED, SKIPPED, Check, drift_verdict, metric_stderr
 from evalsuite.judge.config import GateConfig
 from evalsuite.results import SCHEMA as RESULTS_SCHEMA
 from evalsuite.results import Metric, Results, write_json_atomic
@@ -105,14 +105,6 @@ def from_results(results: Results, variant: str, source: str | None = None) -> B
                     updated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
-def load_baseline(path: str | os.PathLike) -> Baseline:
-    """A baseline file; a results file is accepted too (use ``load_baselines`` for all its variants)."""
-    found = load_baselines(path)
-    if len(found) != 1:
-        raise EvalsuiteError(f"{path}: holds {len(found)} variants; name one with --variant")
-    return found[0]
-
-
 def load_baselines(path: str | os.PathLike) -> list[Baseline]:
     """Baselines from a baseline file, or one per variant group of a results file."""
     path = Path(path)
@@ -170,11 +162,6 @@ def metric_key(m: Metric) -> str:
     return f"{m.stage}/{m.task}/{m.variant}/{m.metric}"
 
 
-def _cv(m: Metric) -> float | None:
-    cv = m.extra.get("cv") if m.extra else None
-    return float(cv) if isinstance(cv, (int, float)) else None
-
-
 def compare_metric(base: Metric, cand: Metric, config: GateConfig,
                    tolerance: dict[str, float] | None = None) -> tuple[str, str, float]:
     """Verdict of one metric's move from baseline to candidate (see ``drift_verdict``)."""
@@ -183,8 +170,7 @@ def compare_metric(base: Metric, cand: Metric, config: GateConfig,
     sigma = tolerance.get("sigma", config.sigma)
     rel = tolerance.get("rel_floor", config.rel_floor(key))
     floor = max(tolerance.get("abs_floor", config.abs_floor), rel * abs(base.value or 0.0))
-    se_b = stderr_of(base.value, base.stderr, base.ci95, _cv(base))
-    se_c = stderr_of(cand.value, cand.stderr, cand.ci95, _cv(cand))
+    se_b, se_c = metric_stderr(base), metric_stderr(cand)
     ses = [s for s in (se_b, se_c) if s is not None]
     # one side without an uncertainty: assume it is as noisy as the other
     se = math.sqrt(2 * ses[0] ** 2) if len(ses) == 1 else (math.hypot(*ses) if ses else None)
@@ -253,11 +239,3 @@ def find_baselines(directory: Path, results: Results,
                                  f"no baseline at {path}; create it with: {update_command(results_path, g, directory)}",
                                  variant=g))
     return found, missing
-
-
-def verdict_counts(checks: list[Check]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for c in checks:
-        out[c.verdict] = out.get(c.verdict, 0) + 1
-    return out
-

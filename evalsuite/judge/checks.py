@@ -104,6 +104,12 @@ def limit_verdict(value: float, interval: list[float] | None, limit: float, uppe
     return WITHIN_NOISE, f"{fmt(value)} is {side} limit {fmt(limit)} but its {ci} contains the limit: the sample is too small to tell"
 
 
+def metric_stderr(m) -> float | None:
+    """``stderr_of`` a results record, its timing spread taken from ``extra["cv"]``."""
+    cv = m.extra.get("cv") if m.extra else None
+    return stderr_of(m.value, m.stderr, m.ci95, float(cv) if isinstance(cv, (int, float)) else None)
+
+
 def stderr_of(value: float | None, stderr: float | None, ci95: list[float] | None, cv: float | None) -> float | None:
     """One standard error of a recorded number: its ``stderr``; else its 95% interval's half-width
     / 1.96; else, for timings, ``cv × value`` (the spread of single samples, deliberately wide

@@ -8,15 +8,13 @@ descriptive ones). Exit 1 when a metric got worse beyond its tolerance.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 from tabulate import tabulate
 
 from evalsuite.judge import config_from_args
 from evalsuite.judge.baseline import check_identity, compare_metric, from_results, metric_key, variant_group
-from evalsuite.judge.checks import FAIL, VERDICTS, fmt
-from evalsuite.report.table import colour
+from evalsuite.judge.checks import FAIL, IMPROVED, VERDICTS, fmt
+from evalsuite.report.table import colour, colour_enabled
 from evalsuite.results import Results
 
 
@@ -59,10 +57,10 @@ def main(args: argparse.Namespace) -> int:
         verdict, reason, tol = compare_metric(m, c, config)
         if not gated:
             reason = "(not gated) " + reason
-        elif verdict == FAIL or (config.strict and verdict == "IMPROVED"):
+        elif verdict == FAIL or (config.strict and verdict == IMPROVED):
             failing = True
         rows.append([key, fmt(m.value), fmt(c.value), f"{diff:+.4g}", rel, verdict, f"±{fmt(tol)}"])
-    use_colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    use_colour = colour_enabled()
     rows.sort(key=lambda r: VERDICTS.index(r[5]) if r[5] in VERDICTS else len(VERDICTS))
     for r in rows:
         r[5] = colour(r[5], use_colour)

@@ -7,12 +7,10 @@ the reports (``--out``) and a JUnit file (``--junit``). Exit 1 when any check fa
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 from evalsuite.errors import EvalsuiteError
-from evalsuite.judge import add_gate_arguments, annotate, config_from_args, judge, resolve_baselines
+from evalsuite.judge import add_gate_arguments, annotate, config_from_args, history_path, judge, resolve_baselines
 from evalsuite.judge.checks import exit_code
 from evalsuite.results import Results
 
@@ -28,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from evalsuite.report.junit import write_junit
-    from evalsuite.report.table import render_verdicts
+    from evalsuite.report.table import colour_enabled, render_verdicts
 
     if not args.baseline and not args.baselines:
         raise EvalsuiteError("gate needs --baseline FILE (a baseline or results file) or --baselines DIR")
@@ -39,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     checks = judge(candidate, config_from_args(args), baselines, results_path=args.candidate,
                    baseline_dir=directory, extra_checks=missing)
     annotate(candidate, checks)
-    print(render_verdicts(candidate.verdicts, color=sys.stdout.isatty() and "NO_COLOR" not in os.environ))
+    print(render_verdicts(candidate.verdicts, color=colour_enabled()))
     if args.out:
         from evalsuite.report import FORMATS, write_reports
 
@@ -50,8 +48,9 @@ def main(args: argparse.Namespace) -> int:
         print("reports: " + ", ".join(str(p) for p in written))
     if args.junit:
         write_junit(candidate, Path(args.junit))
-    if args.history and not args.no_history:
+    hist = history_path(args, None)
+    if hist is not None:
         from evalsuite.judge.history import append_run
 
-        print(f"history: run {append_run(args.history, candidate, source=args.candidate)} appended to {args.history}")
+        print(f"history: run {append_run(hist, candidate, source=args.candidate)} appended to {hist}")
     return exit_code(candidate.verdicts)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable
 
 from evalsuite.errors import EvalsuiteError
-from evalsuite.judge.checks import stderr_of
+from evalsuite.judge.checks import metric_stderr
 from evalsuite.results import Metric, Results
 
 SCHEMA_SQL = """
@@ -64,12 +64,6 @@ def _num(x: float | None) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _stderr(m: Metric) -> float | None:
-    """The record's standard error: its stderr, else from its 95% CI, else cv × value (timings)."""
-    cv = m.extra.get("cv") if m.extra else None
-    return stderr_of(m.value, m.stderr, m.ci95, float(cv) if isinstance(cv, (int, float)) else None)
-
-
 def append_run(path: str | Path, results: Results, source: str | None = None,
                records: Iterable[Metric] | None = None) -> str:
     """Append (or replace) one run in a single transaction; returns its run id."""
@@ -86,7 +80,7 @@ def append_run(path: str | Path, results: Results, source: str | None = None,
                     (run.get("device") or {}).get("type"), run.get("dtype"), run.get("git_revision"),
                     int(results.partial), source, failing))
                 conn.executemany("INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?,?,?,?)", (
-                    (run_id, m.stage, m.task, m.variant, m.metric, _num(m.value), _num(_stderr(m)), m.unit,
+                    (run_id, m.stage, m.task, m.variant, m.metric, _num(m.value), _num(metric_stderr(m)), m.unit,
                      None if m.higher_is_better is None else int(m.higher_is_better))
                     for m in (results.records if records is None else records)))
         except sqlite3.DatabaseError as e:

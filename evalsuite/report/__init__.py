@@ -38,8 +38,9 @@ def write_reports(results: Results, out_dir: Path, formats: tuple[str, ...] = FO
     written: list[Path] = []
     if "json" in formats:
         written.append(results.save(out_dir / "results.json"))
-    figures = render_figures(results) if {"md", "html"} & set(formats) else {}
-    doc = build_document(results) if figures or {"md", "html"} & set(formats) else None
+    wants_doc = bool({"md", "html"} & set(formats))
+    figures = render_figures(results) if wants_doc else {}
+    doc = build_document(results) if wants_doc else None
     if "md" in formats:
         from evalsuite.report.markdown import render_markdown
 

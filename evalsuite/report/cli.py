@@ -7,8 +7,6 @@ with the within-run gates first, so its report carries verdicts.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 from evalsuite.errors import EvalsuiteError
@@ -27,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from evalsuite.judge import annotate, judge, load_gate_config
     from evalsuite.judge.checks import exit_code
-    from evalsuite.report.table import render_table, render_verdicts
+    from evalsuite.report.table import colour_enabled, render_table, render_verdicts
 
     formats = FORMATS if args.format == "all" else tuple(f.strip() for f in args.format.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
@@ -44,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"wrote {out_dir / 'results.judged.json'}")
     print(render_table(results))
     print()
-    print(render_verdicts(results.verdicts, color=sys.stdout.isatty() and "NO_COLOR" not in os.environ))
+    print(render_verdicts(results.verdicts, color=colour_enabled()))
     for path in write_reports(results, out_dir, formats):
         print(f"wrote {path}")
     return exit_code(results.verdicts)

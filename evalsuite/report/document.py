@@ -98,7 +98,7 @@ def checks_section(results: Results) -> Section:
 
 
 def layers_section(results: Results) -> Section | None:
-    schemes = [v for v in results.variants if v != "fp" and "@" not in v]
+    schemes = results.scheme_variants
     rows = []
     for v in schemes:
         s = layer_summary(results, v, ["weight_sqnr_db", "output_sqnr_db"], math.nan)

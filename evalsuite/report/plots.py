@@ -31,17 +31,13 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _schemes(results: Results) -> list[str]:
-    return [v for v in results.variants if v != "fp" and "@" not in v]
-
-
 def kld_figure(results: Results) -> bytes | None:
     """Per-token KL(fp ‖ quantized) distribution of each scheme (and the dtype's noise floor):
     the stage's histogram when present, else its quantiles."""
     paired = ((results.details or {}).get("ppl") or {}).get("paired") or {}
     hists = {v: d["kld_hist"] for v, d in paired.items() if isinstance(d, dict) and d.get("kld_hist")}
     quant = {v: [results.get(m.stage, m.task, v, q) for q in ("kld_median", "kld_mean", "kld_p99", "kld_p99_9", "kld_max")]
-             for v in [*_schemes(results), "fp@noise"]
+             for v in [*results.scheme_variants, "fp@noise"]
              for m in results.find(stage="ppl", variant=v, metric="kld_mean")[:1]}
     if not hists and not quant:
         return None
@@ -72,7 +68,7 @@ def kld_figure(results: Results) -> bytes | None:
 
 def layers_figure(results: Results, views: tuple[str, ...] = ("output_sqnr_db", "weight_sqnr_db")) -> bytes | None:
     """SQNR of each quantized layer by depth (block index), floors dashed, the worst layer marked."""
-    data = {v: layer_summary(results, v, list(views), math.nan) for v in _schemes(results)}
+    data = {v: layer_summary(results, v, list(views), math.nan) for v in results.scheme_variants}
     data = {v: s for v, s in data.items() if s is not None}
     if not data:
         return None
@@ -106,7 +102,7 @@ def layers_figure(results: Results, views: tuple[str, ...] = ("output_sqnr_db", 
 
 def tasks_figure(results: Results) -> bytes | None:
     """Accuracy change (quantized − fp) per task with its 95% paired-bootstrap interval."""
-    rows = [m for v in _schemes(results) for m in results.find(stage="tasks", variant=v, metric="delta_acc")
+    rows = [m for v in results.scheme_variants for m in results.find(stage="tasks", variant=v, metric="delta_acc")
             if m.value is not None]
     if not rows:
         return None

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 from tabulate import tabulate
 
+from evalsuite.judge.checks import VERDICTS
 from evalsuite.results import Metric, Results
 
 COLOURS = {"PASS": "32", "FAIL": "31;1", "IMPROVED": "35;1", "WITHIN-NOISE": "33", "SKIPPED": "90"}
-VERDICT_ORDER = ("FAIL", "IMPROVED", "WITHIN-NOISE", "SKIPPED", "PASS")
+VERDICT_ORDER = VERDICTS  # worst first
+
+
+def colour_enabled() -> bool:
+    """Colour verdicts on a terminal, unless $NO_COLOR is set (no-color.org)."""
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
 
 
 def colour(verdict: str, enabled: bool) -> str:
