@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ.setdefault(var, "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -78,7 +78,7 @@ def main() -> int:
     hf_tasks = [t for t in args.hf.split(",") if t]
 
     t_setup = time.perf_counter()
-    with stage._quiet_lm_eval():
+    with stage.lm_eval_session():
         tm = stage.task_manager(stage.task_dirs(), data_dir)
     setup_s = time.perf_counter() - t_setup
     # warm-up: CUDA context, cuBLAS handles, tokenizer
@@ -90,7 +90,7 @@ def main() -> int:
                     "task_manager_s": round(setup_s, 3), "tasks": {}}
     encode_cache: dict = {}
     total_fast = total_build = total_hf = 0.0
-    with torch.inference_mode(), stage._quiet_lm_eval():
+    with torch.inference_mode(), stage.lm_eval_session():
         for name in [t for t in args.tasks.split(",") if t]:
             (task, by_doc), build_s = timed(lambda: _build(tm, name, limit), device)
             row: dict = {"n": len(by_doc), "build_s": round(build_s, 3), "fast_s": {}, "metrics": {}}

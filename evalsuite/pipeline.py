@@ -128,7 +128,6 @@ def run(args: argparse.Namespace) -> int:
     from evalsuite.quantize import quantize_
     from evalsuite.quantize.policy import parse_skip
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     show_progress = sys.stderr.isatty() and not args.no_progress
     if not show_progress:  # libraries' own bars (GGUF conversion, weight loading) clutter CI logs
         os.environ["TQDM_DISABLE"] = "1"
@@ -140,6 +139,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
+    # batched tokenization on all cores where a GPU does the model work (the tasks stage tokenizes
+    # ~50k strings per run); on a CPU the cores belong to torch
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if device.type == "cuda" else "false")
     # under torchrun: join the process group, one GPU per rank; only rank 0 writes files
     dist_env = distributed.init(device.type)
     device = distributed.device_for(device, dist_env)

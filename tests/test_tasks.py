@@ -96,6 +96,23 @@ def test_bad_data_rows_are_named(tmp_path, bad_row, message):
         stage.load_task(tm, "my_task")
 
 
+@pytest.mark.parametrize("name", ["arc_easy", "lambada_openai"])
+def test_session_compiles_each_template_once_and_builds_the_same_requests(name, data_dir, monkeypatch):
+    """lm_eval_session's template cache changes speed only: the same requests, one compile per template."""
+    from lm_eval import utils
+
+    tm = stage.task_manager(stage.task_dirs(), data_dir)
+    plain = stage.build_requests(stage.load_task(tm, name), limit=20)
+    compiles = []
+    from_string = utils.env.from_string
+    monkeypatch.setattr(utils.env, "from_string", lambda t: compiles.append(t) or from_string(t))
+    with stage.lm_eval_session():
+        cached = stage.build_requests(stage.load_task(tm, name), limit=20)
+    assert compiles and len(compiles) == len(set(compiles))
+    assert utils.apply_template("{{x}}!", {"x": 1}) == "1!"  # restored, still correct
+    assert [[i.args for i in g] for g in cached.values()] == [[i.args for i in g] for g in plain.values()]
+
+
 # ------------------------------------------------------------------------------------ paired statistics
 def _docs(correct):
     return [{"acc": float(c)} for c in correct]

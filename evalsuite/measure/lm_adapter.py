@@ -21,9 +21,11 @@ Right padding needs no attention mask: with causal attention no real position se
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -39,7 +41,7 @@ DEFAULT_MAX_LENGTH = 2048
 class _Scored:
     """One unique model input and the requests that read their log-likelihoods from it."""
 
-    tokens: list[int]
+    tokens: tuple[int, ...]
     keep: int  # how many final positions any of its requests scores
     members: list[tuple[int, list[int]]]  # (request index, target tokens)
 
@@ -131,30 +133,41 @@ class TorchLM(TemplateLM):
 
     # ----------------------------------------------------------------------------- scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        """(sum of continuation token log-probs in nats, is_greedy) per (key, context, continuation)."""
+        """(sum of continuation token log-probs in nats, is_greedy) per (key, context, continuation).
+
+        Batches are queued on the device without waiting for their results, which are read back
+        once at the end: the host prepares batch k+1 while the device runs batch k.
+        """
         groups: dict[tuple[int, ...], _Scored] = {}
+        cap = self.max_length + 1
         for i, (_, context_enc, continuation_enc) in enumerate(requests):
-            if not continuation_enc:
-                raise EvalsuiteError("a request has an empty continuation; nothing to score")
-            whole = list(context_enc) + list(continuation_enc)
-            window = whole[-(self.max_length + 1):]
             n = len(continuation_enc)
+            if not n:
+                raise EvalsuiteError("a request has an empty continuation; nothing to score")
+            window = [*context_enc, *continuation_enc][-cap:]
             if n >= len(window):
                 raise EvalsuiteError(f"a continuation of {n} tokens does not fit max_length {self.max_length}")
             inp = tuple(window[:-1])
             g = groups.get(inp)
             if g is None:
-                g = groups[inp] = _Scored(list(inp), n, [])
-            g.keep = max(g.keep, n)
+                g = groups[inp] = _Scored(inp, n, [])
+            elif n > g.keep:
+                g.keep = n
             g.members.append((i, window[-n:]))
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
         ordered = sorted(groups.values(), key=lambda g: -len(g.tokens))
         batches = list(self._batches(ordered))
-        bar = _progress(batches, "loglikelihood", disable_tqdm or not self.show_progress)
-        for batch in bar:
-            for (i, value) in self._score_batch(batch):
-                out[i] = value
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], value)
+        owners: list[int] = []
+        sums, misses = [], []
+        for batch in _progress(batches, "loglikelihood", disable_tqdm or not self.show_progress):
+            batch_owners, batch_sums, batch_misses = self._score_batch(batch)
+            owners += batch_owners
+            sums.append(batch_sums)
+            misses.append(batch_misses)
+        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        if owners:
+            for i, total, missed in zip(owners, torch.cat(sums).tolist(), torch.cat(misses).tolist()):
+                out[i] = (total, missed == 0)
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
         return out  # type: ignore[return-value]
 
     def _batches(self, ordered: list[_Scored]) -> Iterable[list[_Scored]]:
@@ -173,58 +186,66 @@ class TorchLM(TemplateLM):
         if batch:
             yield batch
 
-    def _score_batch(self, batch: list[_Scored]) -> list[tuple[int, tuple[float, bool]]]:
-        lengths = [len(g.tokens) for g in batch]
-        ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)
-        for r, g in enumerate(batch):
-            ids[r, :lengths[r]] = torch.tensor(g.tokens)
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(array)
+        if self._device.type == "cuda":  # pinned, so the copy queues behind the running batch
+            return t.pin_memory().to(self._device, non_blocking=True)
+        return t.to(self._device)
+
+    def _score_batch(self, batch: list[_Scored]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """Queue one batch: the request indices it answers, and (on the device, not yet read) each
+        one's float64 log-likelihood and count of non-greedy tokens."""
+        lengths = np.fromiter((len(g.tokens) for g in batch), dtype=np.int64, count=len(batch))
+        keeps = np.fromiter((g.keep for g in batch), dtype=np.int64, count=len(batch))
+        # right-padded ids: a row-major mask of real positions takes the concatenated tokens in order
+        ids = np.zeros((len(batch), int(lengths.max())), dtype=np.int64)
+        ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(g.tokens for g in batch), dtype=np.int64, count=int(lengths.sum()))
         # (row, position) of every scored position: the last ``keep`` positions of each input
-        rows, positions = [], []
-        for r, g in enumerate(batch):
-            rows += [r] * g.keep
-            positions += range(lengths[r] - g.keep, lengths[r])
-        selected = self._logits_at(ids.to(self._device), rows, positions).float()
+        rows = np.repeat(np.arange(len(batch)), keeps)
+        positions = np.repeat(lengths - keeps, keeps) + _ranges(keeps)
+        # each request reads the last len(targets) of its input's scored rows
+        owners: list[int] = []
+        counts: list[int] = []
+        firsts: list[int] = []
+        start = 0
+        for g in batch:
+            for i, targets in g.members:
+                owners.append(i)
+                counts.append(len(targets))
+                firsts.append(start + g.keep - len(targets))
+            start += g.keep
+        n = np.asarray(counts, dtype=np.int64)
+        flat_rows = np.repeat(np.asarray(firsts, dtype=np.int64), n) + _ranges(n)
+        flat_targets = np.fromiter(itertools.chain.from_iterable(t for g in batch for _, t in g.members),
+                                   dtype=np.int64, count=int(n.sum()))
+        owner = np.repeat(np.arange(len(owners)), n)
+        dev = self._to_device
+        selected = self._logits_at(dev(ids), dev(rows), dev(positions)).float()
         # log p(target) = logit(target) - logsumexp(logits): no [N, vocab] log-softmax is written
         log_z = torch.logsumexp(selected, dim=-1)
         greedy = selected.argmax(dim=-1)
-        # each request reads the last len(targets) of its input's scored rows
-        flat_rows, flat_targets, owner = [], [], []
-        start = 0
-        owners: list[int] = []
-        for g in batch:
-            for i, targets in g.members:
-                n = len(targets)
-                first = start + g.keep - n
-                flat_rows += range(first, first + n)
-                flat_targets += targets
-                owner += [len(owners)] * n
-                owners.append(i)
-            start += g.keep
-        fr = torch.tensor(flat_rows, device=self._device)
-        ft = torch.tensor(flat_targets, device=self._device)
+        fr, ft, own = dev(flat_rows), dev(flat_targets), dev(owner)
         token_lp = (selected[fr, ft] - log_z[fr]).double()
-        token_hit = (greedy[fr] == ft).to(torch.int32)
-        own = torch.tensor(owner, device=self._device)
+        token_miss = (greedy[fr] != ft).to(torch.int32)
         sums = torch.zeros(len(owners), dtype=torch.float64, device=self._device).index_add_(0, own, token_lp)
-        misses = torch.zeros(len(owners), dtype=torch.int32, device=self._device).index_add_(0, own, 1 - token_hit)
-        sums, misses = sums.tolist(), misses.tolist()
-        return [(i, (sums[k], misses[k] == 0)) for k, i in enumerate(owners)]
+        misses = torch.zeros(len(owners), dtype=torch.int32, device=self._device).index_add_(0, own, token_miss)
+        return owners, sums, misses
 
-    def _logits_at(self, ids: torch.Tensor, rows: list[int], positions: list[int]) -> torch.Tensor:
-        """Logits [N, vocab] at the given (row, position) pairs of a forward over ``ids``.
+    def _logits_at(self, ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] at the given (row, position) pairs (index tensors on the device) of a
+        forward over ``ids``.
 
         Where the model's vocabulary projection is a known module, a pre-hook hands it only those
         N hidden states, so the projection (the costliest matmul of a small model) and anything the
         model applies to its logits afterwards (scaling, soft-capping) run on N rows, not all.
         """
-        r = torch.tensor(rows, device=ids.device)
-        p = torch.tensor(positions, device=ids.device)
         if self._head is None:
-            return forward_logits(self.model, ids)[r, p]
+            return forward_logits(self.model, ids)[rows, positions]
 
         def pick(module, args):
             hidden = args[0]
-            return (hidden[r, p].unsqueeze(0), *args[1:])
+            return (hidden[rows, positions].unsqueeze(0), *args[1:])
 
         handle = self._head.register_forward_pre_hook(pick)
         try:
@@ -285,7 +306,8 @@ class TorchLM(TemplateLM):
             ids = torch.zeros(len(live), max(lengths), dtype=torch.long)
             for k, r in enumerate(live):
                 ids[k, :lengths[k]] = torch.tensor(seqs[r])
-            logits = self._logits_at(ids.to(self._device), list(range(len(live))), [n - 1 for n in lengths])
+            logits = self._logits_at(ids.to(self._device), torch.arange(len(live), device=self._device),
+                                     torch.tensor([n - 1 for n in lengths], device=self._device))
             nxt = logits.argmax(-1).tolist()
             for k, r in enumerate(live):
                 seqs[r].append(nxt[k])
@@ -312,6 +334,12 @@ def vocabulary_head(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return head if isinstance(head, nn.Module) else None
+
+
+def _ranges(counts: np.ndarray) -> np.ndarray:
+    """0..c-1 for each count c, concatenated: ``_ranges([2, 3]) = [0, 1, 0, 1, 2]``."""
+    ends = np.cumsum(counts)
+    return np.arange(int(ends[-1]) if len(ends) else 0) - np.repeat(ends - counts, counts)
 
 
 def _progress(items: list, desc: str, disable: bool):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -282,14 +283,28 @@ def _jsonable(v: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------ the stage
 @contextlib.contextmanager
-def _quiet_lm_eval():
-    """lm-eval warns per task about custom datasets and per-request progress; keep stderr readable."""
+def lm_eval_session():
+    """lm-eval, quieter and faster, inside the block:
+
+    - its per-task warnings (custom datasets, per-request progress) go to ERROR level, so stderr stays
+      readable;
+    - each Jinja prompt template is compiled once: lm-eval's ``apply_template`` compiles the template
+      string again for every document, which was 90% of request building (22.7 s of 25 s for the
+      eight standard tasks on a 2-core CPU). Rendering is unchanged: the same environment compiles
+      the same string, once.
+    """
+    from lm_eval import utils
+
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    original = utils.apply_template
+    compiled = functools.lru_cache(maxsize=4096)(utils.env.from_string)
+    utils.apply_template = lambda template, doc: compiled(template).render(**doc)
     try:
         yield
     finally:
+        utils.apply_template = original
         logger.setLevel(level)
 
 
@@ -297,7 +312,7 @@ def run(ctx) -> None:
     limit = ctx.option("task_limit") or ctx.limit
     if limit is not None:
         ctx.results.run["partial"] = True
-    with _quiet_lm_eval():
+    with lm_eval_session():
         tm, names = _selected_tasks(ctx.args, ctx.data_dir)
         details = ctx.results.details.setdefault("tasks", {})
         encode_cache: dict[str, list[int]] = {}
@@ -317,7 +332,7 @@ def validate(args: argparse.Namespace) -> None:
     if getattr(args, "task_limit", None) is not None and args.task_limit < 1:
         raise EvalsuiteError("--task-limit must be at least 1")
     data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else None
-    with _quiet_lm_eval():
+    with lm_eval_session():
         _selected_tasks(args, data_dir)
 
 
