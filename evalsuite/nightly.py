@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evalsuite.errors import EvalsuiteError, first_line
+from evalsuite.config_file import read_mapping
+from evalsuite.errors import EvalsuiteError
 
 SCHEMA = "evalsuite.nightly/1"
 PASS, FAIL, ERROR, NOT_RUN = "PASS", "FAIL", "ERROR", "NOT-RUN"
@@ -167,27 +168,7 @@ class Outcome:
 
 def load_config(path: Path) -> dict[str, Any]:
     """Read a YAML or TOML matrix file; any problem is one line naming the file."""
-    if not path.is_file():
-        raise EvalsuiteError(f"--config {path}: no such file")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            raise EvalsuiteError(f"--config {path}: expected a .yaml, .yml or .toml file")
-    except EvalsuiteError:
-        raise
-    except Exception as e:  # yaml.YAMLError / tomllib.TOMLDecodeError: first line only
-        raise EvalsuiteError(f"--config {path}: not valid {path.suffix[1:].upper()} ({first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise EvalsuiteError(f"--config {path}: expected a mapping at the top level")
-    return data
+    return read_mapping(path, "--config", suffixes=(".yaml", ".yml", ".toml"))
 
 
 def expand_entries(data: dict[str, Any], source: str) -> list[Entry]:

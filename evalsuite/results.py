@@ -130,6 +130,12 @@ class Results:
         self.records.append(m)
         return m
 
+    def extend(self, metrics: list[Metric]) -> None:
+        """Append many records at once, replacing earlier ones with the same keys (one scan of the
+        records, where ``add`` per record rescans them each time)."""
+        keys = {m.key for m in metrics}
+        self.records = [r for r in self.records if r.key not in keys] + list(metrics)
+
     def find(
         self,
         stage: str | None = None,

@@ -36,6 +36,20 @@ def test_same_key_replaces_the_record():
     assert [m.value for m in r.find(metric="token_ppl")] == [13.0]
 
 
+def test_extend_adds_many_and_replaces_same_keys():
+    from evalsuite.results import Metric
+
+    r = _results()
+    before = len(r.records)
+    r.extend([Metric(stage="ppl", task="wikitext2", variant="fp", metric="token_ppl", value=14.0, unit="ppl", n=1,
+                     higher_is_better=False),
+              Metric(stage="ppl", task="wikitext2", variant="fp", metric="brand_new", value=1.0, unit="x", n=1,
+                     higher_is_better=None)])
+    assert len(r.records) == before + 1
+    assert [m.value for m in r.find(metric="token_ppl", variant="fp")] == [14.0]
+    assert r.get("ppl", "wikitext2", "fp", "brand_new").value == 1.0
+
+
 def test_nonfinite_values_survive_as_strict_json(tmp_path):
     r = _results()
     r.add(stage="ppl", task="wikitext2", variant="int8-wo", metric="token_ppl", value=math.inf, unit="ppl", n=1,

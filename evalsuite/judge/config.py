@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evalsuite.errors import EvalsuiteError, first_line
+from evalsuite.config_file import read_mapping
+from evalsuite.errors import EvalsuiteError
 
 DEFAULTS: dict[str, Any] = {
     "strict": False,
@@ -132,17 +133,8 @@ def load_gate_config(path: str | Path | None = None, strict: bool | None = None,
     """Defaults, overridden by the YAML file at ``path`` and then by explicit options."""
     data = copy.deepcopy(DEFAULTS)
     if path is not None:
-        import yaml
-
         p = Path(path)
-        if not p.is_file():
-            raise EvalsuiteError(f"--gates {p}: no such file")
-        try:
-            user = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise EvalsuiteError(f"--gates {p}: not valid YAML ({first_line(e)})") from None
-        if not isinstance(user, dict):
-            raise EvalsuiteError(f"--gates {p}: expected a mapping at the top level")
+        user = read_mapping(p, "--gates", suffixes=(".yaml", ".yml", ".json"), empty_ok=True)
         unknown = set(user) - set(DEFAULTS)
         if unknown:
             raise EvalsuiteError(f"--gates {p}: unknown keys {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")

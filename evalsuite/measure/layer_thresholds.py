@@ -33,13 +33,13 @@ Keys that a file leaves out keep the defaults.
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from evalsuite.errors import EvalsuiteError, first_line
+from evalsuite.config_file import read_mapping
+from evalsuite.errors import EvalsuiteError
 
 VIEWS = ("weight_sqnr_db", "output_sqnr_db", "hidden_sqnr_db")
 
@@ -99,20 +99,7 @@ def load_thresholds(path: str | Path | None) -> Thresholds:
     if path is None:
         return Thresholds(dict(DEFAULTS))
     path = Path(path)
-    if not path.is_file():
-        raise EvalsuiteError(f"--layer-thresholds {path}: no such file")
-    try:
-        text = path.read_text()
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError and YAMLError are ValueErrors or close
-        raise EvalsuiteError(f"{path}: not a readable thresholds file ({first_line(e)})") from None
-    except Exception as e:  # yaml.YAMLError does not derive from ValueError
-        raise EvalsuiteError(f"{path}: not a readable thresholds file ({type(e).__name__})") from None
+    data = read_mapping(path, "--layer-thresholds", suffixes=(".yaml", ".yml", ".json"))
     _validate(data, path)
     return Thresholds({**data, **{k: v for k, v in DEFAULTS.items() if k not in data}}, source=str(path))
 

@@ -530,8 +530,7 @@ class PendingRecords:
         self.metrics.append(Metric(**kwargs))
 
     def flush(self, results: Results) -> None:
-        keys = {m.key for m in self.metrics}
-        results.records = [r for r in results.records if r.key not in keys] + self.metrics
+        results.extend(self.metrics)
 
 
 def _floor_extra(row: LayerRow, metric: str) -> dict[str, Any]:
