@@ -52,12 +52,15 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="8 items per task, CPU fp32 allowed")
     p.add_argument("--tasks", default=MIRRORED)
     p.add_argument("--limit", type=int)
-    p.add_argument("--batch-size", type=int, help="default: the adapter's (256 on GPU)")
+    p.add_argument("--batch-size", type=int, help="default: the adapter's (4096 on GPU)")
     p.add_argument("--batch-tokens", type=int)
     p.add_argument("--hf", default="arc_easy,piqa,lambada_openai",
                    help="tasks also run through lm-eval's HFLM (batch 32), '' for none")
     p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--cprofile", action="store_true",
+                   help="print the 25 costliest functions (own time) of the fast adapter's runs; a wait on the "
+                        "device shows as tolist()")
     args = p.parse_args()
 
     from evalsuite.load import default_model_path, load_model
@@ -89,6 +92,11 @@ def main() -> int:
                     "dtype": str(dtype).replace("torch.", ""), "limit": limit, "batch_size": args.batch_size,
                     "task_manager_s": round(setup_s, 3), "tasks": {}}
     encode_cache: dict = {}
+    profiler = None
+    if args.cprofile:
+        import cProfile
+
+        profiler = cProfile.Profile()
     total_fast = total_build = total_hf = 0.0
     with torch.inference_mode(), stage.lm_eval_session():
         for name in [t for t in args.tasks.split(",") if t]:
@@ -99,7 +107,11 @@ def main() -> int:
             for variant, model in variants.items():
                 lm = TorchLM(model, tok, device=device, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
                              encode_cache=encode_cache)
+                if profiler is not None:
+                    profiler.enable()
                 per_doc, s = timed(lambda: stage.run_model(lm, task, by_doc), device)
+                if profiler is not None:
+                    profiler.disable()
                 row["fast_s"][variant] = round(s, 3)
                 total_fast += s
                 fast_ll[variant] = stage.loglikelihoods(by_doc)
@@ -137,6 +149,10 @@ def main() -> int:
     report["total_build_s"] = round(total_build, 3)
     report["total_hf_s"] = round(total_hf, 3)
     report["total_stage_s"] = round(setup_s + total_build + total_fast, 3)
+    if profiler is not None:
+        import pstats
+
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     print(f"total: fast (fp + int8-wo, all tasks) {total_fast:.2f}s, request building {total_build:.2f}s, "
           f"task manager {setup_s:.2f}s (stage total {report['total_stage_s']:.2f}s); HFLM on {','.join(hf_tasks) or '-'} {total_hf:.2f}s")
     if os.environ.get("OUT"):

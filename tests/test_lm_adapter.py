@@ -214,3 +214,16 @@ def test_gpt_fast_model_matches_direct_computation():
         positions = range(len(ctx) - 1, len(whole) - 1)
         assert ll == pytest.approx(sum(logprobs[p, whole[p + 1]].item() for p in positions), abs=1e-4)
         assert greedy == all(logprobs[p].argmax().item() == whole[p + 1] for p in positions)
+
+
+@pytest.mark.parametrize("width, hidden", [(1536, 576), (11008, 4096), (53248, 16384), (None, 8192), (256, 64)])
+def test_gpu_token_budget_keeps_the_largest_activation_near_2_gib(width, hidden):
+    from types import SimpleNamespace
+
+    from evalsuite.measure.lm_adapter import ACTIVATION_BYTES, gpu_batch_tokens
+
+    tokens = gpu_batch_tokens(SimpleNamespace(intermediate_size=width, hidden_size=hidden))
+    mlp = width or 4 * hidden
+    assert 8192 <= tokens <= 262_144 and tokens % 1024 == 0
+    assert tokens == 8192 or tokens * mlp * 2 <= ACTIVATION_BYTES  # never above the budget unless at the floor
+    assert tokens == 262_144 or (tokens + 1024) * mlp * 2 > ACTIVATION_BYTES  # and not far below it

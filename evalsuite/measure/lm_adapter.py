@@ -21,6 +21,7 @@ Right padding needs no attention mask: with causal attention no real position se
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -35,6 +36,8 @@ from evalsuite.errors import EvalsuiteError
 from evalsuite.load.model import forward_logits
 
 DEFAULT_MAX_LENGTH = 2048
+ACTIVATION_BYTES = 2 << 30  # the largest activation of one forward (tokens x MLP width, bf16) on a GPU
+SCORED_LOGITS_BYTES = 4 << 30  # the float32 logits of the scored positions of one forward
 
 
 @dataclass
@@ -49,9 +52,12 @@ class _Scored:
 class TorchLM(TemplateLM):
     """lm-eval ``TemplateLM`` over ``model`` (any module ``forward_logits`` can call).
 
-    ``batch_size`` caps sequences per forward (default 256 on GPU, 32 on CPU), ``batch_tokens``
-    caps padded tokens per forward (default 65536 on GPU, 4096 on CPU).
-    ``encode_cache`` (a dict) may be shared between adapters of the same tokenizer.
+    ``batch_size`` caps sequences per forward (default 4096 on GPU, 32 on CPU), ``batch_tokens``
+    caps padded tokens per forward (default on GPU: what keeps the largest activation, tokens x MLP
+    width in bf16, near 2 GiB, between 8k and 256k tokens; 4096 on CPU). Few large forwards matter on a
+    GPU: a small model's eager forward is ~1,400 kernel launches, so the host, not the device, sets
+    the pace of many small ones. ``encode_cache`` (a dict) may be shared between adapters of the same
+    tokenizer.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device | str | None = None,
@@ -62,12 +68,14 @@ class TorchLM(TemplateLM):
         self.tokenizer = tokenizer
         self._device = torch.device(device) if device is not None else next(model.parameters()).device
         on_gpu = self._device.type == "cuda"
-        self.batch_size = int(batch_size or (256 if on_gpu else 32))
+        cfg = getattr(model, "config", None)
+        self.batch_size = int(batch_size or (4096 if on_gpu else 32))
         if self.batch_size < 1:
             raise EvalsuiteError("batch size must be at least 1")
-        self.batch_tokens = int(batch_tokens or (65536 if on_gpu else 4096))
-        self.scored_rows = 8192  # float32 logits rows per forward: 8192 x 128k vocab = 4 GiB
-        cfg = getattr(model, "config", None)
+        self.batch_tokens = int(batch_tokens or (gpu_batch_tokens(cfg) if on_gpu else 4096))
+        vocab = getattr(cfg, "vocab_size", None) or 128_000
+        # float32 logits rows per forward: at most 4 GiB of them (21k rows of SmolLM2's 49k vocabulary)
+        self.scored_rows = max(1024, SCORED_LOGITS_BYTES // (4 * int(vocab)))
         cfg_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "block_size", None)
         # as HFLM: the model's context length, else 2048
         self.max_length = int(max_length or cfg_len or DEFAULT_MAX_LENGTH)
@@ -240,18 +248,19 @@ class TorchLM(TemplateLM):
         N hidden states, so the projection (the costliest matmul of a small model) and anything the
         model applies to its logits afterwards (scaling, soft-capping) run on N rows, not all.
         """
-        if self._head is None:
-            return forward_logits(self.model, ids)[rows, positions]
+        with _shape_free_attention(ids):
+            if self._head is None:
+                return forward_logits(self.model, ids)[rows, positions]
 
-        def pick(module, args):
-            hidden = args[0]
-            return (hidden[rows, positions].unsqueeze(0), *args[1:])
+            def pick(module, args):
+                hidden = args[0]
+                return (hidden[rows, positions].unsqueeze(0), *args[1:])
 
-        handle = self._head.register_forward_pre_hook(pick)
-        try:
-            logits = forward_logits(self.model, ids)
-        finally:
-            handle.remove()
+            handle = self._head.register_forward_pre_hook(pick)
+            try:
+                logits = forward_logits(self.model, ids)
+            finally:
+                handle.remove()
         return logits.reshape(len(rows), -1)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -322,6 +331,26 @@ class TorchLM(TemplateLM):
                 text = text.split(s)[0] if s else text
             texts.append(text)
         return texts
+
+
+def _shape_free_attention(ids: torch.Tensor):
+    """On a GPU, attention without cuDNN's kernels: cuDNN builds an execution plan for every new
+    (batch, length) shape, ~2 s of set-up over one ARC-Easy pass, where every batch has a new shape;
+    flash attention needs none. Elsewhere, nothing changes."""
+    if ids.device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+def gpu_batch_tokens(config: Any) -> int:
+    """Padded tokens per forward on a GPU: the largest activation (tokens x MLP width, 2 bytes)
+    near ``ACTIVATION_BYTES``, between 8,192 and 262,144 tokens, a multiple of 1,024."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 4096
+    width = getattr(config, "intermediate_size", None) or 4 * int(hidden)
+    tokens = ACTIVATION_BYTES // (2 * int(width))
+    return int(min(262_144, max(8_192, tokens // 1024 * 1024)))
 
 
 def vocabulary_head(model: nn.Module) -> nn.Module | None:

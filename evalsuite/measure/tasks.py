@@ -47,9 +47,10 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--tasks-dir", action="append", default=[],
                    help="another folder of lm-eval task YAMLs (repeatable); its tasks override ours of the same name")
     g.add_argument("--task-limit", type=int, help="evaluate at most N items per task (default --limit; marks results partial)")
-    g.add_argument("--task-batch-size", type=int, help="sequences per forward (default 256 on GPU, 32 on CPU)")
+    g.add_argument("--task-batch-size", type=int, help="sequences per forward (default 4096 on GPU, 32 on CPU)")
     g.add_argument("--task-batch-tokens", type=int,
-                   help="padded tokens per forward (default 65536 on GPU, 4096 on CPU)")
+                   help="padded tokens per forward (default on GPU: up to 262144, fewer for wide models so the "
+                        "largest activation stays near 2 GiB; 4096 on CPU)")
     g.add_argument("--lm-adapter", choices=["fast", "hf"], default="fast",
                    help="fast: evalsuite's TorchLM; hf: lm-eval's HFLM (slower; for cross-checks)")
 
