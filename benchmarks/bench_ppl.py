@@ -50,15 +50,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_pass(variants, windows, device, batch, reference32=None, stats_fn=P.paired_token_stats, repeat=3):
-    """Median seconds of one pass plus its records, and the peak device memory of the last run."""
+def timed_pass(variants, windows, device, batch, reference32=None, stats=None, repeat=3):
+    """Median seconds of one pass plus its records, and the peak device memory of the last run.
+    ``stats`` = (stats_fn, nll_fn); default: what the stage uses on ``device``."""
+    stats_fn, nll_fn = stats or P.select_stats(device)[:2]
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t0 = time.perf_counter()
-        result = P.measure_pass(variants, windows, device, batch, reference32, stats_fn=stats_fn)
+        result = P.measure_pass(variants, windows, device, batch, reference32, stats_fn=stats_fn, nll_fn=nll_fn)
         for v in variants:
             P.variant_records(result.nll[v], windows, seed=0)
         for name, pair in result.pairs.items():
@@ -128,10 +130,16 @@ def main() -> int:
     first = schemes[:1]
     # warm-up: CUDA context, cuBLAS handles, kernels of every variant
     warm = P.make_windows(ids, text, ends, P.Protocol(context=context, max_windows=batch), bos, source)
+    stats_fn, nll_fn, out["stats"] = P.select_stats(device)
+    P.measure_pass(variants, warm, device, batch, stats_fn=stats_fn, nll_fn=nll_fn)
     P.measure_pass(variants, warm, device, batch)
-    setups = {"fp": ["fp"], f"fp+{'+'.join(first)}": ["fp", *first], f"fp+{'+'.join(schemes)}": ["fp", *schemes]}
-    for name, keys in setups.items():
-        out["timings"][name] = timed_pass({k: variants[k] for k in keys}, windows, device, batch, repeat=repeat)
+    setups = {"fp": (["fp"], None), f"fp+{'+'.join(first)}": (["fp", *first], None),
+              f"fp+{'+'.join(schemes)}": (["fp", *schemes], None)}
+    if out["stats"] != "torch":  # the same pass with the plain torch statistics, for comparison
+        setups[f"fp+{'+'.join(first)} torch stats"] = (["fp", *first], (P.paired_token_stats, P.token_nll))
+    for name, (keys, stats) in setups.items():
+        out["timings"][name] = timed_pass({k: variants[k] for k in keys}, windows, device, batch, stats=stats,
+                                          repeat=repeat)
         print(f"{name:32s} {out['timings'][name]['median_s']:.3f} s", flush=True)
     save(out)
 
@@ -175,7 +183,7 @@ def main() -> int:
             P.measure_pass({k: variants[k] for k in ["fp", *first]}, warm, device, batch, stats_fn=compiled)
             name = f"fp+{'+'.join(first)} compiled stats"
             out["timings"][name] = timed_pass({k: variants[k] for k in ["fp", *first]}, windows, device, batch,
-                                              stats_fn=compiled, repeat=repeat)
+                                              stats=(compiled, P.token_nll), repeat=repeat)
             print(f"{name:32s} {out['timings'][name]['median_s']:.3f} s", flush=True)
         except Exception as e:  # compile support differs across installs; record and go on
             out["compile_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"

@@ -48,7 +48,7 @@ from evalsuite import stats
 from evalsuite.distributed import gather, shard
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load.model import forward_logits
-from evalsuite.measure import Stage
+from evalsuite.measure import Stage, kld_kernel
 
 NOISE = "fp@noise"
 PERCENTILES = (100, 99.9, 99, 95, 90, 50, 10, 5, 1, 0.1, 0)
@@ -204,6 +204,16 @@ def paired_token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: 
     return out
 
 
+def select_stats(device: torch.device, compile_stats: bool = False) -> tuple[Callable, Callable, str]:
+    """The per-token statistics a run on ``device`` uses: ``(stats_fn, nll_fn, name)``. On CUDA with
+    Triton the one-pass fused kernels (:mod:`evalsuite.measure.kld_kernel`, equal to float32
+    rounding); ``compile_stats`` (``--ppl-compile``) asks for the torch version under torch.compile."""
+    if compile_stats:
+        return torch.compile(paired_token_stats, dynamic=True), token_nll, "torch-compiled"
+    if kld_kernel.available_on(device):
+        return kld_kernel.fused_paired_token_stats, kld_kernel.fused_token_nll, "triton-fused"
+    return paired_token_stats, token_nll, "torch"
+
 
 @dataclass
 class PassResult:
@@ -217,11 +227,14 @@ class PassResult:
 @torch.inference_mode()
 def measure_pass(variants: dict[str, nn.Module], windows: Windows, device: torch.device, batch_size: int = 1,
                  reference32: nn.Module | None = None, progress: Callable[[Iterable], Iterable] = lambda it: it,
-                 rank: int = 0, world_size: int = 1, stats_fn: Callable = paired_token_stats) -> PassResult:
+                 rank: int = 0, world_size: int = 1, stats_fn: Callable = paired_token_stats,
+                 nll_fn: Callable = token_nll) -> PassResult:
     """Run every variant over every window once; ``variants`` starts with ``"fp"``, the reference of
     each scheme's pair; ``reference32`` (fp in float32) adds the ``fp@noise`` pair. Windows are split
-    round-robin across ranks and gathered back in order. ``stats_fn`` may be a compiled
-    :func:`paired_token_stats`."""
+    round-robin across ranks and gathered back in order. ``stats_fn`` / ``nll_fn`` may be a compiled
+    :func:`paired_token_stats` or the fused kernels of :func:`select_stats`; functions marked
+    ``row_independent`` get all windows of a batch in one call when they score the same positions
+    (the same values as per window, fewer launches)."""
     names = list(variants)
     if not names or names[0] != "fp":
         raise ValueError("variants must start with 'fp'")
@@ -241,27 +254,37 @@ def measure_pass(variants: dict[str, nn.Module], windows: Windows, device: torch
         def tgt(b: int) -> torch.Tensor:
             return targets[b, firsts[b] - 1:]
 
+        def by_window(fn: Callable, *logits: torch.Tensor) -> list:
+            """fn's outputs for each window b of the batch: one call over the [B, M, V] view of the
+            scored rows when fn takes it, else one call per window."""
+            if getattr(fn, "row_independent", False) and len(set(firsts)) == 1:
+                f = firsts[0]
+                got = fn(*(z[:, f - 1: -1] for z in logits), targets[:, f - 1:])
+                if isinstance(got, dict):
+                    split = {k: v.view(len(idx), -1).unbind(0) for k, v in got.items()}
+                    return [{k: v[b] for k, v in split.items()} for b in range(len(idx))]
+                return list(got.view(len(idx), -1).unbind(0))
+            return [fn(*(rows(z, b) for z in logits), tgt(b)) for b in range(len(idx))]
+
         fp_logits = forward_logits(variants["fp"], x)
         if reference32 is not None:
             ref_logits = forward_logits(reference32, x)
-            for b in range(len(idx)):
-                s = stats_fn(rows(ref_logits, b), rows(fp_logits, b), tgt(b))
+            for b, s in enumerate(by_window(stats_fn, ref_logits, fp_logits)):
                 out[b]["nll"]["fp"] = s.pop("own_nll")
                 del s["own_nll_ref"]
                 out[b]["pairs"][NOISE] = s
             del ref_logits
         for name in names[1:]:
             q_logits = forward_logits(variants[name], x)
-            for b in range(len(idx)):
-                s = stats_fn(rows(fp_logits, b), rows(q_logits, b), tgt(b))
+            for b, s in enumerate(by_window(stats_fn, fp_logits, q_logits)):
                 out[b]["nll"][name] = s.pop("own_nll")
                 out[b]["nll"].setdefault("fp", s["own_nll_ref"])
                 del s["own_nll_ref"]
                 out[b]["pairs"][name] = s
             del q_logits
-        for b in range(len(idx)):
-            if "fp" not in out[b]["nll"]:
-                out[b]["nll"]["fp"] = token_nll(rows(fp_logits, b), tgt(b))
+        if "fp" not in out[0]["nll"]:
+            for b, nll in enumerate(by_window(nll_fn, fp_logits)):
+                out[b]["nll"]["fp"] = nll
         del fp_logits
         per_window += list(zip(idx, out))
     result = PassResult()
@@ -491,10 +514,12 @@ def run(ctx) -> None:
     batch_size = _batch_size(ctx, protocol.context)
     reference32, noise = _noise_reference(ctx)
     described = windows.describe()
+    stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")))
     details: dict[str, Any] = {
         "task": task, "source": source, "protocol": {
             "description": described, "context": protocol.context, "stride": protocol.stride, "score": protocol.score,
             "bos": windows.bos, "batch_size": batch_size, "compiled_stats": bool(ctx.option("ppl_compile")),
+            "stats": stats_name,
             "dtype": str(ctx.dtype).removeprefix("torch."),
             "noise_floor": noise},
         "windows": {"start": windows.start.tolist(), "n_scored": windows.n_scored.tolist(),
@@ -504,10 +529,9 @@ def run(ctx) -> None:
     ctx.results.details["ppl"] = details
     ctx.results.run["partial"] = ctx.results.run.get("partial", False) or protocol.max_windows is not None
     ctx.checkpoint()
-    stats_fn = torch.compile(paired_token_stats, dynamic=True) if ctx.option("ppl_compile") else paired_token_stats
     result = measure_pass(ctx.variants, windows, ctx.device, batch_size, reference32,
                           progress=lambda it: ctx.progress(it, "ppl", unit="batch"),
-                          rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn)
+                          rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn, nll_fn=nll_fn)
     del reference32
     seed = int(ctx.option("seed", 0) or 0)
     for variant in ctx.variants:
