@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from timing import timed_ms  # noqa: E402
 
 from evalsuite.measure import kld_kernel as K  # noqa: E402
 from evalsuite.measure import perplexity as P  # noqa: E402
@@ -39,25 +38,6 @@ def triton_version() -> str | None:
     except ImportError:
         return None
     return triton.__version__
-
-
-def timed_ms(fn, device: torch.device, repeat: int) -> dict:
-    """Median / min milliseconds of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs_ms": times}
 
 
 def case(n: int, v: int, device: torch.device, repeat: int, with_torch: bool = True) -> dict:

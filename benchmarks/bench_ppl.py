@@ -19,6 +19,7 @@ written out; last (GPU only), fp + int8-wo with the per-token statistics under t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from evalsuite.load import load_model  # noqa: E402
+from evalsuite.load.fast_forward import fast_forward  # noqa: E402
 from evalsuite.load.model import default_model_path  # noqa: E402
 from evalsuite.measure import perplexity as P  # noqa: E402
 from evalsuite.measure.context import RunContext  # noqa: E402
@@ -50,17 +52,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_pass(variants, windows, device, batch, reference32=None, stats=None, repeat=3):
+def timed_pass(variants, windows, device, batch, reference32=None, stats=None, repeat=3, fused=True):
     """Median seconds of one pass plus its records, and the peak device memory of the last run.
-    ``stats`` = (stats_fn, nll_fn); default: what the stage uses on ``device``."""
-    stats_fn, nll_fn = stats or P.select_stats(device)[:2]
+    ``stats`` = (stats_fn, nll_fn); default: what the stage uses on ``device``; ``fused`` = the
+    forwards run under fast_forward, as the stage's do (--kernels fused)."""
+    stats_fn, nll_fn = stats or P.select_stats(device, fused=fused)[:2]
     times = []
     for _ in range(repeat):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t0 = time.perf_counter()
-        result = P.measure_pass(variants, windows, device, batch, reference32, stats_fn=stats_fn, nll_fn=nll_fn)
+        with fused_forwards(fused, *variants.values()):
+            result = P.measure_pass(variants, windows, device, batch, reference32, stats_fn=stats_fn, nll_fn=nll_fn)
         for v in variants:
             P.variant_records(result.nll[v], windows, seed=0)
         for name, pair in result.pairs.items():
@@ -70,6 +74,15 @@ def timed_pass(variants, windows, device, batch, reference32=None, stats=None, r
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "runs": times,
             "peak_memory_gb": peak}
+
+
+@contextlib.contextmanager
+def fused_forwards(enabled: bool, *models):
+    """fast_forward over every model when ``enabled`` (what RunContext.fused_forwards does in a run)."""
+    with contextlib.ExitStack() as stack:
+        for m in models if enabled else ():
+            stack.enter_context(fast_forward(m))
+        yield
 
 
 def save(out: dict) -> None:
@@ -131,14 +144,15 @@ def main() -> int:
     # warm-up: CUDA context, cuBLAS handles, kernels of every variant
     warm = P.make_windows(ids, text, ends, P.Protocol(context=context, max_windows=batch), bos, source)
     stats_fn, nll_fn, out["stats"] = P.select_stats(device)
-    P.measure_pass(variants, warm, device, batch, stats_fn=stats_fn, nll_fn=nll_fn)
+    with fused_forwards(True, *variants.values()):
+        P.measure_pass(variants, warm, device, batch, stats_fn=stats_fn, nll_fn=nll_fn)
     P.measure_pass(variants, warm, device, batch)
-    setups = {"fp": (["fp"], None), f"fp+{'+'.join(first)}": (["fp", *first], None),
-              f"fp+{'+'.join(schemes)}": (["fp", *schemes], None)}
-    if out["stats"] != "torch":  # the same pass with the plain torch statistics, for comparison
-        setups[f"fp+{'+'.join(first)} torch stats"] = (["fp", *first], (P.paired_token_stats, P.token_nll))
-    for name, (keys, stats) in setups.items():
-        out["timings"][name] = timed_pass({k: variants[k] for k in keys}, windows, device, batch, stats=stats,
+    pair = f"fp+{'+'.join(first)}"
+    setups = {"fp": (["fp"], True), pair: (["fp", *first], True), f"fp+{'+'.join(schemes)}": (["fp", *schemes], True)}
+    if out["stats"] != "torch":  # the same pass with eager forwards and the torch statistics (--kernels eager)
+        setups[f"{pair} --kernels eager"] = (["fp", *first], False)
+    for name, (keys, fused) in setups.items():
+        out["timings"][name] = timed_pass({k: variants[k] for k in keys}, windows, device, batch, fused=fused,
                                           repeat=repeat)
         print(f"{name:32s} {out['timings'][name]['median_s']:.3f} s", flush=True)
     save(out)

@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-prefill", action="store_true")
     p.add_argument("--no-int8-kernel", action="store_true", help="skip the Triton int8 GEMV variant (<scheme>@triton)")
+    p.add_argument("--only", default="", help="time only these variants, comma separated (e.g. int8-wo+head@triton); "
+                                              "the others are still built, not timed")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     args = p.parse_args(argv)
     if args.quick:
@@ -150,6 +152,9 @@ def main(argv=None) -> int:
                                "settings": vars(args), "schemes": list(configs)})
         if not args.no_int8_kernel and device.type == "cuda":
             source = speed.with_fast_int8(source, dtype, results, device)
+        if args.only:
+            only, unfiltered = {v.strip() for v in args.only.split(",")}, source
+            source = lambda: ((n, m) for n, m in unfiltered() if n in only)  # noqa: E731
         settings = speed.SpeedSettings(n_tokens=args.tokens, prompt_len=args.prompt_len,
                                        batch_sizes=speed.parse_batch_sizes(args.batch_sizes), repeats=args.repeats,
                                        warmup=max(args.warmup, 1 if compile else 0), compile=compile,

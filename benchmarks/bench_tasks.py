@@ -13,6 +13,7 @@ items with the same acc. Writes ``$OUT/tasks.json`` when $OUT is set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -28,6 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from evalsuite.load.fast_forward import fast_forward  # noqa: E402
 from evalsuite.measure import tasks as stage  # noqa: E402
 from evalsuite.measure.lm_adapter import TorchLM  # noqa: E402
 
@@ -58,6 +60,8 @@ def main() -> int:
                    help="tasks also run through lm-eval's HFLM (batch 32), '' for none")
     p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--kernels", choices=["fused", "eager"], default="fused",
+                   help="fast adapter's forwards under fast_forward (as the stage runs them) or eager")
     p.add_argument("--cprofile", action="store_true",
                    help="print the 25 costliest functions (own time) of the fast adapter's runs; a wait on the "
                         "device shows as tolist()")
@@ -109,7 +113,8 @@ def main() -> int:
                              encode_cache=encode_cache)
                 if profiler is not None:
                     profiler.enable()
-                per_doc, s = timed(lambda: stage.run_model(lm, task, by_doc), device)
+                with fast_forward(model) if args.kernels == "fused" else contextlib.nullcontext():
+                    per_doc, s = timed(lambda: stage.run_model(lm, task, by_doc), device)
                 if profiler is not None:
                     profiler.disable()
                 row["fast_s"][variant] = round(s, 3)

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=DEFAULT_SEED)
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores this process may use)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--kernels", choices=["fused", "eager"], default="fused",
+                   help="fused (default): on a GPU, Triton kernels for Llama-family norms, rotary and SwiGLU and for "
+                        "the ppl statistics (equal to eager within the dtype's rounding); eager: PyTorch ops only")
     for name in STAGE_MODULES:
         stage = get_stage(name)
         if stage.add_arguments is not None:
@@ -159,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         "stages": stages,
         "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()},
         "dtype": dtype_name,
+        "kernels": args.kernels,
         "seed": args.seed,
         "limit": args.limit,
         "partial": args.limit is not None,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -68,6 +69,26 @@ class RunContext:
         from evalsuite.quantize.policy import parse_skip
 
         return parse_skip(self.option("skip_layers"))
+
+    @property
+    def fused_kernels(self) -> bool:
+        """``--kernels fused`` (the default): Triton kernels where they apply (CUDA, Llama-family
+        forwards, the ppl statistics); ``eager``: PyTorch's own ops throughout, for cross-checks."""
+        return self.option("kernels", "fused") == "fused"
+
+    @contextlib.contextmanager
+    def fused_forwards(self, *models: nn.Module | None) -> Iterator[int]:
+        """:func:`evalsuite.load.fast_forward.fast_forward` over every given model (None skipped),
+        unless ``--kernels eager``; yields how many modules run fused."""
+        from evalsuite.load.fast_forward import fast_forward
+
+        with contextlib.ExitStack() as stack:
+            count = 0
+            if self.fused_kernels:
+                for m in models:
+                    if m is not None:
+                        count += stack.enter_context(fast_forward(m))
+            yield count
 
     def option(self, name: str, default: Any = None) -> Any:
         return getattr(self.args, name, default)

@@ -204,13 +204,14 @@ def paired_token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: 
     return out
 
 
-def select_stats(device: torch.device, compile_stats: bool = False) -> tuple[Callable, Callable, str]:
+def select_stats(device: torch.device, compile_stats: bool = False, fused: bool = True) -> tuple[Callable, Callable, str]:
     """The per-token statistics a run on ``device`` uses: ``(stats_fn, nll_fn, name)``. On CUDA with
-    Triton the one-pass fused kernels (:mod:`evalsuite.measure.kld_kernel`, equal to float32
-    rounding); ``compile_stats`` (``--ppl-compile``) asks for the torch version under torch.compile."""
+    Triton (and ``fused``, i.e. not ``--kernels eager``) the one-pass fused kernels
+    (:mod:`evalsuite.measure.kld_kernel`, equal to float32 rounding); ``compile_stats``
+    (``--ppl-compile``) asks for the torch version under torch.compile."""
     if compile_stats:
         return torch.compile(paired_token_stats, dynamic=True), token_nll, "torch-compiled"
-    if kld_kernel.available_on(device):
+    if fused and kld_kernel.available_on(device):
         return kld_kernel.fused_paired_token_stats, kld_kernel.fused_token_nll, "triton-fused"
     return paired_token_stats, token_nll, "torch"
 
@@ -514,7 +515,7 @@ def run(ctx) -> None:
     batch_size = _batch_size(ctx, protocol.context)
     reference32, noise = _noise_reference(ctx)
     described = windows.describe()
-    stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")))
+    stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")), ctx.fused_kernels)
     details: dict[str, Any] = {
         "task": task, "source": source, "protocol": {
             "description": described, "context": protocol.context, "stride": protocol.stride, "score": protocol.score,
@@ -529,9 +530,11 @@ def run(ctx) -> None:
     ctx.results.details["ppl"] = details
     ctx.results.run["partial"] = ctx.results.run.get("partial", False) or protocol.max_windows is not None
     ctx.checkpoint()
-    result = measure_pass(ctx.variants, windows, ctx.device, batch_size, reference32,
-                          progress=lambda it: ctx.progress(it, "ppl", unit="batch"),
-                          rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn, nll_fn=nll_fn)
+    with ctx.fused_forwards(*ctx.variants.values(), reference32) as fused_modules:
+        details["protocol"]["fused_modules"] = fused_modules
+        result = measure_pass(ctx.variants, windows, ctx.device, batch_size, reference32,
+                              progress=lambda it: ctx.progress(it, "ppl", unit="batch"),
+                              rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn, nll_fn=nll_fn)
     del reference32
     seed = int(ctx.option("seed", 0) or 0)
     for variant in ctx.variants:

@@ -349,7 +349,9 @@ def evaluate_task(ctx, tm, name: str, limit: int | None, details: dict, encode_c
     for variant, model in ctx.variants.items():
         t0 = time.perf_counter()
         lm = make_lm(ctx, model, encode_cache)
-        per_doc = list(run_model(lm, task, by_doc, ctx.rank, ctx.world_size).values())
+        # the fused forward for our adapter only: --lm-adapter hf cross-checks lm-eval's own path
+        with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
+            per_doc = list(run_model(lm, task, by_doc, ctx.rank, ctx.world_size).values())
         entry["seconds"][variant] = round(time.perf_counter() - t0, 3)
         entry["values"][variant] = {m: [_jsonable(d[m]) for d in per_doc] for m in per_doc[0]}
         entry["loglikelihoods"][variant] = loglikelihoods(by_doc)

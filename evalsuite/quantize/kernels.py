@@ -142,7 +142,7 @@ if HAVE_TRITON:
     @triton.jit
     def _gemv_rows_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, N, K, stride_wn, k_split,
                           HAS_BIAS: tl.constexpr, MAGIC: tl.constexpr, PARTIAL: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr = False):
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
         """BLOCK_N rows per program over K range [pid_k * k_split, +k_split) (k_split a multiple of
         BLOCK_K when PARTIAL); PARTIAL stores the scaled float32 sums at y[pid_k, n] for the reduction.
         PREFETCH issues the loads of the next K tile before computing on the current one (register
@@ -218,8 +218,11 @@ if HAVE_TRITON:
             acc += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
-    def _configs(cfgs: list[dict]) -> list:
-        return [triton.Config({k: v for k, v in c.items() if k not in ("num_warps", "num_stages")},
+    def _configs(cfgs: list[dict], rows: bool = True) -> list:
+        """Autotune configurations; the rows kernel gets PREFETCH in every one, since torch.compile's
+        launcher of a user kernel takes no default for a constexpr parameter."""
+        extra = {"PREFETCH": False} if rows else {}
+        return [triton.Config({**extra, **{k: v for k, v in c.items() if k not in ("num_warps", "num_stages")}},
                               num_warps=c["num_warps"], num_stages=c["num_stages"]) for c in cfgs]
 
     # one autotuner per variant: each keeps its own best configuration per shape
@@ -227,7 +230,7 @@ if HAVE_TRITON:
         "wide": triton.autotune(configs=_configs(WIDE_CONFIGS), key=["N", "K"])(_gemv_rows_kernel),
         "magic": triton.autotune(configs=_configs(MAGIC_CONFIGS), key=["N", "K"])(_gemv_rows_kernel),
         "splitk": triton.autotune(configs=_configs(SPLITK_CONFIGS), key=["N", "K", "k_split"])(_gemv_rows_kernel),
-        "word": triton.autotune(configs=_configs(WORD_CONFIGS), key=["N", "K4"])(_gemv_word_kernel),
+        "word": triton.autotune(configs=_configs(WORD_CONFIGS, rows=False), key=["N", "K4"])(_gemv_word_kernel),
     }
 
 
@@ -287,7 +290,8 @@ def _gemv(x, weight, scales, bias, variant, config, split) -> torch.Tensor:
 
 
 def _fixed(config: dict) -> dict:
-    """Launch keywords of one tile (PREFETCH only where set: base and word have no such parameter)."""
+    """Launch keywords of one tile (PREFETCH only where set: base and word have no such parameter;
+    the rows kernel's launches add PREFETCH=False where it is not)."""
     return {"num_stages": 1, **config}
 
 
@@ -330,7 +334,7 @@ def _launch_rows(x, weight, scales, bias, y, variant, config, split) -> None:
     args = (x, weight, scales, b, out, n, k, weight.stride(0), k_split)
     flags = dict(HAS_BIAS=has_bias, MAGIC=variant != "wide", PARTIAL=splits > 1)
     if config is not None:
-        _gemv_rows_kernel[grid](*args, **flags, **_fixed(config))
+        _gemv_rows_kernel[grid](*args, **flags, **{"PREFETCH": False, **_fixed(config)})
     else:
         _TUNED[variant][grid](*args, **flags)
     if splits > 1:

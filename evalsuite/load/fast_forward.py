@@ -1,0 +1,363 @@
+"""Fused inference forwards for Llama-family models: fewer, larger kernels for the elementwise work
+around the matmuls. Opt-in (``with fast_forward(model):``), device-guarded, numerics of the eager
+modules kept within the dtype's rounding. Forward only: no autograd through the kernels.
+
+Three Triton kernels, each reading its inputs once and rounding once to the output dtype:
+
+- ``rms_norm``: ``y = weight * (x_f32 * rsqrt(mean(x_f32**2) + eps)).to(x.dtype)`` as Hugging Face's
+  ``LlamaRMSNorm`` (normalise in float32, round to the input dtype, then multiply by the weight in
+  the promoted dtype of weight and input). The only differences from eager are the order of the
+  float32 sum of squares and the hardware rsqrt, below bf16/fp16 rounding and ~1e-6 in fp32.
+- ``rotary``: ``apply_rotary_pos_emb`` with the rotate-half convention,
+  ``out[..., :D/2] = x1*cos1 - x2*sin1`` and ``out[..., D/2:] = x2*cos2 + x1*sin2``, for q and k in one
+  launch, computed in float32 and rounded once (eager rounds each product and the sum: a few ulps).
+  q/k may be strided views (the attention module's view+transpose); the output keeps q's strides.
+- ``silu_mul``: ``silu(gate) * up`` with silu in float32, rounded once (eager rounds twice).
+
+``fast_forward(model)`` swaps these in per module instance (classes and transformers' functions are
+left as they are, and everything is restored on exit). A fused forward runs only for CUDA tensors
+(or any tensor under ``TRITON_INTERPRET=1``, for testing) that autograd does not track; otherwise the
+original forward runs.
+Without Triton (CPU-only installs) the module imports and ``fast_forward`` patches nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU-only installs have no Triton
+    HAVE_TRITON = False
+
+# read once, as in evalsuite.quantize.kernels: Triton decides at import whether kernels are interpreted
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# widest row the one-pass RMSNorm keeps in registers; wider rows take the eager forward
+MAX_NORM_WIDTH = 8192
+SILU_BLOCK = 2048
+_FUSED_MARK = "_evalsuite_fused"
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y, eps,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        # round to the input dtype before the weight, as LlamaRMSNorm does
+        normed = (x * rstd[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows[:, None] * stride_y + cols[None, :],
+                 (normed * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotate_heads(x_ptr, y_ptr, b, pos, n_heads, sxb, sxh, sxl, sxd, syb, syh, syl, syd,
+                      c1, c2, s1, s2, d, dmask, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        h = tl.arange(0, BLOCK_H)
+        mask = (h[:, None] < n_heads) & dmask[None, :]
+        src = x_ptr + b * sxb + pos * sxl + h[:, None] * sxh + d[None, :] * sxd
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF * sxd, mask=mask, other=0.0).to(tl.float32)
+        dst = y_ptr + b * syb + pos * syl + h[:, None] * syh + d[None, :] * syd
+        tl.store(dst, (x1 * c1[None, :] - x2 * s1[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF * syd, (x2 * c2[None, :] + x1 * s2[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, n_q, n_k, seq_len,
+                       sqb, sqh, sql, sqd, skb, skh, skl, skd,
+                       sob, soh, sol, sod, spb, sph, spl, spd,
+                       scb, scl, scd, ssb, ssl, ssd,
+                       HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                       BLOCK_HK: tl.constexpr):
+        # one program per token (b, pos): its cos/sin row is read once for all q and k heads
+        tok = tl.program_id(0).to(tl.int64)
+        b = tok // seq_len
+        pos = tok % seq_len
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HALF
+        c = cos_ptr + b * scb + pos * scl + d * scd
+        s = sin_ptr + b * ssb + pos * ssl + d * ssd
+        c1 = tl.load(c, mask=dmask, other=0.0).to(tl.float32)
+        c2 = tl.load(c + HALF * scd, mask=dmask, other=0.0).to(tl.float32)
+        s1 = tl.load(s, mask=dmask, other=0.0).to(tl.float32)
+        s2 = tl.load(s + HALF * ssd, mask=dmask, other=0.0).to(tl.float32)
+        _rotate_heads(q_ptr, qo_ptr, b, pos, n_q, sqb, sqh, sql, sqd, sob, soh, sol, sod,
+                      c1, c2, s1, s2, d, dmask, HALF, BLOCK_HQ)
+        _rotate_heads(k_ptr, ko_ptr, b, pos, n_k, skb, skh, skl, skd, spb, sph, spl, spd,
+                      c1, c2, s1, s2, d, dmask, HALF, BLOCK_HK)
+
+    @triton.jit
+    def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        # torch's silu: x / (1 + exp(-x)) in the accumulation type
+        tl.store(y_ptr + offs, (g / (1.0 + tl.exp(-g)) * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def kernels_apply(t: torch.Tensor) -> bool:
+    """The fused paths' guard: Triton present and a CUDA tensor (any tensor under the interpreter)."""
+    return HAVE_TRITON and (t.is_cuda or INTERPRET)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm in one kernel: ``weight * (x_f32 * rsqrt(mean(x_f32**2, -1) + eps)).to(x.dtype)``,
+    returned in ``promote_types(weight.dtype, x.dtype)``. Rows may be strided (last dim contiguous)."""
+    n = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, n)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    rows = x2.shape[0]
+    if rows == 0:
+        return y
+    block = _pow2(n)
+    per_program = max(1, min(16, 4096 // block, _pow2(rows)))
+    warps = 4 if block * per_program <= 4096 else 8
+    _rms_norm_kernel[(triton.cdiv(rows, per_program),)](
+        x2, weight, y, rows, n, x2.stride(0), n, float(eps), ROWS=per_program, BLOCK=block, num_warps=warps)
+    return y
+
+
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF ``apply_rotary_pos_emb(q, k, cos, sin)`` (unsqueeze_dim 1) in one kernel for q and k.
+
+    q: [B, H, L, D], k: [B, Hkv, L, D] (any strides); cos, sin: [B or 1, L, D]. The outputs keep the
+    layout of q and k and have the dtype of ``q * cos`` (their promoted dtype)."""
+    bsz, n_q, seq_len, dim = q.shape
+    n_k = k.shape[1]
+    out_dtype = torch.promote_types(q.dtype, cos.dtype)
+    qo = torch.empty_like(q, dtype=out_dtype)
+    ko = torch.empty_like(k, dtype=out_dtype)
+    if q.numel() == 0 or k.numel() == 0:
+        return qo, ko
+    cos = cos.expand(bsz, seq_len, dim)
+    sin = sin.expand(bsz, seq_len, dim)
+    half = dim // 2
+    _rotary_kernel[(bsz * seq_len,)](
+        q, k, cos, sin, qo, ko, n_q, n_k, seq_len, *q.stride(), *k.stride(), *qo.stride(), *ko.stride(),
+        *cos.stride(), *sin.stride(), HALF=half, BLOCK_D=_pow2(half), BLOCK_HQ=_pow2(n_q), BLOCK_HK=_pow2(n_k),
+        num_warps=2 if _pow2(n_q) * _pow2(half) <= 1024 else 4)
+    return qo, ko
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` in one kernel (silu in float32, one rounding), dtype promoted as eager's."""
+    gate, up = gate.contiguous(), up.contiguous()
+    y = torch.empty(gate.shape, dtype=torch.promote_types(gate.dtype, up.dtype), device=gate.device)
+    n = y.numel()
+    if n:
+        _silu_mul_kernel[(triton.cdiv(n, SILU_BLOCK),)](gate, up, y, n, BLOCK=SILU_BLOCK, num_warps=8)
+    return y
+
+
+# ---- which modules qualify
+
+def _same_code(f: Callable, g: Callable) -> bool:
+    """Same bytecode, names and constants: a copied forward (transformers' "Copied from" classes)."""
+    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+    return (a is not None and b is not None and a.co_code == b.co_code and a.co_names == b.co_names
+            and a.co_consts == b.co_consts)
+
+
+def _llama_reference() -> Any:
+    from transformers.models.llama import modeling_llama
+
+    return modeling_llama
+
+
+def _norm_eps(m: nn.Module) -> float | None:
+    """eps of an RMSNorm with LlamaRMSNorm's forward (or gpt-fast's RMSNorm, same numerics), else None."""
+    from evalsuite.load.gptfast import RMSNorm as GptFastRMSNorm
+
+    weight = getattr(m, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or weight.numel() > MAX_NORM_WIDTH:
+        return None
+    if type(m) is GptFastRMSNorm:
+        return float(m.eps)
+    if (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "variance_epsilon", None), float)
+            and _same_code(type(m).forward, _llama_reference().LlamaRMSNorm.forward)):
+        return m.variance_epsilon
+    return None
+
+
+def _is_swiglu_mlp(m: nn.Module) -> bool:
+    """gate/up/down projections, SiLU activation and LlamaMLP's forward (whatever the linears are)."""
+    from transformers import activations
+
+    silu_types = (nn.SiLU, getattr(activations, "SiLUActivation", nn.SiLU))
+    return (all(isinstance(getattr(m, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+            and isinstance(getattr(m, "act_fn", None), silu_types)
+            and _same_code(type(m).forward, _llama_reference().LlamaMLP.forward))
+
+
+def _rotate_half_reference(q, k, cos, sin):
+    def rot(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos1 - x2 * sin1, x2 * cos2 + x1 * sin2), dim=-1)
+
+    cos1, cos2 = cos.unsqueeze(1).chunk(2, dim=-1)
+    sin1, sin2 = sin.unsqueeze(1).chunk(2, dim=-1)
+    return rot(q), rot(k)
+
+
+def _is_rotate_half_rotary(fn: Callable) -> bool:
+    """Does ``fn(q, k, cos, sin)`` compute the rotate-half rotary? Checked on small float64 CPU tensors,
+    so a modeling module with another convention (interleaved, partial) is never patched."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 8, generator=gen, dtype=torch.float64), torch.randn(2, 1, 5, 8, generator=gen,
+                                                                                      dtype=torch.float64)
+    cos, sin = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64), torch.randn(2, 5, 8, generator=gen,
+                                                                                       dtype=torch.float64)
+    try:
+        got = fn(q, k, cos, sin)
+    except Exception:  # another signature: not ours to replace
+        return False
+    want = _rotate_half_reference(q, k, cos, sin)
+    return (isinstance(got, tuple) and len(got) == 2
+            and all(isinstance(g, torch.Tensor) and g.shape == w.shape and torch.allclose(g, w, rtol=1e-12, atol=1e-12)
+                    for g, w in zip(got, want)))
+
+
+# ---- fused forwards (fall back to the original outside CUDA / the interpreter)
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """The kernels have no backward: while autograd records, tensors that need gradients go eager."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _fused_norm(m: nn.Module, original: Callable, eps: float, x: torch.Tensor) -> torch.Tensor:
+    if not kernels_apply(x) or x.dtype not in _FLOAT_DTYPES or _needs_grad(x, m.weight):
+        return original(x)
+    return rms_norm(x, m.weight, eps)
+
+
+def _fused_mlp(m: nn.Module, original: Callable, x: torch.Tensor) -> torch.Tensor:
+    if not kernels_apply(x):
+        return original(x)
+    gate, up = m.gate_proj(x), m.up_proj(x)
+    if _needs_grad(gate, up):  # LlamaMLP's expression on the projections already computed
+        return m.down_proj(m.act_fn(gate) * up)
+    return m.down_proj(silu_mul(gate, up))
+
+
+
+def _make_fused_rotary(original: Callable) -> Callable:
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        # the fused path takes exactly the attention modules' call: four tensors, unsqueeze_dim 1
+        if (args or any(key != "unsqueeze_dim" or val != 1 for key, val in kwargs.items())
+                or not kernels_apply(q) or not _rotary_shapes_ok(q, k, cos, sin) or _needs_grad(q, k, cos, sin)):
+            return original(q, k, cos, sin, *args, **kwargs)
+        return rotary(q, k, cos, sin)
+
+    setattr(apply_rotary_pos_emb, _FUSED_MARK, original)
+    apply_rotary_pos_emb.__doc__ = "Fused rotate-half rotary (evalsuite.load.fast_forward); falls back to the original."
+    return apply_rotary_pos_emb
+
+
+def _rotary_shapes_ok(q, k, cos, sin) -> bool:
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
+        return False
+    bsz, _, seq_len, dim = q.shape
+    return (k.shape[0] == bsz and k.shape[2] == seq_len and k.shape[3] == dim and dim % 2 == 0
+            and cos.shape[1] == seq_len and cos.shape[2] == dim and cos.shape[0] in (1, bsz)
+            and q.dtype == k.dtype and q.dtype in _FLOAT_DTYPES and cos.dtype in _FLOAT_DTYPES
+            and sin.dtype == cos.dtype and k.device == q.device == cos.device == sin.device)
+
+
+def _patch_forward(m: nn.Module, fused: Callable, *extra: Any) -> Callable[[], None]:
+    """Give ``m`` an instance ``forward`` running ``fused(m, original_forward, *extra, x)``; returns the undo."""
+    original = m.forward
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return fused(m, original, *extra, *args, **kwargs)
+
+    setattr(forward, _FUSED_MARK, original)
+    m.forward = forward
+    return lambda: m.__dict__.pop("forward", None)
+
+
+def _patch_modules(model: nn.Module, undo: list[Callable[[], None]]) -> int:
+    """Patch every qualifying RMSNorm and MLP; count those that run fused (already patched included)."""
+    count = 0
+    for m in model.modules():
+        own = m.__dict__.get("forward")
+        if own is not None:  # someone's instance forward (hooks, an enclosing fast_forward): leave it
+            count += hasattr(own, _FUSED_MARK)
+            continue
+        eps = _norm_eps(m)
+        if eps is not None:
+            undo.append(_patch_forward(m, _fused_norm, eps))
+            count += 1
+        elif _is_swiglu_mlp(m):
+            undo.append(_patch_forward(m, _fused_mlp))
+            count += 1
+    return count
+
+
+def _patch_rotary(model: nn.Module, undo: list[Callable[[], None]]) -> int:
+    """Replace ``apply_rotary_pos_emb`` in the modeling module of each attention class; count the
+    attention modules whose rotary is then fused."""
+    verdict: dict[str, bool] = {}
+    count = 0
+    for m in model.modules():
+        name = type(m).__module__
+        if not type(m).__name__.endswith("Attention") or name not in sys.modules:
+            continue
+        if name not in verdict:
+            module = sys.modules[name]
+            fn = getattr(module, "apply_rotary_pos_emb", None)
+            if fn is None:
+                verdict[name] = False
+            elif hasattr(fn, _FUSED_MARK):  # an enclosing fast_forward patched it
+                verdict[name] = True
+            elif _is_rotate_half_rotary(fn):
+                module.apply_rotary_pos_emb = _make_fused_rotary(fn)
+                undo.append(lambda module=module, fn=fn: setattr(module, "apply_rotary_pos_emb", fn))
+                verdict[name] = True
+            else:
+                verdict[name] = False
+        count += verdict[name]
+    return count
+
+
+@contextlib.contextmanager
+def fast_forward(model: nn.Module) -> Iterator[int]:
+    """Within the block, the model's Llama-style RMSNorms, SwiGLU MLPs and rotary embedding run the
+    fused Triton kernels on CUDA tensors. Yields the number of modules that run fused (norms, MLPs,
+    and attention modules whose ``apply_rotary_pos_emb`` is fused); 0 without Triton or for other
+    architectures. Every patch is undone on exit, exceptions included.
+
+    The rotary patch is a module attribute of the model's modeling module, so while the block is open
+    it also applies to other models of the same family (with identical results within rounding)."""
+    undo: list[Callable[[], None]] = []
+    try:
+        count = 0
+        if HAVE_TRITON:
+            count = _patch_modules(model, undo) + _patch_rotary(model, undo)
+        yield count
+    finally:
+        for step in reversed(undo):
+            step()
