@@ -341,7 +341,11 @@ def test_smollm2_bf16_logits_and_nll_match_on_cuda(smollm2_path, data_dir):
     def nll(logits):
         return F.cross_entropy(logits[0, :-1], ids[0, 1:]).item()
 
-    assert abs(nll(fused) - nll(eager)) < 1e-3, (nll(fused), nll(eager), nll(exact))
+    # mean NLL over 2047 tokens: bf16 moves it by ~1e-3 nats (measured on an H100: fp32 2.59664, eager
+    # bf16 2.59511, fused bf16 2.59635), so bound the fused model's distance from fp32 by eager's, not
+    # fused against eager; a wrong kernel moves it by whole nats
+    nlls = nll(fused), nll(eager), nll(exact)
+    assert abs(nlls[0] - nlls[2]) <= 2 * abs(nlls[1] - nlls[2]) + 5e-4, nlls
     # bf16 noise: fused is no further from the fp32 model than eager bf16 is
     err_fused, err_eager = (fused - exact).abs(), (eager - exact).abs()
     assert err_fused.mean() <= 1.25 * err_eager.mean(), (err_fused.mean(), err_eager.mean())

@@ -9,7 +9,9 @@ rounds the product before scaling, so the two agree within the dtype's rounding,
 Anything else (several rows, CPU tensors, no Triton) takes the reference path.
 
 Variants of the GEMV (same result within that rounding), chosen by ``GEMV_VARIANT`` (environment
-``EVALSUITE_GEMV_VARIANT``, default ``base``) or the ``variant`` argument of ``int8_gemv``:
+``EVALSUITE_GEMV_VARIANT``, default ``magic``, the fastest on an H100: 79% of copy bandwidth over one
+llama-2-7b decode step's GEMVs against base's 74.5%, benchmarks/RESULTS.md) or the ``variant``
+argument of ``int8_gemv``:
 
 - ``base``: the first kernel and its six autotune configurations, kept as the reference point.
 - ``wide``: the same arithmetic over a wider autotune space (1 to 16 rows per program, K tiles up
@@ -56,7 +58,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 VARIANTS = ("base", "wide", "magic", "word", "splitk")
 # read once, like INTERPRET; set the module attribute (or pass ``variant=``) to switch at run time
-GEMV_VARIANT = os.environ.get("EVALSUITE_GEMV_VARIANT", "base")
+GEMV_VARIANT = os.environ.get("EVALSUITE_GEMV_VARIANT", "magic")
 
 # the split-K ranges are multiples of this, so every K tile of a split lies inside it
 SPLIT_ALIGN = 1024
