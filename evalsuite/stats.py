@@ -83,7 +83,8 @@ def wilson_interval(successes: int, n: int, level: float = 0.95) -> list[float]:
 
 def paired_proportion_diff_ci(a_correct, b_correct, level: float = 0.95) -> list[float]:
     """Interval for acc(b) - acc(a) on the same items: Newcombe's (1998) method 10, Wilson score
-    intervals of both accuracies combined with the correlation of the pairs.
+    intervals of both accuracies combined with the correlation of the pairs (phi with Newcombe's
+    correction of its numerator, as in Altman et al., Statistics with Confidence, 2000, p. 52).
 
     Unlike a percentile bootstrap it stays honest when few items flip: with no discordant pairs the
     bootstrap interval collapses to [0, 0] however small the sample, this one does not.
@@ -98,7 +99,12 @@ def paired_proportion_diff_ci(a_correct, b_correct, level: float = 0.95) -> list
     la, ua = wilson_interval(both + a_only, n, level)
     lb, ub = wilson_interval(both + b_only, n, level)
     denom = (both + a_only) * (b_only + neither) * (both + b_only) * (a_only + neither)
-    phi = (both * neither - a_only * b_only) / math.sqrt(denom) if denom > 0 else 0.0
+    # Newcombe's corrected numerator of phi: AD - BC - N/2 where AD > BC + N/2, 0 where
+    # BC <= AD <= BC + N/2, AD - BC below; without it a = b with balanced accuracy gives phi = 1 and an
+    # interval of width 0 however few the items (seen: [0, 0] on 4 items)
+    ad, bc = both * neither, a_only * b_only
+    c = ad - bc - n / 2 if ad > bc + n / 2 else (0.0 if ad >= bc else ad - bc)
+    phi = c / math.sqrt(denom) if denom > 0 else 0.0
     lo = (pb - pa) - math.sqrt(max(0.0, (pb - lb) ** 2 - 2 * phi * (pb - lb) * (ua - pa) + (ua - pa) ** 2))
     hi = (pb - pa) + math.sqrt(max(0.0, (ub - pb) ** 2 - 2 * phi * (ub - pb) * (pa - la) + (pa - la) ** 2))
     return [float(max(-1.0, lo)), float(min(1.0, hi))]

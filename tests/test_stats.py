@@ -36,6 +36,15 @@ def test_paired_difference_interval_is_wide_when_the_sample_is_tiny():
     assert lo < -0.3 and hi >= 0.0
 
 
+@pytest.mark.parametrize("correct", [[1, 1, 0, 0], [1, 0, 1, 0, 1, 0], [1, 1, 1, 0, 0, 0, 0, 0]])
+def test_paired_difference_interval_never_collapses_on_agreeing_items(correct):
+    """Both variants right on the same items, accuracy near one half: uncorrected phi is 1 and the
+    interval would be [0, 0] (seen on a 4-item run); Newcombe's corrected phi keeps it honest."""
+    a = np.array(correct, dtype=bool)
+    lo, hi = stats.paired_proportion_diff_ci(a, a.copy())
+    assert lo < -0.1 and hi > 0.1 and lo == pytest.approx(-hi)
+
+
 def test_paired_difference_interval_narrows_with_agreement():
     rng = np.random.default_rng(0)
     a = rng.random(400) < 0.6
