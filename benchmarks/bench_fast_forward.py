@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from timing import timed_ms  # noqa: E402
+from benchutil import timed_ms, write_out  # noqa: E402
 
 from evalsuite.load import fast_forward as ff  # noqa: E402
 from evalsuite.load import forward_logits  # noqa: E402
@@ -114,10 +113,7 @@ def main() -> int:
                   f"(of {r['max_abs_logit']:.3g})")
     results["total_s"] = time.perf_counter() - t0
     print(f"total {results['total_s']:.1f} s (load {load_s:.1f} s)")
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "fast_forward.json"
-        path.write_text(json.dumps(results, indent=2))
-        print(f"wrote {path}")
+    write_out("fast_forward", results)
     return 0
 
 

@@ -15,8 +15,6 @@ where only torch is timed unless Triton's interpreter is on.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-from timing import timed_ms  # noqa: E402
+from benchutil import timed_ms, write_out  # noqa: E402
 
 from evalsuite.measure import kld_kernel as K  # noqa: E402
 from evalsuite.measure import perplexity as P  # noqa: E402
@@ -93,11 +91,7 @@ def main() -> int:
                      f"WikiText-2 pass est. {r['wikitext2_estimate_ms']:.1f} ms; {r['best_config']}; "
                      f"max |diff| kld {r['max_abs_diff']['kld']:.2e} nll {r['max_abs_diff']['nll']:.2e}")
         print(line, flush=True)
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "kld_kernel.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1))
-        print(f"wrote {path}")
+    write_out("kld_kernel", out)
     return 0
 
 

@@ -19,9 +19,7 @@ written out; last (GPU only), fp + int8-wo with the per-token statistics under t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import json
 import os
 import platform
 import statistics
@@ -33,9 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+from benchutil import write_out  # noqa: E402
 
 from evalsuite.load import load_model  # noqa: E402
-from evalsuite.load.fast_forward import fast_forward  # noqa: E402
+from evalsuite.load.fast_forward import fast_forward_all  # noqa: E402
 from evalsuite.load.model import default_model_path  # noqa: E402
 from evalsuite.measure import perplexity as P  # noqa: E402
 from evalsuite.measure.context import RunContext  # noqa: E402
@@ -63,7 +62,7 @@ def timed_pass(variants, windows, device, batch, reference32=None, stats=None, r
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t0 = time.perf_counter()
-        with fused_forwards(fused, *variants.values()):
+        with fast_forward_all(*variants.values(), enabled=fused):
             result = P.measure_pass(variants, windows, device, batch, reference32, stats_fn=stats_fn, nll_fn=nll_fn)
         for v in variants:
             P.variant_records(result.nll[v], windows, seed=0)
@@ -76,22 +75,9 @@ def timed_pass(variants, windows, device, batch, reference32=None, stats=None, r
             "peak_memory_gb": peak}
 
 
-@contextlib.contextmanager
-def fused_forwards(enabled: bool, *models):
-    """fast_forward over every model when ``enabled`` (what RunContext.fused_forwards does in a run)."""
-    with contextlib.ExitStack() as stack:
-        for m in models if enabled else ():
-            stack.enter_context(fast_forward(m))
-        yield
-
-
 def save(out: dict) -> None:
     """Write what has been measured so far (a later step may run out of time)."""
-    if os.environ.get("OUT"):
-        path = Path(os.environ["OUT"]) / "ppl.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out, indent=1))
-        print(f"wrote {path}", flush=True)
+    write_out("ppl", out)
 
 
 def main() -> int:
@@ -144,7 +130,7 @@ def main() -> int:
     # warm-up: CUDA context, cuBLAS handles, kernels of every variant
     warm = P.make_windows(ids, text, ends, P.Protocol(context=context, max_windows=batch), bos, source)
     stats_fn, nll_fn, out["stats"] = P.select_stats(device)
-    with fused_forwards(True, *variants.values()):
+    with fast_forward_all(*variants.values()):
         P.measure_pass(variants, warm, device, batch, stats_fn=stats_fn, nll_fn=nll_fn)
     P.measure_pass(variants, warm, device, batch)
     pair = f"fp+{'+'.join(first)}"

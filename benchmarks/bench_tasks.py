@@ -13,9 +13,7 @@ items with the same acc. Writes ``$OUT/tasks.json`` when $OUT is set.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import json
 import os
 import sys
 import time
@@ -28,8 +26,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from benchutil import write_out  # noqa: E402
 
-from evalsuite.load.fast_forward import fast_forward  # noqa: E402
+from evalsuite.load.fast_forward import fast_forward_all  # noqa: E402
 from evalsuite.measure import tasks as stage  # noqa: E402
 from evalsuite.measure.lm_adapter import TorchLM  # noqa: E402
 
@@ -113,7 +112,7 @@ def main() -> int:
                              encode_cache=encode_cache)
                 if profiler is not None:
                     profiler.enable()
-                with fast_forward(model) if args.kernels == "fused" else contextlib.nullcontext():
+                with fast_forward_all(model, enabled=args.kernels == "fused"):
                     per_doc, s = timed(lambda: stage.run_model(lm, task, by_doc), device)
                 if profiler is not None:
                     profiler.disable()
@@ -160,11 +159,7 @@ def main() -> int:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     print(f"total: fast (fp + int8-wo, all tasks) {total_fast:.2f}s, request building {total_build:.2f}s, "
           f"task manager {setup_s:.2f}s (stage total {report['total_stage_s']:.2f}s); HFLM on {','.join(hf_tasks) or '-'} {total_hf:.2f}s")
-    if os.environ.get("OUT"):
-        out = Path(os.environ["OUT"]) / "tasks.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        print(f"wrote {out}")
+    write_out("tasks", report)
     return 0
 
 

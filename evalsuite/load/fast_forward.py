@@ -361,3 +361,15 @@ def fast_forward(model: nn.Module) -> Iterator[int]:
     finally:
         for step in reversed(undo):
             step()
+
+
+@contextlib.contextmanager
+def fast_forward_all(*models: nn.Module | None, enabled: bool = True) -> Iterator[int]:
+    """:func:`fast_forward` over every given model (None skipped) when ``enabled``; yields how many
+    modules run fused in all (0 when not enabled). Exits in reverse order, as nested blocks would."""
+    with contextlib.ExitStack() as stack:
+        count = 0
+        for m in models if enabled else ():
+            if m is not None:
+                count += stack.enter_context(fast_forward(m))
+        yield count

@@ -7,7 +7,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -76,19 +76,12 @@ class RunContext:
         forwards, the ppl statistics); ``eager``: PyTorch's own ops throughout, for cross-checks."""
         return self.option("kernels", "fused") == "fused"
 
-    @contextlib.contextmanager
-    def fused_forwards(self, *models: nn.Module | None) -> Iterator[int]:
-        """:func:`evalsuite.load.fast_forward.fast_forward` over every given model (None skipped),
-        unless ``--kernels eager``; yields how many modules run fused."""
-        from evalsuite.load.fast_forward import fast_forward
+    def fused_forwards(self, *models: nn.Module | None) -> contextlib.AbstractContextManager[int]:
+        """:func:`evalsuite.load.fast_forward.fast_forward_all` over every given model (None
+        skipped), unless ``--kernels eager``; yields how many modules run fused."""
+        from evalsuite.load.fast_forward import fast_forward_all
 
-        with contextlib.ExitStack() as stack:
-            count = 0
-            if self.fused_kernels:
-                for m in models:
-                    if m is not None:
-                        count += stack.enter_context(fast_forward(m))
-            yield count
+        return fast_forward_all(*models, enabled=self.fused_kernels)
 
     def option(self, name: str, default: Any = None) -> Any:
         return getattr(self.args, name, default)

@@ -1,9 +1,13 @@
-"""Timing shared by the GPU benchmarks: device-side milliseconds of a callable."""
+"""Shared by the GPU benchmarks: device-side milliseconds of a callable, and the JSON each one
+writes to ``$OUT`` (the folder the device machine sends back)."""
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,3 +31,14 @@ def timed_ms(fn, device: torch.device, repeat: int, warmup: int = 1) -> dict:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "runs_ms": times}
+
+
+def write_out(name: str, payload: dict) -> Path | None:
+    """Write ``payload`` as ``$OUT/<name>.json`` when $OUT is set (and say so); the path, else None."""
+    if not os.environ.get("OUT"):
+        return None
+    path = Path(os.environ["OUT"]) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, default=str))
+    print(f"wrote {path}", flush=True)
+    return path
