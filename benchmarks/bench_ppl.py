@@ -35,12 +35,14 @@ from benchutil import write_out  # noqa: E402
 
 from evalsuite.load import load_model  # noqa: E402
 from evalsuite.load.fast_forward import fast_forward_all  # noqa: E402
-from evalsuite.load.model import default_model_path  # noqa: E402
+from evalsuite.load.model import default_model_path, prefer_expandable_segments  # noqa: E402
 from evalsuite.measure import perplexity as P  # noqa: E402
 from evalsuite.measure.context import RunContext  # noqa: E402
 from evalsuite.measure.corpus import load_corpus  # noqa: E402
 from evalsuite.quantize import parse_scheme, quantize_  # noqa: E402
 from evalsuite.results import Results  # noqa: E402
+
+prefer_expandable_segments()  # as the CLI does, before any CUDA allocation
 
 ISSUE_REFERENCE = {"fp_token_ppl": 18.25, "int8_token_ppl": 18.31, "int8_kld_mean": 0.00435, "int8_same_top1": 0.963,
                    "naive_fp_s": 0.86, "naive_fp_int8_s": 1.94, "target_fp_int8_s": 1.5}

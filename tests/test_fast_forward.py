@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from evalsuite.load import fast_forward as ff
+from evalsuite.quantize.int8_wo import WeightOnlyInt8Linear
 from tests.conftest import make_tiny_llama
 
 DEVICE = "cuda" if torch.cuda.is_available() and not ff.INTERPRET else "cpu"
@@ -250,8 +251,46 @@ def test_quantized_linears_keep_the_fused_mlp(tiny_llama):
         eager = model(ids).logits
         with ff.fast_forward(model) as n:
             fused = model(ids).logits
-    assert n == 9
+    int8_linears = sum(type(m) is WeightOnlyInt8Linear for m in model.modules())
+    assert int8_linears > 0 and n == 9 + int8_linears
     assert (fused - eager).abs().max() <= 1e-5 * eager.abs().max()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_dequantizes_first_within_rounding(dtype, bias):
+    """The fused int8-wo linear is F.linear(x, W_int8 * s): the seed's values within the dtype's
+    rounding, from the same int8 weights and scales, and it is the forward that runs."""
+    from torch import nn
+
+    from evalsuite.quantize import parse_schemes, quantize_
+
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(64, 48, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(48, 64, generator=gen) * torch.logspace(-2, 0, 48)[:, None])
+        if bias:
+            lin.bias.copy_(torch.randn(48, generator=gen))
+    (scheme,) = parse_schemes("int8-wo")
+    model = quantize_(nn.Sequential(lin).to(dtype), scheme).to(DEVICE)
+    q = model[0]
+    assert type(q) is WeightOnlyInt8Linear
+    x = torch.randn(3, 5, 64, generator=gen).to(DEVICE, dtype)
+    with torch.no_grad():
+        seed = q(x).float()
+        exact = x.double() @ (q.weight.double() * q.scales.double()[:, None]).T
+        if bias:
+            exact = exact + q.bias.double()
+        with ff.fast_forward(model) as n:
+            fused = q(x).float()
+    assert n == 1
+    scale = exact.abs().max().item()
+    ulp = torch.finfo(dtype).eps
+    assert (fused.double() - exact).abs().max().item() <= 4 * ulp * scale
+    assert (fused - seed).abs().max().item() <= 8 * ulp * scale
+    if dtype == torch.float32:
+        assert (fused - seed).abs().max().item() <= 1e-5 * scale
 
 
 def test_without_triton_nothing_is_patched(tiny_llama, monkeypatch):

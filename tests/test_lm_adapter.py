@@ -227,3 +227,107 @@ def test_gpu_token_budget_keeps_the_largest_activation_near_2_gib(width, hidden)
     assert 8192 <= tokens <= 262_144 and tokens % 1024 == 0
     assert tokens == 8192 or tokens * mlp * 2 <= ACTIVATION_BYTES  # never above the budget unless at the floor
     assert tokens == 262_144 or (tokens + 1024) * mlp * 2 > ACTIVATION_BYTES  # and not far below it
+
+
+# ------------------------------------------------------------------ batch plan
+def _plan_cost(lengths, plan, min_cost, attention_width):
+    return sum(max(min_cost, (e - s) * lengths[s] * (1 + lengths[s] / attention_width)) for s, e in plan)
+
+
+def _greedy_plan(lengths, max_seqs, max_tokens):
+    """Cut at the budgets only (the adapter's former rule)."""
+    plan, start = [], 0
+    for i in range(1, len(lengths) + 1):
+        if i == len(lengths) or i - start + 1 > max_seqs or (i - start + 1) * lengths[start] > max_tokens:
+            plan.append((start, i))
+            start = i
+    return plan
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_batch_plan_covers_in_order_within_budgets_and_beats_budget_cuts(seed):
+    import numpy as np
+
+    from evalsuite.measure.lm_adapter import plan_batches
+
+    rng = np.random.default_rng(seed)
+    # long-tailed lengths, as task prompts are: most short, a few long
+    lengths = np.sort(np.minimum(8 + rng.lognormal(3.5, 0.8, 3000).astype(np.int64), 1500))[::-1]
+    keeps = rng.integers(1, 5, len(lengths))
+    budgets = dict(max_seqs=512, max_tokens=40_000, max_scored=900)
+    cost = dict(min_cost=2_000, attention_width=2_304)
+    plan = plan_batches(lengths, keeps, **budgets, **cost)
+    assert plan[0][0] == 0 and plan[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:])) and all(s < e for s, e in plan)
+    for s, e in plan:
+        assert e - s == 1 or (e - s <= budgets["max_seqs"] and (e - s) * lengths[s] <= budgets["max_tokens"]
+                              and keeps[s:e].sum() <= budgets["max_scored"])
+    greedy = _greedy_plan(lengths, budgets["max_seqs"], min(budgets["max_tokens"], 10**9))
+    padded = sum((e - s) * lengths[s] for s, e in plan)
+    assert _plan_cost(lengths, plan, **cost) <= _plan_cost(lengths, greedy, **cost)
+    assert padded < 1.25 * lengths.sum()  # the tail is not padded to the longest input of its batch
+
+
+def test_batch_plan_splits_where_lengths_drop_and_keeps_small_batches_whole():
+    import numpy as np
+
+    from evalsuite.measure.lm_adapter import plan_batches
+
+    lengths = np.asarray([1000] * 4 + [10] * 400)
+    keeps = np.ones(len(lengths), dtype=np.int64)
+    plan = plan_batches(lengths, keeps, 4096, 10**6, 10**6, min_cost=100, attention_width=4096)
+    assert plan == [(0, 4), (4, 404)]
+    # a forward's fixed cost above the padding saved: one batch
+    assert plan_batches(lengths, keeps, 4096, 10**6, 10**6, min_cost=10**6) == [(0, 404)]
+    # equal lengths beyond a budget are cut at the budget
+    assert plan_batches(np.full(10, 7), np.ones(10, dtype=np.int64), 4, 10**6, 10**6) == [(0, 4), (4, 8), (8, 10)]
+    assert plan_batches(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), 4, 10, 10) == []
+
+
+# ------------------------------------------------------------------ tokenizing
+STRINGS = ["Question: Which gas do plants absorb?\nAnswer:", "Question: Which gas do plants absorb?\nAnswer: carbon dioxide",
+           "  spaced  out  ", "naïve café — «ok»", "数字 123 and emoji 🙂", "\n\nnew\tlines", "a" * 300]
+
+
+def test_direct_tokenizer_path_gives_the_tokenizers_ids(smollm2):
+    tok = smollm2.tokenizer
+    lm = TorchLM(smollm2.model, tok, device="cpu")
+    for special in (False, True):
+        assert lm.encode_many(STRINGS, add_special_tokens=special) == tok(STRINGS, add_special_tokens=special)["input_ids"]
+    assert lm._direct_encoder() is tok._tokenizer  # the fast path is the one that ran
+
+
+def test_backend_that_disagrees_is_not_used(smollm2):
+    tok = smollm2.tokenizer
+
+    class Shifted:  # a backend whose ids differ from the tokenizer's
+        truncation = padding = None
+
+        def encode_batch(self, strings, add_special_tokens=False):
+            return [SimpleNamespace(ids=[i + 1 for i in ids]) for ids in tok(strings)["input_ids"]]
+
+    class Wrapped:
+        is_fast = True
+        _tokenizer = Shifted()
+        bos_token_id, eos_token_id = tok.bos_token_id, tok.eos_token_id
+
+        def __call__(self, strings, add_special_tokens=False):
+            return tok(strings, add_special_tokens=add_special_tokens)
+
+    lm = TorchLM(smollm2.model, Wrapped(), device="cpu")
+    assert lm.encode_many(STRINGS) == tok(STRINGS, add_special_tokens=False)["input_ids"]
+    assert lm._direct_encoder() is None
+
+
+def test_pretokenize_leaves_nothing_to_tokenize_when_answering(smollm2):
+    lm = TorchLM(smollm2.model, smollm2.tokenizer, device="cpu", batch_size=3)
+    insts = _instances("loglikelihood", REQUESTS) + _instances("loglikelihood_rolling", [("Some text to roll over.",)])
+    lm.pretokenize(insts)
+    calls = []
+    original = lm._encode_batch
+    lm._encode_batch = lambda strings, special: calls.append(strings) or original(strings, special)
+    fresh = TorchLM(smollm2.model, smollm2.tokenizer, device="cpu", batch_size=3)
+    ll = _instances("loglikelihood", REQUESTS)
+    assert lm.loglikelihood(ll) == fresh.loglikelihood(ll)
+    assert lm.loglikelihood_rolling(insts[-1:]) == fresh.loglikelihood_rolling(insts[-1:])
+    assert calls == []  # every string was already in the cache

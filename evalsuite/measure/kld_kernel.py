@@ -107,7 +107,7 @@ if HAVE_TRITON:
         finite = (mx < float("inf")) & (tl.min(lo, 0) > float("-inf")) & (total == total)
         return c, total, arg, finite, w
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "M"])  # batch sizes vary; compile once
     def _row_stats_kernel(p_ptr, q_ptr, tgt_ptr, out_ptr, N, M, V,
                           sp_b, sp_m, sq_b, sq_m, st_b, st_m,
                           HAS_Q: tl.constexpr, FLAGS: tl.constexpr, LANES: tl.constexpr, CHUNK: tl.constexpr):

@@ -3,7 +3,8 @@
 lm-eval's ``HFLM`` runs a Hugging Face model one padded batch at a time with the full vocabulary
 projection at every position; this adapter is the same computation, faster:
 
-- requests are sorted by length (longest first) and packed into batches under a token budget;
+- requests are sorted by length (longest first) and cut into batches under a token budget where the
+  estimated device time (padding included) is least (:func:`plan_batches`);
 - requests whose model input is identical (e.g. BoolQ's one-token " no"/" yes" after the same
   passage) share one forward;
 - the vocabulary projection runs only on the hidden states of the positions that are scored
@@ -38,6 +39,14 @@ from evalsuite.load.model import forward_logits
 DEFAULT_MAX_LENGTH = 2048
 ACTIVATION_BYTES = 2 << 30  # the largest activation of one forward (tokens x MLP width, bf16) on a GPU
 SCORED_LOGITS_BYTES = 4 << 30  # the float32 logits of the scored positions of one forward
+# strings on which a fast tokenizer's backend must encode exactly as the tokenizer before it is used
+PROBE_STRINGS = ("Question: What is 2 + 2?\nAnswer:", " Answer: four", "  two leading spaces", "trailing space ",
+                 "ünïcödé — «quotes» and 日本語", "tab\tand\n\nnew lines", " ", "x")
+# the batch planner's cost model: any forward costs at least batch_tokens / MIN_COST_FRACTION tokens
+# (the host's kernel launches of a small forward take that long), and a padded position of a row of
+# width W costs 1 + W / (ATTENTION_WIDTH_PER_HIDDEN x hidden size) (causal attention grows with W)
+MIN_COST_FRACTION = 8
+ATTENTION_WIDTH_PER_HIDDEN = 4
 
 
 @dataclass
@@ -82,6 +91,9 @@ class TorchLM(TemplateLM):
         self.encode_cache = encode_cache if encode_cache is not None else {}
         self.show_progress = show_progress
         self._head = vocabulary_head(model)
+        self._direct: Any = None  # the tokenizer's Rust backend once checked (False: not usable)
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None) or 4096
+        self.attention_width = ATTENTION_WIDTH_PER_HIDDEN * int(hidden)
 
     # ----------------------------------------------------------------------------- tokens
     @property
@@ -109,22 +121,39 @@ class TorchLM(TemplateLM):
         cache = self.encode_cache if not add_special_tokens else {}
         todo = list(dict.fromkeys(s for s in strings if s not in cache))
         if todo:
-            ids = self.tokenizer(todo, add_special_tokens=add_special_tokens)["input_ids"]
-            cache.update(zip(todo, ids))
+            cache.update(zip(todo, self._encode_batch(todo, add_special_tokens)))
         return [cache[s] for s in strings]
+
+    def _encode_batch(self, strings: list[str], add_special_tokens: bool) -> list[list[int]]:
+        """The tokenizer's ids for each string. A fast (Rust) tokenizer is called directly, which skips
+        the Python conversion of every encoding (a fifth of BoolQ's tokenizing time) and gives the same
+        ids, as checked on probe strings for each tokenizer before the direct path is trusted."""
+        direct = self._direct_encoder()
+        if direct is not None:
+            return [e.ids for e in direct.encode_batch(strings, add_special_tokens=add_special_tokens)]
+        return self.tokenizer(strings, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _direct_encoder(self) -> Any:
+        """The tokenizer's Rust backend, where it encodes exactly as the tokenizer does; else None."""
+        if self._direct is None:
+            backend = getattr(self.tokenizer, "_tokenizer", None) if getattr(self.tokenizer, "is_fast", False) else None
+            ok = (backend is not None and hasattr(backend, "encode_batch")
+                  and getattr(backend, "truncation", None) is None and getattr(backend, "padding", None) is None)
+            if ok:
+                try:
+                    for special in (False, True):
+                        got = [e.ids for e in backend.encode_batch(list(PROBE_STRINGS), add_special_tokens=special)]
+                        ok = ok and got == self.tokenizer(list(PROBE_STRINGS), add_special_tokens=special)["input_ids"]
+                except Exception:  # an unusual backend: use the tokenizer's own call
+                    ok = False
+            self._direct = backend if ok else False
+        return self._direct or None
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """TemplateLM's encoding rules (trailing context spaces move to the continuation; the
         continuation's tokens are those of context+continuation after the context's), batched."""
-        pairs = []
-        for context, continuation in (r.args for r in requests):
-            if context:
-                spaces = len(context) - len(context.rstrip())
-                if spaces:
-                    context, continuation = context[:-spaces], context[-spaces:] + continuation
-            pairs.append((context, continuation))
-        strings = [s for c, x in pairs for s in ((c, c + x) if c else (x,))]
-        self.encode_many(strings)
+        pairs = _split_pairs(r.args for r in requests)
+        self.encode_many([s for c, x in pairs for s in ((c, c + x) if c else (x,))])
         new_reqs = []
         for (orig, (context, continuation)) in zip((r.args for r in requests), pairs):
             if context:
@@ -138,6 +167,15 @@ class TorchLM(TemplateLM):
                     context_enc = [self.prefix_token_id]
             new_reqs.append((tuple(orig), context_enc, continuation_enc))
         return self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+
+    def pretokenize(self, instances: Iterable[Any]) -> None:
+        """Tokenize into the shared cache every string that answering these lm-eval instances will
+        need (the tasks stage does this for the next task while the device runs the current one)."""
+        instances = list(instances)
+        pairs = _split_pairs(i.args for i in instances if i.request_type == "loglikelihood")
+        strings = [s for c, x in pairs for s in ((c, c + x) if c else (x,))]
+        strings += [i.args[0] for i in instances if i.request_type in ("loglikelihood_rolling", "generate_until")]
+        self.encode_many(strings)
 
     # ----------------------------------------------------------------------------- scoring
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
@@ -179,20 +217,14 @@ class TorchLM(TemplateLM):
         return out  # type: ignore[return-value]
 
     def _batches(self, ordered: list[_Scored]) -> Iterable[list[_Scored]]:
-        """Consecutive runs of the length-sorted inputs under the sequence and token budgets; the
-        scored positions (rows of float32 logits) are capped too, for rolling windows."""
-        batch: list[_Scored] = []
-        scored = 0
-        for g in ordered:
-            width = len(batch[0].tokens) if batch else len(g.tokens)
-            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * width > self.batch_tokens
-                          or scored + g.keep > self.scored_rows):
-                yield batch
-                batch, scored = [], 0
-            batch.append(g)
-            scored += g.keep
-        if batch:
-            yield batch
+        """Consecutive runs of the length-sorted inputs, cut by :func:`plan_batches` under the
+        sequence, padded-token and scored-row budgets."""
+        lengths = np.fromiter((len(g.tokens) for g in ordered), dtype=np.int64, count=len(ordered))
+        keeps = np.fromiter((g.keep for g in ordered), dtype=np.int64, count=len(ordered))
+        for start, end in plan_batches(lengths, keeps, self.batch_size, self.batch_tokens, self.scored_rows,
+                                       min_cost=self.batch_tokens // MIN_COST_FRACTION,
+                                       attention_width=self.attention_width):
+            yield ordered[start:end]
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(array)
@@ -333,6 +365,19 @@ class TorchLM(TemplateLM):
         return texts
 
 
+def _split_pairs(args: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(context, continuation) pairs with the context's trailing whitespace moved to the
+    continuation, as lm-eval's TemplateLM does before encoding."""
+    pairs = []
+    for context, continuation in args:
+        if context:
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+        pairs.append((context, continuation))
+    return pairs
+
+
 def _shape_free_attention(ids: torch.Tensor):
     """On a GPU, attention without cuDNN's kernels: cuDNN builds an execution plan for every new
     (batch, length) shape, ~2 s of set-up over one ARC-Easy pass, where every batch has a new shape;
@@ -363,6 +408,62 @@ def vocabulary_head(model: nn.Module) -> nn.Module | None:
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
     return head if isinstance(head, nn.Module) else None
+
+
+def plan_batches(lengths: np.ndarray, keeps: np.ndarray, max_seqs: int, max_tokens: int, max_scored: int,
+                 min_cost: float = 0.0, attention_width: float = float("inf")) -> list[tuple[int, int]]:
+    """Cut inputs sorted by length (longest first) into consecutive batches ``[start, end)`` that
+    minimise the estimated device time, each within the budgets: at most ``max_seqs`` inputs,
+    ``max_tokens`` padded tokens (inputs x the first one's length) and ``max_scored`` scored rows
+    (sum of ``keeps``), always at least one input.
+
+    A batch of n inputs padded to width W is estimated at ``max(min_cost, n W (1 + W /
+    attention_width))`` token-times: padding costs what real tokens cost, attention adds a term
+    growing with W, and a small forward still pays its launches. Cutting greedily at the budgets
+    pads a whole batch to its longest input (twice the real tokens on ARC); this plan cuts where
+    lengths drop instead, by dynamic programming over the points where the length changes and the
+    budgets force a cut.
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    keep_cum = np.concatenate([[0], np.cumsum(keeps)])
+
+    def furthest(s: int) -> int:
+        """The largest end of a batch starting at s within the budgets (at least s + 1)."""
+        cap = min(max_seqs, max_tokens // max(1, int(lengths[s])))
+        by_rows = int(np.searchsorted(keep_cum, keep_cum[s] + max_scored, side="right")) - 1
+        return max(s + 1, min(n, s + cap, by_rows))
+
+    # candidate cuts: where the length changes, and each start's furthest end (so a run of equal
+    # lengths longer than the budget is cut at the budget)
+    cuts = {0, n, *(np.flatnonzero(lengths[1:] != lengths[:-1]) + 1).tolist()}
+    todo = sorted(cuts)
+    while todo:
+        s = todo.pop()
+        if s < n:
+            e = furthest(s)
+            if e not in cuts:
+                cuts.add(e)
+                todo.append(e)
+    b = np.asarray(sorted(cuts), dtype=np.int64)
+    best = np.full(len(b), np.inf)
+    best[0] = 0.0
+    prev = np.zeros(len(b), dtype=np.int64)
+    for k in range(len(b) - 1):
+        width = float(lengths[b[k]])
+        hi = int(np.searchsorted(b, furthest(int(b[k])), side="right"))  # cuts b[k+1 : hi] are reachable
+        count = (b[k + 1: hi] - b[k]).astype(np.float64)
+        cost = best[k] + np.maximum(min_cost, count * width * (1.0 + width / attention_width))
+        better = cost < best[k + 1: hi]
+        best[k + 1: hi][better] = cost[better]
+        prev[k + 1: hi][better] = k
+    out = []
+    k = len(b) - 1
+    while k > 0:
+        out.append((int(b[prev[k]]), int(b[k])))
+        k = int(prev[k])
+    return out[::-1]
 
 
 def _ranges(counts: np.ndarray) -> np.ndarray:
