@@ -125,7 +125,8 @@ def main() -> int:
     out["tokenize_and_window_s"] = time.perf_counter() - t0
     out["protocol"] = windows.describe()
     out["scored_tokens"] = int(windows.n_scored.sum())
-    batch = args.batch or (max(1, P.GPU_POSITIONS_PER_BATCH // context) if device.type == "cuda" else 1)
+    vocab = int(loaded.model.config.vocab_size)
+    batch = args.batch or (P.gpu_windows_per_batch(context, vocab) if device.type == "cuda" else 1)
     out["batch_windows"] = batch
 
     first = schemes[:1]
@@ -140,8 +141,11 @@ def main() -> int:
     if out["stats"] != "torch":  # the same pass with eager forwards and the torch statistics (--kernels eager)
         setups[f"{pair} --kernels eager"] = (["fp", *first], False)
     for name, (keys, fused) in setups.items():
-        out["timings"][name] = timed_pass({k: variants[k] for k in keys}, windows, device, batch, fused=fused,
+        # --kernels eager: the torch statistics, with the stage's smaller default batch for them
+        b = batch if fused or args.batch or device.type != "cuda" else P.gpu_windows_per_batch(context, vocab, False)
+        out["timings"][name] = timed_pass({k: variants[k] for k in keys}, windows, device, b, fused=fused,
                                           repeat=repeat)
+        out["timings"][name]["batch_windows"] = b
         print(f"{name:32s} {out['timings'][name]['median_s']:.3f} s", flush=True)
     save(out)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from types import SimpleNamespace
 
@@ -331,3 +332,28 @@ def test_pretokenize_leaves_nothing_to_tokenize_when_answering(smollm2):
     assert lm.loglikelihood(ll) == fresh.loglikelihood(ll)
     assert lm.loglikelihood_rolling(insts[-1:]) == fresh.loglikelihood_rolling(insts[-1:])
     assert calls == []  # every string was already in the cache
+
+
+def test_plan_cache_batches_a_tasks_requests_once_across_variants(smollm2):
+    """Variants of one task share the host's batching (tokens and plans do not depend on the model),
+    never the answers: the second model's log-likelihoods are its own."""
+    from evalsuite.quantize import parse_schemes, quantize_
+
+    (cfg,) = parse_schemes("int8-wo")
+    q8 = quantize_(copy.deepcopy(smollm2.model), cfg)
+    insts = _instances("loglikelihood", REQUESTS)
+    plans, made = {}, []
+
+    def adapter(model, **kw):
+        lm = TorchLM(model, smollm2.tokenizer, device="cpu", plan_cache=plans, **kw)
+        original = lm._plan
+        lm._plan = lambda reqs: made.append(1) or original(reqs)
+        return lm
+
+    fp = adapter(smollm2.model).loglikelihood(insts)
+    q = adapter(q8).loglikelihood(insts)
+    assert len(made) == 1  # planned once
+    assert q == TorchLM(q8, smollm2.tokenizer, device="cpu").loglikelihood(insts) and q != fp
+    adapter(q8, batch_size=1).loglikelihood(insts)  # other settings: planned again
+    adapter(q8).loglikelihood(_instances("loglikelihood", REQUESTS))  # other instances: planned again
+    assert len(made) == 3

@@ -386,3 +386,19 @@ def test_noise_floor_off_or_unavailable_is_stated(tmp_path):
     assert "out of memory" in failed.results.details["ppl"]["protocol"]["noise_floor"]
     assert [e["variant"] for e in failed.results.errors] == [P.NOISE]
     assert value(failed, "fp", "token_ppl") > 1
+
+
+@pytest.mark.parametrize("context, vocab, fused, want", [
+    (2048, 49152, True, 16),    # SmolLM2: capped at 32768 positions
+    (2048, 128256, True, 8),    # Llama-3: 4 GiB of bf16 logits
+    (2048, 49152, False, 8),    # torch statistics write float32 matrices: half
+    (4096, 262144, True, 2),
+    (8192, 262144, False, 1),   # never below one window
+])
+def test_gpu_batch_keeps_one_models_logits_near_the_budget(context, vocab, fused, want):
+    from evalsuite.measure.perplexity import GPU_LOGITS_BYTES, GPU_POSITIONS_PER_BATCH, gpu_windows_per_batch
+
+    got = gpu_windows_per_batch(context, vocab, fused)
+    assert got == want
+    budget = min(GPU_POSITIONS_PER_BATCH * 2 * vocab, GPU_LOGITS_BYTES) // (1 if fused else 2)
+    assert got == 1 or got * context * vocab * 2 <= budget

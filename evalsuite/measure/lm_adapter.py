@@ -58,6 +58,29 @@ class _Scored:
     members: list[tuple[int, list[int]]]  # (request index, target tokens)
 
 
+@dataclass
+class _Batch:
+    """One forward, prepared on the host: right-padded ids, the scored (row, position) pairs, and for
+    each request answered (``owners``) the scored rows and targets of its tokens (``owner`` maps a
+    token to its request's slot)."""
+
+    owners: list[int]
+    ids: np.ndarray
+    rows: np.ndarray
+    positions: np.ndarray
+    flat_rows: np.ndarray
+    flat_targets: np.ndarray
+    owner: np.ndarray
+
+
+@dataclass
+class _Plan:
+    """Every batch of one set of requests, and each request's key (for lm-eval's cache hook)."""
+
+    keys: list[Any]
+    batches: list[_Batch]
+
+
 class TorchLM(TemplateLM):
     """lm-eval ``TemplateLM`` over ``model`` (any module ``forward_logits`` can call).
 
@@ -66,12 +89,15 @@ class TorchLM(TemplateLM):
     width in bf16, near 2 GiB, between 8k and 256k tokens; 4096 on CPU). Few large forwards matter on a
     GPU: a small model's eager forward is ~1,400 kernel launches, so the host, not the device, sets
     the pace of many small ones. ``encode_cache`` (a dict) may be shared between adapters of the same
-    tokenizer.
+    tokenizer; ``plan_cache`` (a dict) between adapters of the same tokenizer and settings that answer
+    the same lm-eval instances (the variants of one task): the host's work of turning requests into
+    padded batches is then done once, not once per variant.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device | str | None = None,
                  batch_size: int | None = None, batch_tokens: int | None = None, max_length: int | None = None,
-                 encode_cache: dict[str, list[int]] | None = None, show_progress: bool = False) -> None:
+                 encode_cache: dict[str, list[int]] | None = None, plan_cache: dict | None = None,
+                 show_progress: bool = False) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -89,6 +115,7 @@ class TorchLM(TemplateLM):
         # as HFLM: the model's context length, else 2048
         self.max_length = int(max_length or cfg_len or DEFAULT_MAX_LENGTH)
         self.encode_cache = encode_cache if encode_cache is not None else {}
+        self.plan_cache = plan_cache
         self.show_progress = show_progress
         self._head = vocabulary_head(model)
         self._direct: Any = None  # the tokenizer's Rust backend once checked (False: not usable)
@@ -152,6 +179,22 @@ class TorchLM(TemplateLM):
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """TemplateLM's encoding rules (trailing context spaces move to the continuation; the
         continuation's tokens are those of context+continuation after the context's), batched."""
+        requests = list(requests)
+        cached = self.plan_cache.get(self._plan_key(requests)) if self.plan_cache is not None else None
+        if cached is not None and len(cached[0]) == len(requests) and all(a is b for a, b in zip(cached[0], requests)):
+            plan = cached[1]
+        else:
+            plan = self._plan(self._token_requests(requests))
+            if self.plan_cache is not None:
+                self.plan_cache[self._plan_key(requests)] = (requests, plan)
+        return self._answer(plan, disable_tqdm)
+
+    def _plan_key(self, requests: list) -> tuple:
+        """The same instances (by identity; the cache keeps them alive) under the same settings."""
+        return (tuple(map(id, requests)), self.batch_size, self.batch_tokens, self.scored_rows, self.max_length,
+                self.attention_width, self.prefix_token_id)
+
+    def _token_requests(self, requests: list) -> list[tuple[tuple, list[int], list[int]]]:
         pairs = _split_pairs(r.args for r in requests)
         self.encode_many([s for c, x in pairs for s in ((c, c + x) if c else (x,))])
         new_reqs = []
@@ -166,7 +209,7 @@ class TorchLM(TemplateLM):
                 else:
                     context_enc = [self.prefix_token_id]
             new_reqs.append((tuple(orig), context_enc, continuation_enc))
-        return self._loglikelihood_tokens(new_reqs, disable_tqdm=disable_tqdm)
+        return new_reqs
 
     def pretokenize(self, instances: Iterable[Any]) -> None:
         """Tokenize into the shared cache every string that answering these lm-eval instances will
@@ -184,6 +227,11 @@ class TorchLM(TemplateLM):
         Batches are queued on the device without waiting for their results, which are read back
         once at the end: the host prepares batch k+1 while the device runs batch k.
         """
+        return self._answer(self._plan(requests), disable_tqdm)
+
+    def _plan(self, requests) -> _Plan:
+        """Group requests by model input (context + continuation without its last token, truncated
+        from the left to ``max_length``), sort the inputs by length and cut them into batches."""
         groups: dict[tuple[int, ...], _Scored] = {}
         cap = self.max_length + 1
         for i, (_, context_enc, continuation_enc) in enumerate(requests):
@@ -201,19 +249,21 @@ class TorchLM(TemplateLM):
                 g.keep = n
             g.members.append((i, window[-n:]))
         ordered = sorted(groups.values(), key=lambda g: -len(g.tokens))
-        batches = list(self._batches(ordered))
+        return _Plan(keys=[r[0] for r in requests], batches=[_prepare(b) for b in self._batches(ordered)])
+
+    def _answer(self, plan: _Plan, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         owners: list[int] = []
         sums, misses = [], []
-        for batch in _progress(batches, "loglikelihood", disable_tqdm or not self.show_progress):
-            batch_owners, batch_sums, batch_misses = self._score_batch(batch)
-            owners += batch_owners
+        for batch in _progress(plan.batches, "loglikelihood", disable_tqdm or not self.show_progress):
+            batch_sums, batch_misses = self._score_batch(batch)
+            owners += batch.owners
             sums.append(batch_sums)
             misses.append(batch_misses)
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
+        out: list[tuple[float, bool] | None] = [None] * len(plan.keys)
         if owners:
             for i, total, missed in zip(owners, torch.cat(sums).tolist(), torch.cat(misses).tolist()):
                 out[i] = (total, missed == 0)
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], out[i])
+                self.cache_hook.add_partial("loglikelihood", plan.keys[i], out[i])
         return out  # type: ignore[return-value]
 
     def _batches(self, ordered: list[_Scored]) -> Iterable[list[_Scored]]:
@@ -232,45 +282,21 @@ class TorchLM(TemplateLM):
             return t.pin_memory().to(self._device, non_blocking=True)
         return t.to(self._device)
 
-    def _score_batch(self, batch: list[_Scored]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-        """Queue one batch: the request indices it answers, and (on the device, not yet read) each
-        one's float64 log-likelihood and count of non-greedy tokens."""
-        lengths = np.fromiter((len(g.tokens) for g in batch), dtype=np.int64, count=len(batch))
-        keeps = np.fromiter((g.keep for g in batch), dtype=np.int64, count=len(batch))
-        # right-padded ids: a row-major mask of real positions takes the concatenated tokens in order
-        ids = np.zeros((len(batch), int(lengths.max())), dtype=np.int64)
-        ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(g.tokens for g in batch), dtype=np.int64, count=int(lengths.sum()))
-        # (row, position) of every scored position: the last ``keep`` positions of each input
-        rows = np.repeat(np.arange(len(batch)), keeps)
-        positions = np.repeat(lengths - keeps, keeps) + _ranges(keeps)
-        # each request reads the last len(targets) of its input's scored rows
-        owners: list[int] = []
-        counts: list[int] = []
-        firsts: list[int] = []
-        start = 0
-        for g in batch:
-            for i, targets in g.members:
-                owners.append(i)
-                counts.append(len(targets))
-                firsts.append(start + g.keep - len(targets))
-            start += g.keep
-        n = np.asarray(counts, dtype=np.int64)
-        flat_rows = np.repeat(np.asarray(firsts, dtype=np.int64), n) + _ranges(n)
-        flat_targets = np.fromiter(itertools.chain.from_iterable(t for g in batch for _, t in g.members),
-                                   dtype=np.int64, count=int(n.sum()))
-        owner = np.repeat(np.arange(len(owners)), n)
+    def _score_batch(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queue one batch: (on the device, not yet read) each answered request's float64
+        log-likelihood and count of non-greedy tokens, in ``batch.owners`` order."""
         dev = self._to_device
-        selected = self._logits_at(dev(ids), dev(rows), dev(positions)).float()
+        selected = self._logits_at(dev(batch.ids), dev(batch.rows), dev(batch.positions)).float()
         # log p(target) = logit(target) - logsumexp(logits): no [N, vocab] log-softmax is written
         log_z = torch.logsumexp(selected, dim=-1)
         greedy = selected.argmax(dim=-1)
-        fr, ft, own = dev(flat_rows), dev(flat_targets), dev(owner)
+        fr, ft, own = dev(batch.flat_rows), dev(batch.flat_targets), dev(batch.owner)
         token_lp = (selected[fr, ft] - log_z[fr]).double()
         token_miss = (greedy[fr] != ft).to(torch.int32)
-        sums = torch.zeros(len(owners), dtype=torch.float64, device=self._device).index_add_(0, own, token_lp)
-        misses = torch.zeros(len(owners), dtype=torch.int32, device=self._device).index_add_(0, own, token_miss)
-        return owners, sums, misses
+        n = len(batch.owners)
+        sums = torch.zeros(n, dtype=torch.float64, device=self._device).index_add_(0, own, token_lp)
+        misses = torch.zeros(n, dtype=torch.int32, device=self._device).index_add_(0, own, token_miss)
+        return sums, misses
 
     def _logits_at(self, ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] at the given (row, position) pairs (index tensors on the device) of a
@@ -363,6 +389,36 @@ class TorchLM(TemplateLM):
                 text = text.split(s)[0] if s else text
             texts.append(text)
         return texts
+
+
+def _prepare(batch: list[_Scored]) -> _Batch:
+    """The host arrays of one batch of inputs (see :class:`_Batch`)."""
+    lengths = np.fromiter((len(g.tokens) for g in batch), dtype=np.int64, count=len(batch))
+    keeps = np.fromiter((g.keep for g in batch), dtype=np.int64, count=len(batch))
+    # right-padded ids: a row-major mask of real positions takes the concatenated tokens in order
+    ids = np.zeros((len(batch), int(lengths.max())), dtype=np.int64)
+    ids[np.arange(ids.shape[1]) < lengths[:, None]] = np.fromiter(
+        itertools.chain.from_iterable(g.tokens for g in batch), dtype=np.int64, count=int(lengths.sum()))
+    # (row, position) of every scored position: the last ``keep`` positions of each input
+    rows = np.repeat(np.arange(len(batch)), keeps)
+    positions = np.repeat(lengths - keeps, keeps) + _ranges(keeps)
+    # each request reads the last len(targets) of its input's scored rows
+    owners: list[int] = []
+    counts: list[int] = []
+    firsts: list[int] = []
+    start = 0
+    for g in batch:
+        for i, targets in g.members:
+            owners.append(i)
+            counts.append(len(targets))
+            firsts.append(start + g.keep - len(targets))
+        start += g.keep
+    n = np.asarray(counts, dtype=np.int64)
+    flat_rows = np.repeat(np.asarray(firsts, dtype=np.int64), n) + _ranges(n)
+    flat_targets = np.fromiter(itertools.chain.from_iterable(t for g in batch for _, t in g.members),
+                               dtype=np.int64, count=int(n.sum()))
+    return _Batch(owners=owners, ids=ids, rows=rows, positions=positions, flat_rows=flat_rows,
+                  flat_targets=flat_targets, owner=np.repeat(np.arange(len(owners)), n))
 
 
 def _split_pairs(args: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

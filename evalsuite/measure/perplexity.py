@@ -54,8 +54,12 @@ NOISE = "fp@noise"
 PERCENTILES = (100, 99.9, 99, 95, 90, 50, 10, 5, 1, 0.1, 0)
 KLD_HIST_EDGES = [0.0, *np.logspace(-8, 2, 41).tolist()]
 DELTA_P_HIST_EDGES = np.linspace(-1, 1, 41).tolist()
-# a batch's logits ([batch, context, vocab]) stay under this many positions by default on a GPU
-GPU_POSITIONS_PER_BATCH = 16384
+# default positions per batch on a GPU ([batch, context, vocab] logits per model): as many as keep one
+# model's logits in the run's 2-byte dtype near GPU_LOGITS_BYTES, at most GPU_POSITIONS_PER_BATCH
+# (16 windows of 2048 for SmolLM2's 49k vocabulary, 8 for a 128k one); the torch statistics (no
+# Triton, or --kernels eager) write float32 matrices of the same shape, so they keep half of that
+GPU_POSITIONS_PER_BATCH = 32768
+GPU_LOGITS_BYTES = 4 << 30
 
 
 
@@ -462,7 +466,8 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
                    help="score every position of a window (default) or only its second half (llama.cpp)")
     g.add_argument("--ppl-windows", type=int, help="evaluate only the first N windows (marks results partial)")
     g.add_argument("--ppl-batch", type=int,
-                   help=f"windows per forward (default: {GPU_POSITIONS_PER_BATCH} positions' worth on a GPU, 1 on a CPU)")
+                   help="windows per forward (default on a GPU: one model's bf16 logits near 4 GiB, at most "
+                        f"{GPU_POSITIONS_PER_BATCH} positions, half that without the fused statistics; 1 on a CPU)")
     g.add_argument("--ppl-compile", action="store_true",
                    help="run the per-token statistics under torch.compile (fewer passes over the logits; compiles once)")
     g.add_argument("--ppl-noise-floor", action=argparse.BooleanOptionalAction, default=True,
@@ -481,13 +486,24 @@ def _protocol_from(ctx) -> Protocol:
                     max_windows=min(limits) if limits else None)
 
 
-def _batch_size(ctx, context: int) -> int:
+def gpu_windows_per_batch(context: int, vocab: int, fused_stats: bool = True) -> int:
+    """Default windows per forward on a GPU (see ``GPU_LOGITS_BYTES``)."""
+    positions = min(GPU_POSITIONS_PER_BATCH, GPU_LOGITS_BYTES // (2 * max(1, vocab)))
+    if not fused_stats:
+        positions //= 2
+    return max(1, positions // context)
+
+
+def _batch_size(ctx, context: int, fused_stats: bool) -> int:
     b = ctx.option("ppl_batch")
     if b is not None:
         if b < 1:
             raise EvalsuiteError("--ppl-batch must be at least 1")
         return b
-    return max(1, GPU_POSITIONS_PER_BATCH // context) if ctx.device.type == "cuda" else 1
+    if ctx.device.type != "cuda":
+        return 1
+    vocab = getattr(getattr(ctx.fp, "config", None), "vocab_size", None) or 128_000
+    return gpu_windows_per_batch(context, int(vocab), fused_stats)
 
 
 def _noise_reference(ctx) -> tuple[nn.Module | None, str]:
@@ -512,10 +528,10 @@ def run(ctx) -> None:
     tokenizer = ctx.tokenizer
     ids, ends = tokenize_corpus(tokenizer, text)
     windows = make_windows(ids, text, ends, protocol, tokenizer_bos(tokenizer), source, decode=tokenizer.decode)
-    batch_size = _batch_size(ctx, protocol.context)
     reference32, noise = _noise_reference(ctx)
     described = windows.describe()
     stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")), ctx.fused_kernels)
+    batch_size = _batch_size(ctx, protocol.context, fused_stats=stats_name == "triton-fused")
     details: dict[str, Any] = {
         "task": task, "source": source, "protocol": {
             "description": described, "context": protocol.context, "stride": protocol.stride, "score": protocol.score,

@@ -173,8 +173,9 @@ def loglikelihoods(by_doc: dict[int, list]) -> list[list[float]]:
     return out
 
 
-def make_lm(ctx, model, encode_cache: dict):
-    """The adapter for one variant: a fresh object, never a cache shared with another variant."""
+def make_lm(ctx, model, encode_cache: dict, plan_cache: dict | None = None):
+    """The adapter for one variant: a fresh object, never a cache of answers shared with another
+    variant (the tokens and batch plans it may share do not depend on the model)."""
     from evalsuite.measure.lm_adapter import TorchLM
 
     batch_size = ctx.option("task_batch_size")
@@ -186,7 +187,7 @@ def make_lm(ctx, model, encode_cache: dict):
             raise EvalsuiteError("--lm-adapter hf needs a Hugging Face model; use the default fast adapter")
         return HFLM(pretrained=model, tokenizer=ctx.tokenizer, batch_size=batch_size or 32, device=str(ctx.device))
     return TorchLM(model, ctx.tokenizer, device=ctx.device, batch_size=batch_size,
-                   batch_tokens=ctx.option("task_batch_tokens"), encode_cache=encode_cache,
+                   batch_tokens=ctx.option("task_batch_tokens"), encode_cache=encode_cache, plan_cache=plan_cache,
                    show_progress=ctx.show_progress and ctx.rank == 0)
 
 
@@ -393,9 +394,10 @@ def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | No
     entry = details[name] = {"n": len(by_doc), "limit": limit, "doc_ids": list(by_doc), "seconds": {},
                              "values": {}, "loglikelihoods": {}}
     per_variant: dict[str, list[dict]] = {}
+    plans: dict = {}  # the variants answer the same instances: batch them once
     for variant, model in ctx.variants.items():
         t0 = time.perf_counter()
-        lm = make_lm(ctx, model, encode_cache)
+        lm = make_lm(ctx, model, encode_cache, plans)
         # the fused forward for our adapter only: --lm-adapter hf cross-checks lm-eval's own path
         with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
             per_doc = list(run_model(lm, task, by_doc, ctx.rank, ctx.world_size).values())
