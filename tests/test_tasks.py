@@ -99,7 +99,8 @@ def test_bad_data_rows_are_named(tmp_path, bad_row, message):
 @pytest.mark.parametrize("name", ["arc_easy", "arc_challenge", "piqa", "winogrande", "lambada_openai", "boolq",
                                   "copa", "openbookqa"])
 def test_session_compiles_each_template_once_and_builds_the_same_requests(name, data_dir, monkeypatch):
-    """lm_eval_session's template cache changes speed only: the same requests, one compile per template."""
+    """lm_eval_session's template cache and columnar document reading change speed only: the same
+    requests of the same documents, one compile per template."""
     from lm_eval import utils
 
     tm = stage.task_manager(stage.task_dirs(), data_dir)
@@ -112,7 +113,8 @@ def test_session_compiles_each_template_once_and_builds_the_same_requests(name, 
     assert len(compiles) == len(set(compiles))
     assert compiles or name == "winogrande"  # winogrande's prompts are functions, not templates
     assert utils.apply_template("{{x}}!", {"x": 1}) == "1!"  # restored, still correct
-    assert [[i.args for i in g] for g in cached.values()] == [[i.args for i in g] for g in plain.values()]
+    assert [[(i.args, i.doc) for i in g] for g in cached.values()] == [[(i.args, i.doc) for i in g] for g in plain.values()]
+    assert list(cached) == list(plain)
 
 
 @pytest.mark.parametrize("source, doc", [
