@@ -180,13 +180,14 @@ class TorchLM(TemplateLM):
         """TemplateLM's encoding rules (trailing context spaces move to the continuation; the
         continuation's tokens are those of context+continuation after the context's), batched."""
         requests = list(requests)
-        cached = self.plan_cache.get(self._plan_key(requests)) if self.plan_cache is not None else None
+        key = self._plan_key(requests) if self.plan_cache is not None else None
+        cached = self.plan_cache.get(key) if key is not None else None
         if cached is not None and len(cached[0]) == len(requests) and all(a is b for a, b in zip(cached[0], requests)):
             plan = cached[1]
         else:
             plan = self._plan(self._token_requests(requests))
-            if self.plan_cache is not None:
-                self.plan_cache[self._plan_key(requests)] = (requests, plan)
+            if key is not None:
+                self.plan_cache[key] = (requests, plan)
         return self._answer(plan, disable_tqdm)
 
     def _plan_key(self, requests: list) -> tuple:
@@ -196,7 +197,7 @@ class TorchLM(TemplateLM):
 
     def _token_requests(self, requests: list) -> list[tuple[tuple, list[int], list[int]]]:
         pairs = _split_pairs(r.args for r in requests)
-        self.encode_many([s for c, x in pairs for s in ((c, c + x) if c else (x,))])
+        self.encode_many(_pair_strings(pairs))
         new_reqs = []
         for (orig, (context, continuation)) in zip((r.args for r in requests), pairs):
             if context:
@@ -215,8 +216,7 @@ class TorchLM(TemplateLM):
         """Tokenize into the shared cache every string that answering these lm-eval instances will
         need (the tasks stage does this for the next task while the device runs the current one)."""
         instances = list(instances)
-        pairs = _split_pairs(i.args for i in instances if i.request_type == "loglikelihood")
-        strings = [s for c, x in pairs for s in ((c, c + x) if c else (x,))]
+        strings = _pair_strings(_split_pairs(i.args for i in instances if i.request_type == "loglikelihood"))
         strings += [i.args[0] for i in instances if i.request_type in ("loglikelihood_rolling", "generate_until")]
         self.encode_many(strings)
 
@@ -432,6 +432,12 @@ def _split_pairs(args: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
                 context, continuation = context[:-spaces], context[-spaces:] + continuation
         pairs.append((context, continuation))
     return pairs
+
+
+def _pair_strings(pairs: list[tuple[str, str]]) -> list[str]:
+    """The strings whose tokens a loglikelihood request needs: context and context + continuation
+    (the continuation alone for an empty context)."""
+    return [s for c, x in pairs for s in ((c, c + x) if c else (x,))]
 
 
 def _shape_free_attention(ids: torch.Tensor):

@@ -528,10 +528,10 @@ def run(ctx) -> None:
     tokenizer = ctx.tokenizer
     ids, ends = tokenize_corpus(tokenizer, text)
     windows = make_windows(ids, text, ends, protocol, tokenizer_bos(tokenizer), source, decode=tokenizer.decode)
-    reference32, noise = _noise_reference(ctx)
-    described = windows.describe()
     stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")), ctx.fused_kernels)
     batch_size = _batch_size(ctx, protocol.context, fused_stats=stats_name == "triton-fused")
+    reference32, noise = _noise_reference(ctx)
+    described = windows.describe()
     details: dict[str, Any] = {
         "task": task, "source": source, "protocol": {
             "description": described, "context": protocol.context, "stride": protocol.stride, "score": protocol.score,
