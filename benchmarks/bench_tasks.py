@@ -7,8 +7,9 @@ Times: ``build_s`` = lm-eval building the task's requests (once per task, shared
 ``fast_s[variant]`` = TorchLM answering every request plus lm-eval's per-item scoring,
 ``hf_s[variant]`` = the same through HFLM (with --hf). The device is synchronised around each timing.
 Last, ``stage_end_to_end_s`` = the tasks stage itself (``evalsuite.measure.tasks.run``) over the same
-tasks and variants, where the next task's requests are built and tokenized while the device works:
-the number the stage's target is about (the per-task times above run everything in sequence).
+tasks and variants, where the next task's requests are tokenized while the device works, and the
+results file is saved after every variant as ``evalsuite run`` does: the number the stage's target is
+about (the per-task times above run everything in sequence).
 Agreement with HFLM: the largest per-item |log-likelihood difference| in nats and the fraction of
 items with the same acc. Writes ``$OUT/tasks.json`` when $OUT is set.
 """
@@ -19,6 +20,7 @@ import argparse
 import copy
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +69,8 @@ def main() -> int:
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 on GPU, fp32 on CPU")
     p.add_argument("--kernels", choices=["fused", "eager"], default="fused",
                    help="fast adapter's forwards under fast_forward (as the stage runs them) or eager")
+    p.add_argument("--packing", choices=["auto", "off"], default="auto",
+                   help="the fast adapter's packed batches (auto: on a GPU for Llama models, as the stage) or off")
     p.add_argument("--cprofile", action="store_true",
                    help="print the 25 costliest functions (own time) of the fast adapter's runs; a wait on the "
                         "device shows as tolist()")
@@ -104,6 +108,7 @@ def main() -> int:
 
     report: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "dtype": str(dtype).replace("torch.", ""), "limit": limit, "batch_size": args.batch_size,
+                    "packing": args.packing,
                     "task_manager_s": round(setup_s, 3), "warmup_s": round(warmup_s, 3), "tasks": {}}
     encode_cache: dict = {}
     profiler = None
@@ -120,7 +125,7 @@ def main() -> int:
             fast_acc = {}
             for variant, model in variants.items():
                 lm = TorchLM(model, tok, device=device, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
-                             encode_cache=encode_cache)
+                             encode_cache=encode_cache, packed=False if args.packing == "off" else None)
                 if profiler is not None:
                     profiler.enable()
                 with fast_forward_all(model, enabled=args.kernels == "fused"):
@@ -170,11 +175,15 @@ def main() -> int:
     from evalsuite.results import Results
 
     ns = argparse.Namespace(tasks=args.tasks, suite=None, tasks_dir=[], task_limit=limit, task_batch_size=args.batch_size,
-                            task_batch_tokens=args.batch_tokens, lm_adapter="fast", kernels=args.kernels, seed=0)
-    ctx = RunContext(loaded=loaded, variants=variants, configs={cfg.name: cfg}, device=device, dtype=dtype, args=ns,
-                     results=Results(run={"schemes": [cfg.name]}), data_dir=data_dir, show_progress=False)
-    with torch.inference_mode():
-        _, stage_s = timed(lambda: stage.run(ctx), device)
+                            task_batch_tokens=args.batch_tokens, lm_adapter="fast", kernels=args.kernels, seed=0,
+                            task_packing=args.packing)
+    results = Results(run={"schemes": [cfg.name]})
+    with tempfile.TemporaryDirectory() as tmp:  # the results file saved after every variant, as evalsuite run does
+        ctx = RunContext(loaded=loaded, variants=variants, configs={cfg.name: cfg}, device=device, dtype=dtype,
+                         args=ns, results=results, data_dir=data_dir, show_progress=False,
+                         checkpoint=lambda: results.save(Path(tmp) / "results.json"))
+        with torch.inference_mode():
+            _, stage_s = timed(lambda: stage.run(ctx), device)
     report["stage_end_to_end_s"] = round(stage_s, 3)
     report["stage_seconds_per_variant"] = {t: d["seconds"] for t, d in ctx.results.details["tasks"].items()}
     if profiler is not None:

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import stats as sps
 
 DEFAULT_BOOTSTRAP = 2000
+DISCRETE_VALUES = 64  # paired differences with at most this many distinct values are resampled by counts
 
 
 def mean_stderr(x) -> tuple[float, float]:
@@ -33,12 +34,17 @@ def bootstrap_ratio_of_sums(num, den, n_boot: int = DEFAULT_BOOTSTRAP, seed: int
     """
     num = np.asarray(num, dtype=np.float64)
     den = np.asarray(den, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(den), size=(n_boot, len(den)))
+    idx = _resampled_rows(np.random.default_rng(seed), len(den), n_boot)
     d = den[idx].sum(axis=1)
     if num.ndim == 1:
         return num[idx].sum(axis=1) / d
     return num[idx].sum(axis=1) / d[:, None]
+
+
+def _resampled_rows(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
+    """[n_boot, n] row indices drawn with replacement (32-bit where they fit: ~5x faster to draw
+    and to gather with than 64-bit ones)."""
+    return rng.integers(0, n, size=(n_boot, n), dtype=np.int32 if n < 2**31 else np.int64)
 
 
 def percentile_ci(replicates, level: float = 0.95) -> list[float]:
@@ -50,8 +56,12 @@ def paired_bootstrap_mean_diff(a, b, n_boot: int = DEFAULT_BOOTSTRAP, seed: int 
     """95% interval of mean(b - a) over items scored by both (a: reference, b: candidate)."""
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, d.size, size=(n_boot, d.size))
-    return percentile_ci(d[idx].mean(axis=1))
+    values, counts = np.unique(d, return_counts=True)
+    if 0 < len(values) <= DISCRETE_VALUES:
+        # few distinct differences (-1/0/1 for paired accuracies): drawing n items with replacement
+        # draws how many of each value, a multinomial; the same distribution, without n draws each
+        return percentile_ci(rng.multinomial(d.size, counts / d.size, size=n_boot) @ values / d.size)
+    return percentile_ci(d[_resampled_rows(rng, d.size, n_boot)].mean(axis=1))
 
 
 def mcnemar_exact(a_correct, b_correct) -> tuple[float, int, int]:

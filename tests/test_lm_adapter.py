@@ -154,17 +154,22 @@ def test_same_answers_as_lm_eval_hflm(task_name, smollm2, data_dir):
     tm = stage.task_manager(stage.task_dirs(), data_dir)
     task = stage.load_task(tm, task_name)
     by_doc = stage.build_requests(task, limit=1 if task_name in ("boolq", "lambada_openai", "arc_challenge") else 2)
-    fast = stage.run_model(TorchLM(smollm2.model, smollm2.tokenizer, device="cpu"), task, by_doc)
-    fast_ll = stage.loglikelihoods(by_doc)
+    fast = {}
+    fast_ll = {}
+    for packed in (False, True):  # padded batches, and packed ones (masked-attention reference on CPU)
+        lm = TorchLM(smollm2.model, smollm2.tokenizer, device="cpu", packed=packed)
+        fast[packed] = stage.run_model(lm, task, by_doc)
+        fast_ll[packed] = stage.loglikelihoods(by_doc)
     hf = HFLM(pretrained=smollm2.model, tokenizer=smollm2.tokenizer, batch_size=4, device="cpu")
     ref = stage.run_model(hf, task, by_doc)
     ref_ll = stage.loglikelihoods(by_doc)
-    for a, b in zip(fast_ll, ref_ll):
-        assert a == pytest.approx(b, rel=2e-5, abs=1e-3)  # fp32 sums over ~30 tokens
-    for doc_id in fast:
-        for metric in ("acc", "acc_norm"):
-            if metric in fast[doc_id]:
-                assert fast[doc_id][metric] == ref[doc_id][metric]
+    for packed in (False, True):
+        for a, b in zip(fast_ll[packed], ref_ll):
+            assert a == pytest.approx(b, rel=2e-5, abs=1e-3)  # fp32 sums over ~30 tokens
+        for doc_id in fast[packed]:
+            for metric in ("acc", "acc_norm"):
+                if metric in fast[packed][doc_id]:
+                    assert fast[packed][doc_id][metric] == ref[doc_id][metric]
 
 
 @pytest.mark.gpu
@@ -181,12 +186,120 @@ def test_bf16_on_gpu_agrees_with_fp32_and_with_itself_across_batchings(smollm2):
     model = copy.deepcopy(smollm2.model).to("cuda", torch.bfloat16)
     insts = _instances("loglikelihood", REQUESTS * 3)
     ref = TorchLM(smollm2.model, smollm2.tokenizer, device="cpu").loglikelihood(insts)
-    one = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=1).loglikelihood(insts)
-    many = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=256).loglikelihood(insts)
-    batch_diff = [abs(a - b) for (a, _), (b, _) in zip(one, many)]
-    fp32_diff = [abs(a - r) for (a, _), (r, _) in zip(one, ref)]
-    assert max(batch_diff) < 0.25 and sum(batch_diff) / len(batch_diff) < 0.1
-    assert max(fp32_diff) < 0.6 and sum(fp32_diff) / len(fp32_diff) < 0.25
+    one = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=1, packed=False).loglikelihood(insts)
+    many = TorchLM(model, smollm2.tokenizer, device="cuda", batch_size=256, packed=False).loglikelihood(insts)
+    packed_lm = TorchLM(model, smollm2.tokenizer, device="cuda")  # automatic: packed, flash varlen attention
+    packed = packed_lm.loglikelihood(insts)
+    assert packed_lm._packed_forward() is not None and packed_lm._packed.attention == "varlen"
+    for other in (many, packed):
+        batch_diff = [abs(a - b) for (a, _), (b, _) in zip(one, other)]
+        assert max(batch_diff) < 0.25 and sum(batch_diff) / len(batch_diff) < 0.1
+    for got in (one, packed):
+        fp32_diff = [abs(a - r) for (a, _), (r, _) in zip(got, ref)]
+        assert max(fp32_diff) < 0.6 and sum(fp32_diff) / len(fp32_diff) < 0.25
+
+
+def multiple_choice_requests(seed: int = 0):
+    """Requests as multiple-choice tasks make them: several continuations (of 1-4 tokens) after one
+    context, a context repeated in another item, and the rest of :func:`token_requests`."""
+    g = torch.Generator().manual_seed(seed)
+    reqs = token_requests(seed=seed)
+    for item in range(3):
+        ctx = torch.randint(0, 256, (12 + 5 * item,), generator=g).tolist()
+        for choice in range(4):
+            cont = torch.randint(0, 256, (1 + (choice + item) % 4,), generator=g).tolist()
+            reqs.append(((f"mc{item}", str(choice)), ctx, cont))
+    reqs.append((("again", "0"), reqs[-1][1], [9, 9]))  # the last item's context, a fresh continuation
+    return reqs
+
+
+@pytest.mark.parametrize("budget", [None, 24], ids=["one_batch", "many_batches"])
+def test_packed_batches_equal_padded_ones_and_the_direct_computation(budget):
+    """Prefixes computed once, their continuations packed after them (masked-attention reference on
+    CPU): the same log-likelihoods and greedy flags as padded batches and as one forward per request,
+    also with left truncation."""
+    model = make_tiny_llama(seed=6)
+    reqs = multiple_choice_requests()
+    for max_length in (None, 16):
+        packed = TorchLM(model, None, device="cpu", packed=True, batch_tokens=budget, max_length=max_length)
+        got = packed._loglikelihood_tokens(reqs)
+        padded = TorchLM(model, None, device="cpu", packed=False, max_length=max_length)._loglikelihood_tokens(reqs)
+        for (_, ctx, cont), (ll, greedy), (ll_pad, greedy_pad) in zip(reqs, got, padded):
+            ref, ref_greedy = direct_loglikelihood(model, ctx, cont, max_length=max_length or 10**9)
+            assert ll == pytest.approx(ref, abs=1e-4) and ll == pytest.approx(ll_pad, abs=1e-4)
+            assert greedy == ref_greedy == greedy_pad
+        plan = packed._plan(reqs)
+        assert (len(plan.batches) > 1) == (budget is not None)
+
+
+def test_packed_plan_computes_each_prefix_once():
+    """One context and four continuations cost the context once plus each continuation but its last
+    token; each continuation's keys are the context's slots and its own."""
+    from evalsuite.measure.lm_adapter import _PackedBatch
+
+    ctx = list(range(10, 30))
+    conts = [[1], [2, 3], [4, 5, 6], [7, 8, 9, 10]]
+    lm = TorchLM(make_tiny_llama(), None, device="cpu", packed=True)
+    (batch,) = lm._plan([((str(k), ""), ctx, c) for k, c in enumerate(conts)]).batches
+    assert isinstance(batch, _PackedBatch)
+    assert len(batch.ids) == len(ctx) + sum(len(c) - 1 for c in conts)
+    assert batch.ids.tolist() == ctx + [7, 8, 9] + [4, 5] + [2]  # the longest suffix after the context
+    assert batch.cu_q.tolist() == [0, 23, 25, 26]  # the empty suffix has no segment
+    assert batch.positions[23:].tolist() == [20, 21, 20]
+    assert batch.key_index[batch.cu_k[1]:batch.cu_k[2]].tolist() == list(range(20)) + [23, 24]
+    assert batch.key_index[batch.cu_k[2]:].tolist() == list(range(20)) + [25]
+    assert sorted(batch.owners) == [0, 1, 2, 3]
+    # the one-token continuation reads the context's last slot only
+    k = batch.owners.index(0)
+    assert batch.scored[batch.flat_rows[batch.owner == k]].tolist() == [19]
+
+
+def test_packed_forwards_need_a_llama_model_and_stay_off_on_cpu_by_default():
+    from evalsuite.errors import EvalsuiteError
+
+    model = make_tiny_llama()
+    assert TorchLM(model, None, device="cpu")._packed_forward() is None  # automatic: GPU only
+    with pytest.raises(EvalsuiteError, match="Llama-architecture"):
+        TorchLM(LogitsOnly(model), None, device="cpu", packed=True)._packed_forward()
+
+
+def test_a_packed_forward_that_disagrees_with_the_model_is_not_used(monkeypatch):
+    """The probe compares packed logits with the model's own forward before trusting them: a packed
+    attention that lets tokens see the future fails it."""
+    from evalsuite.measure import packed as packed_mod
+
+    model = make_tiny_llama()
+    lm = TorchLM(model, None, device="cpu")
+    forward = packed_mod.packed_forward(model)
+    assert lm._probe_packed(forward)
+    monkeypatch.setattr(packed_mod, "segment_causal_mask",
+                        lambda cu_q, cu_k: torch.ones(int(cu_q[-1]), int(cu_k[-1]), dtype=torch.bool))
+    assert not lm._probe_packed(forward)
+
+
+def test_the_automatic_packed_choice_is_probed_once_per_model(monkeypatch):
+    """The stage makes an adapter per task and variant; the probe (a forward and a device sync) runs
+    once per model and setting, not for each."""
+    from evalsuite.measure import packed as packed_mod
+
+    def as_if_on_gpu(model):  # the masked reference, labelled as the GPU's choice
+        forward = packed_mod.PackedForward(model, "masked")
+        forward.attention = "varlen"
+        return forward
+
+    monkeypatch.setattr(packed_mod, "packed_forward", as_if_on_gpu)
+    probes = []
+    probe = TorchLM._probe_packed
+    monkeypatch.setattr(TorchLM, "_probe_packed", lambda self, f: probes.append(1) or probe(self, f))
+    model, other = make_tiny_llama(seed=1), make_tiny_llama(seed=2)
+    reqs = multiple_choice_requests()
+    first = TorchLM(model, None, device="cpu")._loglikelihood_tokens(reqs)
+    assert TorchLM(model, None, device="cpu")._loglikelihood_tokens(reqs) == first
+    assert TorchLM(model, None, device="cpu")._packed_forward() is not None and len(probes) == 1
+    TorchLM(other, None, device="cpu")._packed_forward()
+    model.double()
+    TorchLM(model, None, device="cpu")._packed_forward()
+    assert len(probes) == 3
 
 
 def test_scored_row_cap_does_not_change_results():

@@ -85,3 +85,32 @@ def test_unreadable_files_are_one_line_errors(tmp_path, text, match):
 
 def test_schema_tag():
     assert _results().to_dict()["schema"] == SCHEMA == "evalsuite.results/1"
+
+
+def test_sealed_details_are_encoded_once_and_saved_whole(tmp_path, monkeypatch):
+    """A checkpoint re-encodes only what can still change: sealed per-item data keeps its text."""
+    import evalsuite.results as results_mod
+
+    r = _results()
+    values = r.seal({"acc": [1.0, 0.0, 1.0], "ll": [[-1.5, -2.25], [-0.5, -3.0], [-1.0, -1.0]]})
+    r.details["tasks"] = {"arc_easy": {"values": {"fp": values}, "doc_ids": [0, 1, 2], 7: None, True: 1.5}}
+    encoded = []
+    real_dumps = json.dumps
+    monkeypatch.setattr(results_mod.json, "dumps", lambda v, **kw: encoded.append(v) or real_dumps(v, **kw))
+    r.save(tmp_path / "r.json")
+    r.details["tasks"]["arc_easy"]["doc_ids"].append(3)  # not sealed: the next save shows it
+    r.save(tmp_path / "r.json")
+    monkeypatch.undo()
+    assert sum(v is values for v in encoded) == 1
+    back = json.loads((tmp_path / "r.json").read_text())
+    assert back["details"] == json.loads(json.dumps(r.details))  # the json module's own text of the same data
+    assert back["details"]["tasks"]["arc_easy"]["doc_ids"] == [0, 1, 2, 3]
+    assert Results.load(tmp_path / "r.json").to_dict() == json.loads(json.dumps(r.to_dict()))
+
+
+def test_nan_in_details_is_refused(tmp_path):
+    r = _results()
+    r.details["tasks"] = {"x": r.seal({"ll": [math.nan]})}
+    with pytest.raises(ValueError):
+        r.save(tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()

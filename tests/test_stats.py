@@ -66,3 +66,21 @@ def test_mcnemar_matches_scipy_binomial():
     p, r2w, w2r = stats.mcnemar_exact(a, b)
     assert (r2w, w2r) == (4, 1)
     assert p == pytest.approx(sps.binomtest(1, 5, 0.5).pvalue)
+
+
+@pytest.mark.parametrize("continuous", [False, True], ids=["accuracies", "log_likelihoods"])
+def test_paired_bootstrap_matches_resampling_items(continuous):
+    """Paired 0/1 data is resampled by counts of each difference (a multinomial draw), continuous data
+    by items: both give the interval that resampling items directly gives, within Monte Carlo error."""
+    rng = np.random.default_rng(3)
+    a, b = _paired(rng, 300, 0.55, 0.5, 0.45)
+    a, b = a.astype(float), b.astype(float)
+    if continuous:
+        a, b = a + rng.normal(size=a.size), b + rng.normal(size=b.size)
+    d = b - a
+    idx = np.random.default_rng(9).integers(0, d.size, size=(20000, d.size))
+    ref = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
+    got = stats.paired_bootstrap_mean_diff(a, b, n_boot=20000, seed=1)
+    spread = d.std() / np.sqrt(d.size)  # the interval is ~4 of these wide
+    assert got == pytest.approx(list(ref), abs=0.1 * spread)  # Monte Carlo error ~0.03 spread
+    assert got[0] < d.mean() < got[1]

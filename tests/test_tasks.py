@@ -100,16 +100,19 @@ def test_bad_data_rows_are_named(tmp_path, bad_row, message):
                                   "copa", "openbookqa"])
 def test_session_compiles_each_template_once_and_builds_the_same_requests(name, data_dir, monkeypatch):
     """lm_eval_session's template cache and columnar document reading change speed only: the same
-    requests of the same documents, one compile per template."""
+    requests of the same documents, the same few-shot pool, one compile per template."""
     from lm_eval import utils
 
     tm = stage.task_manager(stage.task_dirs(), data_dir)
-    plain = stage.build_requests(stage.load_task(tm, name), limit=20)
+    plain_task = stage.load_task(tm, name)
+    plain = stage.build_requests(plain_task, limit=20)
     compiles = []
     from_string = utils.env.from_string
     monkeypatch.setattr(utils.env, "from_string", lambda t: compiles.append(t) or from_string(t))
     with stage.lm_eval_session():
-        cached = stage.build_requests(stage.load_task(tm, name), limit=20)
+        task = stage.load_task(tm, name)
+        cached = stage.build_requests(task, limit=20)
+    assert task.sampler.df == plain_task.sampler.df and len(task.sampler.df) > 20  # the same few-shot pool
     assert len(compiles) == len(set(compiles))
     assert compiles or name == "winogrande"  # winogrande's prompts are functions, not templates
     assert utils.apply_template("{{x}}!", {"x": 1}) == "1!"  # restored, still correct
@@ -238,6 +241,25 @@ def test_smollm2_run_of_two_tasks(smollm2, data_dir):
     assert res.get("tasks", "arc_easy", "fp", "acc_norm") is not None
 
 
+def test_an_error_while_scoring_surfaces_and_earlier_tasks_stay_recorded(smollm2, data_dir, monkeypatch):
+    """Variants are scored in a worker thread while the next ones run: an error there is the
+    stage's error, and what was scored before it is in the results."""
+    ctx = _context(smollm2, data_dir, tasks="copa,arc_easy,piqa", task_limit=2)
+    records = stage.variant_records
+
+    def failing(task, name, *args, **kw):
+        if name == "arc_easy":
+            raise RuntimeError("scoring failed")
+        return records(task, name, *args, **kw)
+
+    monkeypatch.setattr(stage, "variant_records", failing)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        stage.run(ctx)
+    assert ctx.results.get("tasks", "copa", "int8-wo", "delta_acc") is not None
+    assert len(ctx.results.details["tasks"]["copa"]["values"]) == 2
+    assert ctx.results.get("tasks", "arc_easy", "fp", "acc") is None
+
+
 def test_cli_bad_data_exits_2_and_keeps_earlier_tasks(smollm2_path, data_dir, tmp_path, capsys):
     """copa is evaluated, then a user task whose data has an out-of-range label: exit 2 with one line
     naming the file and line, and copa's records are in the saved results."""
@@ -257,3 +279,18 @@ def test_cli_bad_data_exits_2_and_keeps_earlier_tasks(smollm2_path, data_dir, tm
     assert saved.get("tasks", "copa", "fp", "acc") is not None
     assert saved.get("tasks", "copa", "int8-wo", "delta_acc") is not None
     assert any("mine.jsonl:2" in e["message"] for e in saved.errors)
+    copa = saved.details["tasks"]["copa"]  # per-item data is saved too
+    assert len(copa["values"]["int8-wo"]["acc"]) == len(copa["loglikelihoods"]["fp"]) == 2
+
+
+def test_host_settings_are_restored_even_after_an_error():
+    import gc
+    import sys
+
+    interval = sys.getswitchinterval()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with stage._host_tuned():
+            assert not gc.isenabled() and sys.getswitchinterval() <= 0.0005
+            raise RuntimeError
+    assert gc.isenabled() and sys.getswitchinterval() == interval

@@ -7,6 +7,10 @@ projection at every position; this adapter is the same computation, faster:
   estimated device time (padding included) is least (:func:`plan_batches`);
 - requests whose model input is identical (e.g. BoolQ's one-token " no"/" yes" after the same
   passage) share one forward;
+- on a GPU, a Llama-architecture model runs packed batches instead (:mod:`evalsuite.measure.packed`):
+  sequences back to back without padding, and a context shared by several continuations (ARC's four
+  answers to one question) computed once, each continuation attending to it. This is used only after
+  the packed logits matched the model's own forward on a probe input; ``packed=False`` turns it off;
 - the vocabulary projection runs only on the hidden states of the positions that are scored
   (a pre-hook on the model's head), and the normaliser (logsumexp) runs in float32 on those rows only;
 - tokenization is batched and can be shared between the adapters of several variants (tokens do
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -47,6 +52,10 @@ PROBE_STRINGS = ("Question: What is 2 + 2?\nAnswer:", " Answer: four", "  two le
 # width W costs 1 + W / (ATTENTION_WIDTH_PER_HIDDEN x hidden size) (causal attention grows with W)
 MIN_COST_FRACTION = 8
 ATTENTION_WIDTH_PER_HIDDEN = 4
+
+
+# model -> ((adapter device, (weight device, dtype)), its PackedForward or None): the automatic choice
+_AUTO_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -74,18 +83,38 @@ class _Batch:
 
 
 @dataclass
+class _PackedBatch:
+    """One packed forward (``evalsuite.measure.packed``), prepared on the host: the tokens back to back
+    with their rotary positions, query/key segments, the scored token slots, and per answered request
+    (``owners``) its rows among the scored ones and its targets, as in :class:`_Batch`."""
+
+    owners: list[int]
+    ids: np.ndarray
+    positions: np.ndarray
+    key_index: np.ndarray | None
+    cu_q: np.ndarray
+    cu_k: np.ndarray
+    max_q: int
+    max_k: int
+    scored: np.ndarray
+    flat_rows: np.ndarray
+    flat_targets: np.ndarray
+    owner: np.ndarray
+
+
+@dataclass
 class _Plan:
     """Every batch of one set of requests, and each request's key (for lm-eval's cache hook)."""
 
     keys: list[Any]
-    batches: list[_Batch]
+    batches: list[_Batch] | list[_PackedBatch]
 
 
 class TorchLM(TemplateLM):
     """lm-eval ``TemplateLM`` over ``model`` (any module ``forward_logits`` can call).
 
-    ``batch_size`` caps sequences per forward (default 4096 on GPU, 32 on CPU), ``batch_tokens``
-    caps padded tokens per forward (default on GPU: what keeps the largest activation, tokens x MLP
+    ``batch_size`` caps sequences per forward (default 4096 on GPU, 32 on CPU; in packed batches,
+    contexts per forward), ``batch_tokens`` caps padded tokens per forward (default on GPU: what keeps the largest activation, tokens x MLP
     width in bf16, near 2 GiB, between 8k and 256k tokens; 4096 on CPU). Few large forwards matter on a
     GPU: a small model's eager forward is ~1,400 kernel launches, so the host, not the device, sets
     the pace of many small ones. ``encode_cache`` (a dict) may be shared between adapters of the same
@@ -97,7 +126,7 @@ class TorchLM(TemplateLM):
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device | str | None = None,
                  batch_size: int | None = None, batch_tokens: int | None = None, max_length: int | None = None,
                  encode_cache: dict[str, list[int]] | None = None, plan_cache: dict | None = None,
-                 show_progress: bool = False) -> None:
+                 show_progress: bool = False, packed: bool | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -121,6 +150,8 @@ class TorchLM(TemplateLM):
         self._direct: Any = None  # the tokenizer's Rust backend once checked (False: not usable)
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None) or 4096
         self.attention_width = ATTENTION_WIDTH_PER_HIDDEN * int(hidden)
+        self.packed = packed
+        self._packed: Any = None  # the PackedForward once decided (False: padded batches)
 
     # ----------------------------------------------------------------------------- tokens
     @property
@@ -193,7 +224,7 @@ class TorchLM(TemplateLM):
     def _plan_key(self, requests: list) -> tuple:
         """The same instances (by identity; the cache keeps them alive) under the same settings."""
         return (tuple(map(id, requests)), self.batch_size, self.batch_tokens, self.scored_rows, self.max_length,
-                self.attention_width, self.prefix_token_id)
+                self.attention_width, self.prefix_token_id, self._packed_forward() is not None)
 
     def _token_requests(self, requests: list) -> list[tuple[tuple, list[int], list[int]]]:
         pairs = _split_pairs(r.args for r in requests)
@@ -231,16 +262,13 @@ class TorchLM(TemplateLM):
 
     def _plan(self, requests) -> _Plan:
         """Group requests by model input (context + continuation without its last token, truncated
-        from the left to ``max_length``), sort the inputs by length and cut them into batches."""
+        from the left to ``max_length``), sort the inputs by length and cut them into batches; or,
+        where the model runs packed forwards, :meth:`_plan_packed`."""
+        if self._packed_forward() is not None:
+            return self._plan_packed(requests)
         groups: dict[tuple[int, ...], _Scored] = {}
-        cap = self.max_length + 1
         for i, (_, context_enc, continuation_enc) in enumerate(requests):
-            n = len(continuation_enc)
-            if not n:
-                raise EvalsuiteError("a request has an empty continuation; nothing to score")
-            window = [*context_enc, *continuation_enc][-cap:]
-            if n >= len(window):
-                raise EvalsuiteError(f"a continuation of {n} tokens does not fit max_length {self.max_length}")
+            window, n = self._window(context_enc, continuation_enc)
             inp = tuple(window[:-1])
             g = groups.get(inp)
             if g is None:
@@ -250,6 +278,93 @@ class TorchLM(TemplateLM):
             g.members.append((i, window[-n:]))
         ordered = sorted(groups.values(), key=lambda g: -len(g.tokens))
         return _Plan(keys=[r[0] for r in requests], batches=[_prepare(b) for b in self._batches(ordered)])
+
+    def _window(self, context_enc: list[int], continuation_enc: list[int]) -> tuple[list[int], int]:
+        """Context + continuation truncated from the left to ``max_length`` + 1 tokens, and the
+        continuation's length (checked: not empty, and shorter than the window)."""
+        n = len(continuation_enc)
+        if not n:
+            raise EvalsuiteError("a request has an empty continuation; nothing to score")
+        window = [*context_enc, *continuation_enc][-(self.max_length + 1):]
+        if n >= len(window):
+            raise EvalsuiteError(f"a continuation of {n} tokens does not fit max_length {self.max_length}")
+        return window, n
+
+    def _plan_packed(self, requests) -> _Plan:
+        """Group requests by prefix (the window before the continuation), and within a prefix by
+        suffix (the continuation without its last token): each prefix is computed once, each distinct
+        suffix once after it. Groups are packed back to back into batches under the token, scored-row
+        and sequence budgets, in the order first met."""
+        units: dict[tuple[int, ...], dict[tuple[int, ...], list[tuple[int, list[int]]]]] = {}
+        for i, (_, context_enc, continuation_enc) in enumerate(requests):
+            window, n = self._window(context_enc, continuation_enc)
+            cut = len(window) - n
+            units.setdefault(tuple(window[:cut]), {}).setdefault(tuple(window[cut:-1]), []).append((i, window[cut:]))
+        batches, current, tokens, rows = [], [], 0, 0
+        for prefix, suffixes in units.items():
+            # the longest suffix shares the prefix's segment; an empty one (one-token continuations)
+            # needs no segment: it reads the prefix's last slot
+            unit = (prefix, sorted(suffixes.items(), key=lambda kv: -len(kv[0])))
+            t = len(prefix) + sum(len(x) for x in suffixes)
+            r = 1 + sum(len(x) for x in suffixes)
+            if current and (tokens + t > self.batch_tokens or rows + r > self.scored_rows
+                            or len(current) >= self.batch_size):
+                batches.append(_prepare_packed(current))
+                current, tokens, rows = [], 0, 0
+            current.append(unit)
+            tokens += t
+            rows += r
+        if current:
+            batches.append(_prepare_packed(current))
+        return _Plan(keys=[r[0] for r in requests], batches=batches)
+
+    def _packed_forward(self) -> Any:
+        """The model's PackedForward when packed batches are used, else None. Automatic (``packed``
+        None): on a GPU, for a Llama-architecture model whose packed logits match its own forward on a
+        probe input (decided once per model, device and dtype: the tasks stage makes an adapter per
+        task and variant); ``packed=True`` asks for it anywhere (a masked-attention reference off the
+        GPU)."""
+        if self._packed is None:
+            from evalsuite.measure.packed import packed_forward
+
+            chosen = None
+            if self.packed:
+                chosen = packed_forward(self.model)
+                if chosen is None:
+                    raise EvalsuiteError(f"packed forwards need a Llama-architecture model, not a "
+                                         f"{type(self.model).__name__}")
+            elif self.packed is None:
+                weight = next(self.model.parameters(), None)
+                setting = (self._device, None if weight is None else (weight.device, weight.dtype))
+                known = _AUTO_PACKED.get(self.model)
+                if known is not None and known[0] == setting:
+                    chosen = known[1]
+                else:
+                    forward = packed_forward(self.model)
+                    if forward is not None and forward.attention == "varlen" and self._probe_packed(forward):
+                        chosen = forward
+                    _AUTO_PACKED[self.model] = (setting, chosen)
+            self._packed = chosen if chosen is not None else False
+        return self._packed or None
+
+    def _probe_packed(self, forward: Any) -> bool:
+        """Do packed logits equal the model's own forward on a small input (a prefix, two suffixes)?
+        Relative L2 error within 2% in 16-bit, 1e-4 in float32; else the padded path is used."""
+        vocab = int(getattr(getattr(self.model, "config", None), "vocab_size", 0) or 100)
+        g = torch.Generator().manual_seed(0)
+        prefix, s1, s2 = (torch.randint(0, vocab, (n,), generator=g).tolist() for n in (9, 3, 2))
+        reqs = [(("probe", "1"), prefix, s1 + [1]), (("probe", "2"), prefix, s2 + [1])]
+        (batch,) = self._plan_packed(reqs).batches
+        with torch.inference_mode():
+            got = self._packed_logits(batch, forward).float()
+            ids = torch.tensor([prefix + s1, prefix + s2 + [0]], device=self._device)
+            full = forward_logits(self.model, ids)
+        # each request scores its prefix's last position and its suffix's: from position 8 on
+        rows = {0: full[0, 8:12], 1: full[1, 8:11]}
+        want = torch.cat([rows[i] for i in batch.owners]).float()
+        got = got[torch.as_tensor(batch.flat_rows, device=got.device)]
+        tolerance = 1e-4 if full.dtype == torch.float32 else 2e-2
+        return bool(((got - want).norm() / want.norm()).item() <= tolerance)
 
     def _answer(self, plan: _Plan, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         owners: list[int] = []
@@ -286,7 +401,10 @@ class TorchLM(TemplateLM):
         """Queue one batch: (on the device, not yet read) each answered request's float64
         log-likelihood and count of non-greedy tokens, in ``batch.owners`` order."""
         dev = self._to_device
-        selected = self._logits_at(dev(batch.ids), dev(batch.rows), dev(batch.positions)).float()
+        if isinstance(batch, _PackedBatch):
+            selected = self._packed_logits(batch, self._packed).float()
+        else:
+            selected = self._logits_at(dev(batch.ids), dev(batch.rows), dev(batch.positions)).float()
         # log p(target) = logit(target) - logsumexp(logits): no [N, vocab] log-softmax is written
         log_z = torch.logsumexp(selected, dim=-1)
         greedy = selected.argmax(dim=-1)
@@ -297,6 +415,12 @@ class TorchLM(TemplateLM):
         sums = torch.zeros(n, dtype=torch.float64, device=self._device).index_add_(0, own, token_lp)
         misses = torch.zeros(n, dtype=torch.int32, device=self._device).index_add_(0, own, token_miss)
         return sums, misses
+
+    def _packed_logits(self, batch: _PackedBatch, forward: Any) -> torch.Tensor:
+        dev = self._to_device
+        return forward.logits(dev(batch.ids), dev(batch.positions),
+                              None if batch.key_index is None else dev(batch.key_index), dev(batch.cu_q),
+                              dev(batch.cu_k), batch.max_q, batch.max_k, dev(batch.scored))
 
     def _logits_at(self, ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] at the given (row, position) pairs (index tensors on the device) of a
@@ -419,6 +543,79 @@ def _prepare(batch: list[_Scored]) -> _Batch:
                                dtype=np.int64, count=int(n.sum()))
     return _Batch(owners=owners, ids=ids, rows=rows, positions=positions, flat_rows=flat_rows,
                   flat_targets=flat_targets, owner=np.repeat(np.arange(len(owners)), n))
+
+
+def _prepare_packed(units: list[tuple[tuple[int, ...], list[tuple[tuple[int, ...], list]]]]) -> _PackedBatch:
+    """The host arrays of one packed batch (see :class:`_PackedBatch`). Per unit (a prefix and its
+    suffixes, longest first): one segment of the prefix and its first suffix, then one segment per
+    further non-empty suffix whose keys are the prefix's slots and its own. A request with suffix S
+    scores the prefix's last slot and S's slots.
+
+    The loops below handle one number per segment or request; token-level arrays are built from
+    them with numpy (``_ranges``)."""
+    pieces: list[tuple[int, ...]] = []  # the token ids, in order
+    seg_len, seg_pos = [], []  # per query segment: length, rotary position of its first token
+    key_start, key_len = [], []  # key slots as ranges (a shared segment has two: the prefix's, its own)
+    key_seg_len = []  # per key segment: its number of keys
+    scored_start, scored_len = [], []  # scored slots as ranges
+    owners, req_last, req_first, req_len = [], [], [], []  # per request
+    targets: list[list[int]] = []
+    slot = rows = 0  # tokens and scored rows so far
+    shared = False
+    for prefix, suffixes in units:
+        p = len(prefix)
+        start, last_row = slot, rows
+        scored_start.append(start + p - 1)
+        scored_len.append(1)
+        rows += 1
+        for k, (suffix, members) in enumerate(suffixes):
+            m = len(suffix)
+            if k == 0:
+                pieces += (prefix, suffix)
+                seg_len.append(p + m)
+                seg_pos.append(0)
+                key_start.append(start)
+                key_len.append(p + m)
+                key_seg_len.append(p + m)
+                slot = start + p  # the suffix's first slot
+            elif m:
+                shared = True
+                pieces.append(suffix)
+                seg_len.append(m)
+                seg_pos.append(p)
+                key_start += (start, slot)
+                key_len += (p, m)
+                key_seg_len.append(p + m)
+            scored_start.append(slot)
+            scored_len.append(m)
+            for i, tgt in members:
+                owners.append(i)
+                req_last.append(last_row)
+                req_first.append(rows)
+                req_len.append(m + 1)
+                targets.append(tgt)
+            rows += m
+            slot += m
+    seg = np.asarray(seg_len, dtype=np.int64)
+    n_tokens = int(seg.sum())
+    req_n = np.asarray(req_len, dtype=np.int64)
+    # a request's rows: the prefix's last slot's row, then its suffix's rows
+    flat_rows = np.repeat(np.asarray(req_first, dtype=np.int64) - 1, req_n) + _ranges(req_n)
+    flat_rows[np.cumsum(req_n) - req_n] = req_last
+    cu_q = np.concatenate([[0], np.cumsum(seg)]).astype(np.int32)
+    cu_k = np.concatenate([[0], np.cumsum(key_seg_len)]).astype(np.int32)
+    klen = np.asarray(key_len, dtype=np.int64)
+    slen = np.asarray(scored_len, dtype=np.int64)
+    return _PackedBatch(
+        owners=owners,
+        ids=np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int64, count=n_tokens),
+        positions=np.repeat(np.asarray(seg_pos, dtype=np.int64), seg) + _ranges(seg),
+        key_index=np.repeat(np.asarray(key_start, dtype=np.int64), klen) + _ranges(klen) if shared else None,
+        cu_q=cu_q, cu_k=cu_k, max_q=int(seg.max()), max_k=int(max(key_seg_len)),
+        scored=np.repeat(np.asarray(scored_start, dtype=np.int64), slen) + _ranges(slen),
+        flat_rows=flat_rows,
+        flat_targets=np.fromiter(itertools.chain.from_iterable(targets), dtype=np.int64, count=int(req_n.sum())),
+        owner=np.repeat(np.arange(len(owners)), req_n))
 
 
 def _split_pairs(args: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
