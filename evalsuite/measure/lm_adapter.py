@@ -114,8 +114,10 @@ class TorchLM(TemplateLM):
     """lm-eval ``TemplateLM`` over ``model`` (any module ``forward_logits`` can call).
 
     ``batch_size`` caps sequences per forward (default 4096 on GPU, 32 on CPU; in packed batches,
-    contexts per forward), ``batch_tokens`` caps padded tokens per forward (default on GPU: what keeps the largest activation, tokens x MLP
-    width in bf16, near 2 GiB, between 8k and 256k tokens; 4096 on CPU). Few large forwards matter on a
+    contexts per forward), ``batch_tokens`` caps padded tokens per forward (default on GPU: what
+    keeps the largest activation, tokens x MLP width in bf16, near 2 GiB, between 8k and 256k tokens;
+    4096 on CPU). ``packed``: None chooses packed batches where they apply (see the module doc), True
+    asks for them, False turns them off. Few large forwards matter on a
     GPU: a small model's eager forward is ~1,400 kernel launches, so the host, not the device, sets
     the pace of many small ones. ``encode_cache`` (a dict) may be shared between adapters of the same
     tokenizer; ``plan_cache`` (a dict) between adapters of the same tokenizer and settings that answer
