@@ -432,7 +432,7 @@ def run(ctx) -> None:
             for future in tokenized:
                 if future is not None:
                     future.cancel()
-    scoring.close()
+        scoring.close()  # inside the session: lm-eval's scoring runs as it did in the loop
 
 
 class _Scoring:
