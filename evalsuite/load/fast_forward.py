@@ -32,6 +32,7 @@ Without Triton (CPU-only installs) the module imports and ``fast_forward`` patch
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -188,9 +189,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 # ---- which modules qualify
 
-def _same_code(f: Callable, g: Callable) -> bool:
-    """Same bytecode, names and constants: a copied forward (transformers' "Copied from" classes)."""
-    a, b = getattr(f, "__code__", None), getattr(g, "__code__", None)
+def same_code(f: Callable, g: Callable) -> bool:
+    """Same bytecode, names and constants beneath any decorators: a copied forward (transformers'
+    "Copied from" classes)."""
+    a, b = (getattr(inspect.unwrap(x), "__code__", None) for x in (f, g))
     return (a is not None and b is not None and a.co_code == b.co_code and a.co_names == b.co_names
             and a.co_consts == b.co_consts)
 
@@ -211,7 +213,7 @@ def _norm_eps(m: nn.Module) -> float | None:
     if type(m) is GptFastRMSNorm:
         return float(m.eps)
     if (type(m).__name__.endswith("RMSNorm") and isinstance(getattr(m, "variance_epsilon", None), float)
-            and _same_code(type(m).forward, _llama_reference().LlamaRMSNorm.forward)):
+            and same_code(type(m).forward, _llama_reference().LlamaRMSNorm.forward)):
         return m.variance_epsilon
     return None
 
@@ -223,7 +225,7 @@ def _is_swiglu_mlp(m: nn.Module) -> bool:
     silu_types = (nn.SiLU, getattr(activations, "SiLUActivation", nn.SiLU))
     return (all(isinstance(getattr(m, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
             and isinstance(getattr(m, "act_fn", None), silu_types)
-            and _same_code(type(m).forward, _llama_reference().LlamaMLP.forward))
+            and same_code(type(m).forward, _llama_reference().LlamaMLP.forward))
 
 
 def _rotate_half_reference(q, k, cos, sin):

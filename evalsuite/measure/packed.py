@@ -24,22 +24,12 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def _code(f: Callable) -> Any:
-    return getattr(inspect.unwrap(f), "__code__", None)
-
-
-def _same_code(f: Callable, g: Callable) -> bool:
-    """Same bytecode, names and constants beneath any decorators (a copied forward)."""
-    a, b = _code(f), _code(g)
-    return (a is not None and b is not None and a.co_code == b.co_code and a.co_names == b.co_names
-            and a.co_consts == b.co_consts)
+from evalsuite.load.fast_forward import same_code
 
 
 def varlen_attention() -> Callable | None:
@@ -71,7 +61,7 @@ class PackedForward:
         inner = self.inner
         hidden = inner.embed_tokens(ids[None])
         cos, sin = inner.rotary_emb(hidden, positions[None])
-        attend = self._attend_fn(cu_q, cu_k, max_q, max_k, key_index, ids.shape[0])
+        attend = self._attend_fn(cu_q, cu_k, max_q, max_k)
         for layer in inner.layers[: inner.config.num_hidden_layers]:
             residual = hidden
             hidden = residual + self._attention(layer.self_attn, layer.input_layernorm(hidden), cos, sin,
@@ -97,7 +87,8 @@ class PackedForward:
         out = attend(q, k, v, attn.scaling)
         return attn.o_proj(out.reshape(1, n, -1))
 
-    def _attend_fn(self, cu_q, cu_k, max_q, max_k, key_index, n_tokens) -> Callable:
+    def _attend_fn(self, cu_q, cu_k, max_q, max_k) -> Callable:
+        """attend(q, k, v, scale) over the segments: flash varlen, or the masked reference."""
         if self._varlen is not None:
             varlen, kw = self._varlen, self._gqa_kw
 
@@ -151,7 +142,7 @@ def packed_forward(model: nn.Module) -> PackedForward | None:
                    (type(attn).forward, llama.LlamaAttention.forward)]
         if not callable(getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)):
             return None
-    if not isinstance(head, nn.Module) or not all(_same_code(f, g) for f, g in checks):
+    if not isinstance(head, nn.Module) or not all(same_code(f, g) for f, g in checks):
         return None
     weight = getattr(inner.embed_tokens, "weight", None) if hasattr(inner, "embed_tokens") else None
     if not isinstance(weight, torch.Tensor):
