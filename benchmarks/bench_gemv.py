@@ -1,6 +1,6 @@
 """Batch-1 int8 weight-only GEMV variants on Llama-2-7B's linear shapes, against the copy roofline.
 
-For every variant of ``evalsuite.quantize.kernels`` and every tile of its autotune space, on the
+For every variant of ``evalsuite.kernels.int8_gemv`` and every tile of its autotune space, on the
 shapes the speed stage's llama-2-7b decoder runs (gpt-fast fuses q/k/v into ``wqkv``; w1 and w3 are
 separate; the head is int8 in ``int8-wo+head``):
 
@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from evalsuite.measure import speed  # noqa: E402
-from evalsuite.quantize import kernels  # noqa: E402
+from evalsuite.kernels import int8_gemv as kernels  # noqa: E402
 
 # (name, N, K, calls per llama-2-7b decode step): 32 layers, int8 head
 SHAPES = [("wqkv", 12288, 4096, 32), ("wo", 4096, 4096, 32), ("w1|w3", 11008, 4096, 64),

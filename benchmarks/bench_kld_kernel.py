@@ -1,6 +1,6 @@
 """Microbenchmark of the ppl stage's per-token statistics: torch ``paired_token_stats`` (two float32
 log-softmax matrices, several passes) against the one-pass Triton kernel of
-``evalsuite.measure.kld_kernel``, on 16384 tokens x 49152 logits (SmolLM2's vocabulary) in bf16:
+``evalsuite.kernels.kld``, on 16384 tokens x 49152 logits (SmolLM2's vocabulary) in bf16:
 
     PYTHONPATH=. python3 benchmarks/bench_kld_kernel.py
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from benchutil import timed_ms, write_out  # noqa: E402
 
-from evalsuite.measure import kld_kernel as K  # noqa: E402
+from evalsuite.kernels import kld as K  # noqa: E402
 from evalsuite.measure import perplexity as P  # noqa: E402
 
 WIKITEXT2_ROWS = 152 * 2047

@@ -219,7 +219,9 @@ def test_nested_blocks_restore_in_order(tiny_llama):
 
 @needs_kernels
 def test_cpu_tensors_take_the_eager_path_without_the_interpreter(tiny_llama, counted, monkeypatch):
-    monkeypatch.setattr(ff, "INTERPRET", False)
+    from evalsuite.kernels import llama_fused
+
+    monkeypatch.setattr(llama_fused, "INTERPRET", False)  # the guard (kernels_apply) lives with the kernels
     ids = torch.arange(12).view(2, 6)
     tiny_llama.cpu()
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""int8 GEMV variants (evalsuite.quantize.kernels): every variant and every tile of its autotune
+"""int8 GEMV variants (evalsuite.kernels.int8_gemv): every variant and every tile of its autotune
 space equals the exact product within one rounding of the output dtype, on shapes that are not
 multiples of the tiles, with and without bias. Runs on CUDA or under TRITON_INTERPRET=1; skips
 without Triton."""
@@ -10,7 +10,7 @@ import torch
 
 from evalsuite.errors import EvalsuiteError
 
-kernels = pytest.importorskip("evalsuite.quantize.kernels")
+kernels = pytest.importorskip("evalsuite.kernels.int8_gemv")
 if not kernels.HAVE_TRITON:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
@@ -104,7 +104,9 @@ def test_fast_module_uses_the_selected_variant(monkeypatch):
     real = kernels._gemv
     monkeypatch.setattr(kernels, "_gemv", lambda *a: calls.append(a[4]) or real(*a))
     monkeypatch.setattr(kernels, "GEMV_VARIANT", "word")
-    with kernels.fast_int8(lin):
+    from evalsuite.quantize.fast_int8 import fast_int8
+
+    with fast_int8(lin):
         fast = lin(x).double()
     assert calls == ["word"]
     assert float((fast - ref).abs().max()) <= 1e-4 * float(ref.abs().max())

@@ -10,7 +10,7 @@ import torch
 from scipy.special import log_softmax as np_log_softmax
 from scipy.special import rel_entr
 
-from evalsuite.measure import kld_kernel as K
+from evalsuite.kernels import kld as K
 from evalsuite.measure import perplexity as P
 from tests.conftest import make_tiny_llama
 

@@ -314,7 +314,7 @@ def int8_layer(n: int, k: int, bias: bool, dtype: torch.dtype, device) -> nn.Mod
 
 
 def kernel_device():
-    from evalsuite.quantize import kernels
+    from evalsuite import kernels
 
     if not kernels.HAVE_TRITON:
         pytest.skip("Triton is not installed")
@@ -328,7 +328,7 @@ def kernel_device():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n, k, bias", [(70, 300, True), (64, 1024, False)])
 def test_int8_gemv_is_within_one_rounding_of_exact(n, k, bias, dtype):
-    from evalsuite.quantize import kernels
+    from evalsuite.quantize import fast_int8 as kernels
 
     dev = kernel_device()
     lin = int8_layer(n, k, bias, dtype, dev)
@@ -346,7 +346,9 @@ def test_int8_gemv_is_within_one_rounding_of_exact(n, k, bias, dtype):
 
 
 def test_fast_int8_falls_back_to_the_reference_where_it_does_not_apply():
-    from evalsuite.quantize import WeightOnlyInt8Linear, kernels
+    from evalsuite.kernels import INTERPRET
+    from evalsuite.quantize import WeightOnlyInt8Linear
+    from evalsuite.quantize import fast_int8 as kernels
 
     lin = int8_layer(24, 40, True, torch.float32, CPU)
     for x in (torch.randn(3, 40), torch.randn(2, 5, 40)):  # several rows: the reference path everywhere
@@ -355,7 +357,7 @@ def test_fast_int8_falls_back_to_the_reference_where_it_does_not_apply():
             assert isinstance(lin[0], kernels.FastWeightOnlyInt8Linear)
             assert torch.equal(lin(x), ref)
     assert type(lin[0]) is WeightOnlyInt8Linear
-    assert kernels.gemv_applies(torch.randn(1, 40), lin[0].weight) == (kernels.HAVE_TRITON and kernels.INTERPRET)
+    assert kernels.gemv_applies(torch.randn(1, 40), lin[0].weight) == (kernels.HAVE_TRITON and INTERPRET)
 
 
 def test_int8_kernel_option_without_cuda_is_recorded_not_timed(monkeypatch, tiny_llama):

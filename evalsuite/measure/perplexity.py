@@ -48,7 +48,8 @@ from evalsuite import stats
 from evalsuite.distributed import gather, shard
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load.model import forward_logits
-from evalsuite.measure import Stage, kld_kernel
+from evalsuite.kernels import kld as kld_kernel
+from evalsuite.measure import Stage
 
 NOISE = "fp@noise"
 PERCENTILES = (100, 99.9, 99, 95, 90, 50, 10, 5, 1, 0.1, 0)
@@ -211,7 +212,7 @@ def paired_token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: 
 def select_stats(device: torch.device, compile_stats: bool = False, fused: bool = True) -> tuple[Callable, Callable, str]:
     """The per-token statistics a run on ``device`` uses: ``(stats_fn, nll_fn, name)``. On CUDA with
     Triton (and ``fused``, i.e. not ``--kernels eager``) the one-pass fused kernels
-    (:mod:`evalsuite.measure.kld_kernel`, equal to float32 rounding); ``compile_stats``
+    (:mod:`evalsuite.kernels.kld`, equal to float32 rounding); ``compile_stats``
     (``--ppl-compile``) asks for the torch version under torch.compile."""
     if compile_stats:
         return torch.compile(paired_token_stats, dynamic=True), token_nll, "torch-compiled"

@@ -492,7 +492,7 @@ FAST_SUFFIX = "@triton"
 def with_fast_int8(variants: Callable[[], Any], dtype: torch.dtype, results, device: torch.device):
     """After each variant holding int8-wo modules, the same model again with the Triton GEMV
     forward (``<scheme>@triton``), after checking its outputs against the reference forward."""
-    from evalsuite.quantize import kernels
+    from evalsuite.quantize import fast_int8 as kernels
 
     def gen():
         for name, model in variants():

@@ -1,7 +1,4 @@
-"""Faster forward paths for quantized runtime modules: opt-in, device-guarded, checked against the
-reference forward. The handlers' numerics and their reference forwards are unchanged.
-
-int8 weight-only GEMV (Triton), for one row of activations (batch-1 decoding): each program owns
+"""int8 weight-only GEMV (Triton), for one row of activations (batch-1 decoding): each program owns
 BLOCK_N output channels and streams their int8 rows exactly once, accumulating ``x * q`` in float32,
 then applies the per-channel scale (and bias) and rounds once to the activation dtype:
 ``y = round((x @ q^T) * scales + bias)``. The reference ``F.linear(x, q.to(x.dtype)) * scales``
@@ -34,27 +31,17 @@ argument of ``int8_gemv``:
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
-from torch import nn
 
 from evalsuite.errors import EvalsuiteError
-from evalsuite.quantize.int8_wo import WeightOnlyInt8Linear
+from evalsuite.kernels import HAVE_TRITON, INTERPRET
 
-try:
+if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs have no Triton
-    HAVE_TRITON = False
-
-
-# read once: Triton decides at import whether kernels are interpreted, and a constant keeps the
-# guard below free of environment lookups inside torch.compile'd code
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 VARIANTS = ("base", "wide", "magic", "word", "splitk")
 # read once, like INTERPRET; set the module attribute (or pass ``variant=``) to switch at run time
@@ -349,40 +336,3 @@ def gemv_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     (or any device under the Triton interpreter, for testing)."""
     return (HAVE_TRITON and (x.is_cuda or INTERPRET) and x.numel() == x.shape[-1]
             and weight.is_contiguous() and weight.dtype == torch.int8)
-
-
-class FastWeightOnlyInt8Linear(WeightOnlyInt8Linear):
-    """WeightOnlyInt8Linear whose batch-1 forward is the Triton GEMV; same tensors, same state dict."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not gemv_applies(x, self.weight):
-            return super().forward(x)
-        y = int8_gemv(x, self.weight, self.scales, self.bias)
-        return y.view(*x.shape[:-1], self.out_features)
-
-
-@contextlib.contextmanager
-def fast_int8(model: nn.Module):
-    """Within the block every ``WeightOnlyInt8Linear`` of ``model`` runs the fast forward; yields how
-    many modules were switched. The classes are restored on exit (modules may be shared)."""
-    switched = [m for m in model.modules() if type(m) is WeightOnlyInt8Linear]
-    for m in switched:
-        m.__class__ = FastWeightOnlyInt8Linear
-    try:
-        yield len(switched)
-    finally:
-        for m in switched:
-            m.__class__ = WeightOnlyInt8Linear
-
-
-def check_fast_int8(model: nn.Module, dtype: torch.dtype, seed: int = 0) -> float:
-    """Largest |fast - reference| / max|reference| over the model's fast int8 modules for one random
-    row; the speed stage refuses to time a fast path whose error exceeds the dtype's rounding."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    worst = 0.0
-    for m in model.modules():
-        if isinstance(m, FastWeightOnlyInt8Linear):
-            x = torch.randn(1, m.in_features, generator=gen).to(device=m.weight.device, dtype=dtype)
-            ref = WeightOnlyInt8Linear.forward(m, x).float()
-            worst = max(worst, float((m(x).float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30)))
-    return worst

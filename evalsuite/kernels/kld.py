@@ -24,21 +24,15 @@ same bits as calling per window.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
+from evalsuite.kernels import HAVE_TRITON, INTERPRET
+
+if HAVE_TRITON:
     import triton
     import triton.language as tl
     import triton.testing
 
-    HAVE_TRITON = True
-except ImportError:  # CPU-only installs have no Triton
-    HAVE_TRITON = False
-
-# read once, as evalsuite.quantize.kernels does: Triton decides at import whether kernels are interpreted
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # interpreter (tests): one small fixed block of 64 logits, so small vocabularies still take whole
 # blocks and a tail
 INTERPRET_CONFIG = {"LANES": 8, "CHUNK": 8}
