@@ -426,7 +426,7 @@ def classify(rc: int | None, results_path: Path, log_path: Path, timeout: float 
         for v in results.verdicts:
             summary[v.get("verdict", "?")] = summary.get(v.get("verdict", "?"), 0) + 1
         failing = [{k: v.get(k) for k in ("check", "verdict", "reason", "command") if v.get(k) is not None}
-                   for v in results.verdicts if verdicts_exit_code([v])]
+                   for v in results.verdicts if verdicts_exit_code([v]) == 1]
     base = dict(name="", exit_code=rc, results=str(results_path) if results is not None else None,
                 verdicts=summary, failing_checks=failing)
     finished = results is not None and "finished" in results.run
