@@ -247,7 +247,7 @@ def _run_locked(args, stages, stage_objs, configs, model_path, data_dir, device,
         results.run["stages"] = [s for s in STAGE_MODULES if s in set(stages) | set(kept)]
         results.run["stages_finished"] = [s for s in STAGE_MODULES if s in kept]
         results.run["stage_seconds"] = {s: t for s, t in previous.run.get("stage_seconds", {}).items() if s in kept}
-        results.run["resumed_from"] = {"started": previous.run.get("started"), "kept_stages": results.run["stages_finished"]}
+        results.run["resumed_from"] = {"started": previous.run.get("started"), "kept_stages": list(results.run["stages_finished"])}
         if "tasks" in kept and "tasks_requested" in previous.run:
             results.run["tasks_requested"] = previous.run["tasks_requested"]
         results.run["partial"] = results.run["partial"] or bool(previous.run.get("partial"))
@@ -280,13 +280,14 @@ def _run_locked(args, stages, stage_objs, configs, model_path, data_dir, device,
 
         return _T()
 
-    def save_stopped(extra: dict) -> None:
+    def save_stopped(extra: dict) -> str:
+        """Save what a stopped run has; says where it is, in words for the one error line."""
         results.run.update(extra)
         try:
             checkpoint()
         except OSError as e:  # a full disk: the last good checkpoint stays, whole
-            print(f"evalsuite: could not save results ({e.strerror}); {results_path} holds the last checkpoint",
-                  file=sys.stderr)
+            return f"could not save the results ({e.strerror}); {results_path} holds the last checkpoint"
+        return f"results so far saved to {results_path}"
 
     skip = parse_skip(args.skip_layers)
     try:
@@ -322,20 +323,19 @@ def _run_locked(args, stages, stage_objs, configs, model_path, data_dir, device,
                     stage_objs[name].run(ctx)
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: say where, keep what was measured
         stage = results.run.get("running")
-        save_stopped({"interrupted": {"signal": signal_name(e), "stage": stage}, "ended": now()})
-        print(f"evalsuite: {signal_name(e)} during stage {stage}; results so far saved to {results_path}", file=sys.stderr)
+        saved = save_stopped({"interrupted": {"signal": signal_name(e), "stage": stage}, "ended": now()})
+        print(f"evalsuite: {signal_name(e)} during stage {stage}; {saved}", file=sys.stderr)
         raise
     except Exception as e:
         stage = results.run.get("running")
         user = user_error(e)
         if user is not None:
             results.add_error(stage, str(user))
-            save_stopped({"finished": now()})
-            raise EvalsuiteError(f"{user} (results so far saved to {results_path})") from None
+            raise EvalsuiteError(f"{user} ({save_stopped({'finished': now()})})") from None
         # a bug, not a user error: keep what was measured, then let it surface
         results.add_error(stage, f"internal error: {type(e).__name__}: {e}")
-        save_stopped({"finished": now()})
-        print(f"evalsuite: stage {stage!r} crashed; results so far saved to {results_path}", file=sys.stderr)
+        saved = save_stopped({"finished": now()})
+        print(f"evalsuite: stage {stage!r} crashed; {saved}", file=sys.stderr)
         raise
     results.run["finished"] = now()
     checkpoint()

@@ -186,19 +186,28 @@ def _load_hf(model_dir: Path, tok_dir: Path, gguf_file: str | None, tokenizer_pa
 @contextlib.contextmanager
 def _quiet_transformers():
     """transformers' load report and warnings off stderr while loading: ``check_loading_info``
-    turns what they would say into one error line, and the rest is noise in a CI log."""
+    turns what they would say into one error line, and the rest is noise in a CI log (torchao,
+    imported by transformers' loader, warns about its optional GPU kernels on every CPU host)."""
     from transformers.utils import logging as hf_logging
 
     level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     if os.environ.get("TQDM_DISABLE"):  # --no-progress, or stderr is not a terminal
         hf_logging.disable_progress_bar()
+    others = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    for name in others:
+        logging.getLogger(name).setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+        for name, lvl in others.items():
+            logging.getLogger(name).setLevel(lvl)
+
+
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 
 def _keys(x: Any) -> list:
