@@ -135,7 +135,7 @@ def _quick_ppl(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
 # 1. completeness is part of the verdict
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_a_run_stopped_by_a_signal_is_incomplete_not_passed(tiny_dir, tmp_path, sig, data_dir):
+def test_a_run_stopped_by_a_signal_is_incomplete_not_passed(tiny_dir, tmp_path, sig, data_dir, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "evalsuite", "run", "--model", str(tiny_dir), "--device", "cpu",
                              "--stages", "ppl,layers", "--ppl-context", "512", "--no-history", "--no-progress",
@@ -163,12 +163,13 @@ def test_a_run_stopped_by_a_signal_is_incomplete_not_passed(tiny_dir, tmp_path, 
         assert f"{sig.name} during stage ppl" in err
     results = str(out / "results.json")
     none = str(tmp_path / "no-baselines")  # no baseline found: nothing comparable, INCOMPLETE too
-    gate = _run("gate", "--candidate", results, "--baselines", none, "--no-history")
-    assert gate.returncode == 2, gate.stdout + gate.stderr
-    assert "gate INCOMPLETE" in gate.stdout and "PASSED" not in gate.stdout
-    assert "complete/stage/ppl" in gate.stdout and "complete/stage/layers" in gate.stdout
-    strict = _run("gate", "--candidate", results, "--baselines", none, "--no-history", "--strict")
-    assert strict.returncode == 1 and "gate FAILED" in strict.stdout
+    capsys.readouterr()
+    assert main(["gate", "--candidate", results, "--baselines", none, "--no-history"]) == 2
+    printed = capsys.readouterr().out
+    assert "gate INCOMPLETE" in printed and "PASSED" not in printed
+    assert "complete/stage/ppl" in printed and "complete/stage/layers" in printed
+    assert main(["gate", "--candidate", results, "--baselines", none, "--no-history", "--strict"]) == 1
+    assert "gate FAILED" in capsys.readouterr().out
 
 
 def _synthetic(stages=("ppl", "tasks"), finished=("ppl", "tasks"), tasks=("piqa", "arc_easy"),
