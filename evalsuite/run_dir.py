@@ -11,14 +11,18 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
 from pathlib import Path
 
 from evalsuite.errors import EvalsuiteError, user_error
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".evalsuite.lock"
 # what a run writes into its folder; --force removes exactly these
@@ -43,6 +47,13 @@ class OutDirLock:
                 os.close(fd)
                 raise EvalsuiteError(f"--out {self.path.parent}: another evalsuite run ({owner}) is writing this "
                                      "folder; wait for it or choose another --out") from None
+            except OSError as e:  # a file system without locks (some network mounts): run unlocked
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                log.warning("--out %s: this file system has no file locks; not guarding it against a second run",
+                            self.path.parent)
+                self.fd = fd
+                return self
             # the file may have been unlinked by its releasing owner between our open and flock
             try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
