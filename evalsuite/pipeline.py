@@ -299,6 +299,11 @@ def _run_locked(args, stages, stage_objs, configs, model_path, data_dir, device,
             if previous is not None and (previous.run.get("model") or {}).get("sha256") != info.sha256:
                 raise EvalsuiteError(f"--resume {previous_path}: the previous run measured another model "
                                      f"({(previous.run.get('model') or {}).get('name')}); use --force to replace it")
+            if getattr(args, "baseline", None):  # another model's or dtype's baseline: say so before the stages
+                from evalsuite.judge.baseline import check_identity, load_baselines
+
+                for b in load_baselines(args.baseline):
+                    check_identity(b, results, f"--baseline {args.baseline}")
         variants = {"fp": loaded.model}
         with timed("quantize"):
             for cfg in configs:

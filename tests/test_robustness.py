@@ -338,6 +338,14 @@ def test_bad_options_fail_before_the_model_loads(tiny_dir, tmp_path, capsys, ext
     assert not (tmp_path / "out").exists()
 
 
+def test_a_baseline_of_another_model_fails_before_the_stages(tiny_dir, tmp_path, capsys):
+    base = tmp_path / "other-model.json"
+    _synthetic().save(base)  # model "m", another sha256
+    _one_line_error(capsys, main(_quick_ppl(tiny_dir, tmp_path / "out", "--baseline", str(base))),
+                    "baseline is for model m")
+    assert not Results.load(tmp_path / "out" / "results.json").records  # no stage ran
+
+
 def test_nightly_args_that_do_not_parse_are_one_line(tmp_path, capsys):
     cfg = tmp_path / "m.yaml"
     cfg.write_text("entries:\n  - name: a\n    args: \"--limit 'unclosed\"\n")
