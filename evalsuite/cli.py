@@ -2,7 +2,8 @@
 called, so ``evalsuite --help`` is instant and lists them all.
 
 Exit codes: 0 every check passed, 1 a regression was flagged, 2 a usage or input error (one line on
-stderr, no traceback), 3 an internal error (a bug: traceback on stderr, results so far kept).
+stderr, no traceback) or an INCOMPLETE run (no verdict), 3 an internal error (a bug: traceback on
+stderr, results so far kept), 128 + N ended by signal N (130 Ctrl-C, 143 SIGTERM).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import importlib
 import sys
 
 from evalsuite import __version__
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, Interrupted, user_error
 
 EXIT_USAGE, EXIT_INTERNAL = 2, 3  # 0 and 1 are the commands' own: pass, regression
 
@@ -50,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     from evalsuite.load.model import prefer_expandable_segments
 
     prefer_expandable_segments()
+    from evalsuite.nightly import start_entry_watchdog
+
+    start_entry_watchdog()  # only under 'evalsuite nightly': ends this entry if the matrix dies or time runs out
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(command if command in COMMANDS else None)
@@ -63,10 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     except EvalsuiteError as e:
         print(f"evalsuite: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:
+        print(f"evalsuite: interrupted by {e}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print("evalsuite: interrupted", file=sys.stderr)
         return 130
-    except Exception:  # a bug in evalsuite: show it, and keep it apart from 1 (regression) and 2 (usage)
+    except Exception as e:  # a bug in evalsuite: show it, and keep it apart from 1 (regression) and 2 (usage)
+        mapped = user_error(e)  # ...unless it is a library's word for a user's mistake (a full disk)
+        if mapped is not None:
+            print(f"evalsuite: error: {mapped}", file=sys.stderr)
+            return EXIT_USAGE
         import traceback
 
         traceback.print_exc()

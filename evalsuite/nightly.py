@@ -18,6 +18,11 @@ Exit code of the matrix: 1 when any entry FAILed; otherwise 2 when any entry is 
 otherwise 0. A regression takes precedence over an error: it is a finding about the models that
 must block a release whatever else broke, while an error says the matrix is incomplete. A config
 file that does not validate exits 2 before anything runs.
+
+Clean-up: SIGTERM, SIGHUP and SIGINT to the matrix end the running entry's whole process group
+(SIGTERM, then SIGKILL after a grace period), record it as ERROR and write the summary. An entry
+whose matrix died without that chance (SIGKILL) is ended by its own watchdog thread (see
+``start_entry_watchdog``): when the matrix process is gone, or its ``timeout_s`` has passed.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evalsuite.config_file import read_mapping
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, raise_interrupted, signal_name
 
 SCHEMA = "evalsuite.nightly/1"
 PASS, FAIL, ERROR, NOT_RUN = "PASS", "FAIL", "ERROR", "NOT-RUN"
@@ -71,6 +77,9 @@ ENTRY_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
 TOP_KEYS = ("schema", "defaults", "matrix", "entries", "history")
 MATRIX_AXES = ("model", "quant", "stages")
 PATH_KEYS = ("model", "tokenizer", "data_dir", "baseline", "baselines")
+WATCHDOG_ENV = "EVALSUITE_WATCHDOG"  # "<matrix pid>:<deadline, epoch seconds, or 0>"
+GRACE_S = 5.0  # SIGTERM → SIGKILL: time for a run to record where it stopped
+WATCHDOG_SLACK_S = 5.0  # the matrix's own timeout fires first; the watchdog's is the backstop
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -242,6 +251,11 @@ def _check_options(row: Any, where: str) -> dict[str, Any]:
                 raise EvalsuiteError(f"{where}: {key}: environment variable {unset.group(1)} is not set")
         if key in ("quant", "stages", "skip_layers") and isinstance(value, list):
             value = [str(v) for v in value]
+        if key == "args" and isinstance(value, str):
+            try:
+                shlex.split(value)
+            except ValueError as e:
+                raise EvalsuiteError(f"{where}: args {value!r} does not parse as a command line ({e})") from None
         opts[key] = value
     try:
         if "stages" in opts:
@@ -280,13 +294,15 @@ def run_entry(entry: Entry, entry_dir: Path, command: list[str]) -> Outcome:
     if isinstance(entry.options.get("gates"), dict):
         import yaml
 
-        (entry_dir / "gates.yaml").write_text(yaml.safe_dump(entry.options["gates"], sort_keys=False))
+        _atomic_write(entry_dir / "gates.yaml", yaml.safe_dump(entry.options["gates"], sort_keys=False))
     results_path = entry_dir / "results.json"
     results_path.unlink(missing_ok=True)  # a stale file must not pass for this run's
     log_path = entry_dir / "run.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(_package_root()), os.environ.get("PYTHONPATH")) if p)}
     t0 = time.perf_counter()
     timeout = entry.options.get("timeout_s")
+    deadline = time.time() + timeout + WATCHDOG_SLACK_S if timeout else 0
+    env[WATCHDOG_ENV] = f"{os.getpid()}:{deadline:.0f}"
     with open(log_path, "w") as log:
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
@@ -311,12 +327,76 @@ def run_entry(entry: Entry, entry_dir: Path, command: list[str]) -> Outcome:
     return outcome
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _kill_group(proc: subprocess.Popen, grace: float = GRACE_S) -> None:
+    """End the entry's process group: SIGTERM (the run records where it stopped), then SIGKILL for
+    whatever is left after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        if not _group_alive(proc.pid):
+            break
     proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _process_alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def start_entry_watchdog() -> threading.Thread | None:
+    """In a process that a nightly matrix started (``$EVALSUITE_WATCHDOG`` set): a daemon thread
+    that ends this entry's process group when the matrix is gone (killed with no chance to clean
+    up) or the entry's deadline has passed, so no entry is ever left running orphaned."""
+    spec = os.environ.get(WATCHDOG_ENV)
+    if not spec:
+        return None
+    try:
+        matrix_pid, deadline = int(spec.split(":")[0]), float(spec.split(":")[1])
+    except (ValueError, IndexError):
+        return None
+    thread = threading.Thread(target=_watch, args=(matrix_pid, deadline), daemon=True, name="evalsuite-watchdog")
+    thread.start()
+    return thread
+
+
+def _watch(matrix_pid: int, deadline: float, every: float = 0.5) -> None:
+    while True:
+        time.sleep(every)
+        if deadline and time.time() > deadline:
+            why = "its timeout_s has passed"
+        elif not _process_alive(matrix_pid):
+            why = f"the nightly matrix (pid {matrix_pid}) that started it is gone"
+        else:
+            continue
+        print(f"evalsuite: watchdog: ending this nightly entry: {why}", file=sys.stderr, flush=True)
+        group = os.getpgrp()
+        os.killpg(group, signal.SIGTERM)
+        time.sleep(GRACE_S)
+        os.killpg(group, signal.SIGKILL)
+        return
 
 
 def _package_root() -> Path:
@@ -346,7 +426,7 @@ def classify(rc: int | None, results_path: Path, log_path: Path, timeout: float 
         for v in results.verdicts:
             summary[v.get("verdict", "?")] = summary.get(v.get("verdict", "?"), 0) + 1
         failing = [{k: v.get(k) for k in ("check", "verdict", "reason", "command") if v.get(k) is not None}
-                   for v in results.verdicts if verdicts_exit_code([v])]
+                   for v in results.verdicts if verdicts_exit_code([v]) == 1]
     base = dict(name="", exit_code=rc, results=str(results_path) if results is not None else None,
                 verdicts=summary, failing_checks=failing)
     finished = results is not None and "finished" in results.run
@@ -440,6 +520,17 @@ def main(args: argparse.Namespace) -> int:
 
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     outcomes: list[Outcome] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run_matrix(args, config, entries, selected, out, commands, started, outcomes)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _run_matrix(args, config, entries, selected, out, commands, started, outcomes) -> int:
     for i, e in enumerate(entries, 1):
         entry_dir = out / "entries" / e.name
         fingerprint = e.fingerprint(commands[e.name])
@@ -459,7 +550,17 @@ def main(args: argparse.Namespace) -> int:
             print(f"[{i}/{len(entries)}] {e.name}: {prev.status} (finished earlier; --rerun to run again)", flush=True)
         else:
             print(f"[{i}/{len(entries)}] {e.name}: running ...", flush=True)
-            outcome = run_entry(e, entry_dir, commands[e.name])
+            try:
+                outcome = run_entry(e, entry_dir, commands[e.name])
+            except KeyboardInterrupt as stop:  # the entry's processes are ended; say so, then stop
+                outcome = Outcome(name=e.name, status=ERROR, message=f"matrix interrupted by {signal_name(stop)}",
+                                  command=commands[e.name], log=str(entry_dir / "run.log"))
+                _atomic_write(entry_dir / "entry.json", json.dumps(outcome.to_dict(), indent=1) + "\n")
+                outcomes.append(outcome)
+                write_summary(out, config, started, outcomes, entries)
+                print(f"[{i}/{len(entries)}] {e.name}: ERROR: {outcome.message}; summary: {out / 'summary.md'}",
+                      flush=True)
+                raise
             _atomic_write(entry_dir / "entry.json", json.dumps(outcome.to_dict(), indent=1) + "\n")
             tail = f": {outcome.message}" if outcome.message else ""
             print(f"[{i}/{len(entries)}] {e.name}: {outcome.status} in {outcome.seconds:g} s{tail}", flush=True)
@@ -500,9 +601,9 @@ def write_summary(out: Path, config: Path, started: str, outcomes: list[Outcome]
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from evalsuite.results import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def _rows(outcomes: list[Outcome]) -> list[list[Any]]:

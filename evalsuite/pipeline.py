@@ -12,13 +12,14 @@ import importlib.metadata
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from evalsuite import __version__, distributed
-from evalsuite.errors import EvalsuiteError
+from evalsuite.errors import EvalsuiteError, raise_interrupted, signal_name, user_error
 from evalsuite.measure import STAGE_MODULES, get_stage, parse_stages
 from evalsuite.results import Results
 
@@ -42,7 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stages", default="all", help=f"comma separated from {', '.join(STAGE_MODULES)}; 'all' or 'none'")
     g.add_argument("--data-dir", default=os.environ.get("EVALSUITE_DATA_DIR"),
                    help="local evaluation data (also $EVALSUITE_DATA_DIR); default: the Hugging Face Hub")
-    g.add_argument("--out", help="output folder (default reports/runs/<time>-<model>)")
+    g.add_argument("--out", help="output folder (default reports/runs/<time>-<model>); one run at a time, and "
+                                 "never over another run's results unless --resume or --force")
+    g.add_argument("--resume", action="store_true",
+                   help="--out holds an unfinished run: keep its finished stages, run the missing ones")
+    g.add_argument("--force", action="store_true", help="replace the run --out holds (its results and reports)")
     g.add_argument("--limit", type=int, help="evaluate at most N windows/items per task (marks results partial)")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED)
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores this process may use)")
@@ -105,12 +110,51 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def validate_user_files(args: argparse.Namespace, stages: list[str]) -> None:
+    """Read every option and user file the judge and the stages will need, so that a typo in a
+    gates file or a missing baseline fails in a second, not after hours of stages."""
+    from evalsuite.judge import config_from_args
+    from evalsuite.judge.baseline import load_baselines
+
+    config_from_args(args)  # --gates (types and keys checked), --sigma
+    if getattr(args, "baseline", None):
+        load_baselines(args.baseline)
+    if getattr(args, "baselines", None) and Path(args.baselines).exists() and not Path(args.baselines).is_dir():
+        raise EvalsuiteError(f"--baselines {args.baselines}: is a file, not a folder (give it to --baseline)")
+    if "layers" in stages and getattr(args, "layer_thresholds", None):
+        from evalsuite.measure.layer_thresholds import load_thresholds
+
+        load_thresholds(args.layer_thresholds)
+    if args.resume and args.force:
+        raise EvalsuiteError("--resume and --force contradict each other; give one")
+
+
+RESUME_KEYS = ("schemes", "dtype", "kernels", "seed", "limit")
+
+
+def resumable(previous: Results, run: dict, path: Path) -> list[str]:
+    """The stages of ``previous`` a resumed run keeps; refuses one measured otherwise than this run."""
+    from evalsuite.judge.completeness import stages_finished
+
+    differs = [k for k in RESUME_KEYS if previous.run.get(k) != run.get(k)]
+    if (previous.run.get("device") or {}).get("type") != run["device"]["type"]:
+        differs.append("device")
+    if differs:
+        raise EvalsuiteError(f"--resume {path}: the previous run differs in {', '.join(differs)} "
+                             f"({', '.join(f'{k}={previous.run.get(k)!r}' for k in differs if k != 'device')}); "
+                             "resume with the same options or use --force")
+    return stages_finished(previous)
+
+
 def run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading anything heavy.
     from evalsuite.load.model import default_model_path, detect_format
     from evalsuite.quantize import parse_schemes
 
     stages = parse_stages(args.stages)
+    if not stages and args.stages.strip().lower() != "none":
+        raise EvalsuiteError(f"--stages {args.stages!r}: nothing to run; give stage names, 'all', or 'none' "
+                             "(load and quantize only, nothing judged)")
     configs = parse_schemes(args.quant)
     model_path = Path(args.model) if args.model else default_model_path()
     detect_format(model_path)
@@ -119,17 +163,15 @@ def run(args: argparse.Namespace) -> int:
         raise EvalsuiteError(f"--data-dir {data_dir}: no such directory")
     if args.limit is not None and args.limit < 1:
         raise EvalsuiteError("--limit must be at least 1")
-    stage_objs = [get_stage(s) for s in stages]
-    for stage in stage_objs:
+    stage_objs = {s: get_stage(s) for s in stages}
+    for stage in stage_objs.values():
         if stage.validate is not None:
             stage.validate(args)
+    validate_user_files(args, stages)
 
     import torch
 
-    from evalsuite.load import load_model
-    from evalsuite.measure.context import RunContext
-    from evalsuite.quantize import quantize_
-    from evalsuite.quantize.policy import parse_skip
+    from evalsuite import run_dir
 
     show_progress = sys.stderr.isatty() and not args.no_progress
     if not show_progress:  # libraries' own bars (GGUF conversion, weight loading) clutter CI logs
@@ -151,15 +193,40 @@ def run(args: argparse.Namespace) -> int:
     dtype_name, dtype = resolve_dtype(args.dtype, device)
     out_dir = Path(args.out) if args.out else default_out_dir(model_path.stem if model_path.is_file() else model_path.name)
     out_dir = distributed.broadcast(out_dir, dist_env.world_size)  # ranks' clocks may straddle a second
-    if dist_env.is_writer:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    results_path = out_dir / "results.json"
+    lock, previous_path = run_dir.claim(out_dir, args.resume, args.force) if dist_env.is_writer else (None, None)
+    # SIGTERM (a CI job cancelled, a nightly matrix stopping) and SIGHUP end a run as Ctrl-C does:
+    # where it stopped is recorded and the lock released
+    import threading
 
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return _run_locked(args, stages, stage_objs, configs, model_path, data_dir, device, dtype_name, dtype,
+                           dist_env, out_dir, previous_path, show_progress)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(args, stages, stage_objs, configs, model_path, data_dir, device, dtype_name, dtype, dist_env,
+                out_dir, previous_path, show_progress) -> int:
+    import torch
+
+    from evalsuite.load import load_model
+    from evalsuite.measure.context import RunContext
+    from evalsuite.quantize import quantize_
+    from evalsuite.quantize.policy import parse_skip
+
+    results_path = out_dir / "results.json"
     results = Results(run={
         "argv": sys.argv[1:],
         "started": now(),
         "schemes": [c.name for c in configs],
-        "stages": stages,
+        "stages": stages,  # requested; "stages_finished" says which ran to their end
+        "stages_finished": [],
         "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()},
         "dtype": dtype_name,
         "kernels": args.kernels,
@@ -172,65 +239,116 @@ def run(args: argparse.Namespace) -> int:
         "stage_seconds": {},
         "world_size": dist_env.world_size,
     })
+    previous = Results.load(previous_path) if previous_path is not None else None
+    to_run = list(stages)
+    if previous is not None:
+        kept = [s for s in resumable(previous, results.run, previous_path) if s in STAGE_MODULES]
+        to_run = [s for s in stages if s not in kept]
+        results.run["stages"] = [s for s in STAGE_MODULES if s in set(stages) | set(kept)]
+        results.run["stages_finished"] = [s for s in STAGE_MODULES if s in kept]
+        results.run["stage_seconds"] = {s: t for s, t in previous.run.get("stage_seconds", {}).items() if s in kept}
+        results.run["resumed_from"] = {"started": previous.run.get("started"), "kept_stages": list(results.run["stages_finished"])}
+        if "tasks" in kept and "tasks_requested" in previous.run:
+            results.run["tasks_requested"] = previous.run["tasks_requested"]
+        results.run["partial"] = results.run["partial"] or bool(previous.run.get("partial"))
+        results.records = [r for r in previous.records if r.stage in kept]
+        results.details = {k: v for k, v in previous.details.items() if k in kept}
+        results.errors = [e for e in previous.errors if e.get("stage") in kept]
+        print(f"resuming {previous_path}: keeping {', '.join(kept) or 'no stage'}; running {', '.join(to_run) or 'nothing'}",
+              file=sys.stderr)
 
     def checkpoint() -> None:
         if dist_env.is_writer:
             results.save(results_path)
 
-    def timed(name: str):
+    def timed(name: str, measure: bool = False):
         class _T:
             def __enter__(self):
+                results.run["running"] = name
                 self.t0 = time.perf_counter()
+                if measure:  # a run killed in this stage then says which one it was
+                    checkpoint()
 
-            def __exit__(self, *exc):
+            def __exit__(self, exc_type, *exc):
+                if exc_type is not None:  # a stage that raised did not finish: no time, not finished
+                    return
                 results.run["stage_seconds"][name] = round(time.perf_counter() - self.t0, 3)
+                if measure:
+                    results.run["stages_finished"].append(name)
+                results.run["running"] = None
                 checkpoint()
 
         return _T()
 
+    def save_stopped(extra: dict) -> str:
+        """Save what a stopped run has; says where it is, in words for the one error line."""
+        results.run.update(extra)
+        try:
+            checkpoint()
+        except OSError as e:  # a full disk: the last good checkpoint stays, whole
+            return f"could not save the results ({e.strerror}); {results_path} holds the last checkpoint"
+        return f"results so far saved to {results_path}"
+
     skip = parse_skip(args.skip_layers)
-    with timed("load"):
-        loaded = load_model(model_path, device=device, dtype=dtype, arch=args.arch, tokenizer_path=args.tokenizer)
-        info = loaded.info
-        results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
-                                "n_params": info.n_params, "arch": info.arch}
-    variants = {"fp": loaded.model}
-    with timed("quantize"):
-        for cfg in configs:
-            variants[cfg.name] = quantize_(copy.deepcopy(loaded.model), cfg, skip=skip)
-        results.run["quantized_layers"] = {
-            name: sum(1 for m in mod.modules() if type(m).__name__.endswith("Linear") and hasattr(m, "dequantize"))
-            for name, mod in variants.items() if name != "fp"
-        }
-
-    def reload(new_dtype):
-        return load_model(model_path, device=device, dtype=new_dtype, arch=args.arch, tokenizer_path=args.tokenizer).model
-
-    ctx = RunContext(
-        loaded=loaded, variants=variants, configs={c.name: c for c in configs}, device=device, dtype=dtype,
-        args=args, results=results, data_dir=data_dir, limit=args.limit, reload=reload, checkpoint=checkpoint,
-        show_progress=show_progress,
-        rank=dist_env.rank, world_size=dist_env.world_size,
-    )
     try:
-        for name, stage in zip(stages, stage_objs):
-            with timed(name):
+        with timed("load"):
+            loaded = load_model(model_path, device=device, dtype=dtype, arch=args.arch, tokenizer_path=args.tokenizer)
+            info = loaded.info
+            results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
+                                    "n_params": info.n_params, "arch": info.arch}
+            if previous is not None and (previous.run.get("model") or {}).get("sha256") != info.sha256:
+                raise EvalsuiteError(f"--resume {previous_path}: the previous run measured another model "
+                                     f"({(previous.run.get('model') or {}).get('name')}); use --force to replace it")
+            if getattr(args, "baseline", None):  # another model's or dtype's baseline: say so before the stages
+                from evalsuite.judge.baseline import check_identity, load_baselines
+
+                for b in load_baselines(args.baseline):
+                    check_identity(b, results, f"--baseline {args.baseline}")
+        variants = {"fp": loaded.model}
+        with timed("quantize"):
+            for cfg in configs:
+                variants[cfg.name] = quantize_(copy.deepcopy(loaded.model), cfg, skip=skip)
+            results.run["quantized_layers"] = {
+                name: sum(1 for m in mod.modules() if type(m).__name__.endswith("Linear") and hasattr(m, "dequantize"))
+                for name, mod in variants.items() if name != "fp"
+            }
+
+        def reload(new_dtype):
+            return load_model(model_path, device=device, dtype=new_dtype, arch=args.arch, tokenizer_path=args.tokenizer).model
+
+        ctx = RunContext(
+            loaded=loaded, variants=variants, configs={c.name: c for c in configs}, device=device, dtype=dtype,
+            args=args, results=results, data_dir=data_dir, limit=args.limit, reload=reload, checkpoint=checkpoint,
+            show_progress=show_progress,
+            rank=dist_env.rank, world_size=dist_env.world_size,
+        )
+        for name in to_run:
+            with timed(name, measure=True):
                 with torch.inference_mode():
-                    stage.run(ctx)
-    except EvalsuiteError as e:
-        results.add_error(name, str(e))
-        results.run["finished"] = now()
-        checkpoint()
-        raise EvalsuiteError(f"{e} (results so far saved to {results_path})") from None
-    except Exception as e:  # a bug, not a user error: keep what was measured, then let it surface
-        results.add_error(name, f"internal error: {type(e).__name__}: {e}")
-        results.run["finished"] = now()
-        checkpoint()
-        print(f"evalsuite: stage {name!r} crashed; results so far saved to {results_path}", file=sys.stderr)
+                    stage_objs[name].run(ctx)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: say where, keep what was measured
+        stage = results.run.get("running")
+        saved = save_stopped({"interrupted": {"signal": signal_name(e), "stage": stage}, "ended": now()})
+        print(f"evalsuite: {signal_name(e)} during stage {stage}; {saved}", file=sys.stderr)
+        raise
+    except Exception as e:
+        stage = results.run.get("running")
+        user = user_error(e)
+        if user is not None:
+            results.add_error(stage, str(user))
+            raise EvalsuiteError(f"{user} ({save_stopped({'finished': now()})})") from None
+        # a bug, not a user error: keep what was measured, then let it surface
+        results.add_error(stage, f"internal error: {type(e).__name__}: {e}")
+        saved = save_stopped({"finished": now()})
+        print(f"evalsuite: stage {stage!r} crashed; {saved}", file=sys.stderr)
         raise
     results.run["finished"] = now()
     checkpoint()
     code = finish(results, out_dir, args) if dist_env.is_writer else 0
+    if not stages:  # asked for load and quantize only: they worked; the verdict says INCOMPLETE
+        print("--stages none: loaded and quantized only; nothing was measured, so 'evalsuite gate' on these "
+              "results exits 2 (INCOMPLETE)")
+        code = 0 if code == 2 else code
     return distributed.broadcast(code, dist_env.world_size)  # every rank exits as rank 0 does
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from evalsuite.judge.baseline import DEFAULT_DIR, Baseline, baseline_checks, find_baselines, load_baselines
 from evalsuite.judge.checks import Check, exit_code, finalize
+from evalsuite.judge.completeness import completeness_checks
 from evalsuite.judge.config import GateConfig, load_gate_config
 from evalsuite.judge.within import within_run_checks
 from evalsuite.results import Results
@@ -41,12 +42,14 @@ def config_from_args(args: argparse.Namespace) -> GateConfig:
 
 def judge(results: Results, config: GateConfig, baselines: list[Baseline] | None = None,
           results_path: str | Path | None = None, baseline_dir: Path | None = None,
-          extra_checks: list[Check] | None = None) -> list[Check]:
-    """All checks of one results file: within-run limits, then each baseline's metrics."""
+          extra_checks: list[Check] | None = None, baseline_requested: bool = False) -> list[Check]:
+    """All checks of one results file: within-run limits, then each baseline's metrics, then
+    whether the run checked all it was asked to (``completeness``)."""
     checks = within_run_checks(results, config)
     for b in baselines or []:
         checks += baseline_checks(results, b, config, results_path=results_path, directory=baseline_dir)
     checks += extra_checks or []
+    checks += completeness_checks(results, checks, baseline_requested=baseline_requested)
     return finalize(checks, config.strict)
 
 
@@ -84,7 +87,7 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
     """Annotate ``results`` with verdicts, write the reports into ``out_dir``, print the tables,
     append the run to the history.
 
-    Returns the run's exit code: 1 when any gate failed, else 0.
+    Returns the run's exit code: 1 when any gate failed, else 2 when the run is INCOMPLETE, else 0.
     """
     from evalsuite.report import write_reports
     from evalsuite.report.table import colour_enabled, render_table, render_verdicts
@@ -93,7 +96,8 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
     results_path = out_dir / "results.json"
     config = config_from_args(args)
     baselines, missing, directory = resolve_baselines(results, args, results_path)
-    checks = judge(results, config, baselines, results_path=results_path, baseline_dir=directory, extra_checks=missing)
+    checks = judge(results, config, baselines, results_path=results_path, baseline_dir=directory, extra_checks=missing,
+                   baseline_requested=bool(getattr(args, "baseline", None)))
     annotate(results, checks)
     written = write_reports(results, out_dir)
     print(render_table(results))

@@ -9,7 +9,10 @@ Verdicts:
                     when the gate is strict (a jump is as suspicious as a drop);
 - ``WITHIN-NOISE``  the run cannot tell: the 95% interval straddles the limit, or the change is
                     larger than the fixed floor but inside the run's own noise;
-- ``SKIPPED``       the stage was not run, or the data to judge are missing or not comparable.
+- ``SKIPPED``       the stage was not run, or the data to judge are missing or not comparable;
+- ``INCOMPLETE``    the run did not check what it was asked to (interrupted, killed, a stage or task
+                    without records, a baseline with nothing comparable): no verdict, exit 2 (1 under
+                    ``--strict``); see ``completeness``.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 PASS, FAIL, IMPROVED, WITHIN_NOISE, SKIPPED = "PASS", "FAIL", "IMPROVED", "WITHIN-NOISE", "SKIPPED"
-VERDICTS = (FAIL, IMPROVED, WITHIN_NOISE, SKIPPED, PASS)
+INCOMPLETE = "INCOMPLETE"
+VERDICTS = (FAIL, INCOMPLETE, IMPROVED, WITHIN_NOISE, SKIPPED, PASS)
+EXIT_INCOMPLETE = 2  # as a usage error: the run cannot give a verdict
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
@@ -57,15 +62,18 @@ class Check:
 
 
 def finalize(checks: list[Check], strict: bool) -> list[Check]:
-    """Mark which checks fail the run: every FAIL, and every IMPROVED when ``strict``."""
+    """Mark which checks fail the run: every FAIL, and every IMPROVED and INCOMPLETE when ``strict``."""
     for c in checks:
-        c.failing = c.verdict == FAIL or (strict and c.verdict == IMPROVED)
+        c.failing = c.verdict == FAIL or (strict and c.verdict in (IMPROVED, INCOMPLETE))
     return checks
 
 
 def exit_code(verdicts: list[dict[str, Any]]) -> int:
-    """1 when any check fails the run, else 0."""
-    return 1 if any(v.get("failing", v.get("verdict") == FAIL) for v in verdicts) else 0
+    """1 when any check fails the run; else 2 when any is INCOMPLETE (no verdict); else 0. A
+    regression wins over incompleteness: it must block a release whatever else is missing."""
+    if any(v.get("failing", v.get("verdict") == FAIL) for v in verdicts):
+        return 1
+    return EXIT_INCOMPLETE if any(v.get("verdict") == INCOMPLETE for v in verdicts) else 0
 
 
 def fmt(x: float | None, digits: int = 4) -> str:

@@ -1,7 +1,8 @@
 """``evalsuite gate --baseline FILE --candidate FILE``: judge a results file against a baseline.
 
 Runs the within-run limits and the baseline comparison, prints the verdict table, optionally writes
-the reports (``--out``) and a JUnit file (``--junit``). Exit 1 when any check fails.
+the reports (``--out``) and a JUnit file (``--junit``). Exit 1 when any check fails, 2 when the
+candidate is INCOMPLETE (interrupted, a stage or task without records, nothing comparable).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
     if args.baseline and not baselines:
         raise EvalsuiteError(f"{args.baseline}: no baseline for variant(s) {', '.join(args.variant or [])}")
     checks = judge(candidate, config_from_args(args), baselines, results_path=args.candidate,
-                   baseline_dir=directory, extra_checks=missing)
+                   baseline_dir=directory, extra_checks=missing, baseline_requested=True)
     annotate(candidate, checks)
     print(render_verdicts(candidate.verdicts, color=colour_enabled()))
     if args.out:

@@ -17,7 +17,7 @@ from tabulate import tabulate
 from evalsuite.judge import DEFAULT_HISTORY
 from evalsuite.judge.checks import fmt
 from evalsuite.judge.history import Series, append_run, connect, flag_drift, load_series
-from evalsuite.results import Results
+from evalsuite.results import Results, write_bytes_atomic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,7 +57,7 @@ def plot_series(series: list[Series], path: Path, last: int) -> None:
     from evalsuite.report.plots import trend_figure
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(trend_figure(series, last))
+    write_bytes_atomic(path, trend_figure(series, last))
     print(f"plot: {path}")
 
 

@@ -138,6 +138,7 @@ def load_gate_config(path: str | Path | None = None, strict: bool | None = None,
         unknown = set(user) - set(DEFAULTS)
         if unknown:
             raise EvalsuiteError(f"--gates {p}: unknown keys {', '.join(sorted(unknown))}; known: {', '.join(DEFAULTS)}")
+        check_gate_types(user, f"--gates {p}")
         data = _merge(data, user)
     if strict is not None and strict:
         data["strict"] = True
@@ -146,3 +147,57 @@ def load_gate_config(path: str | Path | None = None, strict: bool | None = None,
             raise EvalsuiteError("--sigma must be positive")
         data["baseline"]["sigma"] = sigma
     return GateConfig(data)
+
+
+LIMIT_KEYS = ("kld_mean_max", "ppl_ratio_max", "max_acc_drop", "layer_sqnr_min_db", "speedup_min")
+BASELINE_KEYS = ("sigma", "abs_floor", "rel_floor", "exclude")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_gate_types(user: dict[str, Any], where: str) -> None:
+    """Every key and value type of a gates file, so that ``kld_mean_max: "0.1"`` or a misspelt
+    limit is a one-line error before the model loads, not a crash or a limit silently ignored."""
+    def bad(key: str, value: Any, want: str) -> EvalsuiteError:
+        return EvalsuiteError(f"{where}: {key} = {value!r}: expected {want}")
+
+    if "strict" in user and not isinstance(user["strict"], bool):
+        raise bad("strict", user["strict"], "true or false")
+    for key in ("layer_metric", "speed_devices"):
+        v = user.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise bad(key, v, "a list of names")
+    schemes = user.get("schemes", {})
+    if not isinstance(schemes, dict):
+        raise bad("schemes", schemes, "a mapping of scheme patterns to limits")
+    for pattern, limits in schemes.items():
+        if not isinstance(limits, dict):
+            raise bad(f"schemes.{pattern}", limits, "a mapping of limits")
+        unknown = set(limits) - set(LIMIT_KEYS)
+        if unknown:
+            raise EvalsuiteError(f"{where}: schemes.{pattern}: unknown limits {', '.join(sorted(map(str, unknown)))}; "
+                                 f"known: {', '.join(LIMIT_KEYS)}")
+        for key, v in limits.items():
+            if key == "speedup_min":
+                if not isinstance(v, dict) or not all(_number(x) for x in v.values()):
+                    raise bad(f"schemes.{pattern}.{key}", v, "a mapping of speed tasks to ratios")
+            elif v is not None and not _number(v):
+                raise bad(f"schemes.{pattern}.{key}", v, "a number")
+    base = user.get("baseline", {})
+    if not isinstance(base, dict):
+        raise bad("baseline", base, "a mapping")
+    unknown = set(base) - set(BASELINE_KEYS)
+    if unknown:
+        raise EvalsuiteError(f"{where}: baseline: unknown keys {', '.join(sorted(map(str, unknown)))}; "
+                             f"known: {', '.join(BASELINE_KEYS)}")
+    for key in ("sigma", "abs_floor"):
+        if key in base and (not _number(base[key]) or base[key] < 0 or (key == "sigma" and base[key] == 0)):
+            raise bad(f"baseline.{key}", base[key], "a positive number" if key == "sigma" else "a number ≥ 0")
+    rel = base.get("rel_floor", {})
+    if not isinstance(rel, dict) or not all(_number(x) and x >= 0 for x in rel.values()):
+        raise bad("baseline.rel_floor", rel, "a mapping of metric patterns to fractions ≥ 0")
+    exclude = base.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(x, str) for x in exclude):
+        raise bad("baseline.exclude", exclude, "a list of metric patterns")

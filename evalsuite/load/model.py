@@ -11,6 +11,7 @@ as safetensors under ``$EVALSUITE_CACHE`` (default ``~/.cache/evalsuite``), keye
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evalsuite.errors import EvalsuiteError, first_line
+from evalsuite.errors import EvalsuiteError, first_line, user_error
 from evalsuite.load import gptfast
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def load_model(
         model, tokenizer = _load_gguf(path, digest, tokenizer_path, cache)
     else:
         model, tokenizer = _load_gptfast(path, arch, tokenizer_path)
+    check_vocab(model, tokenizer, tokenizer_path or path)
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     cfg = model.config
     info = ModelInfo(
@@ -158,14 +160,102 @@ def load_model(
 def _load_hf(model_dir: Path, tok_dir: Path, gguf_file: str | None, tokenizer_path) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM
 
+    where = model_dir / gguf_file if gguf_file else model_dir
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise EvalsuiteError(f"{model_dir}: cannot load the model ({first_line(e)})") from None
+        with _quiet_transformers():
+            # mismatched shapes are reported in the loading info (and refused below) rather than
+            # raised with a pointer to a report we keep off stderr
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                model_dir, gguf_file=gguf_file, dtype=torch.float32, output_loading_info=True,
+                ignore_mismatched_sizes=True)
+    except Exception as e:
+        mapped = user_error(e, str(where))
+        if mapped is not None:
+            raise mapped from None
+        if isinstance(e, (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError)):
+            # TypeError/AttributeError: transformers 4.x builds the model from an unchecked config.json
+            raise EvalsuiteError(f"{where}: cannot load the model ({first_line(e)})") from None
+        raise
+    check_loading_info(loading, where)
     if tokenizer_path:
         return model, _load_tokenizer(tokenizer_path)
     has_tokenizer = gguf_file or any((tok_dir / f).is_file() for f in TOKENIZER_FILES)
     return model, _load_tokenizer(tok_dir, gguf_file) if has_tokenizer else None
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load report and warnings off stderr while loading: ``check_loading_info``
+    turns what they would say into one error line, and the rest is noise in a CI log (torchao,
+    imported by transformers' loader, warns about its optional GPU kernels on every CPU host)."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if os.environ.get("TQDM_DISABLE"):  # --no-progress, or stderr is not a terminal
+        hf_logging.disable_progress_bar()
+    others = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    for name in others:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        for name, lvl in others.items():
+            logging.getLogger(name).setLevel(lvl)
+
+
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def _keys(x: Any) -> list:
+    return sorted(x, key=str) if x else []
+
+
+def check_loading_info(loading: dict[str, Any], where: Path | str) -> None:
+    """Refuse a checkpoint that does not fill the model exactly: a tensor it lacks is left at its
+    random initialisation (a random-weights evaluation that would still "pass" some gates), a
+    tensor it has that the model does not use says it is another architecture, and a mis-shaped
+    one was re-initialised. The shape of ``loading`` differs between transformers 4.x (lists;
+    mismatches as (key, checkpoint shape, model shape)) and 5.x (sets)."""
+    missing, unexpected = _keys(loading.get("missing_keys")), _keys(loading.get("unexpected_keys"))
+    mismatched = _keys(loading.get("mismatched_keys"))
+    errors = [e for e in loading.get("error_msgs") or [] if e]
+
+    def some(keys: list) -> str:
+        return ", ".join(map(str, keys[:3])) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    if mismatched:
+        first = mismatched[0]
+        shapes = (f" (checkpoint {tuple(first[1])} vs model {tuple(first[2])})"
+                  if isinstance(first, (tuple, list)) and len(first) == 3 else "")
+        name = first[0] if isinstance(first, (tuple, list)) else first
+        more = f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""
+        raise EvalsuiteError(f"{where}: tensor {name} has the wrong shape{shapes}{more}; the checkpoint does not "
+                             "match its config.json")
+    if missing:
+        raise EvalsuiteError(f"{where}: the checkpoint lacks {len(missing)} tensor(s) the model needs ({some(missing)}); "
+                             "they would be evaluated at random initial values")
+    if unexpected:
+        raise EvalsuiteError(f"{where}: the checkpoint holds {len(unexpected)} tensor(s) the model does not use "
+                             f"({some(unexpected)}); it is not the architecture its config.json names")
+    if errors:
+        raise EvalsuiteError(f"{where}: cannot load the weights ({first_line(Exception(errors[0]))})")
+
+
+def check_vocab(model: nn.Module, tokenizer: Any, where: Path | str) -> None:
+    """A tokenizer that emits ids beyond the embedding table indexes past it (a crash on the GPU,
+    garbage elsewhere): the sizes must agree before anything is measured."""
+    if tokenizer is None:
+        return
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else getattr(model, "tok_embeddings", None)
+    rows = getattr(getattr(emb, "weight", None), "shape", [None])[0]
+    n_tokens = len(tokenizer)
+    if rows is not None and n_tokens > rows:
+        raise EvalsuiteError(f"{where}: the tokenizer has {n_tokens} tokens but the model's embedding has {rows} rows; "
+                             "model and tokenizer do not belong together (see --tokenizer)")
 
 
 def _load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
@@ -188,8 +278,16 @@ def _load_gguf(path: Path, digest: str, tokenizer_path, cache: bool) -> tuple[nn
     import transformers
 
     cached = _cache_root() / f"gguf-{digest[:16]}-tf{transformers.__version__.split('.')[0]}"
-    if cache and (cached / "config.json").is_file():
-        return _load_hf(cached, cached, None, tokenizer_path)
+    if cache and cached.is_dir():
+        problem = _cache_problem(cached)
+        if problem is None:
+            try:
+                return _load_hf(cached, cached, None, tokenizer_path)
+            except EvalsuiteError as e:
+                problem = str(e)
+        # our own file, not the user's: say so once and rebuild it from the GGUF
+        log.warning("evalsuite model cache %s is corrupt (%s); rebuilding it", cached, problem)
+        shutil.rmtree(cached, ignore_errors=True)
     try:
         _check_gguf(path)
         model, tokenizer = _load_hf(path.parent, path.parent, path.name, tokenizer_path)
@@ -213,6 +311,33 @@ def _check_gguf(path: Path) -> None:
         raise EvalsuiteError(f"{path}: {first_line(e)}") from None
 
 
+MANIFEST = "evalsuite-manifest.json"  # file name → sha256 of every file of a cache entry
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_problem(entry: Path) -> str | None:
+    """What is wrong with a cache entry (a file missing, changed or cut short), or None."""
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text())
+        if not isinstance(manifest, dict) or "config.json" not in manifest:
+            return "no valid manifest"
+        for name, digest in manifest.items():
+            if _file_sha256(entry / name) != digest:
+                return f"{name} does not match its sha256"
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing"
+    except (OSError, ValueError) as e:
+        return first_line(e)
+    return None
+
+
 def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
     """Best effort: a failure to cache is logged, never fatal."""
     from safetensors.torch import save_model
@@ -226,6 +351,8 @@ def _write_cache(model: nn.Module, tokenizer, target: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        manifest = {f.name: _file_sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # written last: its presence means complete
         os.replace(tmp, target)
     except OSError as e:
         log.warning("could not cache the dequantized GGUF model in %s: %s", target, e)

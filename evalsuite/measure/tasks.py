@@ -402,6 +402,7 @@ def run(ctx) -> None:
     scoring = _Scoring()
     with lm_eval_session(), _host_tuned(), ThreadPoolExecutor(1, thread_name_prefix="evalsuite-tokenize") as pool:
         tm, names = _selected_tasks(ctx.args, ctx.data_dir)
+        ctx.results.run["tasks_requested"] = list(names)  # the judge checks each has records
         encode_cache: dict[str, list[int]] = {}
         seed = int(ctx.option("seed", 0) or 0)
         # every task's requests first (a task that cannot be built raises when it is reached, after

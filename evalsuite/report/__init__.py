@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evalsuite.results import Results
+from evalsuite.results import Results, write_bytes_atomic, write_text_atomic
 
 FORMATS = ("json", "md", "html", "junit")
 
@@ -48,16 +48,16 @@ def write_reports(results: Results, out_dir: Path, formats: tuple[str, ...] = FO
         paths = {}
         for name, (_, png) in figures.items():
             fig_dir.mkdir(exist_ok=True)
-            (fig_dir / f"{name}.png").write_bytes(png)
+            write_bytes_atomic(fig_dir / f"{name}.png", png)
             paths[name] = f"figures/{name}.png"
         path = out_dir / "report.md"
-        path.write_text(render_markdown(doc, paths))
+        write_text_atomic(path, render_markdown(doc, paths))
         written.append(path)
     if "html" in formats:
         from evalsuite.report.html import render_html
 
         path = out_dir / "report.html"
-        path.write_text(render_html(doc, figures))
+        write_text_atomic(path, render_html(doc, figures))
         written.append(path)
     if "junit" in formats:
         from evalsuite.report.junit import write_junit

@@ -164,4 +164,5 @@ def build_document(results: Results) -> Document:
     sections += [s for s in (errors_section(results),) if s is not None]
     sections.append(definitions_section(results))
     return Document(title=f"evalsuite release report: {model}", meta=meta_of(results), banner=partial_banner(results),
-                    verdict="FAIL" if failing else ("PASS" if results.verdicts else "NOT JUDGED"), sections=sections)
+                    verdict="FAIL" if failing else ("INCOMPLETE" if any(v.get("verdict") == "INCOMPLETE" for v in results.verdicts)
+                                                    else "PASS" if results.verdicts else "NOT JUDGED"), sections=sections)

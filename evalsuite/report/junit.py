@@ -1,6 +1,7 @@
 """JUnit XML: one test case per check, so any CI shows the gates natively.
 
-FAIL (and IMPROVED when failing) → ``<failure>``; SKIPPED → ``<skipped>``; the reason is the message.
+FAIL (and IMPROVED when failing) → ``<failure>``; INCOMPLETE (no verdict) → ``<error>``; SKIPPED →
+``<skipped>``; the reason is the message.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from evalsuite.results import Results
+from evalsuite.results import Results, write_text_atomic
 
 
 def render_junit(results: Results) -> str:
@@ -16,7 +17,8 @@ def render_junit(results: Results) -> str:
     model = (results.run.get("model") or {}).get("name", "model")
     suite = ET.Element("testsuite", name=f"evalsuite.{model}", tests=str(len(verdicts)),
                        failures=str(sum(1 for v in verdicts if v.get("failing"))),
-                       skipped=str(sum(1 for v in verdicts if v.get("verdict") == "SKIPPED")), errors="0")
+                       skipped=str(sum(1 for v in verdicts if v.get("verdict") == "SKIPPED")),
+                       errors=str(sum(1 for v in verdicts if v.get("verdict") == "INCOMPLETE" and not v.get("failing"))))
     for v in verdicts:
         case = ET.SubElement(suite, "testcase", name=v["check"],
                              classname=f"evalsuite.{v.get('kind', 'check')}.{v.get('stage') or 'run'}")
@@ -24,6 +26,8 @@ def render_junit(results: Results) -> str:
         if v.get("failing"):
             fail = ET.SubElement(case, "failure", message=message, type=v["verdict"])
             fail.text = message + (f"\n{v['command']}" if v.get("command") else "")
+        elif v.get("verdict") == "INCOMPLETE":
+            ET.SubElement(case, "error", message=message, type="INCOMPLETE")
         elif v.get("verdict") == "SKIPPED":
             ET.SubElement(case, "skipped", message=message)
         else:
@@ -35,6 +39,4 @@ def render_junit(results: Results) -> str:
 
 
 def write_junit(results: Results, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_junit(results))
-    return path
+    return write_text_atomic(path, render_junit(results))

@@ -11,7 +11,7 @@ from tabulate import tabulate
 from evalsuite.judge.checks import VERDICTS
 from evalsuite.results import Metric, Results
 
-COLOURS = {"PASS": "32", "FAIL": "31;1", "IMPROVED": "35;1", "WITHIN-NOISE": "33", "SKIPPED": "90"}
+COLOURS = {"PASS": "32", "FAIL": "31;1", "IMPROVED": "35;1", "WITHIN-NOISE": "33", "SKIPPED": "90", "INCOMPLETE": "31"}
 VERDICT_ORDER = VERDICTS  # worst first
 
 
@@ -74,7 +74,8 @@ def sorted_verdicts(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def summary_line(verdicts: list[dict[str, Any]]) -> str:
     counts = {k: sum(1 for v in verdicts if v.get("verdict") == k) for k in VERDICT_ORDER}
     failing = sum(1 for v in verdicts if v.get("failing"))
-    overall = "FAILED" if failing else "PASSED"
+    overall = "FAILED" if failing else ("INCOMPLETE" if any(v.get("verdict") == "INCOMPLETE" for v in verdicts)
+                                        else "PASSED")
     return f"gate {overall}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + (f" ({failing} failing)" if failing else "")
 
 
