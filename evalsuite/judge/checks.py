@@ -133,7 +133,7 @@ def limit_test(value: float, interval: list[float] | None, limit: float, upper: 
         return INCONCLUSIVE, f"{fmt(value)} {side} limit {fmt(limit)}, but no interval recorded: no uncertainty, no verdict", None, None
     lo, hi = sorted(interval)
     if hi - lo <= 0 or (clusters is not None and clusters < 2):
-        return INCONCLUSIVE, (f"{fmt(value)} with a zero-width interval [{fmt(lo)}, {fmt(hi)}] from "
+        return INCONCLUSIVE, (f"{fmt(value)}, 95% CI [{fmt(lo)}, {fmt(hi)}] from "
                               f"{clusters if clusters is not None else 'too few'} window(s)/item(s): no uncertainty, "
                               f"no verdict"), None, None
     se = (hi - lo) / (2 * Z95)
