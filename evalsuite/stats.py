@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy import special
 from scipy import stats as sps
 
 DEFAULT_BOOTSTRAP = 2000
@@ -184,7 +185,8 @@ def one_sided_p(excess: float, se: float, df: int | None = None) -> float:
     if not (math.isfinite(se) and se > 0):
         return 0.0 if excess > 0 else 1.0
     z = excess / se
-    return float(sps.t.sf(z, df) if df is not None and df >= 1 else sps.norm.sf(z))
+    # the special functions directly: scipy.stats' sf costs ~100 µs a call, and a gate makes hundreds
+    return float(special.stdtr(df, -z) if df is not None and df >= 1 else special.ndtr(-z))
 
 
 def holm_reject(pvalues, alpha: float) -> list[bool]:

@@ -277,8 +277,11 @@ def paired_checks(base: dict[str, np.ndarray], cand: dict[str, np.ndarray], grou
         if key not in cand:
             continue
         ids_b, ids_c = base[key], cand[key]
-        common_ids, ib, ic = np.intersect1d(ids_b, ids_c, return_indices=True)
-        if common_ids.size == 0:
+        if ids_b.shape == ids_c.shape and np.array_equal(ids_b, ids_c):
+            ib = ic = np.arange(ids_b.size)
+        else:  # another --limit or task version: pair the items both scored
+            _, ib, ic = np.intersect1d(ids_b, ids_c, return_indices=True)
+        if ib.size == 0:
             continue
         for metric in ("acc", "acc_norm"):
             ab, ac = base.get(f"tasks/{task}/{group}/{metric}"), cand.get(f"tasks/{task}/{group}/{metric}")
