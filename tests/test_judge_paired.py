@@ -201,3 +201,62 @@ def test_without_noise_margins_the_same_reruns_page_often(world, monkeypatch):
     monkeypatch.setattr(noise_mod, "FLOORS", {"*": 0.0})
     rate, _ = _page_rate(world, 100, seed=1)
     assert rate > 0.2
+
+
+# ---- one MLP's scales cast to fp8, through the real quantizer and the real ppl statistics ----
+
+def _tiny_bf16_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True, initializer_range=0.1)  # peaked enough for a visible KLD
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False).to(torch.bfloat16)
+
+
+def _ppl_arrays(fp, variant, batch: int, attention: str = "sdpa") -> dict:
+    """The int8-wo group's paired arrays of one ppl pass, built by the ppl stage's own functions."""
+    from evalsuite.judge.paired import paired_arrays
+    from evalsuite.measure.perplexity import Protocol, Windows, measure_pass, paired_records, variant_records
+    from evalsuite.results import Results
+
+    for m in (fp, variant):
+        m.config._attn_implementation = attention
+    w, ctx = 24, 64
+    ids = torch.randint(0, 256, (w, ctx), generator=torch.Generator().manual_seed(1))
+    win = Windows(input_ids=ids, first=np.ones(w, dtype=int), start=np.arange(w) * ctx, n_words=np.full(w, 10),
+                  n_bytes=np.full(w, 50), n_corpus_tokens=w * ctx, n_tail_unscored=0, bos=False,
+                  protocol=Protocol(context=ctx))
+    with torch.inference_mode():
+        res = measure_pass({"fp": fp, "int8-wo": variant}, win, torch.device("cpu"), batch)
+    r = Results(run={})
+    r.details["ppl"] = {"task": "t", "windows": {"start": win.start.tolist()}, "paired": {
+        "int8-wo": paired_records(res.pairs["int8-wo"], 0, "fp")[1]},
+        "variants": {v: variant_records(res.nll[v], win, 0)[1] for v in ("fp", "int8-wo")}}
+    return paired_arrays(r, "int8-wo")
+
+
+def test_one_layer_with_fp8_cast_scales_fails_where_an_honest_rerun_passes():
+    import copy
+
+    from evalsuite.quantize import parse_schemes, quantize_
+
+    fp = _tiny_bf16_llama()
+    (cfg,) = parse_schemes("int8-wo")
+    q = quantize_(copy.deepcopy(fp), cfg)
+    broken = copy.deepcopy(q)
+    layer = broken.get_submodule("model.layers.1.mlp.down_proj")
+    layer.scales.copy_(layer.scales.float().to(torch.float8_e4m3fn).float().to(layer.scales.dtype))
+    base = _ppl_arrays(fp, q, batch=4)
+    rerun = _ppl_arrays(fp, q, batch=1, attention="eager")  # another batch plan and attention kernel
+    planted = _ppl_arrays(fp, broken, batch=4)
+
+    def failing(cand):
+        checks = ck.finalize(paired_checks(base, cand, "int8-wo", NoiseModel(), [], alpha=0.01), False, 0.01)
+        return {c.check: c for c in checks if c.failing}
+
+    assert not failing(rerun)
+    bad = failing(planted)
+    assert "baseline:ppl/t/int8-wo/kld_mean_rel" in bad, bad
+    assert "relative change of mean KLD" in bad["baseline:ppl/t/int8-wo/kld_mean_rel"].reason
