@@ -33,7 +33,7 @@ from typing import Any
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.judge import paired as paired_mod
-from evalsuite.judge.checks import (FAIL, IMPROVED, SKIPPED, WORSE, Check, drift_verdict, fmt, metric_stderr,
+from evalsuite.judge.checks import (FAIL, IMPROVED, SKIPPED, WORSE, Z95, Check, drift_verdict, fmt, metric_stderr,
                                     one_sided_drift_p)
 from evalsuite.judge.config import GateConfig
 from evalsuite.judge.noise import NoiseModel, noise_beside
@@ -259,16 +259,19 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
                                 f"different samples: baseline limit {baseline.limit}, this run limit {results.run.get('limit')}", **common))
             continue
         verdict, reason, tol = compare_metric(b, c, config, baseline.tolerances.get(b.key))
-        gated = _speed_gated(b, baseline, results, config, differences)
+        se = _pair_se(b, c)
+        gated = _speed_gated(b, baseline, results, config, differences) and se is not None and se > 0
         check = Check(name, "baseline", verdict, reason, tolerance=tol, interval=c.ci95, **common)
         if gated:
-            se = _pair_se(b, c)
+            floor = max(config.abs_floor, config.rel_floor(key) * abs(b.value))
             check.gated = True
-            check.p_value = one_sided_drift_p(float(b.value), float(c.value), se, tol if se is None else
-                                              max(config.abs_floor, config.rel_floor(key) * abs(b.value)),
-                                              bool(b.higher_is_better))
+            check.p_value = one_sided_drift_p(float(b.value), float(c.value), se, floor, bool(b.higher_is_better))
+            check.interval = [float(c.value) - Z95 * se, float(c.value) + Z95 * se]
+            check.extra["se"] = se
             check.fallback = ("WITHIN-NOISE", "")
-            check.reason += f"; one-sided p {fmt(check.p_value, 2)} that it is no worse than the floor"
+            check.reason = (f"tokens_per_s, median of timed samples: {reason}; se of the difference {fmt(se, 3)} from "
+                            f"both runs' sample CVs; one-sided p {fmt(check.p_value, 2)} that it is no worse than the "
+                            f"floor {fmt(floor)}")
         else:
             if check.verdict == FAIL:
                 check.verdict = WORSE

@@ -174,7 +174,7 @@ def drift_check(name: str, key: str, statistic: str, unit: str, estimate: float,
     df = clusters - 1 if clusters >= 2 else None
     info = dict(statistic=statistic, unit=unit, se=se, margin=margin, clusters=clusters, df=df,
                 noise=noise.source, **(extra or {}))
-    head = f"{statistic} {fmt(estimate)} {unit}"
+    head = f"{common.get('metric', key.rsplit('/', 1)[-1])}, the {statistic}: {fmt(estimate)} {unit}"
     if not (math.isfinite(estimate) and math.isfinite(se)) or clusters < 2:
         reason = (f"{head} over {clusters} {what}: no uncertainty from fewer than 2 {what}, so no verdict "
                   f"[margin ±{fmt(margin)} = {margin_src}]")
