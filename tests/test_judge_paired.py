@@ -391,3 +391,35 @@ def test_holm_keeps_the_family_wise_budget():
     assert holm_reject([0.001, 0.02, 0.004], 0.01) == [True, False, True]
     assert holm_reject([0.004, 0.004, 0.004], 0.01) == [False, False, False]  # 0.004 > 0.01/3
     assert holm_reject([None, 0.001], 0.01) == [False, True]
+
+
+def test_bench_aa_calibrates_from_finished_runs_and_baseline_update_embeds_it(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from evalsuite.cli import main
+    from test_judge import make_results
+
+    runs = []
+    for i, label in enumerate(("default", "eager", "batch")):
+        (tmp_path / label).mkdir()
+        r = make_results(seed=10 + i)
+        r.run["kernels"] = "eager" if label == "eager" else "fused"
+        r.save(tmp_path / label / "results.json")
+        runs.append(str(tmp_path / label / "results.json"))
+    folder = tmp_path / "baselines"
+    env = {**__import__("os").environ, "OUT": str(tmp_path / "out")}
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_aa.py"), "--from", *runs,
+                        "--write-baselines", str(folder)], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    noise = json.loads((folder / "SmolLM2-135M" / "cuda-bf16" / "noise.json").read_text())
+    assert noise["schema"] == "evalsuite.noise/1" and "bench_aa" in noise["source"]
+    kld = noise["statistics"]["ppl/wikitext2/int8-wo/kld_mean_rel"]
+    assert kld["pairs"] == 2 and kld["cross_path"] > 0 and kld["gated"]
+    assert (tmp_path / "out" / "bench_aa.json").is_file()
+    report = json.loads((tmp_path / "out" / "bench_aa.json").read_text())
+    assert report["task_flips"]["arc_easy/fp"]["eager"]["flipped"] > 0  # realistic reruns flip answers
+    assert main(["baseline", "update", runs[0], "--dir", str(folder)]) == 0
+    b = json.loads((folder / "SmolLM2-135M" / "cuda-bf16" / "int8-wo.json").read_text())
+    assert b["noise"]["source"] == noise["source"] and b["noise"]["calibrated"]

@@ -107,8 +107,8 @@ def state_power(checks: list[Check], alpha: float) -> None:
         if mde == mde:  # not nan
             total = mde + (margin or 0.0)
             c.extra["mde"] = total
-            what = "beyond the limit" if c.kind == "limit" else "change"
-            c.reason += f"; detects a {what} of {total:.3g} with 80% power at alpha/{len(family)}"
+            what = "a true excess over the limit" if c.kind == "limit" else "a true change"
+            c.reason += f"; MDE: detects {what} of {total:.3g} with 80% power at alpha/{len(family)} (n={c.extra.get('clusters') or '-'})"
 
 
 def annotate(results: Results, checks: list[Check]) -> None:

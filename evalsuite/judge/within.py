@@ -51,7 +51,8 @@ def _limit_check(m: Metric, limit: float, upper: bool, name: str, source: str, n
     return Check(name, "limit", verdict, reason, stage=m.stage, task=m.task, variant=m.variant,
                  metric=m.metric, value=m.value, interval=m.ci95, limit=limit,
                  source=f"gates config: {source}", gated=gated, p_value=p if gated else None,
-                 fallback=(INCONCLUSIVE, ""), extra={"se": se} if se is not None else {})
+                 fallback=(INCONCLUSIVE, ""),
+                 extra={"se": se, "clusters": clusters} if se is not None else {})
 
 
 def ppl_checks(results: Results, variant: str, limits: dict, pattern: str, alpha: float = 0.01) -> list[Check]:
