@@ -49,12 +49,13 @@ CONFIGS = {
 }
 
 
-def run_all(args: argparse.Namespace, out: Path) -> list[tuple[str, Path]]:
+def run_all(args: argparse.Namespace) -> list[tuple[str, Path]]:
     runs = []
+    out = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench-aa-runs-"))  # results files are large: not in $OUT
     empty = Path(tempfile.mkdtemp(prefix="aa-nobaselines-"))  # judge against nothing: only the numbers matter
     for label in args.configs.split(","):
         extra = CONFIGS[label]
-        dest = out / "aa" / label
+        dest = out / label
         cmd = [sys.executable, "-m", "evalsuite", "run", "--quant", args.quant, "--stages", args.stages,
                "--out", str(dest), "--no-history", "--baselines", str(empty), "--no-progress", *extra]
         if args.model:
@@ -145,10 +146,11 @@ def main() -> int:
     ap.add_argument("--from", dest="from_files", nargs="+", metavar="RESULTS",
                     help="calibrate from finished runs' results.json instead (the first is the reference)")
     ap.add_argument("--write-baselines", metavar="DIR", help="also write noise.json into this baselines folder")
+    ap.add_argument("--runs-dir", metavar="DIR", help="where the runs' output folders go (default: a temporary folder)")
     args = ap.parse_args()
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench-aa-"))
     t0 = time.perf_counter()
-    files = [(Path(f).parent.name, Path(f)) for f in args.from_files] if args.from_files else run_all(args, out)
+    files = [(Path(f).parent.name, Path(f)) for f in args.from_files] if args.from_files else run_all(args)
     runs = [(label, Results.load(p)) for label, p in files]
     ref = runs[0][1]
     cal = calibrate(runs)
