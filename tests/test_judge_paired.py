@@ -423,3 +423,15 @@ def test_bench_aa_calibrates_from_finished_runs_and_baseline_update_embeds_it(tm
     assert main(["baseline", "update", runs[0], "--dir", str(folder)]) == 0
     b = json.loads((folder / "SmolLM2-135M" / "cuda-bf16" / "int8-wo.json").read_text())
     assert b["noise"]["source"] == noise["source"] and b["noise"]["calibrated"]
+
+
+def test_nightly_splits_the_false_alarm_budget_across_its_entries(tmp_path):
+    from evalsuite.nightly import expand_entries
+
+    entries = expand_entries({"matrix": {"model": ["/m/a.gguf", "/m/b.gguf"], "quant": ["int8-wo", "int4-wo-g128"]}},
+                             "test")
+    cmds = [e.command(tmp_path / e.name, None) for e in entries]
+    assert all(c[c.index("--alpha") + 1] == "0.0025" for c in cmds)
+    (own,) = expand_entries({"entries": [{"model": "/m/a.gguf", "alpha": 0.05}]}, "test")
+    cmd = own.command(tmp_path, None)
+    assert cmd[cmd.index("--alpha") + 1] == "0.05"
