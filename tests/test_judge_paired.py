@@ -435,3 +435,17 @@ def test_nightly_splits_the_false_alarm_budget_across_its_entries(tmp_path):
     (own,) = expand_entries({"entries": [{"model": "/m/a.gguf", "alpha": 0.05}]}, "test")
     cmd = own.command(tmp_path, None)
     assert cmd[cmd.index("--alpha") + 1] == "0.05"
+
+
+def test_a_check_made_elsewhere_keeps_failing_on_fail_outside_the_holm_family():
+    """Checks of other modules (e.g. completeness) that do not say whether they are gated keep the
+    old rule, FAIL fails the run; reported checks never do."""
+    other = ck.Check("run/complete", "run", ck.FAIL, "a stage is missing")
+    reported = ck.Check("x", "baseline", ck.FAIL, "r", gated=False)
+    weak = ck.Check("y", "baseline", ck.FAIL, "g", gated=True, p_value=0.009, fallback=(ck.WITHIN_NOISE, ""))
+    strong = ck.Check("z", "baseline", ck.FAIL, "g", gated=True, p_value=0.001)
+    fine = ck.Check("w", "baseline", ck.PASS, "g", gated=True, p_value=0.5)
+    ck.finalize([other, reported, weak, strong, fine], strict=False, alpha=0.01)  # Holm: 0.009 > 0.01/2
+    assert other.failing and not reported.failing and strong.failing
+    assert not weak.failing and weak.verdict == ck.WITHIN_NOISE and "Holm over 3" in weak.reason
+    assert ck.exit_code([c.to_dict() for c in (other, reported)]) == 1

@@ -273,6 +273,7 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
                             f"both runs' sample CVs; one-sided p {fmt(check.p_value, 2)} that it is no worse than the "
                             f"floor {fmt(floor)}")
         else:
+            check.gated = False
             if check.verdict == FAIL:
                 check.verdict = WORSE
             kind = "an extreme or a statistic without uncertainty" if metric_stderr(b) is None and \

@@ -54,7 +54,9 @@ class Check:
     command: str | None = None   # the exact command that accepts the new values as the baseline
     source: str | None = None    # where a limit comes from (a gates-config key)
     extra: dict[str, Any] = field(default_factory=dict)
-    gated: bool = False          # a primary check: may fail the run (through Holm, see finalize)
+    # True: a primary check, may fail the run (through Holm, see finalize); False: reported only;
+    # None (checks made elsewhere, e.g. completeness): fails the run on FAIL, outside the Holm family
+    gated: bool | None = None
     p_value: float | None = None  # one-sided p of "no worse than the limit/margin"; gated checks have one
     # the verdict and reason the check falls back to when Holm does not reject it
     fallback: tuple[str, str] | None = field(default=None, repr=False)
@@ -85,7 +87,10 @@ def finalize(checks: list[Check], strict: bool, alpha: float = DEFAULT_ALPHA) ->
             c.verdict, tail = c.fallback or (WITHIN_NOISE, "")
             c.reason += f"; not significant after Holm over {len(family)} gated checks (alpha {alpha:g}){tail}"
     for c in checks:
-        c.failing = c.gated and (c.verdict == FAIL or (strict and c.verdict == IMPROVED))
+        if c.gated is None:
+            c.failing = c.verdict == FAIL or (strict and c.verdict == IMPROVED)
+        else:
+            c.failing = c.gated and (c.verdict == FAIL or (strict and c.verdict == IMPROVED))
     return checks
 
 

@@ -204,7 +204,7 @@ def drift_check(name: str, key: str, statistic: str, unit: str, estimate: float,
 
 def unpaired_checks(group: str, primaries: list[str], why: str, **common: Any) -> list[Check]:
     return [Check(f"baseline:{k}", "baseline", INCONCLUSIVE, f"unpaired: {why}; not judged (never a PASS)",
-                  variant=group, **common) for k in primaries]
+                  variant=group, gated=False, **common) for k in primaries]
 
 
 def primary_keys(baseline_arrays: dict[str, np.ndarray] | None, baseline_metrics, group: str) -> list[str]:

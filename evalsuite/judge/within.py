@@ -162,7 +162,7 @@ def layer_checks(results: Results, variant: str, limits: dict, pattern: str, vie
         reason = f"all {total} layers at or above their SQNR floor; least headroom {worst}: {summary.describe(worst)}"
     worst_view = min(summary.values[worst], key=lambda v: summary.values[worst][v] - summary.floors[worst][v])
     reason = "reported, not gated (a minimum over layers is an extreme; its effect is gated through KLD): " + reason
-    return [Check(name, "limit", WORSE if under else PASS, reason, stage="layers", task=worst, variant=variant,
+    return [Check(name, "limit", WORSE if under else PASS, reason, stage="layers", task=worst, variant=variant, gated=False,
                   metric=worst_view, value=summary.values[worst][worst_view], limit=summary.floors[worst][worst_view],
                   source=f"layer records' floor_db (layers stage thresholds), else gates config: "
                          f"schemes.{pattern}.layer_sqnr_min_db",
@@ -182,7 +182,7 @@ def block_checks(results: Results, variant: str) -> list[Check]:
     else:
         reason = f"all {len(blocks)} blocks at or above their hidden-state SQNR floor; lowest block.{d} {fmt(v, 3)} dB (floor {fmt(f, 3)})"
     reason = "reported, not gated (an extreme over blocks): " + reason
-    return [Check(f"layers/{variant}/hidden_sqnr", "limit", WORSE if under else PASS, reason, stage="layers",
+    return [Check(f"layers/{variant}/hidden_sqnr", "limit", WORSE if under else PASS, reason, stage="layers", gated=False,
                   task=f"block.{d}", variant=variant, metric="hidden_sqnr_db", value=v, limit=f,
                   extra={"under": [f"block.{b}" for b, _, _ in under]})]
 
