@@ -449,3 +449,21 @@ def test_a_check_made_elsewhere_keeps_failing_on_fail_outside_the_holm_family():
     assert other.failing and not reported.failing and strong.failing
     assert not weak.failing and weak.verdict == ck.WITHIN_NOISE and "Holm over 3" in weak.reason
     assert ck.exit_code([c.to_dict() for c in (other, reported)]) == 1
+
+
+def test_pooled_accuracy_of_a_scheme_known_lossy_by_its_baselines_is_not_permanently_red(tmp_path):
+    from evalsuite.judge import judge
+    from evalsuite.judge.baseline import from_results
+    from evalsuite.judge.config import load_gate_config
+    from test_judge import make_results
+
+    lossy = dict(kld=0.1)  # flips ~20% of answers right→wrong: pooled drop far beyond 1 point
+    base, cand = make_results(seed=1, **lossy), make_results(seed=2, **lossy)
+    bls = [from_results(base, g) for g in ("fp", "int8-wo")]
+    config = load_gate_config()
+    alone = {c.check: c for c in judge(cand, config)}
+    assert alone["tasks/pooled/int8-wo/delta_acc"].failing  # without a baseline the limit gates
+    with_b = {c.check: c for c in judge(cand, config, bls)}
+    pooled = with_b["tasks/pooled/int8-wo/delta_acc"]
+    assert not pooled.failing and "known lossy" in pooled.reason
+    assert with_b["baseline:tasks/pooled/int8-wo/acc_shift"].gated

@@ -149,6 +149,9 @@ def limit_test(value: float, interval: list[float] | None, limit: float, upper: 
         return PASS, f"{fmt(value)}, {ci} entirely {op} limit {fmt(limit)}", p, se
     if p < alpha:
         return FAIL, f"{fmt(value)}, {ci}: {bad_op} limit {fmt(limit)} (one-sided p {fmt(p, 2)})", p, se
+    if not good(lo) and not good(hi):
+        return INCONCLUSIVE, (f"{fmt(value)}, {ci} entirely {bad_op} limit {fmt(limit)}, but not significantly at "
+                              f"alpha {alpha:g} (one-sided p {fmt(p, 2)}): the sample is too small to tell"), p, se
     side = "inside" if good(value) else "beyond"
     return INCONCLUSIVE, (f"{fmt(value)} is {side} limit {fmt(limit)} but its {ci} contains the limit "
                           f"(one-sided p {fmt(p, 2)}): the sample is too small to tell"), p, se
