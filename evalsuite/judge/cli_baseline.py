@@ -62,6 +62,12 @@ def show(args: argparse.Namespace) -> int:
             continue
         print(f"baseline {b.variant} of {b.model.get('name')} (sha256 {str(b.model.get('sha256'))[:12]}), "
               f"{b.device_type}-{b.dtype}, updated {b.updated}, from {b.source.get('results')}")
+        how = b.measured or {}
+        print(f"schema {b.schema}; paired data: {b.paired_info['file'] if b.paired_info else 'none (unpaired)'}; "
+              f"measured: " + (", ".join(f"{k} {how.get(k)}" for k in ("device_name", "kernels", "ppl_batch",
+                                                                        "task_packing", "git_revision") if k in how)
+                               or "not recorded") +
+              f"; noise: {(b.noise or {}).get('source', 'uncalibrated')}")
         rows = [[m.stage, m.task, m.variant, m.metric, fmt(m.value), m.unit,
                  {True: "↑", False: "↓", None: ""}[m.higher_is_better],
                  fmt(m.stderr) if m.stderr is not None else (f"[{fmt(m.ci95[0])}, {fmt(m.ci95[1])}]" if m.ci95 else ""),
