@@ -69,6 +69,7 @@ class Check:
                 d[k] = str(d[k])
         if d["interval"] is not None:
             d["interval"] = [x if math.isfinite(x) else str(x) for x in d["interval"]]
+        d["extra"] = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d["extra"].items()}
         return {k: v for k, v in d.items() if v is not None and v != {}}
 
 
