@@ -72,8 +72,11 @@ ENTRY_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "baselines": (str, "baseline folder, looked up by model and variant"),
     "strict": (bool, "an IMPROVED check fails too"),
     "sigma": ((int, float), "baseline tolerance in standard errors"),
+    "alpha": ((int, float), "family-wise false-alarm budget of the entry's gated checks (default: 1% over the night, "
+                            "split evenly across the entries)"),
     "args": ((str, list), "further 'evalsuite run' arguments, verbatim"),
 }
+NIGHT_ALPHA = 0.01  # family-wise false-alarm budget of a whole night
 TOP_KEYS = ("schema", "defaults", "matrix", "entries", "history")
 MATRIX_AXES = ("model", "quant", "stages")
 PATH_KEYS = ("model", "tokenizer", "data_dir", "baseline", "baselines")
@@ -104,6 +107,7 @@ class Entry:
     name: str
     options: dict[str, Any]
     source: str  # where it came from in the config, for error messages
+    default_alpha: float | None = None  # this entry's share of the night's false-alarm budget
 
     def command(self, out_dir: Path, history: Path | None) -> list[str]:
         """The ``evalsuite run`` command line of this entry (under torchrun when nproc > 1)."""
@@ -126,6 +130,9 @@ class Entry:
         for key in ("limit", "seed", "sigma"):
             if o.get(key) is not None:
                 cmd += [f"--{key}", str(o[key])]
+        alpha = o.get("alpha", self.default_alpha)
+        if alpha is not None:
+            cmd += ["--alpha", f"{alpha:.6g}"]
         if isinstance(o.get("gates"), str):
             cmd += ["--gates", o["gates"]]
         elif isinstance(o.get("gates"), dict):
@@ -220,6 +227,8 @@ def expand_entries(data: dict[str, Any], source: str) -> list[Entry]:
         if not NAME_RE.match(name):
             raise EvalsuiteError(f"{where}: entry name {name!r} must be letters, digits, '_', '.' or '-'")
         out.append(Entry(name=name, options=options, source=where))
+    for e in out:  # Bonferroni across the entries, Holm within each: the night pages falsely <= 1%
+        e.default_alpha = NIGHT_ALPHA / len(out)
     seen: set[str] = set()
     for e in out:
         if e.name in seen:

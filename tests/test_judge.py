@@ -31,26 +31,37 @@ MODULES = [f"model.layers.{i}.{m}" for i in range(6) for m in
 KLD_EDGES = [0.0, *np.logspace(-8, 2, 41).tolist()]
 
 
-def _ppl(res: Results, rng, variants: dict[str, float], windows: int, jitter: float, truth_seed: int) -> None:
-    """ppl stage: per-window NLL sums of fp, per-window KLD / NLL deltas of each scheme (scale = mean KLD)."""
+# Realistic bf16 run-to-run noise (two runs of unchanged code with another batch plan or kernel):
+# per-token NLL moves ~0.06 nats (conservative: measured fp token-ppl drift was 0.0025%), per-token
+# KLD ~10% (its maximum over all tokens is a fresh heavy-tailed draw), and 1-3% of answers flip.
+TOKEN_NLL_SD, TOKEN_KLD_REL_SD, FLIP_RATE = 0.06, 0.10, 0.02
+
+
+def _ppl(res: Results, rng, variants: dict[str, float], windows: int, noise: float, truth_seed: int,
+         nll_shift: float = 0.0) -> None:
+    """ppl stage: per-window NLL sums of fp, per-window KLD / NLL deltas of each scheme (scale = mean KLD),
+    as records and as the per-window details the stage writes."""
     truth = np.random.default_rng(truth_seed)  # the corpus: identical in every run of the same model
-    n = np.full(windows, 256.0)
+    tokens = 256
+    n = np.full(windows, float(tokens))
     nll_fp = truth.normal(3.0, 0.3, windows) * n
-    res.details["ppl"] = {"paired": {}}
+    res.details["ppl"] = {"task": "wikitext2", "protocol": {"batch_size": 4, "stats": "torch", "description": "synthetic"},
+                          "windows": {"start": (np.arange(windows) * tokens).tolist()}, "variants": {}, "paired": {}}
     for variant, scale in {"fp": 0.0, **variants}.items():
         # windows differ: some text is harder to quantize than other (lognormal per-window scale)
         per_window = scale * truth.lognormal(-0.125, 0.5, (windows, 1))
-        base_kld = truth.gamma(2.0, per_window / 2.0, (windows, 256)) if scale else np.zeros((windows, 256))
-        # an A/A rerun changes only float rounding (batch order): relative jitter on every per-token value
-        kld_tok = base_kld * (1 + jitter * rng.standard_normal(base_kld.shape))
-        nll = nll_fp + (kld_tok.sum(axis=1) * 0.8 if scale else 0.0)
-        nll = nll * (1 + jitter * rng.standard_normal(windows))
+        base_kld = truth.gamma(2.0, per_window / 2.0, (windows, tokens)) if scale else np.zeros((windows, tokens))
+        # a rerun changes float rounding: every token's KLD and NLL move a little, independently
+        kld_tok = base_kld * np.exp(noise * TOKEN_KLD_REL_SD * rng.standard_normal(base_kld.shape))
+        nll = nll_fp + (base_kld.sum(axis=1) * 0.8 if scale else 0.0) + nll_shift * n
+        nll = nll + noise * TOKEN_NLL_SD * math.sqrt(tokens) * rng.standard_normal(windows)
         if "@" not in variant:
             reps = stats.bootstrap_ratio_of_sums(nll, n, seed=1)
             res.add(stage="ppl", task="wikitext2", variant=variant, metric="token_ppl",
                     value=math.exp(nll.sum() / n.sum()), unit="ppl", n=int(n.sum()), higher_is_better=False,
                     ci95=[math.exp(x) for x in stats.percentile_ci(reps)],
                     definition="exp(mean NLL per token) over the scored tokens")
+            res.details["ppl"]["variants"][variant] = {"nll_sum": nll.tolist(), "n_finite": n.astype(int).tolist()}
         if variant == "fp":
             continue
         kld_sum = kld_tok.sum(axis=1)
@@ -58,7 +69,7 @@ def _ppl(res: Results, rng, variants: dict[str, float], windows: int, jitter: fl
         flat = kld_tok.ravel()
         common = dict(stage="ppl", task="wikitext2", variant=variant, n=int(n.sum()))
         res.add(**common, metric="kld_mean", value=float(kld_sum.sum() / n.sum()), unit="nats", higher_is_better=False,
-                ci95=ci, definition="mean over tokens of KL(P_fp || Q)")
+                ci95=ci, definition="mean over tokens of KL(P_fp || Q)", extra={"windows": windows})
         for name, q in (("kld_median", 50), ("kld_p99", 99), ("kld_p99_9", 99.9), ("kld_max", 100)):
             res.add(**common, metric=name, value=float(np.percentile(flat, q)), unit="nats", higher_is_better=False)
         diff = (nll - nll_fp)
@@ -67,23 +78,54 @@ def _ppl(res: Results, rng, variants: dict[str, float], windows: int, jitter: fl
                 higher_is_better=False, ci95=rci, definition="token_ppl(Q) / token_ppl(P)")
         res.add(**common, metric="nonfinite_tokens", value=0.0, unit="tokens", higher_is_better=False)
         counts, _ = np.histogram(np.clip(flat, KLD_EDGES[0], KLD_EDGES[-1]), bins=np.asarray(KLD_EDGES))
-        res.details["ppl"]["paired"][variant] = {"kld_hist": {"edges": KLD_EDGES, "counts": counts.tolist()}}
+        k = math.ceil(0.01 * tokens)
+        top = np.sort(kld_tok, axis=1)[:, -k:].sum(axis=1)
+        res.details["ppl"]["paired"][variant] = {
+            "kld_hist": {"edges": KLD_EDGES, "counts": counts.tolist()}, "kld_sum": kld_sum.tolist(),
+            "n": n.astype(int).tolist(), "kld_top1pct_sum": top.tolist(), "kld_top1pct_n": [k] * windows}
 
 
-def _tasks(res: Results, rng, schemes: dict[str, float], items: int, truth_seed: int) -> None:
-    """tasks stage: per-item correctness; a scheme flips right→wrong with probability ∝ its error."""
+def _aa_flips(rng, correct: np.ndarray, rate: float) -> np.ndarray:
+    """Near-tie items answered the other way in a rerun: as many right→wrong as wrong→right expected."""
+    acc = correct.mean()
+    if rate <= 0 or acc in (0.0, 1.0):
+        return correct.copy()
+    p = np.where(correct, rate / (2 * acc), rate / (2 * (1 - acc)))
+    return correct ^ (rng.random(correct.size) < np.minimum(p, 1.0))
+
+
+def _tasks(res: Results, rng, schemes: dict[str, float], items: int, truth_seed: int, flip_rate: float = FLIP_RATE,
+           drop: float = 0.0) -> None:
+    """tasks stage: per-item correctness; a scheme flips right→wrong with probability ∝ its error; a
+    rerun flips ``flip_rate`` of the answers symmetrically; ``drop`` plants an accuracy drop (fraction
+    of items turned wrong) in every variant."""
     truth = np.random.default_rng(truth_seed)
+    res.details["tasks"] = {}
     for task in ("arc_easy", "piqa"):
-        fp = truth.random(items) < 0.6
-        acc, se = stats.mean_stderr(fp)
-        res.add(stage="tasks", task=task, variant="fp", metric="acc", value=acc, stderr=se, unit="fraction",
-                n=items, higher_is_better=True, definition="fraction of items answered correctly")
+        fp_true = truth.random(items) < 0.6
+        truths = {"fp": fp_true}
         for variant, flip in schemes.items():
             u = truth.random(items)
-            q = np.where(fp, u >= flip, u < flip / 4)
+            truths[variant] = np.where(fp_true, u >= flip, u < flip / 4)
+        ll_true = truth.normal(-5.0, 2.0, (items, 2))
+        answered = {}
+        for variant, t in truths.items():
+            q = _aa_flips(rng, t, flip_rate)
+            if drop:
+                right = np.flatnonzero(q)
+                q[rng.choice(right, size=min(right.size, round(drop * items)), replace=False)] = False
+            answered[variant] = q
+        entry = res.details["tasks"][task] = {"n": items, "doc_ids": list(range(items)), "values": {},
+                                              "loglikelihoods": {}}
+        for variant, q in answered.items():
             acc, se = stats.mean_stderr(q)
             res.add(stage="tasks", task=task, variant=variant, metric="acc", value=acc, stderr=se, unit="fraction",
-                    n=items, higher_is_better=True)
+                    n=items, higher_is_better=True, definition="fraction of items answered correctly")
+            entry["values"][variant] = {"acc": q.astype(float).tolist()}
+            entry["loglikelihoods"][variant] = (ll_true + 0.02 * rng.standard_normal(ll_true.shape)).tolist()
+        fp = answered["fp"]
+        for variant in schemes:
+            q = answered[variant]
             p, r2w, w2r = stats.mcnemar_exact(fp, q)
             common = dict(stage="tasks", task=task, variant=variant, n=items)
             res.add(**common, metric="delta_acc", value=float(q.mean() - fp.mean()), unit="fraction",
@@ -139,8 +181,8 @@ def _speed(res: Results, rng, schemes: dict[str, float], factor: float, device: 
 
 
 def make_results(seed: int = 0, kld: float = 1e-3, broken_layer: str | None = None, speed: float = 1.0,
-                 limit: int | None = None, sha: str = "a" * 64, device: str = "cuda", jitter: float = 1e-4,
-                 errors: list | None = None) -> Results:
+                 limit: int | None = None, sha: str = "a" * 64, device: str = "cuda", noise: float = 1.0,
+                 errors: list | None = None, nll_shift: float = 0.0, acc_drop: float = 0.0) -> Results:
     """A full synthetic run of one model with fp and int8-wo (mean per-token KLD ``kld``)."""
     rng = np.random.default_rng(seed)
     windows, items = (limit or 40), (limit or 300)
@@ -150,8 +192,8 @@ def make_results(seed: int = 0, kld: float = 1e-3, broken_layer: str | None = No
                        "device": {"type": device, "name": "synthetic"}, "dtype": "bf16", "seed": seed,
                        "limit": limit, "partial": limit is not None, "git_revision": f"rev{seed}",
                        "argv": ["run", f"--seed={seed}"]})
-    _ppl(res, rng, {"int8-wo": kld, "fp@noise": 1e-4}, windows, jitter, truth_seed=1)
-    _tasks(res, rng, {"int8-wo": min(0.5, 2 * kld)}, items, truth_seed=2)
+    _ppl(res, rng, {"int8-wo": kld, "fp@noise": 1e-4}, windows, noise, truth_seed=1, nll_shift=nll_shift)
+    _tasks(res, rng, {"int8-wo": min(0.5, 2 * kld)}, items, truth_seed=2, flip_rate=FLIP_RATE * noise, drop=acc_drop)
     _layers(res, {"int8-wo": kld}, broken_layer, truth_seed=3)
     _speed(res, rng, {"int8-wo": kld}, speed, device)
     res.errors = errors or []
@@ -184,11 +226,13 @@ def gate(tmp_path: Path, baseline: Results, candidate: Results, *extra: str, cap
 @pytest.mark.parametrize("value,ci,limit,upper,expected", [
     (0.004, [0.003, 0.005], 0.01, True, "PASS"),
     (0.02, [0.015, 0.03], 0.01, True, "FAIL"),
-    (0.009, [0.006, 0.012], 0.01, True, "WITHIN-NOISE"),
-    (0.011, [0.008, 0.014], 0.01, True, "WITHIN-NOISE"),
+    (0.009, [0.006, 0.012], 0.01, True, "INCONCLUSIVE"),
+    (0.011, [0.008, 0.014], 0.01, True, "INCONCLUSIVE"),
     (-0.002, [-0.006, 0.002], -0.01, False, "PASS"),
-    (-0.03, [-0.05, -0.015], -0.01, False, "FAIL"),
-    (0.02, None, 0.01, True, "FAIL"),
+    (-0.03, [-0.05, -0.015], -0.01, False, "INCONCLUSIVE"),  # beyond at 95%, not at the 1% budget
+    (-0.04, [-0.05, -0.03], -0.01, False, "FAIL"),
+    (0.02, None, 0.01, True, "INCONCLUSIVE"),  # no interval: no uncertainty, no verdict
+    (0.02, [0.02, 0.02], 0.01, True, "INCONCLUSIVE"),  # one window: a zero-width interval
     (float("nan"), [0.0, 1.0], 0.01, True, "FAIL"),
 ])
 def test_limit_verdict_follows_the_interval(value, ci, limit, upper, expected):
@@ -266,28 +310,34 @@ def test_aa_rerun_yields_no_fail(tmp_path, capsys):
 def test_worse_scheme_substituted_fails_with_reason_and_update_command(tmp_path, capsys):
     code, verdicts, out = gate(tmp_path, make_results(seed=1), make_results(seed=2, kld=0.02), capsys=capsys)
     assert code == 1
-    kld = verdicts["baseline:ppl/wikitext2/int8-wo/kld_mean"]
-    assert kld["verdict"] == "FAIL" and "worse beyond tolerance" in kld["reason"]
+    kld = verdicts["baseline:ppl/wikitext2/int8-wo/kld_mean_rel"]
+    assert kld["verdict"] == "FAIL" and kld["failing"] and "worse beyond the margin" in kld["reason"]
     assert verdicts["ppl/wikitext2/int8-wo/kld_mean"]["verdict"] == "FAIL"  # over the int8 limit 0.01 too
-    assert verdicts["baseline:ppl/wikitext2/int8-wo/ppl_ratio"]["verdict"] == "FAIL"
+    assert verdicts["baseline:ppl/wikitext2/int8-wo/nll_shift"]["verdict"] == "FAIL"
+    # the record-by-record comparison is reported beside, never gating
+    assert verdicts["baseline:ppl/wikitext2/int8-wo/kld_mean"]["verdict"] == "WORSE"
+    assert not verdicts["baseline:ppl/wikitext2/int8-wo/kld_mean"]["failing"]
     assert f"evalsuite baseline update {tmp_path / 'cand.json'} --variant int8-wo" in out
 
 
-def test_one_broken_layer_fails_and_is_named(tmp_path, capsys):
+def test_one_broken_layer_is_named_and_reported_not_gated(tmp_path, capsys):
+    """A minimum over layers is an extreme: reported (WORSE, named), not gated; its effect on the
+    output is gated through KLD (see test_judge_paired's planted fp8 scale)."""
     bad = MODULES[17]
     code, verdicts, out = gate(tmp_path, make_results(seed=1), make_results(seed=2, broken_layer=bad), capsys=capsys)
-    assert code == 1
     layer = verdicts["layers/int8-wo/sqnr"]
-    assert layer["verdict"] == "FAIL" and layer["extra"]["worst"] == bad and layer["extra"]["under"] == [bad]
-    assert bad in layer["reason"] and "1 of 42 layers" in layer["reason"]
-    assert verdicts["baseline:layers/all/int8-wo/min_output_sqnr_db"]["verdict"] == "FAIL"
+    assert layer["verdict"] == "WORSE" and layer["extra"]["worst"] == bad and layer["extra"]["under"] == [bad]
+    assert bad in layer["reason"] and "1 of 42 layers" in layer["reason"] and "not gated" in layer["reason"]
+    assert verdicts["baseline:layers/all/int8-wo/min_output_sqnr_db"]["verdict"] == "WORSE"
+    assert not layer["failing"] and code == 0
 
 
 def test_speed_halved_fails(tmp_path, capsys):
     code, verdicts, _ = gate(tmp_path, make_results(seed=1), make_results(seed=2, speed=0.5), capsys=capsys)
     assert code == 1
     assert verdicts["baseline:speed/decode_bs1/int8-wo/tokens_per_s"]["verdict"] == "FAIL"
-    assert verdicts["baseline:speed/decode_bs1/int8-wo/speedup"]["verdict"] == "FAIL"
+    assert verdicts["baseline:speed/decode_bs1/int8-wo/tokens_per_s"]["gated"]
+    assert verdicts["baseline:speed/decode_bs1/int8-wo/speedup"]["verdict"] == "WORSE"  # reported
     assert verdicts["speed/decode_bs1/int8-wo/speedup"]["verdict"] == "FAIL"  # 0.85x < the 1.0x limit
     assert verdicts["baseline:speed/decode_bs1/fp/tokens_per_s"]["verdict"] in ("PASS", "WITHIN-NOISE")
 
@@ -307,7 +357,7 @@ def test_limit_straddled_by_a_small_sample_is_within_noise(tmp_path, capsys):
     v = {x["check"]: x for x in json.loads((tmp_path / "o" / "results.json").read_text())["verdicts"]}
     kld = v["ppl/wikitext2/int8-wo/kld_mean"]
     lo, hi = kld["interval"]
-    assert lo < 0.01 < hi and kld["verdict"] == "WITHIN-NOISE" and "too small to tell" in kld["reason"]
+    assert lo < 0.01 < hi and kld["verdict"] == "INCONCLUSIVE" and "too small to tell" in kld["reason"]
     assert not kld["failing"]
     assert code == int(any(x["failing"] for x in v.values()))
 
@@ -322,9 +372,11 @@ def test_partial_candidate_skips_sample_dependent_baseline_checks(tmp_path, caps
 def test_stage_not_run_is_skipped(tmp_path, capsys):
     cand = make_results(seed=2)
     cand.records = [r for r in cand.records if r.stage != "tasks"]
+    del cand.details["tasks"]
     cand.run["stages"] = ["ppl", "layers", "speed"]
     code, verdicts, _ = gate(tmp_path, make_results(seed=1), cand, capsys=capsys)
     assert verdicts["tasks/int8-wo/delta_acc"]["verdict"] == "SKIPPED"
+    assert verdicts["baseline:tasks/pooled/int8-wo/acc_shift"]["verdict"] == "SKIPPED"
     assert verdicts["baseline:tasks/arc_easy/int8-wo/delta_acc"]["reason"] == "stage tasks was not run"
     assert code == 0
 
@@ -332,9 +384,24 @@ def test_stage_not_run_is_skipped(tmp_path, capsys):
 def test_gates_file_overrides_defaults(tmp_path, capsys):
     gates = tmp_path / "gates.yaml"
     gates.write_text('schemes:\n  "int8-*": {kld_mean_max: 0.0001}\n')
+    out = tmp_path / "o"
+    code = main(["report", save(make_results(seed=2), tmp_path / "r.json"), "--gates", str(gates), "--rejudge",
+                 "--format", "json", "--out", str(out)])
+    v = {x["check"]: x for x in json.loads((out / "results.json").read_text())["verdicts"]}
+    assert code == 1 and v["ppl/wikitext2/int8-wo/kld_mean"]["verdict"] == "FAIL"
+    assert v["ppl/wikitext2/int8-wo/kld_mean"]["limit"] == 0.0001
+
+
+def test_scheme_known_lossy_by_its_baseline_is_gated_on_regression_not_permanently_red(tmp_path, capsys):
+    gates = tmp_path / "gates.yaml"
+    gates.write_text('schemes:\n  "int8-*": {kld_mean_max: 0.0001}\n')
     code, verdicts, _ = gate(tmp_path, make_results(seed=1), make_results(seed=2), "--gates", str(gates), capsys=capsys)
-    assert code == 1 and verdicts["ppl/wikitext2/int8-wo/kld_mean"]["verdict"] == "FAIL"
-    assert verdicts["ppl/wikitext2/int8-wo/kld_mean"]["limit"] == 0.0001
+    kld = verdicts["ppl/wikitext2/int8-wo/kld_mean"]
+    assert kld["verdict"] == "WORSE" and "known lossy" in kld["reason"] and not kld["failing"] and code == 0
+    # a regression from that baseline still fails
+    code, verdicts, _ = gate(tmp_path, make_results(seed=1), make_results(seed=2, kld=2e-3), "--gates", str(gates),
+                             capsys=capsys)
+    assert code == 1 and verdicts["baseline:ppl/wikitext2/int8-wo/kld_mean_rel"]["failing"]
 
 
 # ---- usage errors: exit 2, one line ----
@@ -373,7 +440,8 @@ def test_baseline_update_then_gate_by_folder_keeps_hand_tolerances(tmp_path, cap
     path = folder / "SmolLM2-135M" / "cuda-bf16" / "int8-wo.json"
     assert path.is_file() and (folder / "SmolLM2-135M" / "cuda-bf16" / "fp.json").is_file()
     data = json.loads(path.read_text())
-    assert data["schema"] == "evalsuite.baseline/1" and data["model"]["sha256"] == "a" * 64
+    assert data["schema"] == "evalsuite.baseline/2" and data["model"]["sha256"] == "a" * 64
+    assert (path.parent / data["paired"]["file"]).is_file() and data["measured"]["kernels"] == "fused"
     # a hand-set tolerance tight enough to flag the A/A jitter of kld_max, and kept by the next update
     for m in data["metrics"]:
         if m["metric"] == "kld_max":
@@ -385,8 +453,10 @@ def test_baseline_update_then_gate_by_folder_keeps_hand_tolerances(tmp_path, cap
     cand = save(make_results(seed=2), tmp_path / "cand.json")
     code = main(["gate", "--baselines", str(folder), "--candidate", cand, "--out", str(tmp_path / "o"), "--formats", "json"])
     v = {x["check"]: x for x in json.loads((tmp_path / "o" / "results.json").read_text())["verdicts"]}
-    assert v["baseline:ppl/wikitext2/int8-wo/kld_max"]["verdict"] == "FAIL" and code == 1
-    assert v["baseline:ppl/wikitext2/int8-wo/kld_mean"]["verdict"] in ("PASS", "WITHIN-NOISE")
+    # the maximum is a fresh draw each run: flagged by the tight hand tolerance, but never gated
+    kmax = v["baseline:ppl/wikitext2/int8-wo/kld_max"]
+    assert kmax["verdict"] in ("WORSE", "IMPROVED") and not kmax["failing"] and "not gated" in kmax["reason"] and code == 0
+    assert v["baseline:ppl/wikitext2/int8-wo/kld_mean_rel"]["verdict"] == "PASS"
     assert main(["baseline", "show", str(path)]) == 0
     assert "kld_mean" in capsys.readouterr().out
 

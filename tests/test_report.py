@@ -24,9 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def judged(tmp_path_factory) -> tuple[Path, Results]:
-    """A partial run with one broken layer, judged and reported through ``evalsuite report``."""
+    """A partial run with one broken layer (reported) and a KLD over its limit (gated: FAIL), judged and
+    reported through ``evalsuite report``."""
     d = tmp_path_factory.mktemp("report")
-    res = make_results(seed=4, broken_layer=MODULES[9], limit=20,
+    res = make_results(seed=4, kld=0.03, broken_layer=MODULES[9], limit=20,
                        errors=[{"stage": "ppl", "variant": "fp@noise", "message": "noise floor unavailable: test"}])
     src = save(res, d / "in" / "results.json")
     assert main(["report", src, "--format", "all", "--out", str(d / "out")]) == 1
@@ -38,7 +39,7 @@ def test_every_format_is_written_and_results_carry_verdicts(judged):
     for name in ("results.json", "report.md", "report.html", "junit.xml"):
         assert (out / name).stat().st_size > 0
     assert res.verdicts and {v["verdict"] for v in res.verdicts} >= {"FAIL", "PASS", "SKIPPED"}
-    assert len(res.records) == len(make_results(seed=4, limit=20).records)
+    assert len(res.records) == len(make_results(seed=4, kld=0.03, limit=20).records)
 
 
 def test_reports_name_the_guilty_layer_and_show_the_partial_banner(judged):

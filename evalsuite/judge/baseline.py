@@ -1,5 +1,11 @@
 """Baselines: versioned expected values, one file per model × device/dtype × variant.
 
+Schema ``evalsuite.baseline/2`` adds what a paired comparison needs (``evalsuite.judge.paired``):
+``"paired": {"file": "<variant>.npz", "sha256": ...}`` (per-window and per-item arrays beside the
+JSON), ``"measured"`` (code revision, kernels, batch plan, dtype, card, versions, protocol) and
+``"noise"`` (the run-to-run noise its margins were calibrated with, and its source). Schema /1
+files still load; they have no paired data, so regressions against them are INCONCLUSIVE.
+
 Layout: ``reports/baselines/<model>/<device>-<dtype>/<variant>.json``; the ``fp`` file also holds the
 noise-floor records (``fp@noise``). A file is a results subset plus identity::
 
@@ -26,12 +32,16 @@ from pathlib import Path
 from typing import Any
 
 from evalsuite.errors import EvalsuiteError
-from evalsuite.judge.checks import FAIL, IMPROVED, SKIPPED, Check, drift_verdict, metric_stderr
+from evalsuite.judge import paired as paired_mod
+from evalsuite.judge.checks import (FAIL, IMPROVED, SKIPPED, WORSE, Z95, Check, drift_verdict, fmt, metric_stderr,
+                                    one_sided_drift_p)
 from evalsuite.judge.config import GateConfig
+from evalsuite.judge.noise import NoiseModel, noise_beside
 from evalsuite.results import SCHEMA as RESULTS_SCHEMA
 from evalsuite.results import Metric, Results, write_json_atomic
 
-BASELINE_SCHEMA = "evalsuite.baseline/1"
+BASELINE_SCHEMA = "evalsuite.baseline/2"
+READABLE_SCHEMAS = ("evalsuite.baseline/1", BASELINE_SCHEMA)
 DEFAULT_DIR = Path("reports") / "baselines"
 
 
@@ -49,6 +59,11 @@ class Baseline:
     updated: str | None = None
     path: Path | None = None
     device_name: str | None = None  # the card: speed is only comparable on the same one
+    schema: str = BASELINE_SCHEMA
+    measured: dict[str, Any] | None = None   # how it was measured (paired.measured_how)
+    noise: dict[str, Any] | None = None      # the noise model its checks are calibrated with
+    paired_info: dict[str, Any] | None = None  # {"file", "sha256"} of the paired arrays
+    arrays: dict[str, Any] | None = None     # the paired arrays themselves, once loaded
 
     def get(self, key: tuple[str, str, str, str]) -> Metric | None:
         return next((m for m in self.metrics if m.key == key), None)
@@ -62,9 +77,15 @@ class Baseline:
             metrics.append(d)
         return {"schema": BASELINE_SCHEMA, "model": self.model, "variant": self.variant,
                 "device_type": self.device_type, "device_name": self.device_name, "dtype": self.dtype, "partial": self.partial, "limit": self.limit,
-                "source": self.source, "updated": self.updated, "metrics": metrics}
+                "source": self.source, "updated": self.updated, "measured": self.measured, "noise": self.noise,
+                "paired": self.paired_info, "metrics": metrics}
 
     def save(self, path: Path) -> Path:
+        path = Path(path)
+        if self.arrays:
+            side = path.with_suffix(paired_mod.PAIRED_SUFFIX)
+            self.paired_info = {"file": side.name, "sha256": paired_mod.save_arrays(side, self.arrays),
+                                "arrays": len(self.arrays)}
         write_json_atomic(path, self.to_dict())
         self.path = path
         return path
@@ -102,7 +123,9 @@ def from_results(results: Results, variant: str, source: str | None = None) -> B
                     metrics=metrics, partial=results.partial, limit=results.run.get("limit"),
                     source={"results": source, "git_revision": results.run.get("git_revision"),
                             "started": results.run.get("started")},
-                    updated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                    updated=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    measured=paired_mod.measured_how(results),
+                    arrays=paired_mod.paired_arrays(results, variant) or None)
 
 
 def load_baselines(path: str | os.PathLike) -> list[Baseline]:
@@ -119,9 +142,9 @@ def load_baselines(path: str | os.PathLike) -> list[Baseline]:
         results = Results.from_dict(data, source=str(path))
         groups = dict.fromkeys(variant_group(v) for v in results.variants)
         return [from_results(results, g, source=str(path)) for g in groups]
-    if schema != BASELINE_SCHEMA:
+    if schema not in READABLE_SCHEMAS:
         raise EvalsuiteError(f"{path}: baseline schema {schema!r} is not supported (this evalsuite reads "
-                             f"{BASELINE_SCHEMA} baselines and {RESULTS_SCHEMA} results)")
+                             f"{', '.join(READABLE_SCHEMAS)} baselines and {RESULTS_SCHEMA} results)")
     try:
         metrics, tolerances = [], {}
         for d in data["metrics"]:
@@ -132,9 +155,12 @@ def load_baselines(path: str | os.PathLike) -> list[Baseline]:
         b = Baseline(model=dict(data["model"]), variant=str(data["variant"]), device_type=data.get("device_type"),
                      dtype=data.get("dtype"), metrics=metrics, tolerances=tolerances,
                      partial=bool(data.get("partial")), limit=data.get("limit"), source=data.get("source") or {},
-                     updated=data.get("updated"), path=path, device_name=data.get("device_name"))
+                     updated=data.get("updated"), path=path, device_name=data.get("device_name"), schema=schema,
+                     measured=data.get("measured"), noise=data.get("noise"), paired_info=data.get("paired"))
     except (KeyError, TypeError, ValueError) as e:
         raise EvalsuiteError(f"{path}: malformed baseline file ({type(e).__name__}: {e})") from None
+    if isinstance(b.paired_info, dict) and b.paired_info.get("file"):
+        b.arrays = paired_mod.load_arrays(path.parent / str(b.paired_info["file"]), b.paired_info.get("sha256"))
     return [b]
 
 
@@ -181,10 +207,22 @@ def compare_metric(base: Metric, cand: Metric, config: GateConfig,
     return verdict, reason, tol
 
 
+def _speed_gated(b: Metric, baseline: Baseline, results: Results, config: GateConfig, differences: list[str]) -> bool:
+    """Speed is gated on tokens/s only, on a GPU (a CPU's timings are informational unless
+    ``gate_cpu_speed``), on the same card, measured with the same kernels."""
+    device = (results.run.get("device") or {}).get("type")
+    if b.stage != "speed" or b.metric != "tokens_per_s":
+        return False
+    if device != "cuda" and not config.gate_cpu_speed:
+        return False
+    return not any(d.startswith("kernels ") for d in differences)
+
+
 def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
                     results_path: str | Path | None = None, directory: Path | None = None,
-                    gated_only: bool = True) -> list[Check]:
-    """This run's records of the baseline's variant group against the baseline's expected values."""
+                    gated_only: bool = True, noise: NoiseModel | None = None) -> list[Check]:
+    """This run's records of the baseline's variant group against the baseline: the paired primary
+    statistics (gated), then every stored metric (reported; GPU tokens/s gated)."""
     check_identity(baseline, results, str(baseline.path or "baseline"))
     command = update_command(results_path, baseline.variant, directory)
     stages = results.run.get("stages")
@@ -192,7 +230,10 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
     device_name = (results.run.get("device") or {}).get("name")
     sample_differs = bool(baseline.partial) != results.partial or (
         (baseline.partial or results.partial) and baseline.limit != results.run.get("limit"))
-    checks = []
+    differences = paired_mod.path_differences(baseline.measured, paired_mod.measured_how(results))
+    if noise is None:
+        noise = NoiseModel.from_dict(baseline.noise) if baseline.noise else (noise_beside(baseline.path) or NoiseModel())
+    checks = _paired_primary_checks(results, baseline, noise, differences, config, command)
     for b in baseline.metrics:
         key = metric_key(b)
         if b.higher_is_better is None or b.value is None or (gated_only and config.excluded(key)):
@@ -218,8 +259,65 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
                                 f"different samples: baseline limit {baseline.limit}, this run limit {results.run.get('limit')}", **common))
             continue
         verdict, reason, tol = compare_metric(b, c, config, baseline.tolerances.get(b.key))
-        checks.append(Check(name, "baseline", verdict, reason, tolerance=tol, interval=c.ci95,
-                            command=command if verdict in (FAIL, IMPROVED) else None, **common))
+        se = _pair_se(b, c)
+        gated = _speed_gated(b, baseline, results, config, differences) and se is not None and se > 0
+        check = Check(name, "baseline", verdict, reason, tolerance=tol, interval=c.ci95, **common)
+        if gated:
+            floor = max(config.abs_floor, config.rel_floor(key) * abs(b.value))
+            check.gated = True
+            check.p_value = one_sided_drift_p(float(b.value), float(c.value), se, floor, bool(b.higher_is_better))
+            check.interval = [float(c.value) - Z95 * se, float(c.value) + Z95 * se]
+            check.extra["se"] = se
+            check.fallback = ("WITHIN-NOISE", "")
+            check.reason = (f"tokens_per_s, median of timed samples: {reason}; se of the difference {fmt(se, 3)} from "
+                            f"both runs' sample CVs; one-sided p {fmt(check.p_value, 2)} that it is no worse than the "
+                            f"floor {fmt(floor)}")
+        else:
+            check.gated = False
+            if check.verdict == FAIL:
+                check.verdict = WORSE
+            kind = "an extreme or a statistic without uncertainty" if metric_stderr(b) is None and \
+                metric_stderr(c) is None else "a secondary statistic"
+            if b.stage == "speed" and device != "cuda" and not config.gate_cpu_speed:
+                kind = "CPU timing (gate it with --gate-cpu-speed)"
+            elif b.stage == "speed" and any(d.startswith("kernels ") for d in differences):
+                kind = "timed with other kernels (" + "; ".join(d for d in differences if d.startswith("kernels ")) + ")"
+            elif b.variant.endswith("@noise"):
+                kind = "the harness's own noise floor"
+            check.reason = f"reported, not gated ({kind}): {reason}"
+        if check.verdict in (FAIL, IMPROVED):
+            check.command = command
+        checks.append(check)
+    return checks
+
+
+def _pair_se(b: Metric, c: Metric) -> float | None:
+    ses = [s for s in (metric_stderr(b), metric_stderr(c)) if s is not None]
+    return math.sqrt(2 * ses[0] ** 2) if len(ses) == 1 else (math.hypot(*ses) if ses else None)
+
+
+def _paired_primary_checks(results: Results, baseline: Baseline, noise: NoiseModel, differences: list[str],
+                           config: GateConfig, command: str) -> list[Check]:
+    expected = paired_mod.primary_keys(baseline.arrays, baseline.metrics, baseline.variant)
+    if not baseline.arrays:
+        why = (f"the baseline {baseline.path or 'file'} (schema {baseline.schema}) holds no per-window / per-item "
+               f"data, and a paired comparison needs them; regenerate it with 'evalsuite baseline update'")
+        return paired_mod.unpaired_checks(baseline.variant, expected, why)
+    cand = paired_mod.paired_arrays(results, baseline.variant)
+    checks = paired_mod.paired_checks(baseline.arrays, cand, baseline.variant, noise, differences, config.alpha)
+    seen = {c.check for c in checks}
+    stages = results.run.get("stages")
+    for k in expected:
+        if f"baseline:{k}" not in seen and not any(c.check.startswith(f"baseline:{k.rsplit('/', 1)[0]}/paired")
+                                                   for c in checks):
+            stage = k.split("/", 1)[0]
+            why = f"stage {stage} was not run" if stages is not None and stage not in stages else \
+                "this run holds no per-window / per-item data for it"
+            checks.append(Check(f"baseline:{k}", "baseline", SKIPPED, why, stage=stage, variant=baseline.variant))
+    for c in checks:
+        c.extra.setdefault("baseline_measured", baseline.measured)
+        if c.verdict in (FAIL, IMPROVED):
+            c.command = command
     return checks
 
 

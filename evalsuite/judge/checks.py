@@ -9,10 +9,17 @@ Verdicts:
                     when the gate is strict (a jump is as suspicious as a drop);
 - ``WITHIN-NOISE``  the run cannot tell: the 95% interval straddles the limit, or the change is
                     larger than the fixed floor but inside the run's own noise;
+- ``INCONCLUSIVE``  the check cannot resolve its limit: the interval straddles it, the sample is one
+                    window or one item, or the baseline holds no per-item data to pair with;
+- ``WORSE``         a reported (not gated) number moved beyond its tolerance in the bad direction;
 - ``SKIPPED``       the stage was not run, or the data to judge are missing or not comparable;
 - ``INCOMPLETE``    the run did not check what it was asked to (interrupted, killed, a stage or task
                     without records, a baseline with nothing comparable): no verdict, exit 2 (1 under
                     ``--strict``); see ``completeness``.
+
+Only *gated* checks fail a run: a small, stated set of primary statistics that each have an
+uncertainty (``p_value``), held together to a family-wise false-alarm budget (``alpha``, default 1%)
+by Holm's step-down procedure in ``finalize``. Everything else is reported.
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ from typing import Any
 
 PASS, FAIL, IMPROVED, WITHIN_NOISE, SKIPPED = "PASS", "FAIL", "IMPROVED", "WITHIN-NOISE", "SKIPPED"
 INCOMPLETE = "INCOMPLETE"
-VERDICTS = (FAIL, INCOMPLETE, IMPROVED, WITHIN_NOISE, SKIPPED, PASS)
+INCONCLUSIVE, WORSE = "INCONCLUSIVE", "WORSE"
+VERDICTS = (FAIL, INCOMPLETE, IMPROVED, INCONCLUSIVE, WORSE, WITHIN_NOISE, SKIPPED, PASS)
 EXIT_INCOMPLETE = 2  # as a usage error: the run cannot give a verdict
+DEFAULT_ALPHA = 0.01  # per-run family-wise false-alarm budget of the gated checks
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
 
@@ -50,21 +59,44 @@ class Check:
     command: str | None = None   # the exact command that accepts the new values as the baseline
     source: str | None = None    # where a limit comes from (a gates-config key)
     extra: dict[str, Any] = field(default_factory=dict)
+    # True: a primary check, may fail the run (through Holm, see finalize); False: reported only;
+    # None (checks made elsewhere, e.g. completeness): fails the run on FAIL, outside the Holm family
+    gated: bool | None = None
+    p_value: float | None = None  # one-sided p of "no worse than the limit/margin"; gated checks have one
+    # the verdict and reason the check falls back to when Holm does not reject it
+    fallback: tuple[str, str] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("value", "limit", "baseline", "tolerance"):
+        d.pop("fallback", None)
+        for k in ("value", "limit", "baseline", "tolerance", "p_value"):
             if isinstance(d[k], float) and not math.isfinite(d[k]):
                 d[k] = str(d[k])
         if d["interval"] is not None:
             d["interval"] = [x if math.isfinite(x) else str(x) for x in d["interval"]]
+        d["extra"] = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d["extra"].items()}
         return {k: v for k, v in d.items() if v is not None and v != {}}
 
 
-def finalize(checks: list[Check], strict: bool) -> list[Check]:
-    """Mark which checks fail the run: every FAIL, and every IMPROVED and INCOMPLETE when ``strict``."""
+def finalize(checks: list[Check], strict: bool, alpha: float = DEFAULT_ALPHA) -> list[Check]:
+    """Mark which checks fail the run. Gated checks with a p-value form one family: Holm at ``alpha``
+    decides which FAILs stand (the others fall back to their ``fallback`` verdict); a gated check
+    without a p-value is exact (a count of NaN tokens) and fails on its own. IMPROVED fails when
+    ``strict``, and so does INCOMPLETE (a check made outside the family). Ungated checks never fail the run."""
+    from evalsuite.stats import holm_reject
+
+    family = [c for c in checks if c.gated and c.p_value is not None]
+    rejected = holm_reject([c.p_value for c in family], alpha)
+    for c, r in zip(family, rejected):
+        c.extra["family"] = f"Holm over {len(family)} gated checks at family-wise alpha {alpha:g}"
+        if c.verdict == FAIL and not r:
+            c.verdict, tail = c.fallback or (WITHIN_NOISE, "")
+            c.reason += f"; not significant after Holm over {len(family)} gated checks (alpha {alpha:g}){tail}"
     for c in checks:
-        c.failing = c.verdict == FAIL or (strict and c.verdict in (IMPROVED, INCOMPLETE))
+        if c.gated is None:
+            c.failing = c.verdict == FAIL or (strict and c.verdict in (IMPROVED, INCOMPLETE))
+        else:
+            c.failing = c.gated and (c.verdict == FAIL or (strict and c.verdict == IMPROVED))
     return checks
 
 
@@ -86,30 +118,61 @@ def fmt(x: float | None, digits: int = 4) -> str:
     return f"{x:.{digits}g}"
 
 
-def limit_verdict(value: float, interval: list[float] | None, limit: float, upper: bool) -> tuple[str, str]:
-    """Judge ``value`` against ``limit`` (``upper``: must be ≤ limit; else ≥ limit).
+def limit_verdict(value: float, interval: list[float] | None, limit: float, upper: bool,
+                  clusters: int | None = None, alpha: float = DEFAULT_ALPHA) -> tuple[str, str]:
+    """Judge ``value`` against ``limit`` (``upper``: must be ≤ limit; else ≥ limit); see ``limit_test``."""
+    verdict, reason, _p, _se = limit_test(value, interval, limit, upper, clusters, alpha)
+    return verdict, reason
 
-    With a 95% interval: PASS when all of it is on the good side, FAIL when all of it is on the bad
-    side, WITHIN-NOISE when it contains the limit. Without one the point value decides.
-    """
+
+def limit_test(value: float, interval: list[float] | None, limit: float, upper: bool,
+               clusters: int | None = None, alpha: float = DEFAULT_ALPHA) -> tuple[str, str, float | None, float | None]:
+    """Non-inferiority against a limit on a 95% interval: PASS only when all of it is on the good
+    side; FAIL when the one-sided test that the value is on the good side rejects at ``alpha``
+    (Holm may still overrule it, see ``finalize``); otherwise INCONCLUSIVE: the run cannot resolve
+    its limit. No interval, a zero-width one or fewer than 2 clusters: INCONCLUSIVE.
+
+    Returns (verdict, reason, one-sided p-value or None, standard error or None)."""
+    from evalsuite.stats import one_sided_p
+
     op, bad_op = ("≤", ">") if upper else ("≥", "<")
 
     def good(x: float) -> bool:
         return x <= limit if upper else x >= limit
 
     if not math.isfinite(value):
-        return FAIL, f"value {fmt(value)} is not finite"
+        return FAIL, f"value {fmt(value)} is not finite", 0.0, None
     if interval is None or not all(math.isfinite(x) for x in interval):
-        verdict = PASS if good(value) else FAIL
-        return verdict, f"{fmt(value)} {op if verdict == PASS else bad_op} limit {fmt(limit)} (no interval recorded)"
+        side = op if good(value) else bad_op
+        return INCONCLUSIVE, f"{fmt(value)} {side} limit {fmt(limit)}, but no interval recorded: no uncertainty, no verdict", None, None
     lo, hi = sorted(interval)
+    if hi - lo <= 0 or (clusters is not None and clusters < 2):
+        return INCONCLUSIVE, (f"{fmt(value)}, 95% CI [{fmt(lo)}, {fmt(hi)}] from "
+                              f"{clusters if clusters is not None else 'too few'} window(s)/item(s): no uncertainty, "
+                              f"no verdict"), None, None
+    se = (hi - lo) / (2 * Z95)
+    excess = (value - limit) if upper else (limit - value)
+    p = one_sided_p(excess, se)
     ci = f"95% CI [{fmt(lo)}, {fmt(hi)}]"
     if good(lo) and good(hi):
-        return PASS, f"{fmt(value)}, {ci} entirely {op} limit {fmt(limit)}"
+        return PASS, f"{fmt(value)}, {ci} entirely {op} limit {fmt(limit)}", p, se
+    if p < alpha:
+        return FAIL, f"{fmt(value)}, {ci}: {bad_op} limit {fmt(limit)} (one-sided p {fmt(p, 2)})", p, se
     if not good(lo) and not good(hi):
-        return FAIL, f"{fmt(value)}, {ci} entirely {bad_op} limit {fmt(limit)}"
+        return INCONCLUSIVE, (f"{fmt(value)}, {ci} entirely {bad_op} limit {fmt(limit)}, but not significantly at "
+                              f"alpha {alpha:g} (one-sided p {fmt(p, 2)}): the sample is too small to tell"), p, se
     side = "inside" if good(value) else "beyond"
-    return WITHIN_NOISE, f"{fmt(value)} is {side} limit {fmt(limit)} but its {ci} contains the limit: the sample is too small to tell"
+    return INCONCLUSIVE, (f"{fmt(value)} is {side} limit {fmt(limit)} but its {ci} contains the limit "
+                          f"(one-sided p {fmt(p, 2)}): the sample is too small to tell"), p, se
+
+
+def one_sided_drift_p(base: float, cand: float, se: float | None, floor: float, higher_is_better: bool) -> float:
+    """One-sided p that a move from ``base`` to ``cand`` is no worse than ``floor`` (normal, ``se`` of
+    the difference; without one the move alone decides: 0 beyond the floor, 1 inside)."""
+    from evalsuite.stats import one_sided_p
+
+    worse = (base - cand) if higher_is_better else (cand - base)
+    return one_sided_p(worse - floor, se if se is not None else math.nan)
 
 
 def metric_stderr(m) -> float | None:

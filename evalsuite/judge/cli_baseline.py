@@ -14,6 +14,7 @@ from tabulate import tabulate
 from evalsuite.errors import EvalsuiteError
 from evalsuite.judge.baseline import DEFAULT_DIR, baseline_path, from_results, load_baselines, variant_group
 from evalsuite.judge.checks import fmt
+from evalsuite.judge.noise import noise_beside
 from evalsuite.results import Results
 
 
@@ -39,10 +40,19 @@ def update(args: argparse.Namespace) -> int:
         b = from_results(results, g, source=args.file)
         path = baseline_path(Path(args.dir), results, g)
         if path.is_file():
-            old = load_baselines(path)[0]
-            b.tolerances = {k: t for k, t in old.tolerances.items() if b.get(k) is not None}
+            try:
+                old = load_baselines(path)[0]
+            except EvalsuiteError:  # e.g. its paired data file is gone: the new one replaces it
+                old = None
+            if old is not None:
+                b.tolerances = {k: t for k, t in old.tolerances.items() if b.get(k) is not None}
+        noise = noise_beside(path)  # benchmarks/bench_aa.py's calibration for this model and card
+        if noise is not None:
+            b.noise = noise.to_dict()
         b.save(path)
-        print(f"baseline {g}: {len(b.metrics)} metrics → {path}")
+        paired = f", paired data {b.paired_info['file']}" if b.paired_info else ", no per-window/per-item data"
+        calibrated = f", noise from {noise.source}" if noise is not None else ", noise uncalibrated (no noise.json)"
+        print(f"baseline {g}: {len(b.metrics)} metrics{paired}{calibrated} → {path}")
     return 0
 
 
@@ -52,6 +62,12 @@ def show(args: argparse.Namespace) -> int:
             continue
         print(f"baseline {b.variant} of {b.model.get('name')} (sha256 {str(b.model.get('sha256'))[:12]}), "
               f"{b.device_type}-{b.dtype}, updated {b.updated}, from {b.source.get('results')}")
+        how = b.measured or {}
+        print(f"schema {b.schema}; paired data: {b.paired_info['file'] if b.paired_info else 'none (unpaired)'}; "
+              f"measured: " + (", ".join(f"{k} {how.get(k)}" for k in ("device_name", "kernels", "ppl_batch",
+                                                                        "task_packing", "git_revision") if k in how)
+                               or "not recorded") +
+              f"; noise: {(b.noise or {}).get('source', 'uncalibrated')}")
         rows = [[m.stage, m.task, m.variant, m.metric, fmt(m.value), m.unit,
                  {True: "↑", False: "↓", None: ""}[m.higher_is_better],
                  fmt(m.stderr) if m.stderr is not None else (f"[{fmt(m.ci95[0])}, {fmt(m.ci95[1])}]" if m.ci95 else ""),

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 
-from evalsuite.judge.checks import FAIL, PASS, SKIPPED, Z95, Check, fmt, limit_verdict
+import numpy as np
+
+from evalsuite import stats
+from evalsuite.judge.checks import FAIL, INCONCLUSIVE, PASS, SKIPPED, WORSE, Z95, Check, fmt, limit_test
 from evalsuite.judge.config import GateConfig
 from evalsuite.judge.layers import block_sqnr, layer_summary
 from evalsuite.results import Metric, Results
@@ -29,14 +32,30 @@ def _skipped(results: Results, stage: str, variant: str, metric: str, what: str)
     return Check(f"{stage}/{variant}/{what}", "limit", SKIPPED, reason, stage=stage, variant=variant, metric=metric)
 
 
-def _limit_check(m: Metric, limit: float, upper: bool, name: str, source: str, note: str = "") -> Check:
-    verdict, reason = limit_verdict(m.value if m.value is not None else math.nan, m.ci95, limit, upper)
-    return Check(name, "limit", verdict, reason + note, stage=m.stage, task=m.task, variant=m.variant,
+def _limit_check(m: Metric, limit: float, upper: bool, name: str, source: str, note: str = "",
+                 gated: bool = True, alpha: float = 0.01, clusters: int | None = None) -> Check:
+    """A non-inferiority check of one record against a limit (see ``limit_test``); ``gated`` ones may
+    fail the run, the others are reported (FAIL shows as WORSE)."""
+    if clusters is None:
+        windows = (m.extra or {}).get("windows")
+        clusters = int(windows) if isinstance(windows, (int, float)) else (m.n if m.stage == "tasks" else None)
+    verdict, reason, p, se = limit_test(m.value if m.value is not None else math.nan, m.ci95, limit, upper,
+                                        clusters, alpha)
+    if not gated and verdict == FAIL:
+        verdict = WORSE
+    statistic = f"{m.metric} ({m.definition.split(';')[0]})" if m.definition else m.metric
+    reason = f"{statistic}: {reason}{note}; noise: the run's own sampling error (interval over " \
+             f"{'windows' if m.stage == 'ppl' else 'items' if m.stage == 'tasks' else 'samples'})"
+    if not gated:
+        reason = "reported, not gated: " + reason
+    return Check(name, "limit", verdict, reason, stage=m.stage, task=m.task, variant=m.variant,
                  metric=m.metric, value=m.value, interval=m.ci95, limit=limit,
-                 source=f"gates config: {source}")
+                 source=f"gates config: {source}", gated=gated, p_value=p if gated else None,
+                 fallback=(INCONCLUSIVE, ""),
+                 extra={"se": se, "clusters": clusters} if se is not None else {})
 
 
-def ppl_checks(results: Results, variant: str, limits: dict, pattern: str) -> list[Check]:
+def ppl_checks(results: Results, variant: str, limits: dict, pattern: str, alpha: float = 0.01) -> list[Check]:
     out: list[Check] = []
     kld = results.find(stage="ppl", variant=variant, metric="kld_mean")
     ratio = results.find(stage="ppl", variant=variant, metric="ppl_ratio")
@@ -53,25 +72,63 @@ def ppl_checks(results: Results, variant: str, limits: dict, pattern: str) -> li
                 note += f", {m.value / floor.value:.3g}× smaller" if m.value >= floor.value \
                     else ", larger: the quantization error is below the dtype's own rounding noise"
         out.append(_limit_check(m, limits["kld_mean_max"], True, f"ppl/{m.task}/{variant}/kld_mean",
-                                f"schemes.{pattern}.kld_mean_max", note))
+                                f"schemes.{pattern}.kld_mean_max", note, alpha=alpha))
     if not ratio:
         out.append(_skipped(results, "ppl", variant, "ppl_ratio", "ppl_ratio"))
     for m in ratio:
         out.append(_limit_check(m, limits["ppl_ratio_max"], True, f"ppl/{m.task}/{variant}/ppl_ratio",
-                                f"schemes.{pattern}.ppl_ratio_max"))
+                                f"schemes.{pattern}.ppl_ratio_max", alpha=alpha))
     for m in results.find(stage="ppl", variant=variant, metric="nonfinite_tokens"):
         bad = m.value is None or not math.isfinite(m.value) or m.value > 0
         out.append(Check(f"ppl/{m.task}/{variant}/nonfinite_tokens", "limit", FAIL if bad else PASS,
-                         f"{fmt(m.value)} tokens with NaN/inf logits (must be 0)", stage="ppl", task=m.task,
-                         variant=variant, metric="nonfinite_tokens", value=m.value, limit=0.0))
+                         f"nonfinite_tokens (a count, exact: no sampling noise) {fmt(m.value)} tokens with NaN/inf "
+                         f"logits (must be 0)", stage="ppl", task=m.task,
+                         variant=variant, metric="nonfinite_tokens", value=m.value, limit=0.0, gated=True))
     return out
 
 
-def task_checks(results: Results, variant: str, limits: dict, pattern: str) -> list[Check]:
+def pooled_accuracy(results: Results, variant: str, reference: str = "fp") -> tuple[np.ndarray, np.ndarray] | None:
+    """Per-item correctness (acc) of ``reference`` and ``variant`` over all tasks' items, in order."""
+    a, b = [], []
+    for entry in (results.details.get("tasks") or {}).values():
+        vals = (entry or {}).get("values") or {} if isinstance(entry, dict) else {}
+        ra, rb = (vals.get(reference) or {}).get("acc"), (vals.get(variant) or {}).get("acc")
+        if ra is not None and rb is not None and len(ra) == len(rb):
+            a.append(np.asarray(ra, dtype=np.float64) > 0.5)
+            b.append(np.asarray(rb, dtype=np.float64) > 0.5)
+    if not a:
+        return None
+    return np.concatenate(a), np.concatenate(b)
+
+
+def pooled_task_check(results: Results, variant: str, limits: dict, pattern: str, alpha: float) -> Check | None:
+    """The primary accuracy test: acc(variant) - acc(fp) over all tasks' items, non-inferior to
+    -max_acc_drop (Newcombe's paired interval; PASS only when all of it is above the limit)."""
+    pooled = pooled_accuracy(results, variant)
+    if pooled is None:
+        return None
+    a, b = pooled
+    p, r2w, w2r = stats.mcnemar_exact(a, b)
+    ci = stats.paired_proportion_diff_ci(a, b)
+    tasks = sum(1 for e in (results.details.get("tasks") or {}).values()
+                if isinstance(e, dict) and variant in (e.get("values") or {}))
+    m = Metric(stage="tasks", task="pooled", variant=variant, metric="delta_acc", value=float(b.mean() - a.mean()),
+               unit="fraction", n=int(a.size), higher_is_better=True, ci95=ci,
+               definition=f"pooled acc(variant) - acc(fp) over all {a.size} items of {tasks} tasks, Newcombe paired "
+                          f"interval")
+    note = f"; flips right→wrong {r2w} / wrong→right {w2r}, McNemar exact p={fmt(p, 3)}"
+    return _limit_check(m, -float(limits["max_acc_drop"]), False, f"tasks/pooled/{variant}/delta_acc",
+                        f"schemes.{pattern}.max_acc_drop", note, gated=True, alpha=alpha, clusters=int(a.size))
+
+
+def task_checks(results: Results, variant: str, limits: dict, pattern: str, alpha: float = 0.01) -> list[Check]:
     deltas = results.find(stage="tasks", variant=variant, metric="delta_acc")
     if not deltas:
         return [_skipped(results, "tasks", variant, "delta_acc", "delta_acc")]
     out = []
+    pooled = pooled_task_check(results, variant, limits, pattern, alpha)
+    if pooled is not None:
+        out.append(pooled)
     for m in deltas:
         p = results.get("tasks", m.task, variant, "mcnemar_p")
         r2w = results.get("tasks", m.task, variant, "flips_right_to_wrong")
@@ -81,8 +138,9 @@ def task_checks(results: Results, variant: str, limits: dict, pattern: str) -> l
             note += f", McNemar exact p={fmt(p.value, 3)}"
         if r2w is not None and w2r is not None:
             note += f", flips right→wrong {fmt(r2w.value)} / wrong→right {fmt(w2r.value)}"
+        # one task's items are few: reported; the pooled check above is the gated accuracy test
         out.append(_limit_check(m, -float(limits["max_acc_drop"]), False, f"tasks/{m.task}/{variant}/delta_acc",
-                                f"schemes.{pattern}.max_acc_drop", note))
+                                f"schemes.{pattern}.max_acc_drop", note, gated=pooled is None, alpha=alpha))
     return out
 
 
@@ -103,7 +161,8 @@ def layer_checks(results: Results, variant: str, limits: dict, pattern: str, vie
     else:
         reason = f"all {total} layers at or above their SQNR floor; least headroom {worst}: {summary.describe(worst)}"
     worst_view = min(summary.values[worst], key=lambda v: summary.values[worst][v] - summary.floors[worst][v])
-    return [Check(name, "limit", FAIL if under else PASS, reason, stage="layers", task=worst, variant=variant,
+    reason = "reported, not gated (a minimum over layers is an extreme; its effect is gated through KLD): " + reason
+    return [Check(name, "limit", WORSE if under else PASS, reason, stage="layers", task=worst, variant=variant, gated=False,
                   metric=worst_view, value=summary.values[worst][worst_view], limit=summary.floors[worst][worst_view],
                   source=f"layer records' floor_db (layers stage thresholds), else gates config: "
                          f"schemes.{pattern}.layer_sqnr_min_db",
@@ -122,7 +181,8 @@ def block_checks(results: Results, variant: str) -> list[Check]:
             f"block.{b} {fmt(x, 3)} dB (floor {fmt(fl, 3)})" for b, x, fl in under[:5])
     else:
         reason = f"all {len(blocks)} blocks at or above their hidden-state SQNR floor; lowest block.{d} {fmt(v, 3)} dB (floor {fmt(f, 3)})"
-    return [Check(f"layers/{variant}/hidden_sqnr", "limit", FAIL if under else PASS, reason, stage="layers",
+    reason = "reported, not gated (an extreme over blocks): " + reason
+    return [Check(f"layers/{variant}/hidden_sqnr", "limit", WORSE if under else PASS, reason, stage="layers", gated=False,
                   task=f"block.{d}", variant=variant, metric="hidden_sqnr_db", value=v, limit=f,
                   extra={"under": [f"block.{b}" for b, _, _ in under]})]
 
@@ -149,7 +209,8 @@ def speedup_interval(results: Results, m: Metric) -> list[float] | None:
     return [m.value * (1 - rel), m.value * (1 + rel)]
 
 
-def speed_checks(results: Results, variant: str, limits: dict, pattern: str, devices: list[str]) -> list[Check]:
+def speed_checks(results: Results, variant: str, limits: dict, pattern: str, devices: list[str],
+                 alpha: float = 0.01) -> list[Check]:
     wanted = limits.get("speedup_min") or {}
     out = []
     for task, minimum in wanted.items():
@@ -175,7 +236,7 @@ def speed_checks(results: Results, variant: str, limits: dict, pattern: str, dev
                              limit=float(minimum)))
             continue
         m = Metric(**{**m.__dict__, "ci95": speedup_interval(results, m)})
-        out.append(_limit_check(m, float(minimum), False, name, f"schemes.{pattern}.speedup_min.{task}"))
+        out.append(_limit_check(m, float(minimum), False, name, f"schemes.{pattern}.speedup_min.{task}", alpha=alpha))
     return out
 
 
@@ -194,9 +255,9 @@ def within_run_checks(results: Results, config: GateConfig) -> list[Check]:
     metrics = list(config.data["layer_metric"])
     for variant in quantized_variants(results):
         pattern, limits = config.scheme(variant)
-        checks += ppl_checks(results, variant, limits, pattern)
-        checks += task_checks(results, variant, limits, pattern)
+        checks += ppl_checks(results, variant, limits, pattern, config.alpha)
+        checks += task_checks(results, variant, limits, pattern, config.alpha)
         checks += layer_checks(results, variant, limits, pattern, metrics)
         checks += block_checks(results, variant)
-        checks += speed_checks(results, variant, limits, pattern, list(config.data["speed_devices"]))
+        checks += speed_checks(results, variant, limits, pattern, list(config.data["speed_devices"]), config.alpha)
     return checks

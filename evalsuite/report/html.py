@@ -13,7 +13,7 @@ h1{font-size:22px}h2{font-size:17px;border-bottom:1px solid #d0d7de;padding-bott
 table{border-collapse:collapse;margin:8px 0;font-size:12.5px}th,td{border:1px solid #d0d7de;padding:3px 7px;text-align:left;vertical-align:top}
 th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .v{font-weight:700;white-space:nowrap}.PASS{color:#1a7f37}.FAIL{color:#fff;background:#cf222e}.IMPROVED{color:#fff;background:#8250df}
-.WITHIN-NOISE{color:#7d4e00;background:#fff8c5}.SKIPPED{color:#57606a}
+.WITHIN-NOISE{color:#7d4e00;background:#fff8c5}.SKIPPED{color:#57606a}.INCONCLUSIVE{color:#7d4e00;background:#fff8c5}.WORSE{color:#9a6700}
 .banner{background:#fff8c5;border:1px solid #d4a72c;padding:8px 12px;font-weight:600;margin:12px 0}
 .overall{font-size:18px;font-weight:700;padding:6px 12px;display:inline-block}
 pre{background:#f6f8fa;padding:8px;overflow-x:auto}img{max-width:100%;border:1px solid #eee;margin:6px 0}

@@ -11,7 +11,8 @@ from tabulate import tabulate
 from evalsuite.judge.checks import VERDICTS
 from evalsuite.results import Metric, Results
 
-COLOURS = {"PASS": "32", "FAIL": "31;1", "IMPROVED": "35;1", "WITHIN-NOISE": "33", "SKIPPED": "90", "INCOMPLETE": "31"}
+COLOURS = {"PASS": "32", "FAIL": "31;1", "IMPROVED": "35;1", "WITHIN-NOISE": "33", "SKIPPED": "90", "INCOMPLETE": "31",
+           "INCONCLUSIVE": "33;1", "WORSE": "33"}
 VERDICT_ORDER = VERDICTS  # worst first
 
 

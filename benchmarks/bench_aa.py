@@ -1,0 +1,184 @@
+"""A/A noise calibration: the same model and data measured several times, varying only what should
+not matter (ppl/task batch sizes, ``--kernels fused|eager``, ``--task-packing auto|off``), and the
+honest spread of every gated statistic between those runs.
+
+    source .gpu/env.sh && python3 benchmarks/bench_aa.py --write-baselines reports/baselines
+    python3 benchmarks/bench_aa.py --from run1/results.json run2/results.json ...   # from finished runs
+
+Each run is a fresh ``python3 -m evalsuite run --stages ppl,tasks`` process (the gated statistics live
+in those stages). Every run is paired with the first (the reference, the default configuration)
+through the judge's own paired statistics (``evalsuite.judge.paired``): ``same_path`` is the largest
+|difference| between runs measured the same way, ``cross_path`` the largest over all pairs. The
+calibration file (schema ``evalsuite.noise/1``) is written to ``$OUT/baselines/<model>/<device>-<dtype>/
+noise.json`` and, with ``--write-baselines DIR``, beside the baselines in DIR, where ``evalsuite
+baseline update`` copies it into each baseline. Also recorded: the spread of every record across the
+runs (``kld_max`` among them: a fresh draw each run), answers flipped between runs, and the largest
+per-item log-likelihood change. Writes ``$OUT/bench_aa.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import numpy as np  # noqa: E402
+
+from evalsuite.judge.baseline import baseline_path  # noqa: E402
+from evalsuite.judge.noise import NOISE_FILE, NOISE_SCHEMA, NoiseModel  # noqa: E402
+from evalsuite.judge.paired import paired_arrays, paired_checks  # noqa: E402
+from evalsuite.results import Results, write_json_atomic  # noqa: E402
+
+# label -> extra options; the first is the reference, "default-again" its same-path twin
+CONFIGS = {
+    "default": [],
+    "default-again": [],
+    "batch": ["--ppl-batch", "4", "--task-batch-size", "512"],
+    "eager": ["--kernels", "eager"],
+    "no-packing": ["--task-packing", "off"],
+}
+
+
+def run_all(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    runs = []
+    out = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench-aa-runs-"))  # results files are large: not in $OUT
+    empty = Path(tempfile.mkdtemp(prefix="aa-nobaselines-"))  # judge against nothing: only the numbers matter
+    for label in args.configs.split(","):
+        extra = CONFIGS[label]
+        dest = out / label
+        cmd = [sys.executable, "-m", "evalsuite", "run", "--quant", args.quant, "--stages", args.stages,
+               "--out", str(dest), "--no-history", "--baselines", str(empty), "--no-progress", *extra]
+        if args.model:
+            cmd += ["--model", args.model]
+        if args.data_dir:
+            cmd += ["--data-dir", args.data_dir]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        took = time.perf_counter() - t0
+        print(f"{label}: rc={p.returncode} {took:.0f}s  {' '.join(extra)}", flush=True)
+        if not (dest / "results.json").is_file():
+            print(p.stdout[-3000:], p.stderr[-3000:], sep="\n", file=sys.stderr)
+            raise SystemExit(f"run {label} wrote no results")
+        runs.append((label, dest / "results.json"))
+    return runs
+
+
+def calibrate(runs: list[tuple[str, Results]]) -> dict:
+    """The calibration file's content from finished runs (the first is the reference)."""
+    (ref_label, ref), rest = runs[0], runs[1:]
+    groups = list(dict.fromkeys(v.split("@", 1)[0] for v in ref.variants))
+    stats: dict[str, dict] = {}
+    pairs = []
+    for label, res in rest:
+        same = label in CONFIGS and ref_label in CONFIGS and CONFIGS[label] == CONFIGS[ref_label]
+        pairs.append({"label": label, "same_path": same})
+        for g in groups:
+            base, cand = paired_arrays(ref, g), paired_arrays(res, g)
+            for c in paired_checks(base, cand, g, NoiseModel(), [], alpha=0.01):
+                if c.value is None or c.verdict == "SKIPPED":
+                    continue
+                key = c.check.removeprefix("baseline:")
+                e = stats.setdefault(key, {"unit": c.extra.get("unit"), "values": {}, "same_path": None,
+                                           "cross_path": 0.0, "gated": c.gated})
+                e["values"][label] = c.value
+                e["cross_path"] = max(e["cross_path"], abs(c.value))
+                if same:
+                    e["same_path"] = max(e["same_path"] or 0.0, abs(c.value))
+    for e in stats.values():
+        vals = list(e["values"].values())
+        e["sd"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+        e["pairs"] = len(vals)
+        if e["same_path"] is None:
+            e["same_path"] = e["cross_path"]  # no same-path twin: the cross-path spread stands for both
+    return {"statistics": stats, "pairs": pairs}
+
+
+def record_spread(runs: list[tuple[str, Results]]) -> dict:
+    """Every record's values across the runs, and its largest relative move from the reference."""
+    ref = runs[0][1]
+    out = {}
+    for m in ref.records:
+        if m.stage not in ("ppl", "tasks") or m.value is None:
+            continue
+        vals = {label: (r.get(*m.key).value if r.get(*m.key) is not None else None) for label, r in runs}
+        rel = [abs(v / m.value - 1) for v in vals.values() if v is not None and m.value]
+        out["/".join(m.key)] = {"values": vals, "max_rel_move": max(rel) if rel else None}
+    return out
+
+
+def task_flips(runs: list[tuple[str, Results]]) -> dict:
+    """Per task and variant: fraction of answers that differ from the reference run, largest
+    per-choice log-likelihood change (nats)."""
+    ref = runs[0][1]
+    out = {}
+    for task, entry in (ref.details.get("tasks") or {}).items():
+        for v, vals in (entry.get("values") or {}).items():
+            a = np.asarray(vals.get("acc") or [], dtype=float)
+            la = np.asarray([x for d in (entry.get("loglikelihoods") or {}).get(v, []) for x in d], dtype=float)
+            row = {}
+            for label, res in runs[1:]:
+                e = (res.details.get("tasks") or {}).get(task) or {}
+                b = np.asarray(((e.get("values") or {}).get(v) or {}).get("acc") or [], dtype=float)
+                lb = np.asarray([x for d in (e.get("loglikelihoods") or {}).get(v, []) for x in d], dtype=float)
+                row[label] = {"flipped": float((a != b).mean()) if a.size and a.size == b.size else None,
+                              "max_ll_change": float(np.nanmax(np.abs(la - lb))) if la.size and la.size == lb.size else None}
+            out[f"{task}/{v}"] = row
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=os.environ.get("EVALSUITE_MODEL_FILE") or os.environ.get("EVALSUITE_MODEL"))
+    ap.add_argument("--data-dir", default=os.environ.get("EVALSUITE_DATA_DIR"))
+    ap.add_argument("--quant", default="int8-wo")
+    ap.add_argument("--stages", default="ppl,tasks")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma separated from {', '.join(CONFIGS)}")
+    ap.add_argument("--from", dest="from_files", nargs="+", metavar="RESULTS",
+                    help="calibrate from finished runs' results.json instead (the first is the reference)")
+    ap.add_argument("--write-baselines", metavar="DIR", help="also write noise.json into this baselines folder")
+    ap.add_argument("--runs-dir", metavar="DIR", help="where the runs' output folders go (default: a temporary folder)")
+    args = ap.parse_args()
+    out = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench-aa-"))
+    t0 = time.perf_counter()
+    files = [(Path(f).parent.name, Path(f)) for f in args.from_files] if args.from_files else run_all(args)
+    runs = [(label, Results.load(p)) for label, p in files]
+    ref = runs[0][1]
+    cal = calibrate(runs)
+    device = ref.run.get("device") or {}
+    source = (f"benchmarks/bench_aa.py on {device.get('name')}, {len(runs)} runs ({', '.join(l for l, _ in runs)}), "
+              f"git {str(ref.run.get('git_revision'))[:10]}, {dt.date.today().isoformat()}")
+    noise = {"schema": NOISE_SCHEMA, "model": (ref.run.get("model") or {}).get("name"),
+             "sha256": (ref.run.get("model") or {}).get("sha256"), "device_name": device.get("name"),
+             "dtype": ref.run.get("dtype"), "source": source,
+             "runs": [{"label": l, "options": CONFIGS.get(l), "argv": r.run.get("argv")} for l, r in runs],
+             "statistics": {k: {x: e[x] for x in ("same_path", "cross_path", "sd", "pairs", "unit", "gated")}
+                            for k, e in cal["statistics"].items()}}
+    written = []
+    for folder in [out / "baselines", *([Path(args.write_baselines)] if args.write_baselines else [])]:
+        path = baseline_path(folder, ref, "fp").with_name(NOISE_FILE)
+        write_json_atomic(path, noise)
+        written.append(str(path))
+        print(f"wrote {path}")
+    payload = {"bench": "aa", "source": source, "noise_files": written, "calibration": cal,
+               "records": record_spread(runs), "task_flips": task_flips(runs), "wall_s": time.perf_counter() - t0}
+    from benchutil import write_out
+
+    if write_out("bench_aa", payload) is None:
+        (out / "bench_aa.json").write_text(json.dumps(payload, indent=1, default=str))
+    for k, e in sorted(cal["statistics"].items()):
+        print(f"{k:50s} same {e['same_path']:.3g}  cross {e['cross_path']:.3g}  {e['unit']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
