@@ -114,9 +114,8 @@ def now() -> str:
 def run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading anything heavy.
     from evalsuite.load.model import default_model_path, detect_format
-    from evalsuite.quantize import parse_schemes
-
     from evalsuite.load.variant import parse_variant_models
+    from evalsuite.quantize import parse_schemes
     from evalsuite.quantize.policy import parse_skip
 
     stages = parse_stages(args.stages)
@@ -138,8 +137,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from evalsuite.load import load_model
-    from evalsuite.measure.context import RunContext
     from evalsuite.load.variant import load_variant_model
+    from evalsuite.measure.context import RunContext
+    from evalsuite.measure.layers import paired_layers
     from evalsuite.quantize import quantize_
     from evalsuite.quantize.registry import check_runs_on
     from evalsuite.quantize.validate import check_variant
@@ -217,11 +217,11 @@ def run(args: argparse.Namespace) -> int:
             results.run.setdefault("variant_models", {})[spec.name] = {
                 "path": var.info.path, "format": var.info.format, "sha256": var.info.sha256, "arch": var.info.arch}
     with timed("quantize"):
-        from evalsuite.measure.layers import paired_layers
-
         try:
             for cfg in configs:
+                t0 = time.perf_counter()
                 variants[cfg.name] = quantize_(copy.deepcopy(loaded.model), cfg, skip=skip)
+                results.run.setdefault("quantize_seconds", {})[cfg.name] = round(time.perf_counter() - t0, 3)
                 if hasattr(cfg, "spec"):  # not one of evalsuite's own schemes: check what it made
                     check_variant(cfg.name, variants[cfg.name], info.vocab_size, device, cfg.spec)
         except EvalsuiteError as e:
