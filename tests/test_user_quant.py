@@ -271,7 +271,7 @@ NOT_CALLABLE = "X = 3\n"
     (f"{EXAMPLE}:Nope", {}, [], "has no attribute 'Nope'"),
     ("{tmp}/h.py:NotAHandler", {"h.py": NOT_A_HANDLER}, [],
      "class NotAHandler lacks create_quantized_state_dict() and convert_for_runtime()"),
-    ("{tmp}/h.py:X", {"h.py": NOT_CALLABLE}, [], "X is a int, not a handler class or function"),
+    ("{tmp}/h.py:X", {"h.py": NOT_CALLABLE}, [], "X is of type 'int', not a handler class or function"),
     ("{tmp}/h.py:X", {"h.py": RAISES_AT_IMPORT}, [], "failed (RuntimeError: boom at import)"),
     ("no_such_pkg.quant:Handler", {}, [], "no module named 'no_such_pkg.quant'"),
     (f"{HANDLER}(groupsize=64)", {}, [], "does not accept these arguments"),
@@ -377,3 +377,52 @@ def test_same_size_but_different_tokenizer_is_a_difference():
     assert vocabulary_difference(ref, Loaded({"a": 0, "b": 1, "c": 2})) is None
     why = vocabulary_difference(ref, Loaded({"a": 0, "b": 1, "d": 2}))
     assert why is not None and "different tokenizer" in why
+
+
+def byte_tokenizer(folder: Path) -> None:
+    """A real tokenizer.json of 256 byte tokens (for the 512-token gpt-fast 'tiny' shape)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_level = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(byte_level))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_gpt_fast_int8_checkpoint_with_the_bug_is_named(data_dir, tmp_path):
+    """gpt-fast's own int8 .pth (quantize.py --mode int8: int8 weights + scales, head included) as a
+    --variant-model of the fp .pth, the planted bug in one layer's scales."""
+    from evalsuite.load import gptfast
+    from evalsuite.quantize.user import resolve
+    from evalsuite.quantize.spec import parse_reference
+
+    handler_cls = resolve(parse_reference(HANDLER))
+    fp = gptfast.random_model("tiny", "cpu", torch.float32, seed=0)
+    folders = {}
+    for name in ("fp", "int8", "bug"):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        byte_tokenizer(folders[name])
+    sd_fp = {k: v for k, v in fp.state_dict().items() if not k.startswith("freqs_cis")}
+    torch.save(sd_fp, folders["fp"] / "model.pth")
+    sd_q = handler_cls(copy.deepcopy(fp)).create_quantized_state_dict()  # gpt-fast: every linear
+    sd_q = {k: v for k, v in sd_q.items() if not k.startswith("freqs_cis")}
+    torch.save(sd_q, folders["int8"] / "model.pth")
+    bad = "layers.1.feed_forward.w2"
+    sd_q[f"{bad}.scales"] = sd_q[f"{bad}.scales"] * 2
+    torch.save(sd_q, folders["bug"] / "model.pth")
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(folders["fp"] / "model.pth"), "--arch", "tiny", "--device", "cpu",
+                 "--data-dir", str(data_dir), "--out", str(out), "--no-progress", "--no-history",
+                 "--variant-model", f"int8={folders['int8'] / 'model.pth'}",
+                 "--variant-model", f"bug={folders['bug'] / 'model.pth'}", "--stages", "layers",
+                 "--layer-tokens", "128", "--layer-seq-len", "64"])
+    assert code == 1
+    results = Results.load(out / "results.json")
+    assert results.run["quantized_layers"] == {"int8": 11, "bug": 11}  # wqkv, wo, w1-w3 a block, and the head
+    assert results.run["variant_models"]["bug"]["format"] == "gpt-fast"
+    assert verdict(results, "layers/int8/sqnr")["verdict"] == "PASS"
+    failed = verdict(results, "layers/bug/sqnr")
+    assert failed["verdict"] == "FAIL" and failed["task"] == bad

@@ -130,7 +130,7 @@ def make_config(ref: Reference, label: str, skip: tuple[str, ...]) -> UserHandle
     elif callable(target):
         kind = "function"
     else:
-        raise EvalsuiteError(f"{where}: {ref.attr} is a {type(target).__name__}, not a handler class or function")
+        raise EvalsuiteError(f"{where}: {ref.attr} is of type {type(target).__name__!r}, not a handler class or function")
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):
