@@ -426,3 +426,20 @@ def test_gpt_fast_int8_checkpoint_with_the_bug_is_named(data_dir, tmp_path):
     assert verdict(results, "layers/int8/sqnr")["verdict"] == "PASS"
     failed = verdict(results, "layers/bug/sqnr")
     assert failed["verdict"] == "FAIL" and failed["task"] == bad
+
+
+@needs_torchao
+@pytest.mark.gpu
+def test_gpu_bf16_handler_equals_int8_wo_and_torchao_is_close(smollm2_path, data_dir, tmp_path):
+    """On the device in bf16: with --kernels eager the built-in int8-wo runs the seed's forward, so
+    the example handler must match it exactly; torchao's int8 within ±30% of its KLD."""
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(smollm2_path), "--device", "cuda", "--data-dir", str(data_dir), "--out", str(out),
+                 "--no-progress", "--no-history", "--stages", "ppl,layers", "--limit", "8", "--kernels", "eager",
+                 "--quant", f"int8-wo,seed={HANDLER},ao=torchao:Int8WeightOnlyConfig"])
+    assert code == 0
+    results = Results.load(out / "results.json")
+    ref = value(results, "ppl", "int8-wo", "kld_mean")
+    assert value(results, "ppl", "seed", "kld_mean") == pytest.approx(ref, rel=1e-6)
+    assert value(results, "ppl", "ao", "kld_mean") == pytest.approx(ref, rel=0.3)
+    assert verdict(results, "layers/ao/sqnr")["verdict"] == "PASS"
