@@ -443,3 +443,28 @@ def test_gpu_bf16_handler_equals_int8_wo_and_torchao_is_close(smollm2_path, data
     assert value(results, "ppl", "seed", "kld_mean") == pytest.approx(ref, rel=1e-6)
     assert value(results, "ppl", "ao", "kld_mean") == pytest.approx(ref, rel=0.3)
     assert verdict(results, "layers/ao/sqnr")["verdict"] == "PASS"
+
+
+@needs_torchao
+def test_speed_decoder_runs_torchao_projections_side_by_side():
+    """torchao's weights cannot be sliced or concatenated: q/k/v run as three modules whose outputs
+    are permuted and joined, and the decoder still gives the HF model's logits; its bytes are the
+    int8 data and scales inside the tensor subclasses."""
+    from evalsuite.load import gptfast
+    from evalsuite.measure.speed import weight_bytes
+
+    hf = make_tiny_llama()
+    fp_bytes = weight_bytes(gptfast.from_hf(copy.deepcopy(hf)))
+    quantize_ao = parse_scheme("torchao:Int8WeightOnlyConfig")
+    from evalsuite.quantize import quantize_
+
+    hf = quantize_(hf, quantize_ao)
+    decoder = gptfast.from_hf(hf)
+    assert isinstance(decoder.layers[0].attention.wqkv, gptfast.ConcatOutputs)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, use_cache=False).logits
+        torch.testing.assert_close(decoder(ids), ref, rtol=1e-5, atol=1e-5)
+    linear_fp = sum(m.weight.numel() * 4 for n, m in hf.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
+    # int8 weights: a quarter of the fp32 linear bytes, plus one scale a row
+    assert fp_bytes - weight_bytes(decoder) == pytest.approx(0.75 * linear_fp, rel=0.05)
