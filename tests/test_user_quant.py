@@ -277,10 +277,11 @@ NOT_CALLABLE = "X = 3\n"
     (f"{HANDLER}(groupsize=64)", {}, [], "does not accept these arguments"),
     (f"{HANDLER}(filter_fn=print)", {}, [], "not a Python literal"),
     ("{tmp}/h.py:quantize", {"h.py": NO_FILTER}, ["--skip-layers", "lm_head"], "--skip-layers cannot apply"),
+    ("{tmp}/h.py:quantize+head", {"h.py": NO_FILTER}, [], "+head cannot apply"),
     ("a=int8-wo,a=int4-wo-g32", {}, [], "variant 'a' is given twice"),
     ("torchao:NoSuchConfig", {}, [], "has no config 'NoSuchConfig'"),
 ], ids=["missing-file", "no-attribute", "lacks-methods", "not-callable", "import-raises", "no-module", "bad-keyword",
-        "not-literal", "skip-without-filter", "duplicate-name", "unknown-torchao-config"])
+        "not-literal", "skip-without-filter", "head-without-filter", "duplicate-name", "unknown-torchao-config"])
 def test_bad_handler_specs_are_one_line_before_the_model_loads(quant, files, extra, match, tiny_dir, tmp_path, capsys):
     if quant.startswith("torchao:") and not HAVE_TORCHAO:
         pytest.skip("torchao not installed")

@@ -20,7 +20,7 @@ can import its siblings as ``python file.py`` would.
 If the class or function takes a keyword ``filter_fn`` (torchao's name), it is given
 ``filter_fn(module, fqn) -> bool`` selecting the linear layers evalsuite's policy would quantize
 (output head excluded unless ``+head``; ``--skip-layers`` honoured). A handler without it picks its
-own layers, and ``--skip-layers`` is refused for it rather than silently ignored.
+own layers, and ``--skip-layers`` or ``+head`` is refused for it rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ def make_config(ref: Reference, label: str, skip: tuple[str, ...]) -> UserHandle
             sig.bind(None, **dict(ref.kwargs))
         except TypeError as e:
             raise EvalsuiteError(f"{where}: {ref.attr}{sig} does not accept these arguments ({e})") from None
-    if skip and not takes_filter:
-        raise EvalsuiteError(f"{where}: --skip-layers cannot apply: {ref.attr} takes no filter_fn keyword, so it "
-                             f"chooses its own layers")
+    for asked, what in ((skip, "--skip-layers"), (ref.include_head, "+head")):
+        if asked and not takes_filter:
+            raise EvalsuiteError(f"{where}: {what} cannot apply: {ref.attr} takes no filter_fn keyword, so it "
+                                 f"chooses its own layers")
     return UserHandlerConfig(ref=ref, label=label, kind=kind, takes_filter=takes_filter)
 
 
