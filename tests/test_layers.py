@@ -379,3 +379,61 @@ def test_gpu_bf16_honest_run_flags_nothing_and_planted_layer_is_named(smollm2_pa
     assert results.get("layers", "all", "int8-wo", "min_hidden_sqnr_db").extra["under_threshold"] == []
     s = summary(results, "faulty")
     assert s["worst"] == bad and s["under_threshold"] == [bad]
+
+
+# --- models the suite did not quantize: pairing by name ---------------------------------------------
+
+
+class OpaqueLinear(nn.Module):
+    """A user's runtime module with no dequantize() and a packed weight of its own layout."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(linear.out_features, linear.in_features // 2, dtype=torch.uint8))
+        self.inner = copy.deepcopy(linear)
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_pairing_finds_changed_linears_of_a_model_it_did_not_quantize():
+    fp = tiny(layers=2)
+    assert L.paired_layers(fp, copy.deepcopy(fp)) == {}  # an unchanged copy: nothing quantized
+    variant = copy.deepcopy(fp)
+    bad = "model.layers.1.mlp.up_proj"
+    with torch.no_grad():
+        variant.get_submodule(bad).weight.mul_(1.001)  # a float checkpoint whose weights moved (dequantized GGUF)
+    variant.model.layers[0].self_attn.o_proj = OpaqueLinear(fp.model.layers[0].self_attn.o_proj)
+    assert set(L.paired_layers(fp, variant)) == {bad, "model.layers.0.self_attn.o_proj"}
+    assert set(L.paired_layers(fp, quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig()))) == set(L.quantized_layers(
+        quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig())))
+
+
+def test_weight_view_is_skipped_with_a_reason_and_the_guilty_layer_still_named(data_dir):
+    fp = tiny(layers=2)
+    variant = quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig())
+    bad = "model.layers.1.self_attn.v_proj"
+    opaque = OpaqueLinear(fp.get_submodule(bad))
+    with torch.no_grad():
+        opaque.inner.weight.mul_(2.0)  # the planted bug inside a module the stage cannot dequantize
+    variant.model.layers[1].self_attn.v_proj = opaque
+    results = run_stage(make_ctx(fp, {"mine": variant}, {}, data_dir))
+    s = summary(results, "mine")
+    assert s["worst"] == bad and bad in s["under_threshold"]
+    assert results.find("layers", bad, "mine", "weight_sqnr_db") == []
+    assert results.get("layers", bad, "mine", "output_sqnr_db").value < 1.0
+    skipped = results.get("layers", "all", "mine", "min_weight_sqnr_db").extra["weight_view_skipped"]
+    assert skipped["layers"] == 1 and "OpaqueLinear has no dequantize()" in skipped["reason"]
+
+
+def test_float_weights_of_a_checkpoint_are_their_own_dequantization():
+    fp = tiny(layers=2)
+    variant = copy.deepcopy(fp)
+    name = "model.layers.0.mlp.down_proj"
+    with torch.no_grad():
+        w = variant.get_submodule(name).weight
+        w.copy_(quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig()).get_submodule(name).dequantize())
+    q = quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig()).get_submodule(name)
+    ref = fp.get_submodule(name).weight
+    assert L.weight_errors(ref, variant.get_submodule(name))["weight_sqnr_db"] == pytest.approx(
+        L.weight_errors(ref, q)["weight_sqnr_db"], abs=1e-6)

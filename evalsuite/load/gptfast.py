@@ -271,6 +271,34 @@ def permute_rows(mod: nn.Module, index: Tensor) -> nn.Module | None:
     return _with_rows(mod, {k: t[index.to(t.device)] for k, t in parts.items()}, mod.out_features)
 
 
+class ConcatOutputs(nn.Module):
+    """``wqkv`` for projections whose weights cannot be sliced or concatenated (tensor subclasses
+    such as torchao's): each runs its own forward, outputs are row-permuted and concatenated."""
+
+    def __init__(self, mods: list[nn.Module], indices: list[Tensor | None]):
+        super().__init__()
+        self.parts = nn.ModuleList(mods)
+        self.n_index = len(indices)
+        for i, index in enumerate(indices):
+            self.register_buffer(f"index{i}", index, persistent=False)
+        self.out_features = sum(m.out_features for m in mods)
+
+    def forward(self, x: Tensor) -> Tensor:
+        outs = []
+        for i, mod in enumerate(self.parts):
+            y, index = mod(x), getattr(self, f"index{i}")
+            outs.append(y if index is None else y[..., index])
+        return torch.cat(outs, dim=-1)
+
+
+def _fused_qkv(attn: nn.Module, q_index: Tensor, k_index: Tensor) -> nn.Module | None:
+    try:
+        q, k = permute_rows(attn.q_proj, q_index), permute_rows(attn.k_proj, k_index)
+        return fuse_rows([q, k, attn.v_proj]) if q is not None and k is not None else None
+    except (NotImplementedError, RuntimeError, TypeError):  # a weight type without slicing or cat
+        return None
+
+
 def _interleave_index(n_head: int, head_dim: int) -> Tensor:
     """Row order that turns HF's half-split rotary layout into gpt-fast's interleaved one
     (gpt-fast's convert_hf_checkpoint permutes q and k weights the same way)."""
@@ -312,10 +340,11 @@ def from_hf(hf_model: nn.Module) -> Transformer:
         for needed in ("q_norm", "k_norm"):
             if getattr(attn, needed, None) is not None:
                 raise EvalsuiteError(f"{name}: attention with {needed} is not supported by the speed stage's decoder")
-        q, k = permute_rows(attn.q_proj, q_index), permute_rows(attn.k_proj, k_index)
-        wqkv = fuse_rows([q, k, attn.v_proj]) if q is not None and k is not None else None
+        wqkv = _fused_qkv(attn, q_index, k_index)
         if wqkv is None:
-            raise EvalsuiteError(f"{name}: cannot fuse q/k/v projections of type {type(attn.q_proj).__name__}")
+            device = attn.q_proj.weight.device if isinstance(getattr(attn.q_proj, "weight", None), Tensor) else None
+            wqkv = ConcatOutputs([attn.q_proj, attn.k_proj, attn.v_proj],
+                                 [q_index.to(device), k_index.to(device), None])
         block.attention.wqkv, block.attention.wo = wqkv, attn.o_proj
         block.feed_forward.w1, block.feed_forward.w3, block.feed_forward.w2 = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         block.attention_norm = _norm(layer.input_layernorm, args.norm_eps)

@@ -15,6 +15,14 @@ Three views, each against the fp model:
   batch, and ``hidden_sqnr_db`` compares block outputs, so error accumulated with depth shows; the
   first block whose SQNR drop stands out from the median drop (``BlockSummary``) is where error jumps.
 
+Which layers are quantized is found by pairing, so the stage also works on models it did not
+quantize (a user's handler, torchao, a ``--variant-model`` checkpoint): modules are paired by
+qualified name with the fp model's ``nn.Linear`` layers, and a pair counts as quantized when the
+variant's module type, its weight's type, dtype or shape, or the weight's values differ. ``Ŵ`` is
+the module's ``dequantize()``, else its weight's (torchao tensor subclasses), else a float weight
+itself (a dequantized GGUF), else gpt-fast's int8 ``weight × scales``; with none of these the
+weight view is skipped and the reason recorded, and output SQNR still ranks the layer.
+
 A layer is under threshold when its weight or output SQNR is below the floor of its scheme
 (``layer_thresholds``); a layer the scheme's policy keeps in float (e.g. the output head) but that
 is quantized anyway has an infinite floor. Layers are ranked by their headroom
@@ -87,7 +95,39 @@ def integer_codes(mod: nn.Module) -> tuple[torch.Tensor, int, int] | None:
         return mod.weight, -127, 127
     if isinstance(mod, WeightOnlyInt4Linear):
         return unpack_int4(mod.weight)[:, : mod.in_features], 0, 15
+    w = getattr(mod, "weight", None)
+    if isinstance(w, torch.Tensor) and _plain(w) and w.dtype == torch.int8 and hasattr(mod, "scales"):
+        return w, -128, 127  # gpt-fast's int8 layout, in a user's own module
     return None
+
+
+def _plain(t: torch.Tensor) -> bool:
+    return type(t) in (torch.Tensor, nn.Parameter)
+
+
+def dequantized_weight(mod: nn.Module, shape: torch.Size) -> tuple[torch.Tensor | None, str]:
+    """(the weight ``mod``'s forward effectively uses, or None; how it was obtained or why not)."""
+    deq = getattr(mod, "dequantize", None)
+    if callable(deq):
+        return deq(), f"{type(mod).__name__}.dequantize()"
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return None, f"{type(mod).__name__} has no dequantize() and no weight tensor"
+    if not _plain(w):
+        deq = getattr(w, "dequantize", None)
+        if callable(deq):
+            try:
+                return deq(), f"{type(w).__name__}.dequantize()"
+            except Exception as e:  # noqa: BLE001 - a subclass that cannot dequantize: skip the view
+                return None, f"{type(w).__name__}.dequantize() failed ({type(e).__name__})"
+        return None, f"its weight is a {type(w).__name__} without dequantize()"
+    if w.is_floating_point() and w.shape == shape:
+        return w, "float weight"
+    scales = getattr(mod, "scales", None)
+    if w.dtype == torch.int8 and w.shape == shape and isinstance(scales, torch.Tensor) and scales.shape == shape[:1]:
+        return w.float() * scales.float().unsqueeze(-1), "int8 weight x per-row scales (gpt-fast)"
+    return None, (f"{type(mod).__name__} has no dequantize() and its {str(w.dtype).removeprefix('torch.')} weight "
+                  f"{tuple(w.shape)} has no known layout")
 
 
 CHUNK_ELEMENTS = 1 << 24  # float64 temporaries of at most 128 MiB, whatever the layer's size
@@ -99,10 +139,13 @@ def _row_chunks(n_rows: int, width: int) -> Iterator[slice]:
 
 
 @torch.no_grad()
-def weight_errors(w: torch.Tensor, qmod: nn.Module) -> dict[str, float]:
+def weight_errors(w: torch.Tensor, qmod: nn.Module, w_hat: torch.Tensor | None = None) -> dict[str, float]:
     """The weight-space metrics of one layer (see the module docstring), accumulated in float64 over
     row chunks so a large output head never needs a float64 copy of itself."""
-    w_hat = qmod.dequantize()
+    if w_hat is None:
+        w_hat, how = dequantized_weight(qmod, w.shape)
+        if w_hat is None:
+            raise EvalsuiteError(f"cannot dequantize: {how}")
     if w_hat.shape != w.shape:
         raise EvalsuiteError(f"dequantized weight has shape {tuple(w_hat.shape)}, the fp weight {tuple(w.shape)}")
     signal = noise = max_abs = torch.zeros((), dtype=torch.float64, device=w.device)
@@ -199,6 +242,34 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
             (hasattr(m, "dequantize") and callable(m.dequantize) and type(m).__name__.endswith("Linear"))}
 
 
+def _linear_like(mod: nn.Module) -> bool:
+    return isinstance(mod, (nn.Linear, QuantizedLinear)) or isinstance(getattr(mod, "weight", None), torch.Tensor) \
+        or callable(getattr(mod, "dequantize", None))
+
+
+def _changed(ref: nn.Linear, mod: nn.Module) -> bool:
+    if type(mod) is not type(ref):
+        return True
+    w, rw = getattr(mod, "weight", None), ref.weight
+    if not isinstance(w, torch.Tensor):
+        return True
+    if type(w) is not type(rw) or w.dtype != rw.dtype or w.shape != rw.shape or w.device != rw.device:
+        return True
+    return w is not rw and not torch.equal(w, rw)
+
+
+def paired_layers(fp: nn.Module, variant: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name → the variant's module, for every fp ``nn.Linear`` whose same-named module in
+    ``variant`` is linear-like and changed (type, weight type/dtype/shape, or weight values)."""
+    fp_linears = {name: m for name, m in fp.named_modules() if isinstance(m, nn.Linear)}
+    out = {}
+    for name, mod in variant.named_modules():
+        ref = fp_linears.get(name)
+        if ref is not None and _linear_like(mod) and _changed(ref, mod):
+            out[name] = mod
+    return out
+
+
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -221,7 +292,7 @@ def measure_activations(
     from evalsuite.load.model import forward_logits, transformer_blocks
 
     forward = forward or forward_logits
-    layer_mods = {v: quantized_layers(m) for v, m in variants.items()}
+    layer_mods = {v: paired_layers(fp, m) for v, m in variants.items()}
     layer_sums = {v: {name: PowerSums() for name in mods} for v, mods in layer_mods.items()}
     fp_blocks = list(transformer_blocks(fp))
     block_sums = {v: [PowerSums() for _ in fp_blocks] for v in variants}
@@ -232,7 +303,9 @@ def measure_activations(
             x = args[0]
             for v, mods in layer_mods.items():
                 if name in mods:
-                    layer_sums[v][name].add(output, mods[name](x))
+                    y = mods[name](x)
+                    if y.shape == output.shape:  # else (a module that does not map x alike) no output view
+                        layer_sums[v][name].add(output, y)
         return hook
 
     fp_hidden: list[torch.Tensor | None] = [None] * len(fp_blocks)
@@ -380,8 +453,8 @@ def expected_float_layers(fp: nn.Module, config: Any, skip: tuple[str, ...]) -> 
     """Linear layers the scheme's policy keeps in float (None when the config is not a known one)."""
     from evalsuite.quantize.policy import LayerPolicy
 
-    if config is None or not hasattr(config, "include_head"):
-        return None
+    if config is None or getattr(config, "include_head", None) is None:
+        return None  # not a known scheme, or a handler that picks its own layers
     chosen = set(LayerPolicy(include_head=config.include_head, skip=skip).select(fp))
     return {n for n, m in fp.named_modules() if isinstance(m, nn.Linear)} - chosen
 
@@ -476,6 +549,12 @@ def run(ctx) -> None:
         blocks = [PowerSums.merge([p[variant][1][i] for p in parts]) for i in range(len(block_sums[variant]))]
         expected_float = expected_float_layers(fp, ctx.configs.get(variant), skip)
         rows = layer_rows(fp, qmodel, variant, layers, opts.thresholds, expected_float)
+        if not rows:
+            ctx.results.add_error(STAGE_NAME, f"no linear layer of {variant} pairs by name with a changed one of the "
+                                              f"fp model (module names differ, or nothing was quantized); layer "
+                                              f"view not measured", variant=variant)
+            ctx.checkpoint()
+            continue
         apply_peer_floors(rows, opts.peer_db)
         summary = BlockSummary([sqnr_db(s[0], s[1]) for s in blocks], opts.thresholds.hidden_floor(variant),
                                opts.jump_db)
@@ -485,17 +564,20 @@ def run(ctx) -> None:
         details[variant] = detail_table(rows, summary, opts.top)
         ctx.checkpoint()
         if ctx.rank == 0:
+            skipped = [r.metrics["_weight_skipped"] for r in rows if "_weight_skipped" in r.metrics]
+            note = f"; weight view skipped for {len(skipped)} layers: {skipped[0]}" if skipped else ""
             print(f"\nlayers {variant}: worst {min(opts.top, len(rows))} of {len(rows)} quantized layers "
                   f"(! = under threshold); error jumps at {_block(summary.first_jump) or 'no block'}, "
-                  f"worst block {_block(summary.worst)}\n{format_worst(rows, opts.top)}", file=sys.stderr)
+                  f"worst block {_block(summary.worst)}{note}\n{format_worst(rows, opts.top)}", file=sys.stderr)
 
 
 def layer_rows(fp: nn.Module, qmodel: nn.Module, variant: str, sums: dict[str, tuple[float, float, float, int]],
                thresholds: Thresholds, expected_float: set[str] | None) -> list[LayerRow]:
     rows = []
-    for name, qmod in quantized_layers(qmodel).items():
+    for name, qmod in paired_layers(fp, qmodel).items():
         ref = fp.get_submodule(name)
-        metrics = weight_errors(ref.weight, qmod)
+        w_hat, how = dequantized_weight(qmod, ref.weight.shape)
+        metrics: dict[str, Any] = weight_errors(ref.weight, qmod, w_hat) if w_hat is not None else {"_weight_skipped": how}
         signal, noise, cosine, tokens = sums.get(name, (0.0, 0.0, 0.0, 0))
         if tokens:
             metrics["output_sqnr_db"] = sqnr_db(signal, noise)
@@ -579,12 +661,16 @@ def record(results, variant: str, rows: list[LayerRow], summary: BlockSummary, b
         "layers": len(rows),
         "thresholds": opts.thresholds.source,
     }
-    weight_vals = [r.metrics["weight_sqnr_db"] for r in rows]
+    weighed = [r for r in rows if "weight_sqnr_db" in r.metrics]
+    weight_vals = [r.metrics["weight_sqnr_db"] for r in weighed]
     output_vals = [r.metrics["output_sqnr_db"] for r in rows if "output_sqnr_db" in r.metrics]
+    skipped = {r.name: r.metrics["_weight_skipped"] for r in rows if "_weight_skipped" in r.metrics}
     results.add(stage=STAGE_NAME, task="all", variant=variant, metric="min_weight_sqnr_db",
                 value=min(weight_vals) if weight_vals else None, unit="dB", n=len(weight_vals), higher_is_better=True,
                 definition="lowest weight_sqnr_db over the quantized linear layers",
-                extra={"worst": min(rows, key=lambda r: r.metrics["weight_sqnr_db"]).name if rows else None})
+                extra={"worst": min(weighed, key=lambda r: r.metrics["weight_sqnr_db"]).name if weighed else None,
+                       **({"weight_view_skipped": {"layers": len(skipped), "reason": next(iter(skipped.values()))}}
+                          if skipped else {})})
     results.add(stage=STAGE_NAME, task="all", variant=variant, metric="min_output_sqnr_db",
                 value=min(output_vals) if output_vals else None, unit="dB", n=len(output_vals), higher_is_better=True,
                 definition="lowest output_sqnr_db over the quantized linear layers",

@@ -148,10 +148,22 @@ def _unique_bytes(modules) -> int:
 def _persistent_tensors(mod: nn.Module):
     for p in mod._parameters.values():
         if p is not None:
-            yield p
+            yield from _storage_tensors(p)
     for name, b in mod._buffers.items():
         if b is not None and name not in mod._non_persistent_buffers_set:
-            yield b
+            yield from _storage_tensors(b)
+
+
+def _storage_tensors(t: torch.Tensor):
+    """``t``, or the tensors a wrapper subclass (torchao's quantized weights) holds its data in."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None:
+        yield t
+        return
+    for attr in flatten()[0]:
+        inner = getattr(t, attr)
+        if isinstance(inner, torch.Tensor):
+            yield from _storage_tensors(inner)
 
 
 def _storage_key(t: torch.Tensor) -> tuple:
@@ -523,6 +535,10 @@ def run(ctx) -> None:
         gptfast.model_args(shape)
         skip = ctx.skip
         variants = lambda: random_variants(shape, ctx.configs, ctx.device, ctx.dtype, s.seed, skip)  # noqa: E731
+        for name in ctx.quantized:
+            if name not in ctx.configs:  # a --variant-model: its weights cannot be re-made in another shape
+                ctx.results.add_error(STAGE_NAME, f"--speed-model {shape} times schemes on random weights; the "
+                                                  f"checkpoint variant {name} is not timed", variant=name)
     else:
         variants = lambda: ((name, as_decoder(m)) for name, m in ctx.variants.items())  # noqa: E731
     if ctx.option("speed_int8_kernel"):

@@ -25,6 +25,7 @@ GROUP_SIZES = (32, 64, 128, 256)
 class Int4WeightOnlyConfig:
     group_size: int = 128
     include_head: bool = False
+    label: str | None = None  # NAME= of --quant NAME=SPEC
 
     def __post_init__(self):
         if self.group_size not in GROUP_SIZES:
@@ -32,7 +33,7 @@ class Int4WeightOnlyConfig:
 
     @property
     def name(self) -> str:
-        return f"int4-wo-g{self.group_size}" + ("+head" if self.include_head else "")
+        return self.label or f"int4-wo-g{self.group_size}" + ("+head" if self.include_head else "")
 
 
 def padded_width(in_features: int, group_size: int) -> int:

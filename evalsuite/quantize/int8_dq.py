@@ -23,10 +23,11 @@ _EPS = torch.finfo(torch.float32).eps
 @dataclass(frozen=True)
 class Int8DynamicActivationInt8WeightConfig:
     include_head: bool = False
+    label: str | None = None  # NAME= of --quant NAME=SPEC
 
     @property
     def name(self) -> str:
-        return "int8-dq" + ("+head" if self.include_head else "")
+        return self.label or "int8-dq" + ("+head" if self.include_head else "")
 
 
 def quantize_symmetric_int8(t: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,10 +22,11 @@ from evalsuite.quantize.policy import LayerPolicy
 @dataclass(frozen=True)
 class Int8WeightOnlyConfig:
     include_head: bool = False
+    label: str | None = None  # NAME= of --quant NAME=SPEC
 
     @property
     def name(self) -> str:
-        return "int8-wo" + ("+head" if self.include_head else "")
+        return self.label or "int8-wo" + ("+head" if self.include_head else "")
 
 
 def quantize_per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -1,14 +1,20 @@
 """Scheme names → config objects → transforms (torchao's verb-config-registry shape).
 
-A new scheme is a new file plus one ``register`` call here; nothing else changes.
+A new scheme is a new file plus one ``register`` call here; nothing else changes. Besides the
+built-in names, ``--quant`` takes the user's own quantization by reference (``FILE.py:Name``,
+``package.module:Name``, ``torchao:Config``, each with optional ``(keyword=literal, ...)`` and
+``+head``), and ``NAME=SPEC`` names any variant; those parse into configs too (``user``,
+``torchao_config``), which ``register_transform`` maps to the function that applies them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from evalsuite.errors import EvalsuiteError
@@ -16,7 +22,9 @@ from evalsuite.quantize.base import QuantHandler
 from evalsuite.quantize.int4_wo import GROUP_SIZES, Int4WeightOnlyConfig, WeightOnlyInt4QuantHandler
 from evalsuite.quantize.int8_dq import Int8DynActInt8WeightQuantHandler, Int8DynamicActivationInt8WeightConfig
 from evalsuite.quantize.int8_wo import Int8WeightOnlyConfig, WeightOnlyInt8QuantHandler
+from evalsuite.quantize import torchao_config, user
 from evalsuite.quantize.policy import LayerPolicy
+from evalsuite.quantize.spec import parse_reference, split_name, split_top_level
 
 
 @dataclass(frozen=True)
@@ -29,10 +37,20 @@ class Scheme:
 
 
 _SCHEMES: dict[type, Scheme] = {}
+# config type → fn(model, config, policy) -> model, for configs that are not a built-in handler
+_TRANSFORMS: dict[type, Callable[[nn.Module, object, LayerPolicy], nn.Module]] = {}
 
 
 def register(config_type: type, scheme: Scheme) -> None:
     _SCHEMES[config_type] = scheme
+
+
+def register_transform(config_type: type, transform: Callable[[nn.Module, object, LayerPolicy], nn.Module]) -> None:
+    _TRANSFORMS[config_type] = transform
+
+
+register_transform(user.UserHandlerConfig, user.apply)
+register_transform(torchao_config.TorchaoConfig, torchao_config.apply)
 
 
 register(Int8WeightOnlyConfig, Scheme(
@@ -65,8 +83,22 @@ def known_schemes() -> list[str]:
     return names
 
 
-def parse_scheme(name: str) -> object:
-    """``int8-wo`` → Int8WeightOnlyConfig(); a ``+head`` suffix also quantizes the output head."""
+def parse_scheme(spec: str, skip: tuple[str, ...] = ()) -> object:
+    """One ``--quant`` entry → its config. ``int8-wo`` → Int8WeightOnlyConfig(); ``+head`` also
+    quantizes the output head; ``NAME=`` names the variant; ``FILE.py:X`` / ``module:X`` import the
+    user's code (see ``user``), ``torchao:Config`` builds torchao's config."""
+    label, body = split_name(spec)
+    ref = parse_reference(body)
+    if ref is not None:
+        label = label or ref.default_name()
+        if ref.source == "torchao":
+            return torchao_config.make_config(ref, label)
+        return user.make_config(ref, label, skip)
+    config = _parse_builtin(body)
+    return dataclasses.replace(config, label=label) if label else config
+
+
+def _parse_builtin(name: str) -> object:
     base, head = (name[: -len("+head")], True) if name.endswith("+head") else (name, False)
     for scheme in _SCHEMES.values():
         m = re.fullmatch(scheme.pattern, base)
@@ -76,21 +108,32 @@ def parse_scheme(name: str) -> object:
             except ValueError:
                 break
     raise EvalsuiteError(
-        f"unknown quantization scheme {name!r}; known: {', '.join(known_schemes())} (append +head to include the output head)"
+        f"unknown quantization scheme {name!r}; known: {', '.join(known_schemes())} (append +head to include the output "
+        f"head), or FILE.py:Name, package.module:Name, torchao:Config"
     )
 
 
-def parse_schemes(spec: str) -> list[object]:
-    names = [s.strip() for s in spec.split(",") if s.strip()]
+def parse_schemes(spec: str, skip: tuple[str, ...] = ()) -> list[object]:
+    """``--quant``: entries separated by commas outside brackets; ``none`` → no quantized variant."""
+    names = split_top_level(spec)
+    if names == ["none"]:
+        return []
     if not names:
-        raise EvalsuiteError("--quant needs at least one scheme name")
-    configs = [parse_scheme(n) for n in names]
+        raise EvalsuiteError("--quant needs at least one scheme name (or 'none')")
+    configs = [parse_scheme(n, skip) for n in names]
     seen = set()
     for c in configs:
         if c.name in seen:
-            raise EvalsuiteError(f"scheme {c.name!r} is given twice in --quant")
+            raise EvalsuiteError(f"variant {c.name!r} is given twice in --quant (name one of them: NAME=SPEC)")
         seen.add(c.name)
     return configs
+
+
+def check_runs_on(configs: list[object], device: torch.device, dtype: torch.dtype) -> None:
+    """Before the model loads: each torchao config quantizes and runs a small layer on ``device``."""
+    for c in configs:
+        if isinstance(c, torchao_config.TorchaoConfig):
+            torchao_config.check_runs_on(c, device, dtype)
 
 
 def make_handler(model: nn.Module, config: object, skip: tuple[str, ...] = ()) -> QuantHandler:
@@ -102,7 +145,11 @@ def make_handler(model: nn.Module, config: object, skip: tuple[str, ...] = ()) -
 
 
 def quantize_(model: nn.Module, config: object, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Quantize ``model`` in place with the scheme of ``config``; returns the model."""
+    """Quantize ``model`` with the scheme of ``config``; returns the quantized model (the same
+    module, except where a user's handler returns a new one)."""
+    transform = _TRANSFORMS.get(type(config))
+    if transform is not None:
+        return transform(model, config, LayerPolicy(include_head=bool(config.include_head), skip=skip))
     handler = make_handler(model, config, skip)
     state_dict = handler.create_quantized_state_dict()
     handler.convert_for_runtime()
