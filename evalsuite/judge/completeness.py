@@ -8,12 +8,13 @@ one ``INCOMPLETE`` check (exit 2, or 1 under ``--strict``), so that PASS can nev
 - the run was interrupted (SIGINT, SIGTERM, SIGHUP) or never finished (killed, still running);
 - a requested stage did not finish, or finished without a single record;
 - a requested task has no records;
-- a baseline comparison was asked for and nothing in it was comparable (every check SKIPPED).
+- a baseline comparison was asked for and nothing in it was comparable (every check SKIPPED or
+  INCONCLUSIVE).
 """
 
 from __future__ import annotations
 
-from evalsuite.judge.checks import INCOMPLETE, PASS, SKIPPED, Check
+from evalsuite.judge.checks import INCOMPLETE, INCONCLUSIVE, PASS, SKIPPED, Check
 from evalsuite.results import Results
 
 MEASURE_STAGES = ("ppl", "tasks", "layers", "speed")
@@ -67,7 +68,8 @@ def completeness_checks(results: Results, checks: list[Check], baseline_requeste
                 incomplete(f"task/{task}", f"task {task} was requested but has no records", stage="tasks", task=task)
     if baseline_requested:
         compared = [c for c in checks if c.kind == "baseline"]
-        if not any(c.verdict != SKIPPED for c in compared):
+        # an unpaired or unresolved comparison (INCONCLUSIVE) compared nothing either
+        if not any(c.verdict not in (SKIPPED, INCONCLUSIVE) for c in compared):
             reasons = "; ".join(dict.fromkeys(c.reason for c in compared[:20]))
             incomplete("baseline", "nothing in the baseline was comparable with this run"
                        + (f" ({reasons[:300]})" if reasons else " (no gated metric in common)"))
