@@ -87,6 +87,20 @@ def run(model: Path, out: Path, data_dir: Path, *extra: str) -> int:
                  "--layer-seq-len", "64", *extra])
 
 
+def bless(blessed_out: Path, baselines: Path) -> None:
+    """The user's flow: the honest variant's run becomes the baseline its later runs are gated on."""
+    assert main(["baseline", "update", str(blessed_out / "results.json"), "--baselines", str(baselines),
+                 "--allow-partial"]) == 0
+
+
+def regression_against_baseline(results: Results, variant: str) -> dict:
+    """The gated baseline check that pages on ``variant`` (a layer's SQNR is reported, not gated: the
+    damage it does is gated through the paired KLD against the blessed baseline)."""
+    failing = [v for v in results.verdicts if v.get("failing") and v.get("variant") == variant]
+    assert failing and all(v["kind"] == "baseline" and v["stage"] == "ppl" for v in failing), results.verdicts
+    return failing[0]
+
+
 def verdict(results: Results, check: str) -> dict:
     return next(v for v in results.verdicts if v["check"] == check)
 
@@ -158,13 +172,20 @@ def test_example_handler_equals_builtin_int8_wo(tiny_dir, data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_planted_bug_in_a_handler_fails_the_gate_and_names_the_layer(tiny_dir, data_dir, tmp_path, buggy_handler):
+    baselines = tmp_path / "baselines"
+    assert run(tiny_dir, tmp_path / "blessed", data_dir, "--quant", f"int8-wo,bug={HANDLER}", "--stages", "ppl,layers",
+               "--baselines", str(baselines)) == 0
+    bless(tmp_path / "blessed", baselines)
     out = tmp_path / "run"
-    code = run(tiny_dir, out, data_dir, "--quant", f"int8-wo,bug={buggy_handler}", "--stages", "ppl,layers")
+    code = run(tiny_dir, out, data_dir, "--quant", f"int8-wo,bug={buggy_handler}", "--stages", "ppl,layers",
+               "--baselines", str(baselines))
     assert code == 1
     results = Results.load(out / "results.json")
-    assert verdict(results, "layers/int8-wo/sqnr")["verdict"] == "PASS"  # no false alarm beside it
-    failed = verdict(results, "layers/bug/sqnr")
-    assert failed["verdict"] == "FAIL" and failed["task"] == BAD
+    regression_against_baseline(results, "bug")
+    assert not [v for v in results.verdicts if v.get("failing") and v.get("variant") != "bug"]  # no false alarm
+    assert verdict(results, "layers/int8-wo/sqnr")["verdict"] == "PASS"
+    named = verdict(results, "layers/bug/sqnr")
+    assert named["verdict"] == "WORSE" and named["task"] == BAD
     assert results.get("layers", "all", "bug", "layers_under_threshold").extra["under_threshold"] == [BAD]
 
 
@@ -195,17 +216,22 @@ def test_checkpoint_with_the_same_bug_fails_the_gate_and_names_the_layer(tiny_di
     doubled = resolve(parse_reference(buggy_handler.split(":")[0] + ":DoubledScales"))
     honest = save_hf(dequantized_copy(fp, doubled.__mro__[1]), tokenizer, tmp_path / "honest")
     bug = save_hf(dequantized_copy(fp, doubled), tokenizer, tmp_path / "bug")
+    baselines = tmp_path / "baselines"
+    assert run(tiny_dir, tmp_path / "blessed", data_dir, "--variant-model", f"honest={honest}",
+               "--variant-model", f"bug={honest}", "--stages", "ppl,layers", "--baselines", str(baselines)) == 0
+    bless(tmp_path / "blessed", baselines)
     out = tmp_path / "run"
     code = run(tiny_dir, out, data_dir, "--variant-model", f"honest={honest}", "--variant-model", f"bug={bug}",
-               "--stages", "ppl,layers")
+               "--stages", "ppl,layers", "--baselines", str(baselines))
     assert code == 1
+    regression_against_baseline(Results.load(out / "results.json"), "bug")
     results = Results.load(out / "results.json")
     assert results.run["schemes"] == ["honest", "bug"]  # --quant defaults to none with --variant-model
     assert results.run["quantized_layers"] == {"honest": 14, "bug": 14}
     assert results.run["variant_models"]["bug"]["format"] == "hf"
     assert verdict(results, "layers/honest/sqnr")["verdict"] == "PASS"
     failed = verdict(results, "layers/bug/sqnr")
-    assert failed["verdict"] == "FAIL" and failed["task"] == BAD
+    assert failed["verdict"] == "WORSE" and failed["task"] == BAD
     assert value(results, "layers", "bug", "weight_sqnr_db", BAD) < 1.0  # 2w against w: 0 dB
     assert value(results, "ppl", "bug", "kld_mean") > value(results, "ppl", "honest", "kld_mean")
 
@@ -414,19 +440,25 @@ def test_gpt_fast_int8_checkpoint_with_the_bug_is_named(data_dir, tmp_path):
     bad = "layers.1.feed_forward.w2"
     sd_q[f"{bad}.scales"] = sd_q[f"{bad}.scales"] * 2
     torch.save(sd_q, folders["bug"] / "model.pth")
+    def gpt_fast_run(out: Path, bug: str) -> int:
+        return main(["run", "--model", str(folders["fp"] / "model.pth"), "--arch", "tiny", "--device", "cpu",
+                     "--data-dir", str(data_dir), "--out", str(out), "--no-progress", "--no-history",
+                     "--variant-model", f"int8={folders['int8'] / 'model.pth'}",
+                     "--variant-model", f"bug={folders[bug] / 'model.pth'}", "--stages", "ppl,layers",
+                     "--limit", "2", "--ppl-context", "128", "--layer-tokens", "128", "--layer-seq-len", "64",
+                     "--baselines", str(tmp_path / "baselines")])
+
+    assert gpt_fast_run(tmp_path / "blessed", "int8") == 0  # the honest checkpoint blessed as "bug"
+    bless(tmp_path / "blessed", tmp_path / "baselines")
     out = tmp_path / "run"
-    code = main(["run", "--model", str(folders["fp"] / "model.pth"), "--arch", "tiny", "--device", "cpu",
-                 "--data-dir", str(data_dir), "--out", str(out), "--no-progress", "--no-history",
-                 "--variant-model", f"int8={folders['int8'] / 'model.pth'}",
-                 "--variant-model", f"bug={folders['bug'] / 'model.pth'}", "--stages", "layers",
-                 "--layer-tokens", "128", "--layer-seq-len", "64"])
-    assert code == 1
+    assert gpt_fast_run(out, "bug") == 1
     results = Results.load(out / "results.json")
+    regression_against_baseline(results, "bug")
     assert results.run["quantized_layers"] == {"int8": 11, "bug": 11}  # wqkv, wo, w1-w3 a block, and the head
     assert results.run["variant_models"]["bug"]["format"] == "gpt-fast"
     assert verdict(results, "layers/int8/sqnr")["verdict"] == "PASS"
     failed = verdict(results, "layers/bug/sqnr")
-    assert failed["verdict"] == "FAIL" and failed["task"] == bad
+    assert failed["verdict"] == "WORSE" and failed["task"] == bad
 
 
 @needs_torchao
