@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("evalsuite.report.cli", "render a results file as md, html, json or junit"),
     "baseline": ("evalsuite.judge.cli_baseline", "create or update a baseline from a results file"),
     "history": ("evalsuite.judge.cli_history", "show a metric's trend across runs and flag drift"),
+    "data": ("evalsuite.data.cli", "fetch the evaluation data from the Hub into a local mirror, or check one"),
     "nightly": ("evalsuite.nightly", "run a matrix of models x schemes x stages from a config file"),
 }
 

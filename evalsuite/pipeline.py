@@ -105,6 +105,18 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def use_smoke_suite(args: argparse.Namespace) -> bool:
+    """``--suite smoke``: the embedded sample replaces any data dir, and the run is marked partial
+    (never silently: it is only ever chosen by name)."""
+    if getattr(args, "suite", None) != "smoke":
+        return False
+    from evalsuite.data import SMOKE_DIR, SMOKE_SUITE
+
+    args.suite = SMOKE_SUITE
+    args.data_dir = str(SMOKE_DIR)
+    return True
+
+
 def run(args: argparse.Namespace) -> int:
     # Validate everything cheap before loading anything heavy.
     from evalsuite.load.model import default_model_path, detect_format
@@ -112,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     stages = parse_stages(args.stages)
     configs = parse_schemes(args.quant)
+    smoke = use_smoke_suite(args)
     model_path = Path(args.model) if args.model else default_model_path()
     detect_format(model_path)
     data_dir = Path(args.data_dir) if args.data_dir else None
@@ -165,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
         "kernels": args.kernels,
         "seed": args.seed,
         "limit": args.limit,
-        "partial": args.limit is not None,
+        "partial": args.limit is not None or smoke,
+        "suite": getattr(args, "suite", None),
         "data_dir": str(data_dir.resolve()) if data_dir else None,
         "versions": package_versions(),
         "git_revision": git_revision(),
@@ -188,6 +202,10 @@ def run(args: argparse.Namespace) -> int:
 
         return _T()
 
+    if smoke and dist_env.is_writer:
+        from evalsuite.data import smoke_notice
+
+        print(smoke_notice(), file=sys.stderr)
     skip = parse_skip(args.skip_layers)
     with timed("load"):
         loaded = load_model(model_path, device=device, dtype=dtype, arch=args.arch, tokenizer_path=args.tokenizer)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from evalsuite.judge.baseline import DEFAULT_DIR, Baseline, baseline_checks, find_baselines, load_baselines
-from evalsuite.judge.checks import Check, exit_code, finalize
+from evalsuite.judge.checks import SKIPPED, Check, exit_code, finalize
 from evalsuite.judge.config import GateConfig, load_gate_config
 from evalsuite.judge.within import within_run_checks
 from evalsuite.results import Results
@@ -59,6 +59,8 @@ def resolve_baselines(results: Results, args: argparse.Namespace,
     """Baselines for ``results`` from ``--baseline FILE`` or the ``--baselines DIR`` folder."""
     explicit = getattr(args, "baseline", None)
     directory = Path(getattr(args, "baselines", None) or DEFAULT_DIR)
+    if results.run.get("suite") == "smoke":  # a sample, never comparable with a baseline's full data
+        return [], [Check("baseline", "baseline", SKIPPED, "a --suite smoke run is not compared with baselines")], directory
     if explicit:
         found = load_baselines(explicit)
         variant = getattr(args, "variant", None)

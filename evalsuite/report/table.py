@@ -52,6 +52,9 @@ def metric_rows(results: Results, per_layer: bool = False) -> tuple[list[str], l
 
 
 def partial_banner(results: Results) -> str | None:
+    if results.run.get("suite") == "smoke":
+        return ("SMOKE SUITE: the small sample shipped inside evalsuite; these numbers check the installation and are "
+                "not comparable with a run on the full data")
     if not results.partial:
         return None
     limit = results.run.get("limit")
