@@ -32,6 +32,7 @@ def add_gate_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--history", metavar="PATH", default=os.environ.get("EVALSUITE_HISTORY"),
                    help=f"append the run to this SQLite history (default {DEFAULT_HISTORY} when --out is not given)")
     g.add_argument("--no-history", action="store_true", help="do not append the run to the history")
+    g.add_argument("--verbose", action="store_true", help="print the full tables (default: fit the terminal's width)")
 
 
 def config_from_args(args: argparse.Namespace) -> GateConfig:
@@ -89,7 +90,7 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
     Returns the run's exit code: 1 when any gate failed, else 0.
     """
     from evalsuite.report import write_reports
-    from evalsuite.report.table import colour_enabled, render_table, render_verdicts
+    from evalsuite.report.table import colour_enabled, render_table, render_verdicts, summary_line
 
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
@@ -98,9 +99,10 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
     checks = judge(results, config, baselines, results_path=results_path, baseline_dir=directory, extra_checks=missing)
     annotate(results, checks)
     written = write_reports(results, out_dir)
-    print(render_table(results))
+    verbose = bool(getattr(args, "verbose", False))
+    print(render_table(results, verbose=verbose))
     print()
-    print(render_verdicts(results.verdicts, color=colour_enabled()))
+    print(render_verdicts(results.verdicts, color=colour_enabled(), verbose=verbose, summary=False))
     hist = history_path(args, out_dir)
     if hist is not None:
         from evalsuite.judge.history import append_run
@@ -108,4 +110,5 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
         run_id = append_run(hist, results, source=str(results_path))
         print(f"history: run {run_id} appended to {hist}")
     print("reports: " + ", ".join(str(p) for p in written))
+    print(summary_line(results.verdicts))
     return exit_code(results.verdicts)

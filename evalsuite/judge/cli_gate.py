@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from evalsuite.report.junit import write_junit
-    from evalsuite.report.table import colour_enabled, render_verdicts
+    from evalsuite.report.table import colour_enabled, render_verdicts, summary_line
 
     if not args.baseline and not args.baselines:
         raise EvalsuiteError("gate needs --baseline FILE (a baseline or results file) or --baselines DIR")
@@ -37,7 +37,7 @@ def main(args: argparse.Namespace) -> int:
     checks = judge(candidate, config_from_args(args), baselines, results_path=args.candidate,
                    baseline_dir=directory, extra_checks=missing)
     annotate(candidate, checks)
-    print(render_verdicts(candidate.verdicts, color=colour_enabled()))
+    print(render_verdicts(candidate.verdicts, color=colour_enabled(), verbose=args.verbose, summary=False))
     if args.out:
         from evalsuite.report import FORMATS, write_reports
 
@@ -53,4 +53,5 @@ def main(args: argparse.Namespace) -> int:
         from evalsuite.judge.history import append_run
 
         print(f"history: run {append_run(hist, candidate, source=args.candidate)} appended to {hist}")
+    print(summary_line(candidate.verdicts))
     return exit_code(candidate.verdicts)

@@ -626,13 +626,13 @@ def detail_table(rows: list[LayerRow], summary: BlockSummary, top: int) -> dict[
 
 
 def format_worst(rows: list[LayerRow], top: int = DEFAULT_TOP) -> str:
-    """A plain-text table of the worst layers, under-threshold ones marked with ``!``."""
+    """A plain-text table of the worst layers, under-threshold ones marked ``under`` (their floor)."""
     from tabulate import tabulate
 
-    table = [["!" if r.under else "", r.name, r.metrics.get("weight_sqnr_db"), r.metrics.get("output_sqnr_db"),
+    table = [["under" if r.under else "", r.name, r.metrics.get("weight_sqnr_db"), r.metrics.get("output_sqnr_db"),
               r.metrics.get("output_cosine"), r.metrics.get("clipped_fraction"), r.headroom_db]
              for r in _ranked(rows)[:top]]
-    return tabulate(table, headers=["", "layer", "weight dB", "output dB", "cosine", "clipped", "headroom dB"],
+    return tabulate(table, headers=["floor", "layer", "weight dB", "output dB", "cosine", "clipped", "headroom dB"],
                     floatfmt=".4g")
 
 
