@@ -30,6 +30,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class CommaList(argparse.Action):
+    """A list option that takes comma lists, repeats, or both: ``--variant a,b`` = ``--variant a --variant b``
+    (the one spelling of a list across subcommands)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest, None) or [])
+        items += [v.strip() for v in str(values).split(",") if v.strip()]
+        setattr(namespace, self.dest, items)
+
+
+def hidden_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
+    """An old spelling, still accepted for one release, not shown in --help."""
+    p.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
         raise EvalsuiteError(message)

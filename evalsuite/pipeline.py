@@ -110,10 +110,14 @@ def use_smoke_suite(args: argparse.Namespace) -> bool:
     (never silently: it is only ever chosen by name)."""
     if getattr(args, "suite", None) != "smoke":
         return False
-    from evalsuite.data import SMOKE_DIR, SMOKE_SUITE
+    from evalsuite.data import SMOKE_DIR, SMOKE_LIMIT, SMOKE_PPL_CONTEXT, SMOKE_SUITE
 
     args.suite = SMOKE_SUITE
     args.data_dir = str(SMOKE_DIR)
+    if args.limit is None:
+        args.limit = SMOKE_LIMIT
+    if getattr(args, "ppl_context", None) == 2048:  # the full protocol's default: short windows for a sample
+        args.ppl_context = SMOKE_PPL_CONTEXT
     return True
 
 
@@ -203,9 +207,9 @@ def run(args: argparse.Namespace) -> int:
         return _T()
 
     if smoke and dist_env.is_writer:
-        from evalsuite.data import smoke_notice
+        from evalsuite.data import SMOKE_PPL_CONTEXT, smoke_notice
 
-        print(smoke_notice(), file=sys.stderr)
+        print(smoke_notice(args.limit, getattr(args, "ppl_context", SMOKE_PPL_CONTEXT)), file=sys.stderr)
     skip = parse_skip(args.skip_layers)
     with timed("load"):
         loaded = load_model(model_path, device=device, dtype=dtype, arch=args.arch, tokenizer_path=args.tokenizer)

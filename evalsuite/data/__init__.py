@@ -18,6 +18,9 @@ from typing import Any
 
 SMOKE_DIR = Path(__file__).resolve().parent / "smoke"
 SMOKE_SUITE = "smoke"
+# what a smoke run evaluates unless told otherwise (--limit N for more, up to the 100 items shipped):
+# minutes on a 2-core CPU, all four stages
+SMOKE_LIMIT, SMOKE_PPL_CONTEXT = 5, 512
 WIKITEXT_FILES = {"test": "wikitext-2/test.txt", "valid": "wikitext-2/valid.txt"}
 WIKITEXT_HUB = {"path": "wikitext", "name": "wikitext-2-v1"}  # the variant corpus.py reads from the Hub
 
@@ -65,9 +68,9 @@ def task_sources(directory: Path | None = None) -> list[TaskSource]:
 MIRRORED_TASKS = {s.task: s.mirror for s in task_sources() if s.format != "documents"}
 
 
-def smoke_notice() -> str:
+def smoke_notice(limit: int = SMOKE_LIMIT, context: int = SMOKE_PPL_CONTEXT) -> str:
     """The one line a smoke run prints: what it used, and where the real data comes from."""
-    return (f"smoke suite: the embedded sample in {SMOKE_DIR} (a few WikiText-2 articles, at most 100 items a task; "
-            "sources and licences in its NOTICE); its numbers check the installation and are not comparable "
-            "with a full run. The real data: 'evalsuite data fetch DIR' (from the Hugging Face Hub), then "
-            "--data-dir DIR or $EVALSUITE_DATA_DIR=DIR")
+    return (f"smoke suite: the small sample shipped in {SMOKE_DIR} (sources and licences in its NOTICE), "
+            f"--limit {limit} items a task and {context}-token ppl windows; its numbers check the installation and "
+            "are not comparable with a full run. The real data: 'evalsuite data fetch DIR' (from the Hugging Face "
+            "Hub), then --data-dir DIR or EVALSUITE_DATA_DIR=DIR")

@@ -8,6 +8,7 @@ descriptive ones). Exit 1 when a metric got worse beyond its tolerance.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tabulate import tabulate
 
@@ -21,8 +22,10 @@ from evalsuite.results import Results
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A.json", help="reference results file")
     p.add_argument("b", metavar="B.json", help="candidate results file")
-    p.add_argument("--variant", action="append", help="only these variants (repeatable)")
-    p.add_argument("--stage", action="append", help="only these stages (repeatable)")
+    from evalsuite.cli import CommaList
+
+    p.add_argument("--variant", action=CommaList, help="only these variants (comma list or repeated)")
+    p.add_argument("--stage", action=CommaList, help="only these stages (comma list or repeated)")
     p.add_argument("--all", action="store_true", help="also per-layer and descriptive metrics")
     p.add_argument("--any-model", action="store_true", help="allow comparing two different models")
     p.add_argument("--gates", metavar="FILE", help="gate config YAML (tolerances)")
@@ -31,8 +34,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from evalsuite.judge.protocol import mismatch_warning, results_protocol
+
     a, b = Results.load(args.a), Results.load(args.b)
     config = config_from_args(args)
+    warning = mismatch_warning(results_protocol(a), results_protocol(b), "A and B")
+    if warning:
+        print(warning, file=sys.stderr)
     if not args.any_model and a.records:
         check_identity(from_results(a, variant_group(a.records[0].variant), args.a), b, args.a)
     rows, failing = [], False

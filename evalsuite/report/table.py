@@ -178,6 +178,9 @@ def render_verdicts(verdicts: list[dict[str, Any]], color: bool = False, tablefm
                                   if v.get("command") and v.get("verdict") in ("FAIL", "IMPROVED")))
     if commands:
         out.append("to accept the new values as the baseline:\n" + "\n".join(f"  {c}" for c in commands))
+    create = list(dict.fromkeys(v["command"] for v in verdicts if v.get("command") and v.get("verdict") == "SKIPPED"))
+    if create:
+        out.append("to create the missing baselines:\n" + "\n".join(f"  {c}" for c in create))
     if summary:
         out.append(summary_line(verdicts))
     return "\n".join(out)
