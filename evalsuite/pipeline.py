@@ -121,7 +121,8 @@ def use_smoke_suite(args: argparse.Namespace) -> bool:
     return True
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, preloaded=None) -> int:
+    """The run; ``preloaded`` (a LoadedModel: the Python API's in-memory model) replaces loading ``--model``."""
     # Validate everything cheap before loading anything heavy.
     from evalsuite.load.model import default_model_path, detect_format
     from evalsuite.quantize import parse_schemes
@@ -129,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
     stages = parse_stages(args.stages)
     configs = parse_schemes(args.quant)
     smoke = use_smoke_suite(args)
-    model_path = Path(args.model) if args.model else default_model_path()
-    detect_format(model_path)
+    model_path = Path(preloaded.info.path) if preloaded else Path(args.model) if args.model else default_model_path()
+    if preloaded is None:
+        detect_format(model_path)
     data_dir = Path(args.data_dir) if args.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise EvalsuiteError(f"--data-dir {data_dir}: no such directory")
@@ -166,7 +168,8 @@ def run(args: argparse.Namespace) -> int:
     dist_env = distributed.init(device.type)
     device = distributed.device_for(device, dist_env)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
-    out_dir = Path(args.out) if args.out else default_out_dir(model_path.stem if model_path.is_file() else model_path.name)
+    out_dir = Path(args.out) if args.out else default_out_dir(
+        preloaded.info.name if preloaded else model_path.stem if model_path.is_file() else model_path.name)
     out_dir = distributed.broadcast(out_dir, dist_env.world_size)  # ranks' clocks may straddle a second
     if dist_env.is_writer:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,7 +215,8 @@ def run(args: argparse.Namespace) -> int:
         print(smoke_notice(args.limit, getattr(args, "ppl_context", SMOKE_PPL_CONTEXT)), file=sys.stderr)
     skip = parse_skip(args.skip_layers)
     with timed("load"):
-        loaded = load_model(model_path, device=device, dtype=dtype, arch=args.arch, tokenizer_path=args.tokenizer)
+        loaded = preloaded or load_model(model_path, device=device, dtype=dtype, arch=args.arch,
+                                         tokenizer_path=args.tokenizer)
         info = loaded.info
         results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
                                 "n_params": info.n_params, "arch": info.arch}
@@ -226,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         }
 
     def reload(new_dtype):
+        if preloaded is not None:  # no source to reload from: the same weights, cast
+            return copy.deepcopy(preloaded.model).to(new_dtype)
         return load_model(model_path, device=device, dtype=new_dtype, arch=args.arch, tokenizer_path=args.tokenizer).model
 
     ctx = RunContext(

@@ -55,13 +55,20 @@ def annotate(results: Results, checks: list[Check]) -> None:
     results.verdicts = [c.to_dict() for c in checks]
 
 
+def smoke_skip(results: Results) -> list[Check]:
+    """A smoke-suite run is a sample, never comparable with a baseline's full data: one SKIPPED check."""
+    if results.run.get("suite") != "smoke":
+        return []
+    return [Check("baseline", "baseline", SKIPPED, "a --suite smoke run is not compared with baselines")]
+
+
 def resolve_baselines(results: Results, args: argparse.Namespace,
                       results_path: str | Path | None = None) -> tuple[list[Baseline], list[Check], Path]:
     """Baselines for ``results`` from ``--baseline FILE`` or the ``--baselines DIR`` folder."""
     explicit = getattr(args, "baseline", None)
     directory = Path(getattr(args, "baselines", None) or DEFAULT_DIR)
-    if results.run.get("suite") == "smoke":  # a sample, never comparable with a baseline's full data
-        return [], [Check("baseline", "baseline", SKIPPED, "a --suite smoke run is not compared with baselines")], directory
+    if smoke_skip(results):
+        return [], smoke_skip(results), directory
     if explicit:
         found = load_baselines(explicit)
         variant = getattr(args, "variant", None)

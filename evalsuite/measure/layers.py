@@ -486,7 +486,7 @@ def run(ctx) -> None:
         ctx.checkpoint()
         if ctx.rank == 0:
             print(f"\nlayers {variant}: worst {min(opts.top, len(rows))} of {len(rows)} quantized layers "
-                  f"(! = under threshold); error jumps at {_block(summary.first_jump) or 'no block'}, "
+                  f"(floor: under = below its threshold); error jumps at {_block(summary.first_jump) or 'no block'}, "
                   f"worst block {_block(summary.worst)}\n{format_worst(rows, opts.top)}", file=sys.stderr)
 
 
