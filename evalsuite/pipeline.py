@@ -110,7 +110,7 @@ def use_smoke_suite(args: argparse.Namespace) -> bool:
     (never silently: it is only ever chosen by name)."""
     if getattr(args, "suite", None) != "smoke":
         return False
-    from evalsuite.data import SMOKE_DIR, SMOKE_LIMIT, SMOKE_PPL_CONTEXT, SMOKE_SUITE
+    from evalsuite.data import SMOKE_DIR, SMOKE_LAYER_TOKENS, SMOKE_LIMIT, SMOKE_PPL_CONTEXT, SMOKE_SUITE
 
     args.suite = SMOKE_SUITE
     args.data_dir = str(SMOKE_DIR)
@@ -118,6 +118,8 @@ def use_smoke_suite(args: argparse.Namespace) -> bool:
         args.limit = SMOKE_LIMIT
     if getattr(args, "ppl_context", None) == 2048:  # the full protocol's default: short windows for a sample
         args.ppl_context = SMOKE_PPL_CONTEXT
+    if getattr(args, "layer_tokens", False) is None:
+        args.layer_tokens = SMOKE_LAYER_TOKENS
     return True
 
 

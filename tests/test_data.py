@@ -127,3 +127,31 @@ def test_task_sources_come_from_the_yamls():
     by_task = {s.task: s for s in task_sources()}
     assert by_task["arc_easy"].hub["path"] == "allenai/ai2_arc" and by_task["wikitext"].format == "documents"
     assert "hellaswag" not in by_task  # Hub only, no mirror file
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_ships_the_smoke_suite_and_the_tasks(tmp_path):
+    """Build the wheel from a copy of the sources (no build files left in the checkout), install it
+    into a folder, and use it from elsewhere: the smoke suite checks clean, the tasks are found."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("evalsuite", "tasks"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    wheel = subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation",
+                            "-q", "-w", str(tmp_path / "dist")], capture_output=True, text=True, timeout=300)
+    assert wheel.returncode == 0, wheel.stderr
+    (whl,) = (tmp_path / "dist").glob("evalsuite-*.whl")
+    site = tmp_path / "site"
+    inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(whl)],
+                          capture_output=True, text=True, timeout=300)
+    assert inst.returncode == 0, inst.stderr
+    code = ("from evalsuite.data import SMOKE_DIR, mirror; from evalsuite.measure.tasks import TASKS_DIR; "
+            "print(SMOKE_DIR, all(c.ok for c in mirror.check(SMOKE_DIR)), len(list(TASKS_DIR.glob('*.yaml'))))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                       env={**__import__("os").environ, "PYTHONPATH": str(site)})
+    assert p.returncode == 0, p.stderr
+    smoke, ok, n_yaml = p.stdout.split()
+    assert Path(smoke) == site / "evalsuite" / "data" / "smoke" and ok == "True"
+    assert int(n_yaml) == len(list((REPO / "tasks").glob("*.yaml")))

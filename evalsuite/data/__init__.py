@@ -20,7 +20,7 @@ SMOKE_DIR = Path(__file__).resolve().parent / "smoke"
 SMOKE_SUITE = "smoke"
 # what a smoke run evaluates unless told otherwise (--limit N for more, up to the 100 items shipped):
 # minutes on a 2-core CPU, all four stages
-SMOKE_LIMIT, SMOKE_PPL_CONTEXT = 5, 512
+SMOKE_LIMIT, SMOKE_PPL_CONTEXT, SMOKE_LAYER_TOKENS = 5, 512, 512
 WIKITEXT_FILES = {"test": "wikitext-2/test.txt", "valid": "wikitext-2/valid.txt"}
 WIKITEXT_HUB = {"path": "wikitext", "name": "wikitext-2-v1"}  # the variant corpus.py reads from the Hub
 
