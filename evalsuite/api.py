@@ -7,7 +7,8 @@
 
 ``evaluate`` runs the same pipeline as the command line (the options are the run's, in Python
 spelling) and returns the :class:`~evalsuite.results.Results` it wrote. An in-memory ``nn.Module``
-(with its tokenizer) is evaluated as it is: on its device, in its dtype, never modified.
+(with its tokenizer) is evaluated on its device, in its dtype; a copy is evaluated (memory for a
+second copy), so the caller's module is never modified.
 """
 
 from __future__ import annotations

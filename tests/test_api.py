@@ -70,7 +70,7 @@ def test_results_table_and_gate(smoke_results, tmp_path):
     assert res.gate(copy.deepcopy(res)).passed
     worse = copy.deepcopy(res)
     m = worse.get("ppl", "wikitext2", "int8-wo", "token_ppl")
-    m.value *= 1.5
+    m.value *= 10
     assert not worse.gate(res).passed
     assert any(v["failing"] and v["check"] == "baseline:ppl/wikitext2/int8-wo/token_ppl" for v in worse.verdicts)
 

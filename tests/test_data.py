@@ -155,3 +155,21 @@ def test_a_non_editable_install_ships_the_smoke_suite_and_the_tasks(tmp_path):
     smoke, ok, n_yaml = p.stdout.split()
     assert Path(smoke) == site / "evalsuite" / "data" / "smoke" and ok == "True"
     assert int(n_yaml) == len(list((REPO / "tasks").glob("*.yaml")))
+
+
+@pytest.mark.slow
+def test_smoke_run_is_chosen_by_name_marked_and_says_where_the_real_data_is(tmp_path, capsys, smollm2_path):
+    from evalsuite.cli import main
+    from evalsuite.results import Results
+
+    out = tmp_path / "run"
+    code = main(["run", "--suite", "smoke", "--stages", "none", "--model", str(smollm2_path), "--out", str(out),
+                 "--data-dir", str(tmp_path), "--no-history"])
+    captured = capsys.readouterr()
+    assert code == 0
+    res = Results.load(out / "results.json")
+    assert res.run["suite"] == "smoke" and res.partial and res.run["data_dir"] == str(SMOKE_DIR)
+    assert res.run["limit"] == 5
+    assert "evalsuite data fetch DIR" in captured.err and "not comparable" in captured.err
+    assert "SMOKE SUITE" in captured.out and "a --suite smoke run is not compared with baselines" in captured.out
+    assert captured.out.strip().splitlines()[-1].startswith("gate PASSED")
