@@ -28,8 +28,12 @@ from evalsuite.results import Results
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
-def _flag(name: str, value: Any) -> list[str]:
+def _flag(name: str, value: Any, known: dict | None = None) -> list[str]:
     flag = "--" + name.replace("_", "-")
+    if known is not None and flag not in known:
+        raise EvalsuiteError(f"evaluate: unknown option {name!r} (evalsuite run has no {flag})")
+    if value is False and known is not None and "--no-" + flag[2:] in known:  # an on-by-default option
+        return ["--no-" + flag[2:]]
     if value is None or value is False:
         return []
     if value is True:
@@ -99,9 +103,11 @@ def evaluate(model_or_path=None, *, tokenizer=None, schemes: Sequence[str] = ("i
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="evalsuite-"))
     argv += ["--out", str(out), "--baselines", str(baselines or out / "no-baselines")]
     argv += _flag("history", history) if history else ["--no-history"]
+    parser = build_parser("run")
+    known = parser._subparsers._group_actions[0].choices["run"]._option_string_actions
     for name, value in (("data_dir", data_dir), ("suite", suite), ("limit", limit), *options.items()):
-        argv += _flag(name, value)
-    args = build_parser("run").parse_args(argv)
+        argv += _flag(name, value, known)
+    args = parser.parse_args(argv)
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         run(args, preloaded=preloaded)
     return Results.load(out / "results.json")

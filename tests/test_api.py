@@ -80,3 +80,15 @@ def test_evaluate_validates_before_loading():
         evalsuite.evaluate("/no/such/model.gguf", stages=["bogus"])
     with pytest.raises(EvalsuiteError, match="no such file"):
         evalsuite.evaluate("/no/such/model.gguf", stages=["ppl"])
+
+
+def test_options_in_python_spelling_become_run_options():
+    from evalsuite.api import _flag
+    from evalsuite.cli import build_parser
+
+    known = build_parser("run")._subparsers._group_actions[0].choices["run"]._option_string_actions
+    assert _flag("ppl_noise_floor", False, known) == ["--no-ppl-noise-floor"]
+    assert _flag("tasks", ["arc_easy", "copa"], known) == ["--tasks", "arc_easy,copa"]
+    assert _flag("speed_compile", True, known) == ["--speed-compile"] and _flag("seed", None, known) == []
+    with pytest.raises(EvalsuiteError, match="unknown option 'ppl_windowz'"):
+        evalsuite.evaluate(stages=["ppl"], ppl_windowz=2)

@@ -419,7 +419,8 @@ def measure_variants(results, variants: Callable[[], Any], s: SpeedSettings, dev
     details["device"] = {"copy_bandwidth_gb_s": copy_samples}
     checkpoint()
     fp_runs: dict[str, RunResult] = {}
-    def progress_of(name: str):
+
+    def progress_of(name: str):  # the bar names the variant and measurement; every sample ticks it
         def progress(what: str):
             if bar is None:
                 return lambda: None
