@@ -175,3 +175,12 @@ def test_gate_warns_when_the_baseline_was_measured_differently(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the baseline and the candidate were measured differently" in err[0]
     assert "ppl: disjoint 2048-token windows scoring positions 1..2047, BOS first vs disjoint 256-token" in err[0]
+
+
+def test_gate_history_help_says_what_gate_does(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        main(["gate", "--help"])
+    assert "SQLite history (default: none)" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.chdir(tmp_path)
+    main(["gate", save(make_results(seed=23), tmp_path / "r.json"), "--baselines", str(tmp_path / "bl")])
+    assert not list(tmp_path.rglob("*.sqlite"))

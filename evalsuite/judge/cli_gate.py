@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     hidden_alias(p, "--formats", "format")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML file with one test case per check")
     add_gate_arguments(p.add_argument_group("gates"))
+    for action in p._actions:  # gate, unlike run, appends to a history only when asked
+        if action.dest == "history":
+            action.help = "append the judged run to this SQLite history (default: none)"
 
 
 def main(args: argparse.Namespace) -> int:
