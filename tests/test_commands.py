@@ -184,3 +184,14 @@ def test_gate_history_help_says_what_gate_does(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main(["gate", save(make_results(seed=23), tmp_path / "r.json"), "--baselines", str(tmp_path / "bl")])
     assert not list(tmp_path.rglob("*.sqlite"))
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_compare_table_fits_the_terminal(tmp_path, capsys, monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))
+    a = save(make_results(seed=24), tmp_path / "a.json")
+    b = save(make_results(seed=25, kld=5e-3), tmp_path / "b.json")
+    assert main(["compare", a, b]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(ln) for ln in lines[2:]) <= columns
+    assert any("ppl/wikitext2/int8-wo/kld_mean" in ln for ln in lines)  # metric names whole

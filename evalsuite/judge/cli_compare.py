@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tabulate import tabulate
-
 from evalsuite.judge import config_from_args
 from evalsuite.judge.baseline import check_identity, compare_metric, from_results, metric_key, variant_group
 from evalsuite.judge.checks import FAIL, IMPROVED, VERDICTS, fmt
-from evalsuite.report.table import colour, colour_enabled
+from evalsuite.report.table import colour, colour_enabled, fit_table, terminal_width, visible_width
 from evalsuite.results import Results
 
 
@@ -31,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gates", metavar="FILE", help="gate config YAML (tolerances)")
     p.add_argument("--sigma", type=float, help="tolerance in standard errors (default 3)")
     p.add_argument("--strict", action="store_true", help="IMPROVED fails too")
+    p.add_argument("--verbose", action="store_true", help="the full table (default: fit the terminal's width)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,6 +72,10 @@ def main(args: argparse.Namespace) -> int:
     for r in rows:
         r[5] = colour(r[5], use_colour)
     print(f"A = {args.a}\nB = {args.b}")
-    print(tabulate(rows, headers=["metric", "A", "B", "Δ", "Δ%", "verdict", "tolerance / note"]) if rows
-          else "(no shared metrics)")
+    width = None if args.verbose else terminal_width()
+    text = fit_table(rows, ["metric", "A", "B", "Δ", "Δ%", "verdict", "tolerance / note"], width, wrap=(6,),
+                     min_wrap=10) if rows else "(no shared metrics)"
+    if width is not None and visible_width(text) > width:  # long metric names: each its own line, values under it
+        text = "\n".join(f"{r[0]}\n    {r[1]} → {r[2]}  {r[3]} {r[4]}  {r[5]}  {r[6]}".rstrip() for r in rows)
+    print(text)
     return 1 if failing else 0
