@@ -152,7 +152,26 @@ def resumable(previous: Results, run: dict, path: Path) -> list[str]:
     return stages_finished(previous)
 
 
-def run(args: argparse.Namespace) -> int:
+def use_smoke_suite(args: argparse.Namespace) -> bool:
+    """``--suite smoke``: the embedded sample replaces any data dir, and the run is marked partial
+    (never silently: it is only ever chosen by name)."""
+    if getattr(args, "suite", None) != "smoke":
+        return False
+    from evalsuite.data import SMOKE_DIR, SMOKE_LAYER_TOKENS, SMOKE_LIMIT, SMOKE_PPL_CONTEXT, SMOKE_SUITE
+
+    args.suite = SMOKE_SUITE
+    args.data_dir = str(SMOKE_DIR)
+    if args.limit is None:
+        args.limit = SMOKE_LIMIT
+    if getattr(args, "ppl_context", None) == 2048:  # the full protocol's default: short windows for a sample
+        args.ppl_context = SMOKE_PPL_CONTEXT
+    if getattr(args, "layer_tokens", False) is None:
+        args.layer_tokens = SMOKE_LAYER_TOKENS
+    return True
+
+
+def run(args: argparse.Namespace, preloaded=None) -> int:
+    """The run; ``preloaded`` (a LoadedModel: the Python API's in-memory model) replaces loading ``--model``."""
     # Validate everything cheap before loading anything heavy.
     from evalsuite.load.model import default_model_path, detect_format
     from evalsuite.load.variant import parse_variant_models
@@ -166,8 +185,10 @@ def run(args: argparse.Namespace) -> int:
     quant = args.quant if args.quant is not None else ("none" if args.variant_model else "int8-wo")
     configs = parse_schemes(quant, parse_skip(args.skip_layers))  # imports (runs) a user's handler file
     variant_specs = parse_variant_models(args.variant_model, {c.name for c in configs})
-    model_path = Path(args.model) if args.model else default_model_path()
-    detect_format(model_path)
+    smoke = use_smoke_suite(args)
+    model_path = Path(preloaded.info.path) if preloaded else Path(args.model) if args.model else default_model_path()
+    if preloaded is None:
+        detect_format(model_path)
     data_dir = Path(args.data_dir) if args.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise EvalsuiteError(f"--data-dir {data_dir}: no such directory")
@@ -203,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.device_for(device, dist_env)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
     check_runs_on(configs, device, dtype)  # a torchao config without a kernel here: one line, before the load
-    out_dir = Path(args.out) if args.out else default_out_dir(model_path.stem if model_path.is_file() else model_path.name)
+    out_dir = Path(args.out) if args.out else default_out_dir(
+        preloaded.info.name if preloaded else model_path.stem if model_path.is_file() else model_path.name)
     out_dir = distributed.broadcast(out_dir, dist_env.world_size)  # ranks' clocks may straddle a second
     lock, previous_path = run_dir.claim(out_dir, args.resume, args.force) if dist_env.is_writer else (None, None)
     # SIGTERM (a CI job cancelled, a nightly matrix stopping) and SIGHUP end a run as Ctrl-C does:
@@ -215,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         handlers = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device,
-                           dtype_name, dtype, dist_env, out_dir, previous_path, show_progress)
+                           dtype_name, dtype, dist_env, out_dir, previous_path, show_progress, preloaded, smoke)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -224,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device, dtype_name, dtype,
-                dist_env, out_dir, previous_path, show_progress) -> int:
+                dist_env, out_dir, previous_path, show_progress, preloaded=None, smoke=False) -> int:
     import torch
 
     from evalsuite.load import load_model
@@ -248,7 +270,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         "kernels": args.kernels,
         "seed": args.seed,
         "limit": args.limit,
-        "partial": args.limit is not None,
+        "partial": args.limit is not None or smoke,
+        "suite": getattr(args, "suite", None),
         "data_dir": str(data_dir.resolve()) if data_dir else None,
         "versions": package_versions(),
         "git_revision": git_revision(),
@@ -305,10 +328,15 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
             return f"could not save the results ({e.strerror}); {results_path} holds the last checkpoint"
         return f"results so far saved to {results_path}"
 
+    if smoke and dist_env.is_writer:
+        from evalsuite.data import SMOKE_PPL_CONTEXT, smoke_notice
+
+        print(smoke_notice(args.limit, getattr(args, "ppl_context", SMOKE_PPL_CONTEXT)), file=sys.stderr)
     skip = parse_skip(args.skip_layers)
     try:
         with timed("load"):
-            loaded = load_model(model_path, device=device, dtype=dtype, arch=args.arch, tokenizer_path=args.tokenizer)
+            loaded = preloaded or load_model(model_path, device=device, dtype=dtype, arch=args.arch,
+                                             tokenizer_path=args.tokenizer)
             info = loaded.info
             results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
                                     "n_params": info.n_params, "arch": info.arch}
@@ -339,6 +367,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                                                for name, mod in variants.items() if name != "fp"}
 
         def reload(new_dtype):
+            if preloaded is not None:  # no source to reload from: the same weights, cast
+                return copy.deepcopy(preloaded.model).to(new_dtype)
             return load_model(model_path, device=device, dtype=new_dtype, arch=args.arch, tokenizer_path=args.tokenizer).model
 
         ctx = RunContext(

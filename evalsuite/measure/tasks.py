@@ -49,7 +49,9 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--tasks", help="lm-eval task names or suites (tags), comma separated "
                                    f"(default: the '{DEFAULT_SUITE}' suite)")
     g.add_argument("--suite", help="a suite of tasks by name: quick (arc_easy, piqa, lambada_openai) or standard "
-                                   "(the eight mirrored tasks); any tag of the task YAMLs works")
+                                   "(the eight mirrored tasks); any tag of the task YAMLs works. smoke: the "
+                                   "eight tasks (or those of --tasks) on the small sample shipped inside evalsuite "
+                                   "(replaces --data-dir; results marked partial)")
     g.add_argument("--tasks-dir", action="append", default=[],
                    help="another folder of lm-eval task YAMLs (repeatable); its tasks override ours of the same name")
     g.add_argument("--task-limit", type=int, help="evaluate at most N items per task (default --limit; marks results partial)")
@@ -494,7 +496,10 @@ def _build(tm, name: str, limit: int | None) -> tuple[Any, dict[int, list]]:
 
 
 def _selected_tasks(args: argparse.Namespace, data_dir: Path | None):
-    spec = ",".join(s for s in (getattr(args, "tasks", None), getattr(args, "suite", None)) if s) or DEFAULT_SUITE
+    suite = getattr(args, "suite", None)
+    if suite == "smoke" and getattr(args, "tasks", None):  # smoke names the data there; --tasks picks from it
+        suite = None
+    spec = ",".join(s for s in (getattr(args, "tasks", None), suite) if s) or DEFAULT_SUITE
     tm = task_manager(task_dirs(getattr(args, "tasks_dir", None) or []), data_dir)
     return tm, resolve_task_names(tm, spec)
 
