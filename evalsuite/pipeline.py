@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernels", choices=["fused", "eager"], default="fused",
                    help="fused (default): on a GPU, Triton kernels for Llama-family norms, rotary and SwiGLU and for "
                         "the ppl statistics (equal to eager within the dtype's rounding); eager: PyTorch ops only")
+    g.add_argument("--fp-cache", choices=["on", "off", "refresh"], default="on",
+                   help="reuse fp's cached ppl and task results from an earlier run of the same model, data and "
+                        "settings ($EVALSUITE_CACHE/fp-reference; on, default), ignore the cache (off), or "
+                        "recompute and overwrite it (refresh)")
     for name in STAGE_MODULES:
         stage = get_stage(name)
         if stage.add_arguments is not None:

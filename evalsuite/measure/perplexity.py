@@ -38,6 +38,7 @@ Definitions (natural logs; NLL = -log p(token | context), in float32 from a floa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -51,7 +52,7 @@ from evalsuite.distributed import gather, shard
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load.model import forward_logits
 from evalsuite.kernels import kld as kld_kernel
-from evalsuite.measure import Stage, noise_floor
+from evalsuite.measure import Stage, fp_cache, noise_floor
 
 NOISE = "fp@noise"
 PERCENTILES = (100, 99.9, 99, 95, 90, 50, 10, 5, 1, 0.1, 0)
@@ -549,7 +550,17 @@ def run(ctx) -> None:
         raise EvalsuiteError(f"--ppl-noise-floor {noise_mode!r}: expected one of {', '.join(noise_floor.MODES)}")
     seed = int(ctx.option("seed", 0) or 0)
     noise_windows = noise_floor.sample_windows(len(windows), seed) if noise_mode == "sample" else None
-    reference32, noise = _noise_reference(ctx, noise_mode)
+    cache = fp_cache.Entry(ctx, "ppl", {
+        "corpus_sha256": fp_cache.digest(text), "source": source,
+        "window_ids_sha256": hashlib.sha256(windows.input_ids.numpy().tobytes()).hexdigest(),
+        "protocol": [protocol.context, protocol.stride, protocol.score, protocol.max_windows],
+        "batch_size": batch_size, "stats": stats_name, "compiled_stats": bool(ctx.option("ppl_compile")),
+        "noise_floor": noise_mode, "noise_windows": None if noise_windows is None else noise_windows.tolist()})
+    cached = cache.load()
+    if cached is not None:
+        reference32, noise = None, cached["noise_floor"]
+    else:
+        reference32, noise = _noise_reference(ctx, noise_mode)
     described = windows.describe()
     details: dict[str, Any] = {
         "task": task, "source": source, "protocol": {
@@ -572,6 +583,15 @@ def run(ctx) -> None:
                               rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn, nll_fn=nll_fn,
                               noise_windows=noise_windows)
     del reference32
+    if cached is not None:  # fp's own values as the run that stored them measured them
+        result.nll["fp"] = [np.asarray(a, dtype=np.float32) for a in cached["fp_nll"]]
+        if cached["noise_pair"] is not None:
+            result.pairs[NOISE] = {k: [np.asarray(a, dtype=np.float32) for a in v] for k, v in cached["noise_pair"].items()}
+    elif ctx.rank == 0 and not noise.startswith("unavailable"):
+        cache.store({"noise_floor": noise, "fp_nll": [a.tolist() for a in result.nll["fp"]],
+                     "noise_pair": {k: [a.tolist() for a in v] for k, v in result.pairs[NOISE].items()}
+                     if NOISE in result.pairs else None})
+    details["protocol"]["fp_cache"] = cache.status
     for variant in ctx.variants:
         recs, det = variant_records(result.nll[variant], windows, seed)
         _add(ctx, task, variant, recs, described)

@@ -516,16 +516,42 @@ def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | No
     plans: dict = {}  # the variants answer the same instances: batch them once
     for variant, model in ctx.variants.items():
         t0 = time.perf_counter()
-        lm = make_lm(ctx, model, encode_cache, plans)
-        # the fused forward for our adapter only: --lm-adapter hf cross-checks lm-eval's own path
-        with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
-            answers = answer(lm, by_doc, ctx.rank, ctx.world_size)
+        cache = _fp_cache_entry(ctx, name, by_doc, limit) if variant == "fp" else None
+        answers = _cached_answers(cache.load()) if cache is not None else None
+        if answers is None:
+            lm = make_lm(ctx, model, encode_cache, plans)
+            # the fused forward for our adapter only: --lm-adapter hf cross-checks lm-eval's own path
+            with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
+                answers = answer(lm, by_doc, ctx.rank, ctx.world_size)
+            if cache is not None and ctx.rank == 0:
+                cache.store({"answers": [list(a) if isinstance(a, tuple) else a for a in answers]})
         seconds = round(time.perf_counter() - t0, 3)
         args = (ctx, name, task, by_doc, limit, details, variant, answers, seconds, per_variant, extra, seed)
         if scoring is None:
             _record_variant(*args)
         else:
             scoring.submit(_record_variant, *args)
+
+
+def _fp_cache_entry(ctx, name: str, by_doc: dict[int, list], limit: int | None):
+    """fp's cache entry for one task, keyed by its requests (documents, templates, few-shot examples
+    as lm-eval built them) and the adapter's batch settings; None with --fp-cache off."""
+    from evalsuite.measure import fp_cache
+
+    if ctx.option("fp_cache", "off") == "off":
+        return None
+    requests = [[inst.request_type, inst.arguments] for group in by_doc.values() for inst in group]
+    return fp_cache.Entry(ctx, f"tasks-{name}", {
+        "task": name, "requests_sha256": fp_cache.digest(requests), "limit": limit,
+        "adapter": ctx.option("lm_adapter", "fast"), "batch_size": ctx.option("task_batch_size"),
+        "batch_tokens": ctx.option("task_batch_tokens"), "packing": ctx.option("task_packing", "auto")})
+
+
+def _cached_answers(payload: dict | None) -> list | None:
+    """Responses as lm-eval gives them (log-likelihood requests answer tuples; JSON keeps lists)."""
+    if payload is None:
+        return None
+    return [tuple(a) if isinstance(a, list) else a for a in payload["answers"]]
 
 
 def _record_variant(ctx, name: str, task, by_doc: dict[int, list], limit: int | None, details: dict, variant: str,
