@@ -476,7 +476,8 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--ppl-windows", type=int, help="evaluate only the first N windows (marks results partial)")
     g.add_argument("--ppl-batch", type=int,
                    help="windows per forward (default on a GPU: one model's bf16 logits near 4 GiB, at most "
-                        f"{GPU_POSITIONS_PER_BATCH} positions, half that without the fused statistics; 1 on a CPU)")
+                        f"{GPU_POSITIONS_PER_BATCH} positions, half that without the fused statistics, fewer where free GPU "
+                        "memory cannot hold a batch; 1 on a CPU)")
     g.add_argument("--ppl-compile", action="store_true",
                    help="run the per-token statistics under torch.compile (fewer passes over the logits; compiles once)")
     g.add_argument("--ppl-noise-floor", choices=noise_floor.MODES, default="sample",
@@ -498,15 +499,24 @@ def _protocol_from(ctx) -> Protocol:
                     max_windows=min(limits) if limits else None)
 
 
-def gpu_windows_per_batch(context: int, vocab: int, fused_stats: bool = True) -> int:
-    """Default windows per forward on a GPU (see ``GPU_LOGITS_BYTES``)."""
+def gpu_windows_per_batch(context: int, vocab: int, fused_stats: bool = True, free_bytes: int | None = None,
+                          config: Any = None, noise_floor: bool = True) -> int:
+    """Default windows per forward on a GPU (see ``GPU_LOGITS_BYTES``), fewer where ``free_bytes``
+    of device memory cannot hold a batch's transient tensors: fp's and a candidate's logits in
+    16 bits, the float32 reference's logits for the noise floor, the torch statistics' two float32
+    log-softmax matrices, and one layer's float32 activations (:mod:`evalsuite.measure.memory`)."""
+    from evalsuite.measure import memory
+
     positions = min(GPU_POSITIONS_PER_BATCH, GPU_LOGITS_BYTES // (2 * max(1, vocab)))
     if not fused_stats:
         positions //= 2
-    return max(1, positions // context)
+    cap = max(1, positions // context)
+    logit_bytes = 2 * 2 + (4 if noise_floor else 0) + (0 if fused_stats else 8)
+    per_window = context * (vocab * logit_bytes + memory.activation_bytes_per_token(config))
+    return memory.fit(per_window, free_bytes, cap)
 
 
-def _batch_size(ctx, context: int, fused_stats: bool) -> int:
+def _batch_size(ctx, context: int, fused_stats: bool, noise_reference_bytes: int = 0) -> int:
     b = ctx.option("ppl_batch")
     if b is not None:
         if b < 1:
@@ -514,8 +524,14 @@ def _batch_size(ctx, context: int, fused_stats: bool) -> int:
         return b
     if ctx.device.type != "cuda":
         return 1
-    vocab = getattr(getattr(ctx.fp, "config", None), "vocab_size", None) or 128_000
-    return gpu_windows_per_batch(context, int(vocab), fused_stats)
+    from evalsuite.measure import memory
+
+    config = getattr(ctx.fp, "config", None)
+    vocab = getattr(config, "vocab_size", None) or 128_000
+    free = memory.free_bytes(ctx.device)
+    if free is not None and noise_reference_bytes:  # the float32 model is not on the device yet
+        free = max(0, free - noise_reference_bytes)
+    return gpu_windows_per_batch(context, int(vocab), fused_stats, free, config, noise_floor=noise_reference_bytes > 0)
 
 
 def _noise_reference(ctx, mode: str) -> tuple[nn.Module | None, str]:
@@ -544,8 +560,11 @@ def run(ctx) -> None:
     ids, ends = tokenize_corpus(tokenizer, text)
     windows = make_windows(ids, text, ends, protocol, tokenizer_bos(tokenizer), source, decode=tokenizer.decode)
     stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")), ctx.fused_kernels)
-    batch_size = _batch_size(ctx, protocol.context, fused_stats=stats_name == "triton-fused")
     noise_mode = noise_floor.parse_mode(ctx.option("ppl_noise_floor", "sample"))
+    measured_floor = noise_mode != "off" and ctx.dtype != torch.float32
+    fp32_bytes = 4 * sum(p.numel() for p in ctx.fp.parameters()) if measured_floor else 0
+    batch_size = _batch_size(ctx, protocol.context, fused_stats=stats_name == "triton-fused",
+                             noise_reference_bytes=fp32_bytes)
     if noise_mode not in noise_floor.MODES:
         raise EvalsuiteError(f"--ppl-noise-floor {noise_mode!r}: expected one of {', '.join(noise_floor.MODES)}")
     seed = int(ctx.option("seed", 0) or 0)
