@@ -146,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
+    if device.type == "cuda":  # before any Triton kernel or torch.compile graph is built
+        from evalsuite.measure.compile_cache import use_persistent_caches
+
+        use_persistent_caches()
     # batched tokenization on all cores where a GPU does the model work (the tasks stage tokenizes
     # ~50k strings per run); on a CPU the cores belong to torch
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if device.type == "cuda" else "false")
@@ -185,9 +189,13 @@ def run(args: argparse.Namespace) -> int:
         class _T:
             def __enter__(self):
                 self.t0 = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
 
             def __exit__(self, *exc):
                 results.run["stage_seconds"][name] = round(time.perf_counter() - self.t0, 3)
+                if device.type == "cuda":  # what the stage held at most, models included
+                    results.run.setdefault("stage_peak_gpu_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
                 checkpoint()
 
         return _T()
@@ -233,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"evalsuite: stage {name!r} crashed; results so far saved to {results_path}", file=sys.stderr)
         raise
     results.run["finished"] = now()
+    if device.type == "cuda":
+        from evalsuite.measure.compile_cache import cache_counters
+
+        results.run["compile_cache"] = cache_counters()
     checkpoint()
     code = finish(results, out_dir, args) if dist_env.is_writer else 0
     return distributed.broadcast(code, dist_env.world_size)  # every rank exits as rank 0 does

@@ -147,6 +147,7 @@ class TorchLM(TemplateLM):
         cfg_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "block_size", None)
         # as HFLM: the model's context length, else 2048
         self.max_length = int(max_length or cfg_len or DEFAULT_MAX_LENGTH)
+        self.forward_tokens = 0  # token positions run through the model so far
         self.encode_cache = encode_cache if encode_cache is not None else {}
         self.plan_cache = plan_cache
         self.show_progress = show_progress
@@ -375,6 +376,7 @@ class TorchLM(TemplateLM):
         sums, misses = [], []
         for batch in _progress(plan.batches, "loglikelihood", disable_tqdm or not self.show_progress):
             batch_sums, batch_misses = self._score_batch(batch)
+            self.forward_tokens += int(batch.ids.size)  # positions computed, padding included (for MFU)
             owners += batch.owners
             sums.append(batch_sums)
             misses.append(batch_misses)

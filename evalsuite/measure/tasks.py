@@ -520,6 +520,8 @@ def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | No
     extra = {"partial": limit is not None, "limit": limit, "adapter": ctx.option("lm_adapter", "fast")}
     per_variant: dict[str, list[dict]] = {}
     plans: dict = {}  # the variants answer the same instances: batch them once
+    # positions each variant's forwards computed (benchmarks' MFU), beside the per-task details
+    forward_tokens = ctx.results.details.setdefault("tasks_forward_tokens", {}).setdefault(name, {})
     for variant, model in ctx.variants.items():
         t0 = time.perf_counter()
         cache = _fp_cache_entry(ctx, name, by_doc, limit, memory_budget) if variant == "fp" else None
@@ -529,6 +531,7 @@ def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | No
             # the fused forward for our adapter only: --lm-adapter hf cross-checks lm-eval's own path
             with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
                 answers = answer(lm, by_doc, ctx.rank, ctx.world_size)
+            forward_tokens[variant] = getattr(lm, "forward_tokens", None)
             if cache is not None and ctx.rank == 0:
                 cache.store({"answers": [list(a) if isinstance(a, tuple) else a for a in answers]})
         seconds = round(time.perf_counter() - t0, 3)
