@@ -48,3 +48,12 @@ def test_task_batch_tokens_and_scored_rows_shrink_with_free_memory():
     assert gpu_batch_tokens(LLAMA2_7B, 1) == 1024  # at least one block of 1,024 tokens
     assert gpu_scored_rows(32000, 100 * GiB) == gpu_scored_rows(32000)
     assert 1024 <= gpu_scored_rows(32000, GiB // 2) < gpu_scored_rows(32000)
+
+
+@pytest.mark.gpu
+def test_free_memory_is_read_from_the_gpu_and_the_cpu_has_none():
+    import torch
+
+    free = memory.free_bytes("cuda")
+    assert 0 < free <= torch.cuda.get_device_properties(0).total_memory
+    assert memory.free_bytes("cpu") is None

@@ -476,3 +476,24 @@ def test_noise_reference_is_the_checkpoint_upcast_when_stored_in_the_run_dtype(t
     assert ctx.results.get("ppl", "corpus", P.NOISE, "kld_mean").value > 0
     ctx.loaded.info.path = str(tmp_path / "fp32")
     assert not NF.can_upcast(ctx)  # an fp32 checkpoint run in bf16: bf16 rounds it, a reload is needed
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_folder_floor_is_upcast_sampled_and_contains_the_full_floor(tmp_path):
+    cuda = torch.device("cuda")
+    bf16 = make_tiny_llama().bfloat16()
+    bf16.save_pretrained(tmp_path / "bf16")
+    text = _long_text(380)
+
+    def run(mode):
+        ctx = make_ctx({"fp": copy.deepcopy(bf16).to(cuda)}, tmp_path, text=text, dtype=torch.bfloat16, reload=None,
+                       ppl_noise_floor=mode, ppl_context=32)
+        ctx.device = cuda
+        ctx.loaded.info.path = str(tmp_path / "bf16")
+        P.run(ctx)
+        return ctx
+
+    full, sample = run("full"), run("sample")
+    f, s = (c.results.get("ppl", "corpus", P.NOISE, "kld_mean") for c in (full, sample))
+    assert "no reload" in sample.results.details["ppl"]["protocol"]["noise_floor"]
+    assert f.value > 0 and s.ci95[0] <= f.value <= s.ci95[1] and s.n < f.n

@@ -561,12 +561,12 @@ def run(ctx) -> None:
     windows = make_windows(ids, text, ends, protocol, tokenizer_bos(tokenizer), source, decode=tokenizer.decode)
     stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")), ctx.fused_kernels)
     noise_mode = noise_floor.parse_mode(ctx.option("ppl_noise_floor", "sample"))
+    if noise_mode not in noise_floor.MODES:
+        raise EvalsuiteError(f"--ppl-noise-floor {noise_mode!r}: expected one of {', '.join(noise_floor.MODES)}")
     measured_floor = noise_mode != "off" and ctx.dtype != torch.float32
     fp32_bytes = 4 * sum(p.numel() for p in ctx.fp.parameters()) if measured_floor else 0
     batch_size = _batch_size(ctx, protocol.context, fused_stats=stats_name == "triton-fused",
                              noise_reference_bytes=fp32_bytes)
-    if noise_mode not in noise_floor.MODES:
-        raise EvalsuiteError(f"--ppl-noise-floor {noise_mode!r}: expected one of {', '.join(noise_floor.MODES)}")
     seed = int(ctx.option("seed", 0) or 0)
     noise_windows = noise_floor.sample_windows(len(windows), seed) if noise_mode == "sample" else None
     cache = fp_cache.Entry(ctx, "ppl", {
