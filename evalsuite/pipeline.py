@@ -61,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernels", choices=["fused", "eager"], default="fused",
                    help="fused (default): on a GPU, Triton kernels for Llama-family norms, rotary and SwiGLU and for "
                         "the ppl statistics (equal to eager within the dtype's rounding); eager: PyTorch ops only")
+    g.add_argument("--fp-cache", choices=["on", "off", "refresh"], default="on",
+                   help="reuse fp's cached ppl and task results from an earlier run of the same model, data and "
+                        "settings ($EVALSUITE_CACHE/fp-reference; on, default), ignore the cache (off), or "
+                        "recompute and overwrite it (refresh)")
     for name in STAGE_MODULES:
         stage = get_stage(name)
         if stage.add_arguments is not None:
@@ -216,6 +220,10 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
+    if device.type == "cuda":  # before any Triton kernel or torch.compile graph is built
+        from evalsuite.measure.compile_cache import use_persistent_caches
+
+        use_persistent_caches()
     # batched tokenization on all cores where a GPU does the model work (the tasks stage tokenizes
     # ~50k strings per run); on a CPU the cores belong to torch
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if device.type == "cuda" else "false")
@@ -305,6 +313,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
             def __enter__(self):
                 results.run["running"] = name
                 self.t0 = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 if measure:  # a run killed in this stage then says which one it was
                     checkpoint()
 
@@ -312,6 +322,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                 if exc_type is not None:  # a stage that raised did not finish: no time, not finished
                     return
                 results.run["stage_seconds"][name] = round(time.perf_counter() - self.t0, 3)
+                if device.type == "cuda":  # what the stage held at most, models included
+                    results.run.setdefault("stage_peak_gpu_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
                 if measure:
                     results.run["stages_finished"].append(name)
                 results.run["running"] = None
@@ -398,6 +410,10 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         print(f"evalsuite: stage {stage!r} crashed; {saved}", file=sys.stderr)
         raise
     results.run["finished"] = now()
+    if device.type == "cuda":
+        from evalsuite.measure.compile_cache import cache_counters
+
+        results.run["compile_cache"] = cache_counters()
     checkpoint()
     code = finish(results, out_dir, args) if dist_env.is_writer else 0
     if not stages:  # asked for load and quantize only: they worked; the verdict says INCOMPLETE

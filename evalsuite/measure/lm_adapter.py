@@ -128,7 +128,7 @@ class TorchLM(TemplateLM):
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device | str | None = None,
                  batch_size: int | None = None, batch_tokens: int | None = None, max_length: int | None = None,
                  encode_cache: dict[str, list[int]] | None = None, plan_cache: dict | None = None,
-                 show_progress: bool = False, packed: bool | None = None) -> None:
+                 show_progress: bool = False, packed: bool | None = None, memory_budget: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -138,13 +138,16 @@ class TorchLM(TemplateLM):
         self.batch_size = int(batch_size or (4096 if on_gpu else 32))
         if self.batch_size < 1:
             raise EvalsuiteError("batch size must be at least 1")
-        self.batch_tokens = int(batch_tokens or (gpu_batch_tokens(cfg) if on_gpu else 4096))
+        from evalsuite.measure.memory import free_bytes
+
+        free = free_bytes(self._device) if on_gpu and memory_budget is None else memory_budget
+        self.batch_tokens = int(batch_tokens or (gpu_batch_tokens(cfg, free) if on_gpu else 4096))
         vocab = getattr(cfg, "vocab_size", None) or 128_000
-        # float32 logits rows per forward: at most 4 GiB of them (21k rows of SmolLM2's 49k vocabulary)
-        self.scored_rows = max(1024, SCORED_LOGITS_BYTES // (4 * int(vocab)))
+        self.scored_rows = gpu_scored_rows(int(vocab), free if on_gpu else None)
         cfg_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "block_size", None)
         # as HFLM: the model's context length, else 2048
         self.max_length = int(max_length or cfg_len or DEFAULT_MAX_LENGTH)
+        self.forward_tokens = 0  # token positions run through the model so far
         self.encode_cache = encode_cache if encode_cache is not None else {}
         self.plan_cache = plan_cache
         self.show_progress = show_progress
@@ -373,6 +376,7 @@ class TorchLM(TemplateLM):
         sums, misses = [], []
         for batch in _progress(plan.batches, "loglikelihood", disable_tqdm or not self.show_progress):
             batch_sums, batch_misses = self._score_batch(batch)
+            self.forward_tokens += int(batch.ids.size)  # positions computed, padding included (for MFU)
             owners += batch.owners
             sums.append(batch_sums)
             misses.append(batch_misses)
@@ -650,13 +654,29 @@ def _shape_free_attention(ids: torch.Tensor):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def gpu_batch_tokens(config: Any) -> int:
+def gpu_batch_tokens(config: Any, free_bytes: int | None = None) -> int:
     """Padded tokens per forward on a GPU: the largest activation (tokens x MLP width, 2 bytes)
-    near ``ACTIVATION_BYTES``, between 8,192 and 262,144 tokens, a multiple of 1,024."""
+    near ``ACTIVATION_BYTES``, between 8,192 and 262,144 tokens, a multiple of 1,024; fewer (down to
+    1,024) where ``free_bytes`` of device memory cannot hold one layer's 16-bit activations of them
+    (:mod:`evalsuite.measure.memory`)."""
+    from evalsuite.measure import memory
+
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 4096
     width = getattr(config, "intermediate_size", None) or 4 * int(hidden)
-    tokens = ACTIVATION_BYTES // (2 * int(width))
-    return int(min(262_144, max(8_192, tokens // 1024 * 1024)))
+    tokens = int(min(262_144, max(8_192, ACTIVATION_BYTES // (2 * int(width)) // 1024 * 1024)))
+    if free_bytes is None:
+        return tokens
+    kilo = memory.fit(1024 * memory.activation_bytes_per_token(config, 2), free_bytes, tokens // 1024)
+    return kilo * 1024
+
+
+def gpu_scored_rows(vocab: int, free_bytes: int | None = None) -> int:
+    """float32 logits rows per forward: at most ``SCORED_LOGITS_BYTES`` of them (21k rows of SmolLM2's
+    49k vocabulary), fewer where the free device memory cannot hold them; at least 1,024."""
+    from evalsuite.measure import memory
+
+    rows = max(1024, SCORED_LOGITS_BYTES // (4 * int(vocab)))
+    return memory.fit(4 * int(vocab), free_bytes, rows, minimum=min(rows, 1024))
 
 
 def vocabulary_head(model: nn.Module) -> nn.Module | None:

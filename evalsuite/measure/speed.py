@@ -209,6 +209,9 @@ def configure_inductor() -> None:
     """gpt-fast's inductor settings for decoding; absent settings in other torch versions are skipped."""
     import torch._inductor.config as cfg
 
+    from evalsuite.measure.compile_cache import use_persistent_caches
+
+    use_persistent_caches()
     for name, value in (("coordinate_descent_tuning", True), ("fx_graph_cache", True)):
         if hasattr(cfg, name):
             setattr(cfg, name, value)

@@ -195,7 +195,7 @@ def loglikelihoods(by_doc: dict[int, list]) -> list[list[float]]:
     return out
 
 
-def make_lm(ctx, model, encode_cache: dict, plan_cache: dict | None = None):
+def make_lm(ctx, model, encode_cache: dict, plan_cache: dict | None = None, memory_budget: int | None = None):
     """The adapter for one variant: a fresh object, never a cache of answers shared with another
     variant (the tokens and batch plans it may share do not depend on the model)."""
     from evalsuite.measure.lm_adapter import TorchLM
@@ -211,7 +211,7 @@ def make_lm(ctx, model, encode_cache: dict, plan_cache: dict | None = None):
     return TorchLM(model, ctx.tokenizer, device=ctx.device, batch_size=batch_size,
                    batch_tokens=ctx.option("task_batch_tokens"), encode_cache=encode_cache, plan_cache=plan_cache,
                    show_progress=ctx.show_progress and ctx.rank == 0,
-                   packed=False if ctx.option("task_packing", "auto") == "off" else None)
+                   packed=False if ctx.option("task_packing", "auto") == "off" else None, memory_budget=memory_budget)
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -417,7 +417,12 @@ def run(ctx) -> None:
             except EvalsuiteError as e:
                 built.append(e)
         fast = ctx.option("lm_adapter", "fast") == "fast"
-        encoder = make_lm(ctx, next(iter(ctx.variants.values())), encode_cache) if fast else None
+        # one memory budget for the stage, measured with every variant on the device: every variant
+        # gets the same batch plan (and fp's cache entry a key that does not drift within a run)
+        from evalsuite.measure.memory import free_bytes
+
+        budget = free_bytes(ctx.device)
+        encoder = make_lm(ctx, next(iter(ctx.variants.values())), encode_cache, memory_budget=budget) if fast else None
         tokenized = [pool.submit(encoder.pretokenize, [i for g in b[1].values() for i in g])
                      if encoder is not None and not isinstance(b, EvalsuiteError) else None for b in built]
         try:
@@ -427,7 +432,7 @@ def run(ctx) -> None:
                     raise b
                 if tokens is not None:
                     tokens.result()
-                evaluate_task(ctx, name, *b, limit, details, encode_cache, seed, scoring)
+                evaluate_task(ctx, name, *b, limit, details, encode_cache, seed, scoring, memory_budget=budget)
         except BaseException:
             scoring.close(raise_errors=False)  # what was answered is recorded before the error surfaces
             raise
@@ -514,24 +519,58 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | None, details: dict,
-                  encode_cache: dict, seed: int, scoring: _Scoring | None = None) -> None:
+                  encode_cache: dict, seed: int, scoring: _Scoring | None = None,
+                  memory_budget: int | None = None) -> None:
     """Answer the task with every variant on the main thread (the device's work) and hand each
     answered variant to ``scoring`` (inline when None) for scoring and recording."""
     extra = {"partial": limit is not None, "limit": limit, "adapter": ctx.option("lm_adapter", "fast")}
     per_variant: dict[str, list[dict]] = {}
     plans: dict = {}  # the variants answer the same instances: batch them once
+    # positions each variant's forwards computed (benchmarks' MFU), beside the per-task details
+    forward_tokens = ctx.results.details.setdefault("tasks_forward_tokens", {}).setdefault(name, {})
     for variant, model in ctx.variants.items():
         t0 = time.perf_counter()
-        lm = make_lm(ctx, model, encode_cache, plans)
-        # the fused forward for our adapter only: --lm-adapter hf cross-checks lm-eval's own path
-        with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
-            answers = answer(lm, by_doc, ctx.rank, ctx.world_size)
+        cache = _fp_cache_entry(ctx, name, by_doc, limit, memory_budget) if variant == "fp" else None
+        answers = _cached_answers(cache.load()) if cache is not None else None
+        if answers is None:
+            lm = make_lm(ctx, model, encode_cache, plans, memory_budget)
+            # the fused forward for our adapter only: --lm-adapter hf cross-checks lm-eval's own path
+            with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
+                answers = answer(lm, by_doc, ctx.rank, ctx.world_size)
+            forward_tokens[variant] = getattr(lm, "forward_tokens", None)
+            if cache is not None and ctx.rank == 0:
+                cache.store({"answers": [list(a) if isinstance(a, tuple) else a for a in answers]})
         seconds = round(time.perf_counter() - t0, 3)
         args = (ctx, name, task, by_doc, limit, details, variant, answers, seconds, per_variant, extra, seed)
         if scoring is None:
             _record_variant(*args)
         else:
             scoring.submit(_record_variant, *args)
+
+
+def _fp_cache_entry(ctx, name: str, by_doc: dict[int, list], limit: int | None, memory_budget: int | None = None):
+    """fp's cache entry for one task, keyed by its requests (documents, templates, few-shot examples
+    as lm-eval built them) and the adapter's batch settings; None with --fp-cache off."""
+    from evalsuite.measure import fp_cache
+    from evalsuite.measure.lm_adapter import gpu_batch_tokens, gpu_scored_rows
+
+    if ctx.option("fp_cache", "off") == "off":
+        return None
+    cfg = getattr(ctx.fp, "config", None)
+    plan = ([gpu_batch_tokens(cfg, memory_budget), gpu_scored_rows(getattr(cfg, "vocab_size", None) or 128_000, memory_budget)]
+            if ctx.device.type == "cuda" else None)
+    requests = [[inst.request_type, inst.arguments] for group in by_doc.values() for inst in group]
+    return fp_cache.Entry(ctx, f"tasks-{name}", {
+        "task": name, "requests_sha256": fp_cache.digest(requests), "limit": limit,
+        "adapter": ctx.option("lm_adapter", "fast"), "batch_size": ctx.option("task_batch_size"),
+        "batch_tokens": ctx.option("task_batch_tokens"), "gpu_plan": plan, "packing": ctx.option("task_packing", "auto")})
+
+
+def _cached_answers(payload: dict | None) -> list | None:
+    """Responses as lm-eval gives them (log-likelihood requests answer tuples; JSON keeps lists)."""
+    if payload is None:
+        return None
+    return [tuple(a) if isinstance(a, list) else a for a in payload["answers"]]
 
 
 def _record_variant(ctx, name: str, task, by_doc: dict[int, list], limit: int | None, details: dict, variant: str,
