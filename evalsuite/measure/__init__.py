@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 STAGE_MODULES = {
     "ppl": "evalsuite.measure.perplexity",
     "tasks": "evalsuite.measure.tasks",
+    "gen": "evalsuite.measure.generation",
     "layers": "evalsuite.measure.layers",
     "speed": "evalsuite.measure.speed",
 }
