@@ -104,3 +104,21 @@ def test_sampling_arguments_are_ignored_and_noted(tiny_llama):
     (b,) = TorchLM(tiny_llama, Tok(), device="cpu").generate_until(_instances([("abc", {"max_gen_toks": 4})]))
     assert a == b and len(a) == 4
     assert lm.generation_notes == {"do_sample", "temperature"}
+
+
+@pytest.mark.gpu
+def test_gpu_cached_decoding_under_the_fused_forwards_equals_the_reference(smollm2_path):
+    """On the GPU, in float32, with the fused modules the stages use: the cached batched decode gives
+    the no-cache reference's tokens."""
+    from evalsuite.load import load_model
+    from evalsuite.load.fast_forward import fast_forward_all
+
+    loaded = load_model(smollm2_path, device="cuda", dtype=torch.float32)
+    tok = loaded.tokenizer
+    texts = ["Question: What is 12 + 30?\nAnswer:", "The history of the Roman Empire", "def fibonacci(n):",
+             "Once upon a time"]
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    with fast_forward_all(loaded.model):
+        got = greedy_decode(loaded.model, prompts, [40] * 4, eos_token_id=tok.eos_token_id, device="cuda", max_rows=3)
+        ref = greedy_decode_uncached(loaded.model, prompts, [40] * 4, eos_token_id=tok.eos_token_id, device="cuda")
+    assert got == ref

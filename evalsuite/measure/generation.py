@@ -67,10 +67,17 @@ def validate(args: argparse.Namespace) -> None:
 
 # ------------------------------------------------------------------------------------------ prompts
 def gsm8k_prompts(data_dir: Path | None, n: int) -> list[str]:
-    """The first ``n`` GSM8K test questions as lm-eval's zero-shot prompt."""
+    """The first ``n`` GSM8K test questions as lm-eval's zero-shot prompt, from ``data_dir``'s mirror
+    or else the Hub (openai/gsm8k)."""
     if data_dir is None:
-        raise EvalsuiteError("the gen stage's GSM8K prompts need --data-dir (generative/gsm8k_test.jsonl); "
-                             "or pass --gen-sources wikitext2")
+        try:
+            import datasets
+
+            ds = datasets.load_dataset("openai/gsm8k", "main", split="test")
+        except Exception as e:  # offline, or the Hub refused
+            raise EvalsuiteError(f"cannot fetch GSM8K from the Hub ({type(e).__name__}); pass --data-dir "
+                                 "(generative/gsm8k_test.jsonl) or --gen-sources wikitext2") from None
+        return [f"Question: {q}\nAnswer:" for q in ds["question"][:n]]
     path = Path(data_dir) / "generative" / "gsm8k_test.jsonl"
     if not path.is_file():
         raise EvalsuiteError(f"{path}: GSM8K test file not found in --data-dir {data_dir}")
