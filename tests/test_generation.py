@@ -96,3 +96,24 @@ def test_records_their_definitions_and_the_bf16_noise_floor(tmp_path, data_dir):
     assert res.get("gen", "generation", G.NOISE, "tf_kld_prompt").value > 0  # bf16 rounding is measured
     assert "float32" in res.get("gen", "generation", G.NOISE, "identical_fraction").definition
     assert res.details["gen"]["noise_floor"].startswith("measured")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"gen_sources": "gsm8k,books"}, "--gen-sources: unknown books"),
+    ({"gen_prompts": 0}, "--gen-prompts must be at least 1"),
+    ({"gen_new_tokens": 0}, "--gen-new-tokens must be at least 1"),
+])
+def test_bad_options_are_refused_before_the_model_loads(options, message):
+    import argparse
+
+    from evalsuite.errors import EvalsuiteError
+
+    with pytest.raises(EvalsuiteError, match=message):
+        G.validate(argparse.Namespace(**{"gen_sources": None, "gen_prompts": None, "gen_new_tokens": None,
+                                         "gen_prefix_tokens": None, **options}))
+
+
+def test_the_stage_is_registered_and_runs_by_default():
+    from evalsuite.measure import get_stage, parse_stages
+
+    assert "gen" in parse_stages("all") and get_stage("gen").name == "gen"
