@@ -387,8 +387,12 @@ def test_generative_tasks_record_exact_match_and_paired_statistics(smollm2, data
             assert delta.value == pytest.approx(q.mean() - fp.mean()) and len(delta.ci95) == 2
             assert res.get("tasks", task, "int8-wo", names["mcnemar"]) is not None
             assert res.get("tasks", task, "int8-wo", names["right_to_wrong"]).value == int(((fp == 1) & (q == 0)).sum())
-    # the user's 2 + 3 is answered: the model's text was scored, not an empty string
-    assert res.get("tasks", "my_gen", "fp", "exact_match").value > 0
+    # each variant's own generated text is what was scored (exact match ignoring spaces, as the YAML says)
+    for variant in ("fp", "int8-wo"):
+        texts = res.details["tasks"]["my_gen"]["responses"][variant]
+        assert all(isinstance(t, str) and t and "\n" not in t for t in texts)
+        assert res.details["tasks"]["my_gen"]["values"][variant]["exact_match"] == \
+            [float(t.replace(" ", "") == want) for t, want in zip(texts, ["5", "6"])]
     assert "do_sample" in res.get("tasks", "my_gen", "fp", "exact_match").extra["generation"]
     from evalsuite.judge.config import GateConfig, DEFAULTS
     from evalsuite.judge.within import task_checks

@@ -13,7 +13,7 @@ another's answers. Statistics are ours, from the per-item values:
   discordant items), ``flips_right_to_wrong`` and ``flips_wrong_to_right``; for LAMBADA also
   ``ppl_ratio`` = ppl(scheme) / ppl(fp) with a paired-bootstrap interval.
 
-Per-item values go to ``results.details["tasks"][task]``.
+Per-item values go to ``results.details["tasks"][task]`` (a generative task's texts too, ``responses``).
 
 The main thread runs the models (task by task, variant by variant); a worker tokenizes the next
 tasks, and another scores and records each answered variant while the device answers the next.
@@ -582,6 +582,8 @@ def _record_variant(ctx, name: str, task, by_doc: dict[int, list], limit: int | 
     # per-item data is final once computed: each checkpoint reuses its JSON text
     entry["values"][variant] = ctx.results.seal({m: [_jsonable(d[m]) for d in per_doc] for m in per_doc[0]})
     entry["loglikelihoods"][variant] = ctx.results.seal(loglikelihoods(by_doc))
+    if answers and all(isinstance(a, str) for a in answers):  # a generative task: the generated texts
+        entry.setdefault("responses", {})[variant] = ctx.results.seal(list(answers))
     per_variant[variant] = per_doc
     for rec in variant_records(task, name, variant, per_doc, dict(extra, seconds=seconds)):
         ctx.results.add(**rec)
