@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available")
     g.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("run")
-    g.add_argument("--stages", default="all", help=f"comma separated from {', '.join(STAGE_MODULES)}; 'all' or 'none'")
+    g.add_argument("--stages", default="all", help=f"comma separated from {', '.join(STAGE_MODULES)}; 'all' (all but gen) or 'none'")
     g.add_argument("--data-dir", default=os.environ.get("EVALSUITE_DATA_DIR"),
                    help="local evaluation data (also $EVALSUITE_DATA_DIR); default: the Hugging Face Hub")
     g.add_argument("--out", help="output folder (default reports/runs/<time>-<model>); one run at a time, and "

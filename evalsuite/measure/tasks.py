@@ -13,7 +13,7 @@ another's answers. Statistics are ours, from the per-item values:
   discordant items), ``flips_right_to_wrong`` and ``flips_wrong_to_right``; for LAMBADA also
   ``ppl_ratio`` = ppl(scheme) / ppl(fp) with a paired-bootstrap interval.
 
-Per-item values go to ``results.details["tasks"][task]``.
+Per-item values go to ``results.details["tasks"][task]`` (a generative task's texts too, ``responses``).
 
 The main thread runs the models (task by task, variant by variant); a worker tokenizes the next
 tasks, and another scores and records each answered variant while the device answers the next.
@@ -27,6 +27,7 @@ import functools
 import gc
 import logging
 import math
+import re
 import sys
 import time
 from collections import defaultdict
@@ -42,6 +43,9 @@ from evalsuite.measure import Stage
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 DEFAULT_SUITE = "standard"
 PAIRED_METRIC = "acc"
+# binary per-item metrics paired like acc (generative tasks: exact match after each answer filter)
+PAIRED_PREFIXES = ("acc", "exact_match")
+FEWSHOT_SEED = 1234  # lm-eval's evaluator seeds every task's few-shot sampler with this
 RENAMED = {"perplexity": "ppl"}
 
 
@@ -125,7 +129,9 @@ def resolve_task_names(tm, spec: str) -> list[str]:
 def load_task(tm, name: str):
     """Build one lm-eval task with its dataset; data problems become one-line errors."""
     try:
-        return tm.load([name])["tasks"][name]
+        task = tm.load([name])["tasks"][name]
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        return task
     except EvalsuiteError:
         raise
     except ValueError as e:  # mirror.DataError and lm-eval's config errors
@@ -172,15 +178,31 @@ def answer(lm, by_doc: dict[int, list], rank: int = 0, world_size: int = 1) -> l
 
 def score(task, by_doc: dict[int, list], answers: list[Any]) -> dict[int, dict[str, Any]]:
     """Per-doc metric values from one model's responses: lm-eval's filters and ``process_results``.
-    Every instance's response slots are set anew, so nothing of a previous variant is reused."""
+    Every instance's response slots are set anew, so nothing of a previous variant is reused.
+    A task with several filters (GSM8K's strict and flexible answer extraction) has each metric once
+    per filter, named ``metric_filter`` (``exact_match_strict_match``); with one filter, ``metric``."""
     instances = [inst for group in by_doc.values() for inst in group]
     for inst, response in zip(instances, answers, strict=True):
         inst.resps = [response]
         inst.filtered_resps = {}
     task.apply_filters()
-    key = next(iter(instances[0].filtered_resps))
-    return {doc_id: task.process_results(group[0].doc, [inst.filtered_resps[key] for inst in group])
-            for doc_id, group in by_doc.items()}
+    keys = list(instances[0].filtered_resps)
+    out = {}
+    for doc_id, group in by_doc.items():
+        merged: dict[str, Any] = {}
+        for key in keys:
+            values = task.process_results(group[0].doc, [inst.filtered_resps[key] for inst in group])
+            suffix = "" if len(keys) == 1 else "_" + re.sub(r"\W+", "_", key).strip("_")
+            merged.update({m + suffix: v for m, v in values.items()})
+        out[doc_id] = merged
+    return out
+
+
+def base_metric(metric: str, known) -> str:
+    """The task's metric a per-filter name stands for (``exact_match_strict_match`` -> ``exact_match``)."""
+    if metric in known:
+        return metric
+    return max((k for k in known if metric.startswith(k + "_")), key=len, default=metric)
 
 
 def loglikelihoods(by_doc: dict[int, list]) -> list[list[float]]:
@@ -229,9 +251,10 @@ def variant_records(task, name: str, variant: str, per_doc: list[dict[str, Any]]
     out = []
     for metric in per_doc[0]:
         values = [d[metric] for d in per_doc]
-        agg = aggregation.get(metric)
+        base = base_metric(metric, aggregation)
+        agg = aggregation.get(base)
         rec = dict(stage="tasks", task=name, variant=variant, metric=RENAMED.get(metric, metric), n=len(values),
-                   higher_is_better=hib.get(metric), extra=dict(extra))
+                   higher_is_better=hib.get(base), extra=dict(extra))
         if agg is mean or agg is None:
             value, stderr = mean_stderr(np.asarray(values, dtype=np.float64))
             rec.update(value=value, stderr=None if math.isnan(stderr) else stderr,
@@ -261,6 +284,19 @@ def _delta_interval(a: np.ndarray, b: np.ndarray, seed: int) -> list[float]:
     return [min(boot[0], score[0]), max(boot[1], score[1])]
 
 
+def paired_metrics(doc: dict) -> list[str]:
+    """The per-item metrics paired between fp and a variant: ``acc`` and every exact match."""
+    return [m for m in doc if m == PAIRED_METRIC or any(m == p or m.startswith(p + "_") for p in PAIRED_PREFIXES[1:])]
+
+
+def paired_names(metric: str) -> dict[str, str]:
+    """Record names of the paired statistics of ``metric``: ``delta_acc``, ``mcnemar_p``, ``flips_*``
+    for acc (as before), the same with ``_<metric>`` appended otherwise (``mcnemar_p_exact_match_strict_match``)."""
+    suffix = "" if metric == PAIRED_METRIC else f"_{metric}"
+    return {"delta": f"delta_{metric}", "mcnemar": f"mcnemar_p{suffix}",
+            "right_to_wrong": f"flips_right_to_wrong{suffix}", "wrong_to_right": f"flips_wrong_to_right{suffix}"}
+
+
 def paired_records(name: str, variant: str, fp_docs: list[dict], q_docs: list[dict], extra: dict,
                    seed: int = 0) -> list[dict]:
     """delta_acc / mcnemar_p / flips (and ppl_ratio for perplexity tasks) of ``variant`` against fp."""
@@ -268,23 +304,26 @@ def paired_records(name: str, variant: str, fp_docs: list[dict], q_docs: list[di
 
     out = []
     common = dict(stage="tasks", task=name, variant=variant, extra=dict(extra))
-    if PAIRED_METRIC in fp_docs[0]:
-        a = np.asarray([d[PAIRED_METRIC] for d in fp_docs], dtype=np.float64)
-        b = np.asarray([d[PAIRED_METRIC] for d in q_docs], dtype=np.float64)
+    for metric in paired_metrics(fp_docs[0]):
+        a = np.asarray([d[metric] for d in fp_docs], dtype=np.float64)
+        b = np.asarray([d[metric] for d in q_docs], dtype=np.float64)
+        if not (_is_binary(a.tolist()) and _is_binary(b.tolist())):
+            continue
         n = a.size
+        names = paired_names(metric)
         p, r2w, w2r = mcnemar_exact(a > 0.5, b > 0.5)
         out += [
-            dict(common, metric="delta_acc", value=float(b.mean() - a.mean()), unit="fraction", n=n,
+            dict(common, metric=names["delta"], value=float(b.mean() - a.mean()), unit="fraction", n=n,
                  higher_is_better=True, ci95=_delta_interval(a, b, seed),
-                 definition="acc(variant) - acc(fp) on the same items; ci95 the hull of a paired bootstrap over "
-                            "items and Newcombe's paired score interval (honest when few items flip)"),
-            dict(common, metric="mcnemar_p", value=p, unit="p-value", n=n, higher_is_better=None,
-                 definition="exact two-sided McNemar test (binomial on the items only one of fp and variant "
-                            "answers right)"),
-            dict(common, metric="flips_right_to_wrong", value=float(r2w), unit="items", n=n, higher_is_better=False,
-                 definition="items fp answers right and the variant wrong"),
-            dict(common, metric="flips_wrong_to_right", value=float(w2r), unit="items", n=n, higher_is_better=None,
-                 definition="items fp answers wrong and the variant right"),
+                 definition=f"{metric}(variant) - {metric}(fp) on the same items; ci95 the hull of a paired "
+                            "bootstrap over items and Newcombe's paired score interval (honest when few items flip)"),
+            dict(common, metric=names["mcnemar"], value=p, unit="p-value", n=n, higher_is_better=None,
+                 definition=f"exact two-sided McNemar test (binomial on the items only one of fp and variant "
+                            f"gets right by {metric})"),
+            dict(common, metric=names["right_to_wrong"], value=float(r2w), unit="items", n=n, higher_is_better=False,
+                 definition=f"items fp gets right and the variant wrong ({metric})"),
+            dict(common, metric=names["wrong_to_right"], value=float(w2r), unit="items", n=n, higher_is_better=None,
+                 definition=f"items fp gets wrong and the variant right ({metric})"),
         ]
     if "perplexity" in fp_docs[0]:
         la = np.asarray([d["perplexity"] for d in fp_docs], dtype=np.float64)
@@ -538,6 +577,9 @@ def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | No
             with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
                 answers = answer(lm, by_doc, ctx.rank, ctx.world_size)
             forward_tokens[variant] = getattr(lm, "forward_tokens", None)
+            if getattr(lm, "generation_notes", None):
+                extra["generation"] = ("greedy decoding; sampling arguments ignored: "
+                                       + ", ".join(sorted(lm.generation_notes)))
             if cache is not None and ctx.rank == 0:
                 cache.store({"answers": [list(a) if isinstance(a, tuple) else a for a in answers]})
         seconds = round(time.perf_counter() - t0, 3)
@@ -585,6 +627,8 @@ def _record_variant(ctx, name: str, task, by_doc: dict[int, list], limit: int | 
     # per-item data is final once computed: each checkpoint reuses its JSON text
     entry["values"][variant] = ctx.results.seal({m: [_jsonable(d[m]) for d in per_doc] for m in per_doc[0]})
     entry["loglikelihoods"][variant] = ctx.results.seal(loglikelihoods(by_doc))
+    if answers and all(isinstance(a, str) for a in answers):  # a generative task: the generated texts
+        entry.setdefault("responses", {})[variant] = ctx.results.seal(list(answers))
     per_variant[variant] = per_doc
     for rec in variant_records(task, name, variant, per_doc, dict(extra, seconds=seconds)):
         ctx.results.add(**rec)
