@@ -57,7 +57,9 @@ def run_all(args: argparse.Namespace) -> list[tuple[str, Path]]:
         extra = CONFIGS[label]
         dest = out / label
         cmd = [sys.executable, "-m", "evalsuite", "run", "--quant", args.quant, "--stages", args.stages,
-               "--out", str(dest), "--no-history", "--baselines", str(empty), "--no-progress", *extra]
+               "--out", str(dest), "--no-history", "--baselines", str(empty), "--no-progress",
+               # every run measures fp afresh: a cached fp reference would hide the very noise measured here
+               "--fp-cache", "off", *extra]
         if args.model:
             cmd += ["--model", args.model]
         if args.data_dir:

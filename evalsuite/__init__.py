@@ -1,3 +1,29 @@
-"""evalsuite: quantization accuracy and regression suite for causal language models."""
+"""evalsuite: quantization accuracy and regression suite for causal language models.
+
+Python API (imported on first use, so ``import evalsuite`` stays cheap): :func:`evaluate`,
+:func:`quantize` (``evalsuite.quantize(model, "int8-wo")``), :class:`Results` (``.table()``,
+``.gate(baselines)``). See the README's "Python API".
+"""
 
 __version__ = "0.1.0"
+__all__ = ["evaluate", "quantize", "Results", "EvalsuiteError"]
+
+
+def __getattr__(name: str):
+    if name == "evaluate":
+        from evalsuite.api import evaluate
+
+        return evaluate
+    if name == "quantize":  # the stage package, callable as the API function (see its __init__)
+        import evalsuite.quantize as quantize
+
+        return quantize
+    if name == "Results":
+        from evalsuite.results import Results
+
+        return Results
+    if name == "EvalsuiteError":
+        from evalsuite.errors import EvalsuiteError
+
+        return EvalsuiteError
+    raise AttributeError(f"module 'evalsuite' has no attribute {name!r}")

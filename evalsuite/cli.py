@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("evalsuite.report.cli", "render a results file as md, html, json or junit"),
     "baseline": ("evalsuite.judge.cli_baseline", "create or update a baseline from a results file"),
     "history": ("evalsuite.judge.cli_history", "show a metric's trend across runs and flag drift"),
+    "data": ("evalsuite.data.cli", "fetch the evaluation data from the Hub into a local mirror, or check one"),
     "nightly": ("evalsuite.nightly", "run a matrix of models x schemes x stages from a config file"),
 }
 
@@ -40,6 +41,21 @@ def quiet_import_noise() -> None:
 
     for logger, marker in _IMPORT_NOISE.items():
         logging.getLogger(logger).addFilter(lambda record, m=marker: m not in record.getMessage())
+
+
+class CommaList(argparse.Action):
+    """A list option that takes comma lists, repeats, or both: ``--variant a,b`` = ``--variant a --variant b``
+    (the one spelling of a list across subcommands)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest, None) or [])
+        items += [v.strip() for v in str(values).split(",") if v.strip()]
+        setattr(namespace, self.dest, items)
+
+
+def hidden_alias(p: argparse.ArgumentParser, old: str, dest: str, **kwargs) -> None:
+    """An old spelling, still accepted for one release, not shown in --help."""
+    p.add_argument(old, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available")
     g.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("run")
-    g.add_argument("--stages", default="all", help=f"comma separated from {', '.join(STAGE_MODULES)}; 'all' or 'none'")
+    g.add_argument("--stages", default="all", help=f"comma separated from {', '.join(STAGE_MODULES)}; 'all' (all but gen) or 'none'")
     g.add_argument("--data-dir", default=os.environ.get("EVALSUITE_DATA_DIR"),
                    help="local evaluation data (also $EVALSUITE_DATA_DIR); default: the Hugging Face Hub")
     g.add_argument("--out", help="output folder (default reports/runs/<time>-<model>); one run at a time, and "
@@ -61,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernels", choices=["fused", "eager"], default="fused",
                    help="fused (default): on a GPU, Triton kernels for Llama-family norms, rotary and SwiGLU and for "
                         "the ppl statistics (equal to eager within the dtype's rounding); eager: PyTorch ops only")
+    g.add_argument("--fp-cache", choices=["on", "off", "refresh"], default="on",
+                   help="reuse fp's cached ppl and task results from an earlier run of the same model, data and "
+                        "settings ($EVALSUITE_CACHE/fp-reference; on, default), ignore the cache (off), or "
+                        "recompute and overwrite it (refresh)")
     for name in STAGE_MODULES:
         stage = get_stage(name)
         if stage.add_arguments is not None:
@@ -152,7 +156,26 @@ def resumable(previous: Results, run: dict, path: Path) -> list[str]:
     return stages_finished(previous)
 
 
-def run(args: argparse.Namespace) -> int:
+def use_smoke_suite(args: argparse.Namespace) -> bool:
+    """``--suite smoke``: the embedded sample replaces any data dir, and the run is marked partial
+    (never silently: it is only ever chosen by name)."""
+    if getattr(args, "suite", None) != "smoke":
+        return False
+    from evalsuite.data import SMOKE_DIR, SMOKE_LAYER_TOKENS, SMOKE_LIMIT, SMOKE_PPL_CONTEXT, SMOKE_SUITE
+
+    args.suite = SMOKE_SUITE
+    args.data_dir = str(SMOKE_DIR)
+    if args.limit is None:
+        args.limit = SMOKE_LIMIT
+    if getattr(args, "ppl_context", None) == 2048:  # the full protocol's default: short windows for a sample
+        args.ppl_context = SMOKE_PPL_CONTEXT
+    if getattr(args, "layer_tokens", False) is None:
+        args.layer_tokens = SMOKE_LAYER_TOKENS
+    return True
+
+
+def run(args: argparse.Namespace, preloaded=None) -> int:
+    """The run; ``preloaded`` (a LoadedModel: the Python API's in-memory model) replaces loading ``--model``."""
     # Validate everything cheap before loading anything heavy.
     from evalsuite.load.model import default_model_path, detect_format
     from evalsuite.load.variant import parse_variant_models
@@ -166,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
     quant = args.quant if args.quant is not None else ("none" if args.variant_model else "int8-wo")
     configs = parse_schemes(quant, parse_skip(args.skip_layers))  # imports (runs) a user's handler file
     variant_specs = parse_variant_models(args.variant_model, {c.name for c in configs})
-    model_path = Path(args.model) if args.model else default_model_path()
-    detect_format(model_path)
+    smoke = use_smoke_suite(args)
+    model_path = Path(preloaded.info.path) if preloaded else Path(args.model) if args.model else default_model_path()
+    if preloaded is None:
+        detect_format(model_path)
     data_dir = Path(args.data_dir) if args.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise EvalsuiteError(f"--data-dir {data_dir}: no such directory")
@@ -195,6 +220,10 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
+    if device.type == "cuda":  # before any Triton kernel or torch.compile graph is built
+        from evalsuite.measure.compile_cache import use_persistent_caches
+
+        use_persistent_caches()
     # batched tokenization on all cores where a GPU does the model work (the tasks stage tokenizes
     # ~50k strings per run); on a CPU the cores belong to torch
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true" if device.type == "cuda" else "false")
@@ -203,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
     device = distributed.device_for(device, dist_env)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
     check_runs_on(configs, device, dtype)  # a torchao config without a kernel here: one line, before the load
-    out_dir = Path(args.out) if args.out else default_out_dir(model_path.stem if model_path.is_file() else model_path.name)
+    out_dir = Path(args.out) if args.out else default_out_dir(
+        preloaded.info.name if preloaded else model_path.stem if model_path.is_file() else model_path.name)
     out_dir = distributed.broadcast(out_dir, dist_env.world_size)  # ranks' clocks may straddle a second
     lock, previous_path = run_dir.claim(out_dir, args.resume, args.force) if dist_env.is_writer else (None, None)
     # SIGTERM (a CI job cancelled, a nightly matrix stopping) and SIGHUP end a run as Ctrl-C does:
@@ -215,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         handlers = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device,
-                           dtype_name, dtype, dist_env, out_dir, previous_path, show_progress)
+                           dtype_name, dtype, dist_env, out_dir, previous_path, show_progress, preloaded, smoke)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -224,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device, dtype_name, dtype,
-                dist_env, out_dir, previous_path, show_progress) -> int:
+                dist_env, out_dir, previous_path, show_progress, preloaded=None, smoke=False) -> int:
     import torch
 
     from evalsuite.load import load_model
@@ -248,7 +278,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         "kernels": args.kernels,
         "seed": args.seed,
         "limit": args.limit,
-        "partial": args.limit is not None,
+        "partial": args.limit is not None or smoke,
+        "suite": getattr(args, "suite", None),
         "data_dir": str(data_dir.resolve()) if data_dir else None,
         "versions": package_versions(),
         "git_revision": git_revision(),
@@ -282,6 +313,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
             def __enter__(self):
                 results.run["running"] = name
                 self.t0 = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
                 if measure:  # a run killed in this stage then says which one it was
                     checkpoint()
 
@@ -289,6 +322,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                 if exc_type is not None:  # a stage that raised did not finish: no time, not finished
                     return
                 results.run["stage_seconds"][name] = round(time.perf_counter() - self.t0, 3)
+                if device.type == "cuda":  # what the stage held at most, models included
+                    results.run.setdefault("stage_peak_gpu_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
                 if measure:
                     results.run["stages_finished"].append(name)
                 results.run["running"] = None
@@ -305,10 +340,15 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
             return f"could not save the results ({e.strerror}); {results_path} holds the last checkpoint"
         return f"results so far saved to {results_path}"
 
+    if smoke and dist_env.is_writer:
+        from evalsuite.data import SMOKE_PPL_CONTEXT, smoke_notice
+
+        print(smoke_notice(args.limit, getattr(args, "ppl_context", SMOKE_PPL_CONTEXT)), file=sys.stderr)
     skip = parse_skip(args.skip_layers)
     try:
         with timed("load"):
-            loaded = load_model(model_path, device=device, dtype=dtype, arch=args.arch, tokenizer_path=args.tokenizer)
+            loaded = preloaded or load_model(model_path, device=device, dtype=dtype, arch=args.arch,
+                                             tokenizer_path=args.tokenizer)
             info = loaded.info
             results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
                                     "n_params": info.n_params, "arch": info.arch}
@@ -339,6 +379,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                                                for name, mod in variants.items() if name != "fp"}
 
         def reload(new_dtype):
+            if preloaded is not None:  # no source to reload from: the same weights, cast
+                return copy.deepcopy(preloaded.model).to(new_dtype)
             return load_model(model_path, device=device, dtype=new_dtype, arch=args.arch, tokenizer_path=args.tokenizer).model
 
         ctx = RunContext(
@@ -368,6 +410,10 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         print(f"evalsuite: stage {stage!r} crashed; {saved}", file=sys.stderr)
         raise
     results.run["finished"] = now()
+    if device.type == "cuda":
+        from evalsuite.measure.compile_cache import cache_counters
+
+        results.run["compile_cache"] = cache_counters()
     checkpoint()
     code = finish(results, out_dir, args) if dist_env.is_writer else 0
     if not stages:  # asked for load and quantize only: they worked; the verdict says INCOMPLETE

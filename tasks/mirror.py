@@ -8,6 +8,9 @@ template in the YAML serves both sources:
   the same continuation is scored after each context option)
 - ``cloze``: ``{"context": str, "continuation": str}`` (LAMBADA: the last word)
 - ``documents``: ``{"page": str}`` (WikiText: one article per row)
+- ``generation``: ``{"question": str, "answer": str}`` (GSM8K: the answer's worked solution ends
+  with ``#### <number>``); ``fewshot`` names a second file read as the ``train`` split, the pool
+  lm-eval draws few-shot examples from
 
 The YAML names this module's ``load`` as ``custom_dataset``; lm-eval calls it with the task's
 ``dataset_kwargs`` plus the run's metadata, where evalsuite puts ``data_dir`` when the user gave one.
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 SPLIT = "test"
+FEWSHOT_SPLIT = "train"
 
 
 class DataError(ValueError):
@@ -29,18 +33,24 @@ class DataError(ValueError):
 
 
 def load(format: str, mirror: str | None = None, hub: dict[str, Any] | None = None, data_dir: str | None = None,
-         **_: Any):
+         fewshot: str | None = None, **_: Any):
     """``{"test": Dataset}`` in the mirror's row format: from ``data_dir/mirror`` when a data dir is
-    given and the task has a mirror file, else from the Hub."""
+    given and the task has a mirror file, else from the Hub; with ``fewshot`` (a mirror file; on the
+    Hub the ``fewshot_split`` of the same dataset) also ``{"train": Dataset}``."""
     import datasets
 
+    splits = {}
     if data_dir and mirror:
-        rows = read_mirror(Path(data_dir) / mirror, format)
+        splits[SPLIT] = read_mirror(Path(data_dir) / mirror, format)
+        if fewshot:
+            splits[FEWSHOT_SPLIT] = read_mirror(Path(data_dir) / fewshot, format)
     elif hub:
-        rows = read_hub(hub, format)
+        splits[SPLIT] = read_hub(hub, format)
+        if fewshot:
+            splits[FEWSHOT_SPLIT] = read_hub({**hub, "split": hub.get("fewshot_split", FEWSHOT_SPLIT)}, format)
     else:
         raise DataError(f"{mirror}: this task has no Hub source; pass --data-dir with the local mirror")
-    return datasets.DatasetDict({SPLIT: datasets.Dataset.from_list(rows)})
+    return datasets.DatasetDict({k: datasets.Dataset.from_list(rows) for k, rows in splits.items()})
 
 
 def read_mirror(path: Path, format: str) -> list[dict[str, Any]]:
@@ -72,7 +82,8 @@ def check_row(row: Any, format: str) -> str | None:
         return "row is not a JSON object"
     fields = {"multiple_choice": (("query", str), ("choices", list), ("gold", int)),
               "partial": (("context_options", list), ("continuation", str), ("gold", int)),
-              "cloze": (("context", str), ("continuation", str))}.get(format)
+              "cloze": (("context", str), ("continuation", str)),
+              "generation": (("question", str), ("answer", str))}.get(format)
     if fields is None:
         return f"unknown data format {format!r}"
     for name, typ in fields:
@@ -165,6 +176,10 @@ def _hellaswag(r):
             "choices": [_hellaswag_clean(e) for e in r["endings"]], "gold": int(r["label"])}
 
 
+def _gsm8k(r):
+    return {"question": r["question"], "answer": r["answer"]}
+
+
 def _wikitext(r):
     return {"page": r["page"]}
 
@@ -172,6 +187,7 @@ def _wikitext(r):
 HUB_CONVERTERS: dict[str, Callable[[dict], dict]] = {
     "arc": _arc, "piqa": _piqa, "boolq": _boolq, "copa": _copa, "openbookqa": _openbookqa,
     "winogrande": _winogrande, "lambada": _lambada, "hellaswag": _hellaswag, "wikitext": _wikitext,
+    "gsm8k": _gsm8k,
 }
 
 

@@ -402,3 +402,98 @@ def test_gpu_batch_keeps_one_models_logits_near_the_budget(context, vocab, fused
     assert got == want
     budget = min(GPU_POSITIONS_PER_BATCH * 2 * vocab, GPU_LOGITS_BYTES) // (1 if fused else 2)
     assert got == 1 or got * context * vocab * 2 <= budget
+
+
+def test_noise_floor_subsample_is_seeded_spread_and_sized_by_its_rule():
+    from evalsuite.measure import noise_floor as NF
+
+    n = NF.sample_size(152)  # WikiText-2 at 2048 for SmolLM2
+    n0 = math.ceil((1.96 * NF.PLAN_CV / NF.TARGET_REL_HALF_WIDTH) ** 2)
+    assert n == max(NF.MIN_WINDOWS, math.ceil(n0 / (1 + (n0 - 1) / 152))) and n < 152 / 10
+    picked = NF.sample_windows(152, seed=3)
+    assert len(picked) == n and len(set(picked.tolist())) == n and np.all(np.diff(picked) > 0)
+    edges = np.linspace(0, 152, n + 1).round()
+    assert np.all((picked >= edges[:-1]) & (picked < edges[1:]))  # one window per stratum: spread
+    assert np.array_equal(picked, NF.sample_windows(152, seed=3))
+    assert not np.array_equal(picked, NF.sample_windows(152, seed=4))
+    assert NF.sample_windows(5, seed=0).tolist() == [0, 1, 2, 3, 4]  # small corpora: every window
+    assert NF.sample_size(0) == 0
+
+
+def _long_text(n_words: int = 1400, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    words = TEXT.split()
+    return " ".join(rng.choice(words, n_words))
+
+
+def test_noise_floor_subsample_ci_contains_the_full_floor_and_changes_nothing_else(tmp_path):
+    model32 = make_tiny_llama()
+    text = _long_text(380)
+
+    def run(mode):
+        ctx = make_ctx({"fp": copy.deepcopy(model32).bfloat16()}, tmp_path, text=text, dtype=torch.bfloat16,
+                       reload=lambda dtype: copy.deepcopy(model32).to(dtype), ppl_noise_floor=mode, ppl_context=32, ppl_batch=16)
+        P.run(ctx)
+        return ctx
+
+    full, sample = run("full"), run("sample")
+    n_windows = len(full.results.details["ppl"]["windows"]["start"])
+    f, s = (c.results.get("ppl", "corpus", P.NOISE, "kld_mean") for c in (full, sample))
+    assert n_windows > 40 and s.extra["noise_floor"]["windows"] < n_windows / 4
+    assert f.n == full.results.get("ppl", "corpus", "fp", "token_ppl").n > s.n
+    assert s.ci95[0] <= f.value <= s.ci95[1] and s.ci95[0] < s.ci95[1]
+    about = s.extra["noise_floor"]
+    assert about["mode"] == "sample" and "stratum" in about["rule"] and about["ci_rel_half_width"] is not None
+    assert about["target_met"] == (about["ci_rel_half_width"] <= 0.10)
+    assert sample.results.details["ppl"]["paired"][P.NOISE]["windows"] == \
+        P.noise_floor.sample_windows(n_windows, 0).tolist()
+    assert "seeded subsample of" in s.definition and "seeded subsample of" not in f.definition
+    # the subsample touches the floor only: fp's own records are those of the full run
+    for metric in ("token_ppl", "word_ppl", "bits_per_byte"):
+        assert value(sample, "fp", metric) == value(full, "fp", metric)
+
+
+def test_noise_reference_is_the_checkpoint_upcast_when_stored_in_the_run_dtype(tmp_path):
+    from evalsuite.measure import noise_floor as NF
+
+    bf16 = make_tiny_llama().bfloat16()
+    bf16.save_pretrained(tmp_path / "bf16")
+    make_tiny_llama().save_pretrained(tmp_path / "fp32")
+    assert NF.checkpoint_float_dtypes(tmp_path / "bf16") == {torch.bfloat16}
+    assert NF.checkpoint_float_dtypes(tmp_path / "fp32") == {torch.float32}
+    assert NF.checkpoint_float_dtypes(tmp_path / "nothing-here") is None
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    upcast = NF.upcast_reference(bf16, torch.device("cpu"))
+    x = torch.randint(0, 256, (2, 24))
+    assert all(p.dtype == torch.float32 for p in upcast.parameters())
+    assert torch.equal(upcast(input_ids=x).logits, reloaded(input_ids=x).logits)
+    ctx = make_ctx({"fp": bf16}, tmp_path, dtype=torch.bfloat16, reload=None)
+    ctx.loaded.info.path = str(tmp_path / "bf16")
+    P.run(ctx)  # no reload function at all: the floor is built from the run's own weights
+    assert "no reload" in ctx.results.details["ppl"]["protocol"]["noise_floor"]
+    assert ctx.results.get("ppl", "corpus", P.NOISE, "kld_mean").value > 0
+    ctx.loaded.info.path = str(tmp_path / "fp32")
+    assert not NF.can_upcast(ctx)  # an fp32 checkpoint run in bf16: bf16 rounds it, a reload is needed
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_folder_floor_is_upcast_sampled_and_contains_the_full_floor(tmp_path):
+    cuda = torch.device("cuda")
+    bf16 = make_tiny_llama().bfloat16()
+    bf16.save_pretrained(tmp_path / "bf16")
+    text = _long_text(380)
+
+    def run(mode):
+        ctx = make_ctx({"fp": copy.deepcopy(bf16).to(cuda)}, tmp_path, text=text, dtype=torch.bfloat16, reload=None,
+                       ppl_noise_floor=mode, ppl_context=32)
+        ctx.device = cuda
+        ctx.loaded.info.path = str(tmp_path / "bf16")
+        P.run(ctx)
+        return ctx
+
+    full, sample = run("full"), run("sample")
+    f, s = (c.results.get("ppl", "corpus", P.NOISE, "kld_mean") for c in (full, sample))
+    assert "no reload" in sample.results.details["ppl"]["protocol"]["noise_floor"]
+    assert f.value > 0 and s.ci95[0] <= f.value <= s.ci95[1] and s.n < f.n

@@ -138,3 +138,70 @@ def test_html_report_screenshot_in_headless_chromium(judged, tmp_path):
     assert rgb.std() > 0.05
     red = (rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.3) & (rgb[..., 2] < 0.3)
     assert red.sum() > 500
+
+
+# ------------------------------------------------------------------------------ terminal width
+def two_scheme_results(seed: int = 7, **kw) -> Results:
+    """A synthetic run with int8-wo and a second scheme (its records copied), the wide case."""
+    import dataclasses
+
+    res = make_results(seed=seed, **kw)
+    res.run["schemes"] = ["int8-wo", "int4-wo-g128"]
+    res.extend([dataclasses.replace(m, variant="int4-wo-g128") for m in res.records if m.variant == "int8-wo"])
+    return res
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_run_output_fits_the_terminal_and_ends_with_the_summary(tmp_path, capsys, monkeypatch, columns):
+    from evalsuite.judge import judge_and_report
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    args = build_parser("run").parse_args(["run", "--out", str(tmp_path / "run"), "--no-history",
+                                           "--baselines", str(tmp_path / "none")])
+    res = two_scheme_results(broken_layer=MODULES[9], limit=20)
+    code = judge_and_report(res, tmp_path / "run", args)
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1 and lines[-1].startswith("gate FAILED")
+    # every line fits, except the commands printed to be copied (never cut) and the paths
+    wide = [ln for ln in lines if len(ln) > columns and not ln.startswith(("  evalsuite ", "reports: "))]
+    assert wide == []
+    # check names are whole: each appears on one line
+    for v in res.verdicts:
+        assert any(v["check"] in ln for ln in lines), v["check"]
+    # the full table is one --verbose away, with the intervals the fitted one drops
+    capsys.readouterr()
+    args.verbose = True
+    judge_and_report(res, tmp_path / "run", args)
+    full = capsys.readouterr().out
+    assert max(len(ln) for ln in full.splitlines()) > columns and " ± " in full
+
+
+def test_long_check_names_put_their_reasons_underneath_never_cut():
+    from evalsuite.report.table import render_verdicts
+
+    name = "baseline:" + "x" * 70 + "/kld_mean"
+    reason = "a reason " * 30
+    verdicts = [{"check": name, "verdict": "FAIL", "reason": reason, "failing": True},
+                {"check": "ppl/ok", "verdict": "PASS", "reason": "fine"}]
+    text = render_verdicts(verdicts, width=80)
+    lines = text.splitlines()
+    assert f"FAIL  {name}" in lines and all(len(ln) <= 80 for ln in lines if name not in ln)
+    assert " ".join(ln.strip() for ln in lines[1:-3]).split() == reason.split()
+
+
+def test_wrapped_reasons_keep_every_word():
+    from evalsuite.report.table import render_verdicts
+
+    reason = " ".join(f"word{i}" for i in range(60))
+    text = render_verdicts([{"check": "tasks/arc_easy/int8-wo/delta_acc", "verdict": "WITHIN-NOISE",
+                             "reason": reason}], width=80, summary=False)
+    assert max(len(ln) for ln in text.splitlines()) <= 80
+    assert [w for ln in text.splitlines()[2:] for w in ln.split()[2 if ln.startswith("WITHIN") else 0:]] == reason.split()
+
+
+def test_report_prints_the_paths_it_wrote_only(tmp_path):
+    src = save(make_results(seed=8), tmp_path / "in" / "r.json")
+    p = subprocess.run([sys.executable, "-m", "evalsuite", "report", src, "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [str(tmp_path / "out" / "report.md"), str(tmp_path / "out" / "report.html")]

@@ -407,3 +407,48 @@ def test_gpu_stage_compiles_every_scheme():
             assert ctx.results.get("speed", task, variant, "compile_s").value > 0
             assert ctx.results.get("speed", task, variant, "peak_memory_gb").value > 0
     assert ctx.results.get("speed", "device", "fp", "copy_bandwidth_gb_s").value > 100
+
+
+def test_limit_on_cpu_shortens_the_stage_says_it_is_indicative_and_ticks_every_sample(monkeypatch, tiny_llama, capsys):
+    monkeypatch.setattr(speed, "COPY_BYTES", {"cpu": 1 << 20})
+    ticks = []
+
+    class Bar:  # what ctx.progress returns: a manual tqdm bar
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def set_description(self, text):
+            ticks.append(text)
+
+        def update(self, n):
+            ticks.append(n)
+
+    cfg = parse_scheme("int8-wo")
+    q = quantize_(copy.deepcopy(tiny_llama), cfg)
+    ctx = make_ctx({"fp": tiny_llama, "int8-wo": q}, {"int8-wo": cfg}, speed_tokens=None, speed_prompt_len=512,
+                   speed_repeats=5, speed_batch_sizes="1")
+    ctx.limit = 4
+    monkeypatch.setattr(ctx, "progress", lambda it, desc, total=None, unit="it": Bar())
+    speed.STAGE.run(ctx)
+    rec = ctx.results.get("speed", "decode_bs1", "fp", "tokens_per_s")
+    assert rec.extra["n_tokens"] == speed.CPU_LIMIT_TOKENS and rec.n == speed.CPU_LIMIT_REPEATS
+    assert ctx.results.find("speed", task=f"prefill_{speed.CPU_LIMIT_PROMPT_LEN}")
+    assert ctx.results.run["speed"]["note"] == speed.CPU_NOTE
+    assert "indicative" in capsys.readouterr().err
+    # one tick per sample (warm-up included) of both variants' decode and prefill
+    assert ticks.count(1) == 2 * 2 * (speed.CPU_LIMIT_REPEATS + 1)
+    assert "speed int8-wo decode_bs1" in ticks and "speed fp prefill_64" in ticks
+
+
+def test_compiled_measurements_say_they_compile(tiny_llama, monkeypatch):
+    def no_compiler(*a, **k):  # a real CPU compile takes minutes; the label is what is tested
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    s = speed.SpeedSettings(n_tokens=2, prompt_len=0, batch_sizes=[1], repeats=2, warmup=1, compile=True, model_label="t")
+    seen = []
+    speed.measure_variant(speed.as_decoder(tiny_llama), s, CPU, progress=lambda what: seen.append(what) or (lambda: None))
+    assert seen == ["decode_bs1 (compiling first: takes a while)"]

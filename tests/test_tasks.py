@@ -294,3 +294,109 @@ def test_host_settings_are_restored_even_after_an_error():
             assert not gc.isenabled() and sys.getswitchinterval() <= 0.0005
             raise RuntimeError
     assert gc.isenabled() and sys.getswitchinterval() == interval
+
+
+# ------------------------------------------------------------------------------------ generative tasks
+def test_gsm8k_builds_lm_evals_own_prompts_and_scores(data_dir):
+    """Our gsm8k.yaml on the mirror equals lm-eval's installed gsm8k task on the same rows: the same
+    few-shot prompts (seed 1234), generation arguments and strict/flexible exact match."""
+    import functools
+    import importlib.util
+    from pathlib import Path
+
+    import lm_eval
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    spec = importlib.util.spec_from_file_location("evalsuite_mirror", stage.TASKS_DIR / "mirror.py")
+    mirror = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mirror)
+    theirs = load_yaml(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml", resolve_func=True)
+    theirs = {k: v for k, v in theirs.items() if k not in ("dataset_path", "dataset_name")}
+    theirs["custom_dataset"] = functools.partial(mirror.load, format="generation", mirror="generative/gsm8k_test.jsonl",
+                                                 fewshot="generative/gsm8k_train.jsonl", data_dir=str(data_dir))
+    with stage.lm_eval_session():
+        ref = ConfigurableTask(config=theirs)
+        ref.set_fewshot_seed(seed=stage.FEWSHOT_SEED)
+        ref_docs = stage.build_requests(ref, 3)
+        tm = stage.task_manager(stage.task_dirs(), data_dir)
+        ours = stage.load_task(tm, "gsm8k")
+        our_docs = stage.build_requests(ours, 3)
+        assert [[i.args for i in g] for g in our_docs.values()] == [[i.args for i in g] for g in ref_docs.values()]
+        assert our_docs[0][0].args[0].count("Question:") == 6  # five shots and the question
+        answers = [" 16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n#### 18", " So the answer is 3 bolts.", " It is $70,000."]
+        ours_scored, ref_scored = stage.score(ours, our_docs, answers), stage.score(ref, ref_docs, answers)
+    assert ours_scored == {d: {f"exact_match_{k.replace('-', '_')}": v["exact_match"] for k, v in per.items()}
+                           for d, per in _per_filter(ref, ref_docs, answers).items()}
+    assert [d["exact_match_strict_match"] for d in ours_scored.values()] == [1.0, 0.0, 0.0]
+    assert [d["exact_match_flexible_extract"] for d in ours_scored.values()] == [1.0, 1.0, 1.0]  # 70,000 is item 3's answer
+    assert ref_scored == ours_scored
+
+
+def _per_filter(task, by_doc, answers):
+    """lm-eval's own per-filter scoring: process_results on each filter's responses."""
+    out = {}
+    for doc_id, group in by_doc.items():
+        out[doc_id] = {key: task.process_results(group[0].doc, [i.filtered_resps[key] for i in group])
+                       for key in group[0].filtered_resps}
+    return out
+
+
+def _generative_user_tasks(tmp_path):
+    """A user's generative YAML (its own rows, 0-shot, a stop string) and a short GSM8K (our YAML
+    included, one shot, 12 new tokens) in a --tasks-dir."""
+    (tmp_path / "data").mkdir()
+    rows = [{"question": "What is 2 + 3?", "answer": "#### 5"}, {"question": "What is 10 - 4?", "answer": "#### 6"}]
+    with open(tmp_path / "data" / "mine.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mirror.py").write_text((stage.TASKS_DIR / "mirror.py").read_text())
+    (tmp_path / "tasks" / "my_gen.yaml").write_text(
+        "task: my_gen\ncustom_dataset: !function mirror.load\n"
+        "dataset_kwargs: {mirror: mine.jsonl, format: generation}\n"
+        "output_type: generate_until\ntest_split: test\n"
+        "doc_to_text: 'Question: {{question}}\\nAnswer:'\ndoc_to_target: \"{{answer.split('#### ')[-1]}}\"\n"
+        "generation_kwargs: {until: ['\\n'], max_gen_toks: 6, do_sample: true, temperature: 0.5}\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n    regexes_to_ignore: [' ']\n")
+    (tmp_path / "tasks" / "gsm8k_short.yaml").write_text(
+        f"include: {stage.TASKS_DIR / 'gsm8k.yaml'}\ntask: gsm8k_short\ntag: []\nnum_fewshot: 1\n"
+        "generation_kwargs: {until: ['Question:', '\\n\\n'], max_gen_toks: 12, do_sample: false}\n")
+
+
+def test_generative_tasks_record_exact_match_and_paired_statistics(smollm2, data_dir, tmp_path):
+    _generative_user_tasks(tmp_path)
+    ctx = _context(smollm2, data_dir, tasks="gsm8k_short,my_gen", task_limit=2, tasks_dir=[str(tmp_path / "tasks")])
+    # the user's rows live beside their YAML; gsm8k's in the mirror
+    ctx.data_dir = data_dir
+    (tmp_path / "tasks" / "my_gen.yaml").write_text((tmp_path / "tasks" / "my_gen.yaml").read_text().replace(
+        "mirror: mine.jsonl", f"mirror: {tmp_path / 'data' / 'mine.jsonl'}"))
+    ctx.checkpoint = lambda: None
+    stage.run(ctx)
+    res = ctx.results
+    for task, metrics in (("gsm8k_short", ["exact_match_strict_match", "exact_match_flexible_extract"]),
+                          ("my_gen", ["exact_match"])):
+        for metric in metrics:
+            for variant in ("fp", "int8-wo"):
+                rec = res.get("tasks", task, variant, metric)
+                assert rec is not None and rec.n == 2 and rec.unit == "fraction"
+                assert rec.value == pytest.approx(np.mean(res.details["tasks"][task]["values"][variant][metric]))
+            names = stage.paired_names(metric)
+            delta = res.get("tasks", task, "int8-wo", names["delta"])
+            fp = np.array(res.details["tasks"][task]["values"]["fp"][metric])
+            q = np.array(res.details["tasks"][task]["values"]["int8-wo"][metric])
+            assert delta.value == pytest.approx(q.mean() - fp.mean()) and len(delta.ci95) == 2
+            assert res.get("tasks", task, "int8-wo", names["mcnemar"]) is not None
+            assert res.get("tasks", task, "int8-wo", names["right_to_wrong"]).value == int(((fp == 1) & (q == 0)).sum())
+    # each variant's own generated text is what was scored (exact match ignoring spaces, as the YAML says)
+    for variant in ("fp", "int8-wo"):
+        texts = res.details["tasks"]["my_gen"]["responses"][variant]
+        assert all(isinstance(t, str) and t and "\n" not in t for t in texts)
+        assert res.details["tasks"]["my_gen"]["values"][variant]["exact_match"] == \
+            [float(t.replace(" ", "") == want) for t, want in zip(texts, ["5", "6"])]
+    assert "do_sample" in res.get("tasks", "my_gen", "fp", "exact_match").extra["generation"]
+    from evalsuite.judge.config import GateConfig, DEFAULTS
+    from evalsuite.judge.within import task_checks
+
+    checks = task_checks(res, "int8-wo", GateConfig(copy.deepcopy(DEFAULTS)).scheme("int8-wo")[1], "int8-wo*")
+    assert {c.check for c in checks} >= {"tasks/gsm8k_short/int8-wo/delta_exact_match_strict_match",
+                                         "tasks/my_gen/int8-wo/delta_exact_match"}

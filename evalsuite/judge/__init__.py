@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 
 from evalsuite.judge.baseline import DEFAULT_DIR, Baseline, baseline_checks, find_baselines, load_baselines
-from evalsuite.judge.checks import Check, exit_code, finalize
+from evalsuite.judge.checks import SKIPPED, Check, exit_code, finalize
 from evalsuite.judge.completeness import completeness_checks
 from evalsuite.judge.config import GateConfig, load_gate_config
 from evalsuite.judge.within import within_run_checks
@@ -48,6 +48,7 @@ def add_gate_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--history", metavar="PATH", default=os.environ.get("EVALSUITE_HISTORY"),
                    help=f"append the run to this SQLite history (default {DEFAULT_HISTORY} when --out is not given)")
     g.add_argument("--no-history", action="store_true", help="do not append the run to the history")
+    g.add_argument("--verbose", action="store_true", help="print the full tables (default: fit the terminal's width)")
 
 
 def config_from_args(args: argparse.Namespace) -> GateConfig:
@@ -143,11 +144,20 @@ def annotate(results: Results, checks: list[Check]) -> None:
     results.verdicts = [c.to_dict() for c in checks]
 
 
+def smoke_skip(results: Results) -> list[Check]:
+    """A smoke-suite run is a sample, never comparable with a baseline's full data: one SKIPPED check."""
+    if results.run.get("suite") != "smoke":
+        return []
+    return [Check("baseline", "baseline", SKIPPED, "a --suite smoke run is not compared with baselines")]
+
+
 def resolve_baselines(results: Results, args: argparse.Namespace,
                       results_path: str | Path | None = None) -> tuple[list[Baseline], list[Check], Path]:
     """Baselines for ``results`` from ``--baseline FILE`` or the ``--baselines DIR`` folder."""
     explicit = getattr(args, "baseline", None)
     directory = Path(getattr(args, "baselines", None) or DEFAULT_DIR)
+    if smoke_skip(results):
+        return [], smoke_skip(results), directory
     if explicit:
         found = load_baselines(explicit)
         variant = getattr(args, "variant", None)
@@ -176,7 +186,7 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
     Returns the run's exit code: 1 when any gate failed, else 2 when the run is INCOMPLETE, else 0.
     """
     from evalsuite.report import write_reports
-    from evalsuite.report.table import colour_enabled, render_table, render_verdicts
+    from evalsuite.report.table import colour_enabled, render_table, render_verdicts, summary_line
 
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
@@ -186,9 +196,10 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
                    baseline_requested=bool(getattr(args, "baseline", None)))
     annotate(results, checks)
     written = write_reports(results, out_dir)
-    print(render_table(results))
+    verbose = bool(getattr(args, "verbose", False))
+    print(render_table(results, verbose=verbose))
     print()
-    print(render_verdicts(results.verdicts, color=colour_enabled()))
+    print(render_verdicts(results.verdicts, color=colour_enabled(), verbose=verbose, summary=False))
     hist = history_path(args, out_dir)
     if hist is not None:
         from evalsuite.judge.history import append_run
@@ -196,4 +207,5 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
         run_id = append_run(hist, results, source=str(results_path))
         print(f"history: run {run_id} appended to {hist}")
     print("reports: " + ", ".join(str(p) for p in written))
+    print(summary_line(results.verdicts))
     return exit_code(results.verdicts)

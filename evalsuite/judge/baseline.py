@@ -177,10 +177,15 @@ def check_identity(baseline: Baseline, results: Results, where: str) -> None:
                              f"{results.run.get('dtype')}; compare like with like")
 
 
-def update_command(results_path: str | Path | None, variant: str, directory: Path | None) -> str:
+def update_command(results_path: str | Path | None, variant: str, directory: Path | None,
+                   partial: bool = False) -> str:
+    """The command that makes this run the variant's baseline, exactly as it must be typed (a
+    partial run needs --allow-partial; ``baseline update`` refuses it otherwise)."""
     parts = ["evalsuite", "baseline", "update", str(results_path or "RESULTS.json"), "--variant", variant]
     if directory is not None and Path(directory) != DEFAULT_DIR:
-        parts += ["--dir", str(directory)]
+        parts += ["--baselines", str(directory)]
+    if partial:
+        parts.append("--allow-partial")
     return shlex.join(parts)
 
 
@@ -224,7 +229,7 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
     """This run's records of the baseline's variant group against the baseline: the paired primary
     statistics (gated), then every stored metric (reported; GPU tokens/s gated)."""
     check_identity(baseline, results, str(baseline.path or "baseline"))
-    command = update_command(results_path, baseline.variant, directory)
+    command = update_command(results_path, baseline.variant, directory, results.partial)
     stages = results.run.get("stages")
     device = (results.run.get("device") or {}).get("type")
     device_name = (results.run.get("device") or {}).get("name")
@@ -333,7 +338,9 @@ def find_baselines(directory: Path, results: Results,
         if path.is_file():
             found.extend(load_baselines(path))
         else:
+            # the command goes on a line of its own (printed whole, never wrapped with the reason)
             missing.append(Check(f"baseline:{g}", "baseline", SKIPPED,
-                                 f"no baseline at {path}; create it with: {update_command(results_path, g, directory)}",
-                                 variant=g))
+                                 f"no baseline at {path}; the command below creates it"
+                                 + (" (from a partial run; a full run makes a better baseline)" if results.partial else ""),
+                                 variant=g, command=update_command(results_path, g, directory, results.partial)))
     return found, missing

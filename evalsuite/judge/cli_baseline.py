@@ -19,10 +19,16 @@ from evalsuite.results import Results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["update", "save", "show"], help="update (= save) from a results file, or show a baseline")
+    from evalsuite.cli import CommaList, hidden_alias
+
+    # 'save' is the old spelling of 'update', still accepted
+    p.add_argument("action", choices=["update", "show"], type=lambda a: "update" if a == "save" else a,
+                   help="update from a results file, or show a baseline")
     p.add_argument("file", metavar="FILE", help="results.json (update) or a baseline file (show)")
-    p.add_argument("--variant", action="append", help="only these variants (repeatable; default all in the file)")
-    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"baseline folder (default {DEFAULT_DIR})")
+    p.add_argument("--variant", action=CommaList, help="only these variants (comma list or repeated; default all in the file)")
+    p.add_argument("--baselines", metavar="DIR", dest="dir", default=str(DEFAULT_DIR),
+                   help=f"baseline folder (default {DEFAULT_DIR})")
+    hidden_alias(p, "--dir", "dir")
     p.add_argument("--allow-partial", action="store_true", help="accept a --limit run as a baseline")
 
 

@@ -8,31 +8,38 @@ descriptive ones). Exit 1 when a metric got worse beyond its tolerance.
 from __future__ import annotations
 
 import argparse
-
-from tabulate import tabulate
+import sys
 
 from evalsuite.judge import config_from_args
 from evalsuite.judge.baseline import check_identity, compare_metric, from_results, metric_key, variant_group
 from evalsuite.judge.checks import FAIL, IMPROVED, VERDICTS, fmt
-from evalsuite.report.table import colour, colour_enabled
+from evalsuite.report.table import colour, colour_enabled, fit_table, terminal_width, visible_width
 from evalsuite.results import Results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A.json", help="reference results file")
     p.add_argument("b", metavar="B.json", help="candidate results file")
-    p.add_argument("--variant", action="append", help="only these variants (repeatable)")
-    p.add_argument("--stage", action="append", help="only these stages (repeatable)")
+    from evalsuite.cli import CommaList
+
+    p.add_argument("--variant", action=CommaList, help="only these variants (comma list or repeated)")
+    p.add_argument("--stage", action=CommaList, help="only these stages (comma list or repeated)")
     p.add_argument("--all", action="store_true", help="also per-layer and descriptive metrics")
     p.add_argument("--any-model", action="store_true", help="allow comparing two different models")
     p.add_argument("--gates", metavar="FILE", help="gate config YAML (tolerances)")
     p.add_argument("--sigma", type=float, help="tolerance in standard errors (default 3)")
     p.add_argument("--strict", action="store_true", help="IMPROVED fails too")
+    p.add_argument("--verbose", action="store_true", help="the full table (default: fit the terminal's width)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from evalsuite.judge.protocol import mismatch_warning, results_protocol
+
     a, b = Results.load(args.a), Results.load(args.b)
     config = config_from_args(args)
+    warning = mismatch_warning(results_protocol(a), results_protocol(b), "A and B")
+    if warning:
+        print(warning, file=sys.stderr)
     if not args.any_model and a.records:
         check_identity(from_results(a, variant_group(a.records[0].variant), args.a), b, args.a)
     rows, failing = [], False
@@ -65,6 +72,10 @@ def main(args: argparse.Namespace) -> int:
     for r in rows:
         r[5] = colour(r[5], use_colour)
     print(f"A = {args.a}\nB = {args.b}")
-    print(tabulate(rows, headers=["metric", "A", "B", "Δ", "Δ%", "verdict", "tolerance / note"]) if rows
-          else "(no shared metrics)")
+    width = None if args.verbose else terminal_width()
+    text = fit_table(rows, ["metric", "A", "B", "Δ", "Δ%", "verdict", "tolerance / note"], width, wrap=(6,),
+                     min_wrap=10) if rows else "(no shared metrics)"
+    if width is not None and visible_width(text) > width:  # long metric names: each its own line, values under it
+        text = "\n".join(f"{r[0]}\n    {r[1]} → {r[2]}  {r[3]} {r[4]}  {r[5]}  {r[6]}".rstrip() for r in rows)
+    print(text)
     return 1 if failing else 0

@@ -1,4 +1,5 @@
-"""``evalsuite gate --baseline FILE --candidate FILE``: judge a results file against a baseline.
+"""``evalsuite gate RESULTS [--baseline FILE | --baselines DIR]``: judge a results file against a baseline
+(by default the stored ones in reports/baselines).
 
 Runs the within-run limits and the baseline comparison, prints the verdict table, optionally writes
 the reports (``--out``) and a JUnit file (``--junit``). Exit 1 when any check fails, 2 when the
@@ -8,6 +9,7 @@ candidate is INCOMPLETE (interrupted, a stage or task without records, nothing c
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from evalsuite.errors import EvalsuiteError
@@ -17,34 +19,48 @@ from evalsuite.results import Results
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--candidate", required=True, metavar="FILE", help="results.json of the run to judge")
-    p.add_argument("--variant", action="append", help="only these baseline variants (repeatable)")
+    from evalsuite.cli import CommaList, hidden_alias
+
+    p.add_argument("candidate", nargs="?", metavar="RESULTS", help="results.json of the run to judge")
+    hidden_alias(p, "--candidate", "candidate_option")  # the positional, when given, is consumed last
+    p.add_argument("--variant", action=CommaList, help="only these baseline variants (comma list or repeated)")
     p.add_argument("--out", metavar="DIR", help="write results.json (with verdicts), report.md/html and junit.xml here")
-    p.add_argument("--formats", default="json,md,html,junit", help="what --out gets (default json,md,html,junit)")
+    p.add_argument("--format", default="json,md,html,junit", help="what --out gets (default json,md,html,junit)")
+    hidden_alias(p, "--formats", "format")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML file with one test case per check")
     add_gate_arguments(p.add_argument_group("gates"))
+    for action in p._actions:  # gate, unlike run, appends to a history only when asked
+        if action.dest == "history":
+            action.help = "append the judged run to this SQLite history (default: none)"
 
 
 def main(args: argparse.Namespace) -> int:
     from evalsuite.report.junit import write_junit
-    from evalsuite.report.table import colour_enabled, render_verdicts
+    from evalsuite.report.table import colour_enabled, render_verdicts, summary_line
 
-    if not args.baseline and not args.baselines:
-        raise EvalsuiteError("gate needs --baseline FILE (a baseline or results file) or --baselines DIR")
+    args.candidate = args.candidate or getattr(args, "candidate_option", None)
+    if not args.candidate:
+        raise EvalsuiteError("gate needs the results file to judge: evalsuite gate RESULTS")
     candidate = Results.load(args.candidate)
     baselines, missing, directory = resolve_baselines(candidate, args, args.candidate)
     if args.baseline and not baselines:
         raise EvalsuiteError(f"{args.baseline}: no baseline for variant(s) {', '.join(args.variant or [])}")
+    from evalsuite.judge.protocol import baseline_protocol, mismatch_warning, results_protocol
+
+    warnings = dict.fromkeys(mismatch_warning(baseline_protocol(b), results_protocol(candidate),
+                                              "the baseline and the candidate") for b in baselines)
+    for w in filter(None, warnings):
+        print(w, file=sys.stderr)
     checks = judge(candidate, config_from_args(args), baselines, results_path=args.candidate,
                    baseline_dir=directory, extra_checks=missing, baseline_requested=True)
     annotate(candidate, checks)
-    print(render_verdicts(candidate.verdicts, color=colour_enabled()))
+    print(render_verdicts(candidate.verdicts, color=colour_enabled(), verbose=args.verbose, summary=False))
     if args.out:
         from evalsuite.report import FORMATS, write_reports
 
-        formats = tuple(f.strip() for f in args.formats.split(",") if f.strip())
+        formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
         if not formats or any(f not in FORMATS for f in formats):
-            raise EvalsuiteError(f"--formats {args.formats}: choose from {', '.join(FORMATS)}")
+            raise EvalsuiteError(f"--format {args.format}: choose from {', '.join(FORMATS)}")
         written = write_reports(candidate, Path(args.out), formats)
         print("reports: " + ", ".join(str(p) for p in written))
     if args.junit:
@@ -54,4 +70,5 @@ def main(args: argparse.Namespace) -> int:
         from evalsuite.judge.history import append_run
 
         print(f"history: run {append_run(hist, candidate, source=args.candidate)} appended to {hist}")
+    print(summary_line(candidate.verdicts))
     return exit_code(candidate.verdicts)

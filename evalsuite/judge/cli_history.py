@@ -9,6 +9,7 @@ drifted in its bad direction.
 from __future__ import annotations
 
 import argparse
+import shlex
 from contextlib import closing
 from pathlib import Path
 
@@ -21,7 +22,11 @@ from evalsuite.results import Results, write_bytes_atomic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", "--history", dest="db", default=str(DEFAULT_HISTORY), help=f"history database (default {DEFAULT_HISTORY})")
+    from evalsuite.cli import hidden_alias
+
+    p.add_argument("--history", metavar="PATH", dest="db", default=str(DEFAULT_HISTORY),
+                   help=f"history database (default {DEFAULT_HISTORY}; the option 'evalsuite run' appends with)")
+    hidden_alias(p, "--db", "db")
     p.add_argument("--add", nargs="+", metavar="RESULTS", help="append these results files first")
     p.add_argument("--metric", help="metric name, e.g. kld_mean, token_ppl, delta_acc, tokens_per_s")
     p.add_argument("--variant", help="variant (scheme), e.g. int8-wo or fp")
@@ -61,6 +66,22 @@ def plot_series(series: list[Series], path: Path, last: int) -> None:
     print(f"plot: {path}")
 
 
+def partial_hint(args: argparse.Namespace) -> str:
+    """Where partial (--limit) runs would match: say they are hidden, and the command that shows them."""
+    if args.include_partial:
+        return ""
+    hidden = load_series(args.db, args.metric, args.variant, args.task, args.stage, args.model, include_partial=True)
+    if not hidden:
+        return ""
+    parts = ["evalsuite", "history", "--history", str(args.db)]
+    for opt in ("metric", "variant", "task", "stage", "model"):
+        if getattr(args, opt) is not None:
+            parts += [f"--{opt}", str(getattr(args, opt))]
+    runs = {p.run_id for s in hidden for p in s.points}
+    return (f"; {len(runs)} partial run(s) match, hidden by default; to show them:\n  "
+            + shlex.join([*parts, "--include-partial"]))
+
+
 def main(args: argparse.Namespace) -> int:
     for f in args.add or []:
         results = Results.load(f)
@@ -80,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
         for s in series:
             print_series(s, args.last)
         if not series:
-            print("(no matching series)")
+            print("(no matching series)" + partial_hint(args))
     if args.plot and series:
         plot_series(series if args.metric else [s for s in series if s.points and s.points[-1].flag] or series[:1],
                     Path(args.plot), args.last)

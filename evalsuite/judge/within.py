@@ -9,6 +9,7 @@ import numpy as np
 from evalsuite import stats
 from evalsuite.judge.checks import FAIL, INCONCLUSIVE, PASS, SKIPPED, WORSE, Z95, Check, fmt, limit_test
 from evalsuite.judge.config import GateConfig
+from evalsuite.judge.generation import generation_checks
 from evalsuite.judge.layers import block_sqnr, layer_summary
 from evalsuite.results import Metric, Results
 
@@ -122,7 +123,9 @@ def pooled_task_check(results: Results, variant: str, limits: dict, pattern: str
 
 
 def task_checks(results: Results, variant: str, limits: dict, pattern: str, alpha: float = 0.01) -> list[Check]:
-    deltas = results.find(stage="tasks", variant=variant, metric="delta_acc")
+    # accuracy, and a generative task's exact match (one per answer filter): the same paired records
+    deltas = [m for m in results.find(stage="tasks", variant=variant)
+              if m.metric == "delta_acc" or m.metric.startswith("delta_exact_match")]
     if not deltas:
         return [_skipped(results, "tasks", variant, "delta_acc", "delta_acc")]
     out = []
@@ -130,16 +133,17 @@ def task_checks(results: Results, variant: str, limits: dict, pattern: str, alph
     if pooled is not None:
         out.append(pooled)
     for m in deltas:
-        p = results.get("tasks", m.task, variant, "mcnemar_p")
-        r2w = results.get("tasks", m.task, variant, "flips_right_to_wrong")
-        w2r = results.get("tasks", m.task, variant, "flips_wrong_to_right")
+        suffix = "" if m.metric == "delta_acc" else "_" + m.metric[len("delta_"):]
+        p = results.get("tasks", m.task, variant, "mcnemar_p" + suffix)
+        r2w = results.get("tasks", m.task, variant, "flips_right_to_wrong" + suffix)
+        w2r = results.get("tasks", m.task, variant, "flips_wrong_to_right" + suffix)
         note = f"; n={m.n}"
         if p is not None:
             note += f", McNemar exact p={fmt(p.value, 3)}"
         if r2w is not None and w2r is not None:
             note += f", flips right→wrong {fmt(r2w.value)} / wrong→right {fmt(w2r.value)}"
         # one task's items are few: reported; the pooled check above is the gated accuracy test
-        out.append(_limit_check(m, -float(limits["max_acc_drop"]), False, f"tasks/{m.task}/{variant}/delta_acc",
+        out.append(_limit_check(m, -float(limits["max_acc_drop"]), False, f"tasks/{m.task}/{variant}/{m.metric}",
                                 f"schemes.{pattern}.max_acc_drop", note, gated=pooled is None, alpha=alpha))
     return out
 
@@ -257,6 +261,7 @@ def within_run_checks(results: Results, config: GateConfig) -> list[Check]:
         pattern, limits = config.scheme(variant)
         checks += ppl_checks(results, variant, limits, pattern, config.alpha)
         checks += task_checks(results, variant, limits, pattern, config.alpha)
+        checks += generation_checks(results, variant, limits, pattern, config.alpha)
         checks += layer_checks(results, variant, limits, pattern, metrics)
         checks += block_checks(results, variant)
         checks += speed_checks(results, variant, limits, pattern, list(config.data["speed_devices"]), config.alpha)

@@ -20,9 +20,14 @@ if TYPE_CHECKING:
 STAGE_MODULES = {
     "ppl": "evalsuite.measure.perplexity",
     "tasks": "evalsuite.measure.tasks",
+    "gen": "evalsuite.measure.generation",
     "layers": "evalsuite.measure.layers",
     "speed": "evalsuite.measure.speed",
 }
+# asked for by name only, not part of "all": the gen stage's default limits have not yet been checked
+# against honest bf16 reruns on a GPU, and a check that may fail unchanged code must not gate by default
+OPT_IN = ("gen",)
+DEFAULT_STAGES = [s for s in STAGE_MODULES if s not in OPT_IN]
 
 
 @dataclass(frozen=True)
@@ -42,12 +47,13 @@ def get_stage(name: str) -> Stage:
 
 
 def parse_stages(spec: str) -> list[str]:
-    """``"ppl,tasks"`` → ["ppl", "tasks"] in pipeline order; ``"all"``; ``"none"`` → []."""
+    """``"ppl,tasks"`` → ["ppl", "tasks"] in pipeline order; ``"all"`` (every stage but the opt-in
+    ones); ``"none"`` → []."""
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if names in (["none"], []):
         return []
     if names == ["all"]:
-        return list(STAGE_MODULES)
+        return list(DEFAULT_STAGES)
     for n in names:
         if n not in STAGE_MODULES:
             raise EvalsuiteError(f"unknown stage {n!r}; known: {', '.join(STAGE_MODULES)}, all, none")

@@ -567,7 +567,7 @@ def run(ctx) -> None:
             skipped = [r.metrics["_weight_skipped"] for r in rows if "_weight_skipped" in r.metrics]
             note = f"; weight view skipped for {len(skipped)} layers: {skipped[0]}" if skipped else ""
             print(f"\nlayers {variant}: worst {min(opts.top, len(rows))} of {len(rows)} quantized layers "
-                  f"(! = under threshold); error jumps at {_block(summary.first_jump) or 'no block'}, "
+                  f"(floor: under = below its threshold); error jumps at {_block(summary.first_jump) or 'no block'}, "
                   f"worst block {_block(summary.worst)}{note}\n{format_worst(rows, opts.top)}", file=sys.stderr)
 
 
@@ -712,13 +712,13 @@ def detail_table(rows: list[LayerRow], summary: BlockSummary, top: int) -> dict[
 
 
 def format_worst(rows: list[LayerRow], top: int = DEFAULT_TOP) -> str:
-    """A plain-text table of the worst layers, under-threshold ones marked with ``!``."""
+    """A plain-text table of the worst layers, under-threshold ones marked ``under`` (their floor)."""
     from tabulate import tabulate
 
-    table = [["!" if r.under else "", r.name, r.metrics.get("weight_sqnr_db"), r.metrics.get("output_sqnr_db"),
+    table = [["under" if r.under else "", r.name, r.metrics.get("weight_sqnr_db"), r.metrics.get("output_sqnr_db"),
               r.metrics.get("output_cosine"), r.metrics.get("clipped_fraction"), r.headroom_db]
              for r in _ranked(rows)[:top]]
-    return tabulate(table, headers=["", "layer", "weight dB", "output dB", "cosine", "clipped", "headroom dB"],
+    return tabulate(table, headers=["floor", "layer", "weight dB", "output dB", "cosine", "clipped", "headroom dB"],
                     floatfmt=".4g")
 
 

@@ -42,6 +42,8 @@ from evalsuite.errors import EvalsuiteError
 from evalsuite.load.model import forward_logits
 
 DEFAULT_MAX_LENGTH = 2048
+DEFAULT_MAX_GEN_TOKS = 256  # as HFLM
+GENERATION_ROWS_GPU = 512  # rows decoded together on a GPU (the token budget caps them too)
 ACTIVATION_BYTES = 2 << 30  # the largest activation of one forward (tokens x MLP width, bf16) on a GPU
 SCORED_LOGITS_BYTES = 4 << 30  # the float32 logits of the scored positions of one forward
 # strings on which a fast tokenizer's backend must encode exactly as the tokenizer before it is used
@@ -128,7 +130,7 @@ class TorchLM(TemplateLM):
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device | str | None = None,
                  batch_size: int | None = None, batch_tokens: int | None = None, max_length: int | None = None,
                  encode_cache: dict[str, list[int]] | None = None, plan_cache: dict | None = None,
-                 show_progress: bool = False, packed: bool | None = None) -> None:
+                 show_progress: bool = False, packed: bool | None = None, memory_budget: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
@@ -138,13 +140,16 @@ class TorchLM(TemplateLM):
         self.batch_size = int(batch_size or (4096 if on_gpu else 32))
         if self.batch_size < 1:
             raise EvalsuiteError("batch size must be at least 1")
-        self.batch_tokens = int(batch_tokens or (gpu_batch_tokens(cfg) if on_gpu else 4096))
+        from evalsuite.measure.memory import free_bytes
+
+        free = free_bytes(self._device) if on_gpu and memory_budget is None else memory_budget
+        self.batch_tokens = int(batch_tokens or (gpu_batch_tokens(cfg, free) if on_gpu else 4096))
         vocab = getattr(cfg, "vocab_size", None) or 128_000
-        # float32 logits rows per forward: at most 4 GiB of them (21k rows of SmolLM2's 49k vocabulary)
-        self.scored_rows = max(1024, SCORED_LOGITS_BYTES // (4 * int(vocab)))
+        self.scored_rows = gpu_scored_rows(int(vocab), free if on_gpu else None)
         cfg_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "block_size", None)
         # as HFLM: the model's context length, else 2048
         self.max_length = int(max_length or cfg_len or DEFAULT_MAX_LENGTH)
+        self.forward_tokens = 0  # token positions run through the model so far
         self.encode_cache = encode_cache if encode_cache is not None else {}
         self.plan_cache = plan_cache
         self.show_progress = show_progress
@@ -373,6 +378,7 @@ class TorchLM(TemplateLM):
         sums, misses = [], []
         for batch in _progress(plan.batches, "loglikelihood", disable_tqdm or not self.show_progress):
             batch_sums, batch_misses = self._score_batch(batch)
+            self.forward_tokens += int(batch.ids.size)  # positions computed, padding included (for MFU)
             owners += batch.owners
             sums.append(batch_sums)
             misses.append(batch_misses)
@@ -465,56 +471,78 @@ class TorchLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy continuation of each context until a stop string, EOS or ``max_gen_toks`` tokens.
+        """Greedy continuation of each context until a stop string (``until``), EOS or ``max_gen_toks``
+        tokens (default 256), as lm-eval's HFLM: the context is truncated from the left to
+        ``max_length - max_gen_toks`` tokens and the text is cut before the first stop string.
 
-        Sampling arguments are ignored (greedy only). Batched over requests with right padding;
-        each step re-runs the whole prefix (no KV cache), which keeps it model-agnostic.
+        Decoded by :func:`evalsuite.measure.generate.greedy_decode` (KV cache, batched, each row
+        stopping when done). Greedy only: sampling arguments (``do_sample``, a temperature above 0,
+        ``top_p``, ``top_k``) are ignored and named in ``generation_notes`` for the record.
         """
-        outputs: list[str | None] = [None] * len(requests)
-        contexts = self.encode_many([r.args[0] for r in requests])
-        order = sorted(range(len(requests)), key=lambda i: -len(contexts[i]))
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            for i, text in zip(chunk, self._generate([contexts[i] for i in chunk], [requests[i].args[1] for i in chunk])):
-                outputs[i] = text
-                self.cache_hook.add_partial("generate_until", requests[i].args, text)
-        return outputs  # type: ignore[return-value]
+        from evalsuite.measure.generate import greedy_decode
 
-    def _generate(self, contexts: list[list[int]], kwargs_list: list[dict]) -> list[str]:
-        stops, limits = [], []
-        for kw in kwargs_list:
+        requests = list(requests)
+        if not requests:
+            return []
+        contexts = self.encode_many([r.args[0] for r in requests])
+        eos_text = self.tok_decode([self.eot_token_id])
+        stops, limits, prompts = [], [], []
+        for context, r in zip(contexts, requests):
+            kw = dict(r.args[1] or {})
+            self._note_sampling(kw)
             until = kw.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            stops.append(until + [self.tok_decode([self.eot_token_id])])
-            limits.append(int(kw.get("max_gen_toks", 256)))
-        budget = max(limits)
-        prompts = [c[-(self.max_length - budget):] if self.max_length > budget else c[-1:] for c in contexts]
-        seqs = [list(p) for p in prompts]
-        done = [False] * len(seqs)
-        for _ in range(budget):
-            live = [r for r in range(len(seqs)) if not done[r]]
-            if not live:
-                break
-            lengths = [len(seqs[r]) for r in live]
-            ids = torch.zeros(len(live), max(lengths), dtype=torch.long)
-            for k, r in enumerate(live):
-                ids[k, :lengths[k]] = torch.tensor(seqs[r])
-            logits = self._logits_at(ids.to(self._device), torch.arange(len(live), device=self._device),
-                                     torch.tensor([n - 1 for n in lengths], device=self._device))
-            nxt = logits.argmax(-1).tolist()
-            for k, r in enumerate(live):
-                seqs[r].append(nxt[k])
-                generated = seqs[r][len(prompts[r]):]
-                text = self.tok_decode(generated)
-                if nxt[k] == self.eot_token_id or len(generated) >= limits[r] or any(s in text for s in stops[r]):
-                    done[r] = True
-        texts = []
-        for r, seq in enumerate(seqs):
-            text = self.tok_decode(seq[len(prompts[r]):])
-            for s in stops[r]:
-                text = text.split(s)[0] if s else text
-            texts.append(text)
-        return texts
+            stops.append([s for s in until + [eos_text] if s])
+            limit = int(kw.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            limits.append(limit)
+            room = self.max_length - limit
+            if room < 1:
+                raise EvalsuiteError(f"max_gen_toks {limit} leaves no room for a context in max_length {self.max_length}")
+            prompts.append(context[-room:] if context else [self.prefix_token_id])
+        check = _StopStrings(self, stops)
+        rows = min(self.batch_size, GENERATION_ROWS_GPU if self._device.type == "cuda" else self.batch_size)
+        tokens = greedy_decode(self.model, prompts, limits, eos_token_id=self.eot_token_id, stop=check,
+                               device=self._device, max_rows=rows, max_tokens=self.batch_tokens,
+                               pad_token_id=self.eot_token_id)
+        outputs = []
+        for r, toks, until in zip(requests, tokens, stops):
+            text = self.tok_decode(toks)
+            for s in until:
+                text = text.split(s)[0]
+            outputs.append(text)
+            self.cache_hook.add_partial("generate_until", r.args, text)
+        return outputs
+
+    def _note_sampling(self, kw: dict) -> None:
+        notes = getattr(self, "generation_notes", None)
+        if notes is None:
+            notes = self.generation_notes = set()
+        if kw.get("do_sample"):
+            notes.add("do_sample")
+        if float(kw.get("temperature", 0.0) or 0.0) > 0:
+            notes.add("temperature")
+        for name in ("top_p", "top_k", "num_beams"):
+            if kw.get(name) not in (None, 1, 1.0) and not (name == "top_p" and kw.get(name) == 1.0):
+                notes.add(name)
+
+
+class _StopStrings:
+    """Which rows' generations contain one of their stop strings: only the text of the last tokens is
+    decoded (a stop string of c characters lies within the last c + 8 tokens, the 8 for tokens that
+    decode to partial characters). A stop missed here only costs steps: the text is cut at the first
+    stop string after decoding."""
+
+    def __init__(self, lm: "TorchLM", stops: list[list[str]]) -> None:
+        self.lm = lm
+        self.stops = stops
+        self.lookback = [max((len(s) for s in st), default=0) + 8 for st in stops]
+
+    def __call__(self, rows, generated) -> list[bool]:
+        tails = [list(g[-self.lookback[i]:]) for i, g in zip(rows, generated)]
+        direct = self.lm._direct_encoder()
+        texts = (direct.decode_batch(tails, skip_special_tokens=False) if direct is not None
+                 else [self.lm.tok_decode(t) for t in tails])
+        return [any(s in text for s in self.stops[i]) for i, text in zip(rows, texts)]
 
 
 def _prepare(batch: list[_Scored]) -> _Batch:
@@ -650,13 +678,29 @@ def _shape_free_attention(ids: torch.Tensor):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def gpu_batch_tokens(config: Any) -> int:
+def gpu_batch_tokens(config: Any, free_bytes: int | None = None) -> int:
     """Padded tokens per forward on a GPU: the largest activation (tokens x MLP width, 2 bytes)
-    near ``ACTIVATION_BYTES``, between 8,192 and 262,144 tokens, a multiple of 1,024."""
+    near ``ACTIVATION_BYTES``, between 8,192 and 262,144 tokens, a multiple of 1,024; fewer (down to
+    1,024) where ``free_bytes`` of device memory cannot hold one layer's 16-bit activations of them
+    (:mod:`evalsuite.measure.memory`)."""
+    from evalsuite.measure import memory
+
     hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None) or 4096
     width = getattr(config, "intermediate_size", None) or 4 * int(hidden)
-    tokens = ACTIVATION_BYTES // (2 * int(width))
-    return int(min(262_144, max(8_192, tokens // 1024 * 1024)))
+    tokens = int(min(262_144, max(8_192, ACTIVATION_BYTES // (2 * int(width)) // 1024 * 1024)))
+    if free_bytes is None:
+        return tokens
+    kilo = memory.fit(1024 * memory.activation_bytes_per_token(config, 2), free_bytes, tokens // 1024)
+    return kilo * 1024
+
+
+def gpu_scored_rows(vocab: int, free_bytes: int | None = None) -> int:
+    """float32 logits rows per forward: at most ``SCORED_LOGITS_BYTES`` of them (21k rows of SmolLM2's
+    49k vocabulary), fewer where the free device memory cannot hold them; at least 1,024."""
+    from evalsuite.measure import memory
+
+    rows = max(1024, SCORED_LOGITS_BYTES // (4 * int(vocab)))
+    return memory.fit(4 * int(vocab), free_bytes, rows, minimum=min(rows, 1024))
 
 
 def vocabulary_head(model: nn.Module) -> nn.Module | None:

@@ -26,7 +26,9 @@ Definitions (natural logs; NLL = -log p(token | context), in float32 from a floa
   (clamped at 0 against float32 rounding), delta_p = Q(correct) - P(correct), same_top1 = argmax P ==
   argmax Q; ppl_ratio = token_ppl(Q) / token_ppl(P) on the tokens both score, ln_ppl_ratio its log;
 - the noise floor, variant ``fp@noise``: the same paired statistics for fp in the run's dtype (Q)
-  against fp in float32 (P), so "KLD zero" has a scale;
+  against fp in float32 (P), so "KLD zero" has a scale; by default on a seeded subsample of windows
+  sized for a +-10% interval (``--ppl-noise-floor sample``; rule and check in
+  :mod:`evalsuite.measure.noise_floor`), every window with ``full``;
 - 95% intervals by bootstrap over windows (tokens of one window are not independent), paired where a
   statistic compares two variants (the same resampled windows for both);
 - a token whose logits hold NaN or inf is excluded from every statistic of that variant (and of its
@@ -36,6 +38,7 @@ Definitions (natural logs; NLL = -log p(token | context), in float32 from a floa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -49,7 +52,7 @@ from evalsuite.distributed import gather, shard
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load.model import forward_logits
 from evalsuite.kernels import kld as kld_kernel
-from evalsuite.measure import Stage
+from evalsuite.measure import Stage, fp_cache, noise_floor
 
 NOISE = "fp@noise"
 PERCENTILES = (100, 99.9, 99, 95, 90, 50, 10, 5, 1, 0.1, 0)
@@ -234,14 +237,16 @@ class PassResult:
 def measure_pass(variants: dict[str, nn.Module], windows: Windows, device: torch.device, batch_size: int = 1,
                  reference32: nn.Module | None = None, progress: Callable[[Iterable], Iterable] = lambda it: it,
                  rank: int = 0, world_size: int = 1, stats_fn: Callable = paired_token_stats,
-                 nll_fn: Callable = token_nll) -> PassResult:
+                 nll_fn: Callable = token_nll, noise_windows: Iterable[int] | None = None) -> PassResult:
     """Run every variant over every window once; ``variants`` starts with ``"fp"``, the reference of
     each scheme's pair; ``reference32`` (fp in float32) adds the ``fp@noise`` pair. Windows are split
     round-robin across ranks and gathered back in order. ``stats_fn`` / ``nll_fn`` may be a compiled
     :func:`paired_token_stats` or the fused kernels of :func:`select_stats`; functions marked
     ``row_independent`` get all windows of a batch in one call when they score the same positions
-    (the same values as per window, fewer launches)."""
+    (the same values as per window, fewer launches). ``noise_windows`` (window indices) limits the
+    ``fp@noise`` pair to those windows (None: every window); ``reference32`` runs on them only."""
     names = list(variants)
+    noise_set = None if noise_windows is None else {int(w) for w in noise_windows}
     if not names or names[0] != "fp":
         raise ValueError("variants must start with 'fp'")
     mine = shard(list(range(len(windows))), rank, world_size)
@@ -254,32 +259,31 @@ def measure_pass(variants: dict[str, nn.Module], windows: Windows, device: torch
         firsts = [int(windows.first[w]) for w in idx]
         out: list[dict[str, Any]] = [{"nll": {}, "pairs": {}} for _ in idx]
 
-        def rows(logits: torch.Tensor, b: int) -> torch.Tensor:
-            return logits[b, firsts[b] - 1: -1]
-
-        def tgt(b: int) -> torch.Tensor:
-            return targets[b, firsts[b] - 1:]
-
-        def by_window(fn: Callable, *logits: torch.Tensor) -> list:
-            """fn's outputs for each window b of the batch: one call over the [B, M, V] view of the
-            scored rows when fn takes it, else one call per window."""
-            if getattr(fn, "row_independent", False) and len(set(firsts)) == 1:
-                f = firsts[0]
-                got = fn(*(z[:, f - 1: -1] for z in logits), targets[:, f - 1:])
+        def by_window(fn: Callable, *logits: torch.Tensor, sel: list[int] | None = None) -> list:
+            """fn's outputs for each window b of the batch (or of the batch positions ``sel``, whose
+            rows alone ``logits`` hold): one call over the [B, M, V] view of the scored rows when fn
+            takes it, else one call per window."""
+            sel = list(range(len(idx))) if sel is None else sel
+            fs = [firsts[b] for b in sel]
+            if getattr(fn, "row_independent", False) and len(set(fs)) == 1:
+                f = fs[0]
+                got = fn(*(z[:, f - 1: -1] for z in logits), targets[sel, f - 1:])
                 if isinstance(got, dict):
-                    split = {k: v.view(len(idx), -1).unbind(0) for k, v in got.items()}
-                    return [{k: v[b] for k, v in split.items()} for b in range(len(idx))]
-                return list(got.view(len(idx), -1).unbind(0))
-            return [fn(*(rows(z, b) for z in logits), tgt(b)) for b in range(len(idx))]
+                    split = {k: v.view(len(sel), -1).unbind(0) for k, v in got.items()}
+                    return [{k: v[i] for k, v in split.items()} for i in range(len(sel))]
+                return list(got.view(len(sel), -1).unbind(0))
+            return [fn(*(z[i, fs[i] - 1: -1] for z in logits), targets[b, fs[i] - 1:]) for i, b in enumerate(sel)]
 
         fp_logits = forward_logits(variants["fp"], x)
-        if reference32 is not None:
-            ref_logits = forward_logits(reference32, x)
-            for b, s in enumerate(by_window(stats_fn, ref_logits, fp_logits)):
-                out[b]["nll"]["fp"] = s.pop("own_nll")
-                del s["own_nll_ref"]
+        sel = [b for b, w in enumerate(idx) if noise_set is None or w in noise_set] if reference32 is not None else []
+        if sel:
+            whole = len(sel) == len(idx)
+            ref_logits = forward_logits(reference32, x if whole else x[sel])
+            fp_sel = fp_logits if whole else fp_logits[sel]
+            for b, s in zip(sel, by_window(stats_fn, ref_logits, fp_sel, sel=sel)):
+                del s["own_nll_ref"], s["own_nll"]  # fp's own NLL comes from the pass over all windows
                 out[b]["pairs"][NOISE] = s
-            del ref_logits
+            del ref_logits, fp_sel
         for name in names[1:]:
             q_logits = forward_logits(variants[name], x)
             for b, s in enumerate(by_window(stats_fn, fp_logits, q_logits)):
@@ -308,18 +312,22 @@ def _to_numpy(per_window: list[tuple[int, dict[str, Any]]]) -> list[tuple[int, d
     vector (copying per window would synchronise the device hundreds of times)."""
     if not per_window:
         return []
-    paths = [(group, key, sub) for group, d in per_window[0][1].items() for key, v in d.items()
-             for sub in (v if isinstance(v, dict) else [None])]
+    # the union over windows: the fp@noise pair may hold a subsample of them
+    paths = list(dict.fromkeys((group, key, sub) for _, o in per_window for group, d in o.items()
+                               for key, v in d.items() for sub in (v if isinstance(v, dict) else [None])))
 
     def get(o, group, key, sub):
-        return o[group][key] if sub is None else o[group][key][sub]
+        v = o[group].get(key)
+        return v if sub is None or v is None else v.get(sub)
 
     host: list[tuple[int, dict[str, Any]]] = [(w, {"nll": {}, "pairs": {}}) for w, _ in per_window]
     for group, key, sub in paths:
-        parts = [get(o, group, key, sub) for _, o in per_window]
+        have = [(h, get(o, group, key, sub)) for h, (_, o) in zip(host, per_window)]
+        have = [(h, v) for h, v in have if v is not None]
+        parts = [v for _, v in have]
         flat = torch.cat(parts).float().cpu().numpy()
         pieces = np.split(flat, np.cumsum([len(p) for p in parts])[:-1])
-        for (_, o), piece in zip(host, pieces):
+        for ((_, o), _), piece in zip(have, pieces):
             if sub is None:
                 o[group][key] = piece
             else:
@@ -490,11 +498,15 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--ppl-windows", type=int, help="evaluate only the first N windows (marks results partial)")
     g.add_argument("--ppl-batch", type=int,
                    help="windows per forward (default on a GPU: one model's bf16 logits near 4 GiB, at most "
-                        f"{GPU_POSITIONS_PER_BATCH} positions, half that without the fused statistics; 1 on a CPU)")
+                        f"{GPU_POSITIONS_PER_BATCH} positions, half that without the fused statistics, fewer where free GPU "
+                        "memory cannot hold a batch; 1 on a CPU)")
     g.add_argument("--ppl-compile", action="store_true",
                    help="run the per-token statistics under torch.compile (fewer passes over the logits; compiles once)")
-    g.add_argument("--ppl-noise-floor", action=argparse.BooleanOptionalAction, default=True,
-                   help="also compare fp in the run's dtype with fp in float32 (variant fp@noise; default on)")
+    g.add_argument("--ppl-noise-floor", choices=noise_floor.MODES, default="sample",
+                   help="compare fp in the run's dtype with fp in float32 (variant fp@noise) on a seeded subsample of "
+                        "windows sized for a +-10%% CI (sample, default), on every window (full), or not at all (off)")
+    g.add_argument("--no-ppl-noise-floor", dest="ppl_noise_floor", action="store_const", const="off",
+                   help=argparse.SUPPRESS)  # the spelling before sample|full|off
 
 
 def _protocol_from(ctx) -> Protocol:
@@ -509,15 +521,24 @@ def _protocol_from(ctx) -> Protocol:
                     max_windows=min(limits) if limits else None)
 
 
-def gpu_windows_per_batch(context: int, vocab: int, fused_stats: bool = True) -> int:
-    """Default windows per forward on a GPU (see ``GPU_LOGITS_BYTES``)."""
+def gpu_windows_per_batch(context: int, vocab: int, fused_stats: bool = True, free_bytes: int | None = None,
+                          config: Any = None, noise_floor: bool = True) -> int:
+    """Default windows per forward on a GPU (see ``GPU_LOGITS_BYTES``), fewer where ``free_bytes``
+    of device memory cannot hold a batch's transient tensors: fp's and a candidate's logits in
+    16 bits, the float32 reference's logits for the noise floor, the torch statistics' two float32
+    log-softmax matrices, and one layer's float32 activations (:mod:`evalsuite.measure.memory`)."""
+    from evalsuite.measure import memory
+
     positions = min(GPU_POSITIONS_PER_BATCH, GPU_LOGITS_BYTES // (2 * max(1, vocab)))
     if not fused_stats:
         positions //= 2
-    return max(1, positions // context)
+    cap = max(1, positions // context)
+    logit_bytes = 2 * 2 + (4 if noise_floor else 0) + (0 if fused_stats else 8)
+    per_window = context * (vocab * logit_bytes + memory.activation_bytes_per_token(config))
+    return memory.fit(per_window, free_bytes, cap)
 
 
-def _batch_size(ctx, context: int, fused_stats: bool) -> int:
+def _batch_size(ctx, context: int, fused_stats: bool, noise_reference_bytes: int = 0) -> int:
     b = ctx.option("ppl_batch")
     if b is not None:
         if b < 1:
@@ -525,22 +546,31 @@ def _batch_size(ctx, context: int, fused_stats: bool) -> int:
         return b
     if ctx.device.type != "cuda":
         return 1
-    vocab = getattr(getattr(ctx.fp, "config", None), "vocab_size", None) or 128_000
-    return gpu_windows_per_batch(context, int(vocab), fused_stats)
+    from evalsuite.measure import memory
+
+    config = getattr(ctx.fp, "config", None)
+    vocab = getattr(config, "vocab_size", None) or 128_000
+    free = memory.free_bytes(ctx.device)
+    if free is not None and noise_reference_bytes:  # the float32 model is not on the device yet
+        free = max(0, free - noise_reference_bytes)
+    return gpu_windows_per_batch(context, int(vocab), fused_stats, free, config, noise_floor=noise_reference_bytes > 0)
 
 
-def _noise_reference(ctx) -> tuple[nn.Module | None, str]:
-    """The fp32 model for the noise floor, or None and why there is none."""
-    if not ctx.option("ppl_noise_floor", True):
-        return None, "off (--no-ppl-noise-floor)"
+def _noise_reference(ctx, mode: str) -> tuple[nn.Module | None, str]:
+    """The fp32 model for the noise floor, or None and why there is none (built once per run)."""
+    if mode == "off":
+        return None, "off (--ppl-noise-floor off)"
     if ctx.dtype == torch.float32:
         return None, "trivial: the run's dtype is float32, the reference precision itself, so fp@noise is zero by construction"
-    if ctx.reload is None:
-        return None, "unavailable: this run cannot reload the model in float32"
     try:
-        return ctx.reload(torch.float32), "measured: fp in the run's dtype vs fp in float32"
+        if noise_floor.can_upcast(ctx):
+            return (noise_floor.upcast_reference(ctx.fp, ctx.device),
+                    "measured: fp in the run's dtype vs fp in float32 (the checkpoint's own weights upcast: exact, no reload)")
+        if ctx.reload is None:
+            return None, "unavailable: this run cannot reload the model in float32"
+        return ctx.reload(torch.float32), "measured: fp in the run's dtype vs fp in float32 (reloaded)"
     except (EvalsuiteError, RuntimeError, MemoryError) as e:  # a float32 copy may not fit the device
-        return None, f"unavailable: reloading in float32 failed ({first_line(e, 200)})"
+        return None, f"unavailable: building the float32 model failed ({first_line(e, 200)})"
 
 
 def run(ctx) -> None:
@@ -552,8 +582,26 @@ def run(ctx) -> None:
     ids, ends = tokenize_corpus(tokenizer, text)
     windows = make_windows(ids, text, ends, protocol, tokenizer_bos(tokenizer), source, decode=tokenizer.decode)
     stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")), ctx.fused_kernels)
-    batch_size = _batch_size(ctx, protocol.context, fused_stats=stats_name == "triton-fused")
-    reference32, noise = _noise_reference(ctx)
+    noise_mode = noise_floor.parse_mode(ctx.option("ppl_noise_floor", "sample"))
+    if noise_mode not in noise_floor.MODES:
+        raise EvalsuiteError(f"--ppl-noise-floor {noise_mode!r}: expected one of {', '.join(noise_floor.MODES)}")
+    measured_floor = noise_mode != "off" and ctx.dtype != torch.float32
+    fp32_bytes = 4 * sum(p.numel() for p in ctx.fp.parameters()) if measured_floor else 0
+    batch_size = _batch_size(ctx, protocol.context, fused_stats=stats_name == "triton-fused",
+                             noise_reference_bytes=fp32_bytes)
+    seed = int(ctx.option("seed", 0) or 0)
+    noise_windows = noise_floor.sample_windows(len(windows), seed) if noise_mode == "sample" else None
+    cache = fp_cache.Entry(ctx, "ppl", {
+        "corpus_sha256": fp_cache.digest(text), "source": source,
+        "window_ids_sha256": hashlib.sha256(windows.input_ids.numpy().tobytes()).hexdigest(),
+        "protocol": [protocol.context, protocol.stride, protocol.score, protocol.max_windows],
+        "batch_size": batch_size, "stats": stats_name, "compiled_stats": bool(ctx.option("ppl_compile")),
+        "noise_floor": noise_mode, "noise_windows": None if noise_windows is None else noise_windows.tolist()})
+    cached = cache.load()
+    if cached is not None:
+        reference32, noise = None, cached["noise_floor"]
+    else:
+        reference32, noise = _noise_reference(ctx, noise_mode)
     described = windows.describe()
     details: dict[str, Any] = {
         "task": task, "source": source, "protocol": {
@@ -561,7 +609,7 @@ def run(ctx) -> None:
             "bos": windows.bos, "batch_size": batch_size, "compiled_stats": bool(ctx.option("ppl_compile")),
             "stats": stats_name,
             "dtype": str(ctx.dtype).removeprefix("torch."),
-            "noise_floor": noise},
+            "noise_floor": noise, "noise_floor_mode": noise_mode},
         "windows": {"start": windows.start.tolist(), "n_scored": windows.n_scored.tolist(),
                     "n_words": windows.n_words.tolist(), "n_bytes": windows.n_bytes.tolist()},
         "variants": {}, "paired": {},
@@ -573,9 +621,18 @@ def run(ctx) -> None:
         details["protocol"]["fused_modules"] = fused_modules
         result = measure_pass(ctx.variants, windows, ctx.device, batch_size, reference32,
                               progress=lambda it: ctx.progress(it, "ppl", unit="batch"),
-                              rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn, nll_fn=nll_fn)
+                              rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn, nll_fn=nll_fn,
+                              noise_windows=noise_windows)
     del reference32
-    seed = int(ctx.option("seed", 0) or 0)
+    if cached is not None:  # fp's own values as the run that stored them measured them
+        result.nll["fp"] = [np.asarray(a, dtype=np.float32) for a in cached["fp_nll"]]
+        if cached["noise_pair"] is not None:
+            result.pairs[NOISE] = {k: [np.asarray(a, dtype=np.float32) for a in v] for k, v in cached["noise_pair"].items()}
+    elif ctx.rank == 0 and not noise.startswith("unavailable"):
+        cache.store({"noise_floor": noise, "fp_nll": [a.tolist() for a in result.nll["fp"]],
+                     "noise_pair": {k: [a.tolist() for a in v] for k, v in result.pairs[NOISE].items()}
+                     if NOISE in result.pairs else None})
+    details["protocol"]["fp_cache"] = cache.status
     for variant in ctx.variants:
         recs, det = variant_records(result.nll[variant], windows, seed)
         _add(ctx, task, variant, recs, described)
@@ -585,6 +642,8 @@ def run(ctx) -> None:
     pairs += [(name, "fp") for name in ctx.quantized]
     for name, reference in pairs:
         recs, det = paired_records(result.pairs[name], seed, reference)
+        if name == NOISE:
+            recs, det = _noise_sample_records(recs, det, noise_mode, noise_windows, len(windows))
         _add(ctx, task, name, recs, described, paired=True)
         details["paired"][name] = det
         ctx.checkpoint()
@@ -594,6 +653,25 @@ def run(ctx) -> None:
     elif noise.startswith("unavailable"):  # asked for and not measured; --no-ppl-noise-floor turns it off
         ctx.results.add_error("ppl", f"noise floor {noise}", variant=NOISE)
     ctx.checkpoint()
+
+
+def _noise_sample_records(recs: list[dict[str, Any]], det: dict[str, Any], mode: str, sample: np.ndarray | None,
+                          n_windows: int) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """fp@noise records with the windows they cover and, for a subsample, its rule and whether the
+    realised 95% CI of kld_mean met the rule's target."""
+    windows = list(range(n_windows)) if sample is None else [int(w) for w in sample]
+    about: dict[str, Any] = {"mode": mode, "windows": len(windows), "of_windows": n_windows}
+    if mode == "sample":
+        kld = next(r for r in recs if r["metric"] == "kld_mean")
+        about.update(rule=noise_floor.describe_rule(), **noise_floor.ci_check(kld["value"], kld.get("ci95")))
+    out = []
+    for r in recs:
+        r = dict(r)
+        if mode == "sample":
+            r["definition"] += f"; on a seeded subsample of {len(windows)} of {n_windows} windows (--ppl-noise-floor sample)"
+        r["extra"] = {**r.get("extra", {}), "noise_floor": about}
+        out.append(r)
+    return out, {**det, "windows": windows, "noise_floor": about}
 
 
 def _add(ctx, task: str, variant: str, recs: list[dict[str, Any]], protocol: str, paired: bool = False) -> None:

@@ -32,6 +32,7 @@ import argparse
 import copy
 import gc
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -50,6 +51,10 @@ DECODE_PROMPT_LEN = 5  # the anchor's prompt length before decoding
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 25}
 CPU_DEFAULT_TOKENS = 32
 GPU_DEFAULT_TOKENS = 200
+# --limit on a CPU: a short check of the mechanics, not a measurement (the stage took minutes there)
+CPU_LIMIT_TOKENS, CPU_LIMIT_PROMPT_LEN, CPU_LIMIT_REPEATS = 8, 64, 3
+CPU_NOTE = ("CPU speed numbers are indicative only (shared cores, eager decoding); "
+            "time on the target GPU for numbers to compare")
 
 
 # ---------------------------------------------------------------------------- statistics and timing
@@ -70,7 +75,8 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_samples(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
+def time_samples(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int,
+                 tick: Callable[[], None] = lambda: None) -> tuple[list[float], list[float]]:
     """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones: (samples, warm-up times).
 
     On CUDA each sample is bracketed by events on the current stream (the device's own clock,
@@ -82,6 +88,7 @@ def time_samples(fn: Callable[[], Any], device: torch.device, repeats: int, warm
         fn()
         synchronize(device)
         warm.append(time.perf_counter() - t0)
+        tick()
     samples = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -96,6 +103,7 @@ def time_samples(fn: Callable[[], Any], device: torch.device, repeats: int, warm
             t0 = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - t0)
+        tick()
     return samples, warm
 
 
@@ -201,6 +209,9 @@ def configure_inductor() -> None:
     """gpt-fast's inductor settings for decoding; absent settings in other torch versions are skipped."""
     import torch._inductor.config as cfg
 
+    from evalsuite.measure.compile_cache import use_persistent_caches
+
+    use_persistent_caches()
     for name, value in (("coordinate_descent_tuning", True), ("fx_graph_cache", True)):
         if hasattr(cfg, name):
             setattr(cfg, name, value)
@@ -253,7 +264,7 @@ def _peak_extra(device: torch.device, base: int | None) -> int | None:
 
 
 def decode_run(model: gptfast.Transformer, batch: int, n_tokens: int, repeats: int, warmup: int,
-               compile: bool, device: torch.device, seed: int = 0) -> RunResult:
+               compile: bool, device: torch.device, seed: int = 0, tick: Callable[[], None] = lambda: None) -> RunResult:
     """Time ``n_tokens`` cached greedy decoding steps at ``batch`` after a DECODE_PROMPT_LEN prompt.
 
     Every sample restarts at the same position, so all samples do identical work; the prompt's
@@ -275,7 +286,7 @@ def decode_run(model: gptfast.Transformer, batch: int, n_tokens: int, repeats: i
                 input_pos.add_(1)
             return token
 
-        return time_samples(sample, device, repeats, warmup)
+        return time_samples(sample, device, repeats, warmup, tick)
 
     mode = dict(mode="reduce-overhead", fullgraph=True) if device.type == "cuda" else dict(fullgraph=True)
     (samples, warm), compiled, error = _run_soft_compiled(gptfast.decode_one_token, mode if compile else None, run)
@@ -288,7 +299,7 @@ def decode_run(model: gptfast.Transformer, batch: int, n_tokens: int, repeats: i
 
 
 def prefill_run(model: gptfast.Transformer, prompt_len: int, repeats: int, warmup: int, compile: bool,
-                device: torch.device, seed: int = 0) -> RunResult:
+                device: torch.device, seed: int = 0, tick: Callable[[], None] = lambda: None) -> RunResult:
     """Time one forward of a ``prompt_len``-token prompt (batch 1) into the KV cache.
 
     Compiled prefill (one static shape, no CUDA graphs) only when asked: a long prompt is
@@ -301,7 +312,7 @@ def prefill_run(model: gptfast.Transformer, prompt_len: int, repeats: int, warmu
     pos = torch.arange(prompt_len, device=device)
 
     def run(fn):
-        return time_samples(lambda: fn(model, prompt, pos), device, repeats, warmup)
+        return time_samples(lambda: fn(model, prompt, pos), device, repeats, warmup, tick)
 
     (samples, warm), compiled, error = _run_soft_compiled(gptfast.prefill, dict(fullgraph=True) if compile else None, run)
     result = RunResult(task=f"prefill_{prompt_len}", batch=1, tokens_per_sample=prompt_len, steps_per_sample=1,
@@ -383,20 +394,30 @@ def record_speedups(results, fp_runs: dict[str, RunResult], variant: str, runs: 
                            "scheme_cv": dispersion(r.tokens_per_s)["cv"]})
 
 
-def measure_variant(model: gptfast.Transformer, s: SpeedSettings, device: torch.device) -> list[RunResult]:
+def samples_per_variant(s: SpeedSettings) -> int:
+    """Timed and warm-up samples of one variant: the progress bar's unit."""
+    return (len(s.batch_sizes) + (s.prompt_len > 0)) * (s.repeats + s.warmup)
+
+
+def measure_variant(model: gptfast.Transformer, s: SpeedSettings, device: torch.device,
+                    progress: Callable[[str], Callable[[], None]] = lambda what: (lambda: None)) -> list[RunResult]:
+    """``progress(what)`` names the next measurement and returns the tick its every sample calls."""
     limit = model.config.block_size
     if DECODE_PROMPT_LEN + s.n_tokens > limit or s.prompt_len > limit:
         raise EvalsuiteError(f"--speed-tokens {s.n_tokens} (+{DECODE_PROMPT_LEN} prompt) or --speed-prompt-len "
                              f"{s.prompt_len} exceeds the model's {limit} positions")
-    runs = [decode_run(model, b, s.n_tokens, s.repeats, s.warmup, s.compile, device, s.seed) for b in s.batch_sizes]
+    compiling = " (compiling first: takes a while)"
+    runs = [decode_run(model, b, s.n_tokens, s.repeats, s.warmup, s.compile, device, s.seed,
+                       progress(f"decode_bs{b}" + (compiling if s.compile else ""))) for b in s.batch_sizes]
     if s.prompt_len > 0:
-        runs.append(prefill_run(model, s.prompt_len, s.repeats, s.warmup, s.compile and s.compile_prefill, device,
-                                s.seed))
+        compile_prefill = s.compile and s.compile_prefill
+        runs.append(prefill_run(model, s.prompt_len, s.repeats, s.warmup, compile_prefill, device, s.seed,
+                                progress(f"prefill_{s.prompt_len}" + (compiling if compile_prefill else ""))))
     return runs
 
 
 def measure_variants(results, variants: Callable[[], Any], s: SpeedSettings, device: torch.device,
-                     checkpoint: Callable[[], None] = lambda: None) -> None:
+                     checkpoint: Callable[[], None] = lambda: None, bar=None) -> None:
     """Measure the device roofline, then each (name, gpt-fast model) that ``variants()`` yields,
     appending records after each variant."""
     common = {"device_type": device.type, "model": s.model_label}
@@ -413,10 +434,19 @@ def measure_variants(results, variants: Callable[[], Any], s: SpeedSettings, dev
     details["device"] = {"copy_bandwidth_gb_s": copy_samples}
     checkpoint()
     fp_runs: dict[str, RunResult] = {}
+
+    def progress_of(name: str):  # the bar names the variant and measurement; every sample ticks it
+        def progress(what: str):
+            if bar is None:
+                return lambda: None
+            bar.set_description(f"speed {name} {what}")
+            return lambda: bar.update(1)
+        return progress
+
     for name, model in variants():
         weights, all_weights = weight_bytes(model), total_tensor_bytes(model)
         try:
-            runs = {r.task: r for r in measure_variant(model, s, device)}
+            runs = {r.task: r for r in measure_variant(model, s, device, progress_of(name))}
         except torch.cuda.OutOfMemoryError as e:  # one variant too large must not lose the others
             results.add_error(STAGE_NAME, f"out of device memory: {first_line(e, 200)}", variant=name)
             _drop_caches(model)
@@ -457,6 +487,10 @@ def settings_from(ctx) -> SpeedSettings:
     warmup = ctx.option("speed_warmup", 1)
     prompt_len = ctx.option("speed_prompt_len", 512)
     batch_sizes = parse_batch_sizes(ctx.option("speed_batch_sizes", "1,8"))
+    if ctx.limit is not None and device.type == "cpu":  # --limit: a quick look, not a measurement
+        n_tokens = min(n_tokens, CPU_LIMIT_TOKENS)
+        prompt_len = min(prompt_len, CPU_LIMIT_PROMPT_LEN)
+        repeats = min(repeats, CPU_LIMIT_REPEATS)
     if n_tokens < 1 or repeats < 2 or warmup < 0 or prompt_len < 0:
         raise EvalsuiteError("--speed-tokens must be >= 1, --speed-repeats >= 2, --speed-warmup >= 0, --speed-prompt-len >= 0")
     compile_opt = ctx.option("speed_compile")
@@ -547,17 +581,27 @@ def run(ctx) -> None:
         "model": s.model_label, "n_tokens": s.n_tokens, "prompt_len": s.prompt_len, "batch_sizes": s.batch_sizes,
         "repeats": s.repeats, "warmup": s.warmup, "compile": s.compile, "torch": torch.__version__,
     })
+    if ctx.device.type == "cpu":
+        ctx.results.run["speed"]["note"] = CPU_NOTE
+        if ctx.rank == 0:
+            print(f"speed: {CPU_NOTE}" + (f"; --limit: {s.n_tokens} decoded tokens, prefill {s.prompt_len}, "
+                                          f"{s.repeats} samples" if ctx.limit is not None else ""), file=sys.stderr)
+    n_variants = 1 + len(ctx.configs) * (2 if ctx.option("speed_int8_kernel") else 1)
+    bar = ctx.progress(None, "speed", total=n_variants * samples_per_variant(s), unit="sample")
     # as gpt-fast: no_grad, not inference mode, so that the tensors made here (KV caches, fused
     # projections, random weights) are ordinary ones that compiled CUDA graphs may update in place
     with torch.inference_mode(False), torch.no_grad():
-        measure_variants(ctx.results, variants, s, ctx.device, ctx.checkpoint)
+        with bar:
+            measure_variants(ctx.results, variants, s, ctx.device, ctx.checkpoint, bar)
 
 
 def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--speed-model", metavar="SHAPE",
                    help=f"time random weights of a named shape instead of the model ({', '.join(gptfast.SHAPES)})")
     g.add_argument("--speed-tokens", type=int, help=f"decoded tokens per sample (default {GPU_DEFAULT_TOKENS} on GPU, "
-                                                    f"{CPU_DEFAULT_TOKENS} on CPU)")
+                                                    f"{CPU_DEFAULT_TOKENS} on CPU; under --limit on a CPU at most "
+                                                    f"{CPU_LIMIT_TOKENS}, prefill at most {CPU_LIMIT_PROMPT_LEN} "
+                                                    f"tokens, at most {CPU_LIMIT_REPEATS} samples)")
     g.add_argument("--speed-batch-sizes", default="1",
                    help="decode batch sizes, comma separated (default 1; each size is one more compile per variant)")
     g.add_argument("--speed-prompt-len", type=int, default=512, help="prefill prompt length; 0 skips prefill (default 512)")

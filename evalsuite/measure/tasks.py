@@ -13,7 +13,7 @@ another's answers. Statistics are ours, from the per-item values:
   discordant items), ``flips_right_to_wrong`` and ``flips_wrong_to_right``; for LAMBADA also
   ``ppl_ratio`` = ppl(scheme) / ppl(fp) with a paired-bootstrap interval.
 
-Per-item values go to ``results.details["tasks"][task]``.
+Per-item values go to ``results.details["tasks"][task]`` (a generative task's texts too, ``responses``).
 
 The main thread runs the models (task by task, variant by variant); a worker tokenizes the next
 tasks, and another scores and records each answered variant while the device answers the next.
@@ -27,6 +27,7 @@ import functools
 import gc
 import logging
 import math
+import re
 import sys
 import time
 from collections import defaultdict
@@ -42,6 +43,9 @@ from evalsuite.measure import Stage
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 DEFAULT_SUITE = "standard"
 PAIRED_METRIC = "acc"
+# binary per-item metrics paired like acc (generative tasks: exact match after each answer filter)
+PAIRED_PREFIXES = ("acc", "exact_match")
+FEWSHOT_SEED = 1234  # lm-eval's evaluator seeds every task's few-shot sampler with this
 RENAMED = {"perplexity": "ppl"}
 
 
@@ -49,7 +53,9 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--tasks", help="lm-eval task names or suites (tags), comma separated "
                                    f"(default: the '{DEFAULT_SUITE}' suite)")
     g.add_argument("--suite", help="a suite of tasks by name: quick (arc_easy, piqa, lambada_openai) or standard "
-                                   "(the eight mirrored tasks); any tag of the task YAMLs works")
+                                   "(the eight mirrored tasks); any tag of the task YAMLs works. smoke: the "
+                                   "eight tasks (or those of --tasks) on the small sample shipped inside evalsuite "
+                                   "(replaces --data-dir; results marked partial)")
     g.add_argument("--tasks-dir", action="append", default=[],
                    help="another folder of lm-eval task YAMLs (repeatable); its tasks override ours of the same name")
     g.add_argument("--task-limit", type=int, help="evaluate at most N items per task (default --limit; marks results partial)")
@@ -123,7 +129,9 @@ def resolve_task_names(tm, spec: str) -> list[str]:
 def load_task(tm, name: str):
     """Build one lm-eval task with its dataset; data problems become one-line errors."""
     try:
-        return tm.load([name])["tasks"][name]
+        task = tm.load([name])["tasks"][name]
+        task.set_fewshot_seed(seed=FEWSHOT_SEED)
+        return task
     except EvalsuiteError:
         raise
     except ValueError as e:  # mirror.DataError and lm-eval's config errors
@@ -170,15 +178,31 @@ def answer(lm, by_doc: dict[int, list], rank: int = 0, world_size: int = 1) -> l
 
 def score(task, by_doc: dict[int, list], answers: list[Any]) -> dict[int, dict[str, Any]]:
     """Per-doc metric values from one model's responses: lm-eval's filters and ``process_results``.
-    Every instance's response slots are set anew, so nothing of a previous variant is reused."""
+    Every instance's response slots are set anew, so nothing of a previous variant is reused.
+    A task with several filters (GSM8K's strict and flexible answer extraction) has each metric once
+    per filter, named ``metric_filter`` (``exact_match_strict_match``); with one filter, ``metric``."""
     instances = [inst for group in by_doc.values() for inst in group]
     for inst, response in zip(instances, answers, strict=True):
         inst.resps = [response]
         inst.filtered_resps = {}
     task.apply_filters()
-    key = next(iter(instances[0].filtered_resps))
-    return {doc_id: task.process_results(group[0].doc, [inst.filtered_resps[key] for inst in group])
-            for doc_id, group in by_doc.items()}
+    keys = list(instances[0].filtered_resps)
+    out = {}
+    for doc_id, group in by_doc.items():
+        merged: dict[str, Any] = {}
+        for key in keys:
+            values = task.process_results(group[0].doc, [inst.filtered_resps[key] for inst in group])
+            suffix = "" if len(keys) == 1 else "_" + re.sub(r"\W+", "_", key).strip("_")
+            merged.update({m + suffix: v for m, v in values.items()})
+        out[doc_id] = merged
+    return out
+
+
+def base_metric(metric: str, known) -> str:
+    """The task's metric a per-filter name stands for (``exact_match_strict_match`` -> ``exact_match``)."""
+    if metric in known:
+        return metric
+    return max((k for k in known if metric.startswith(k + "_")), key=len, default=metric)
 
 
 def loglikelihoods(by_doc: dict[int, list]) -> list[list[float]]:
@@ -193,7 +217,7 @@ def loglikelihoods(by_doc: dict[int, list]) -> list[list[float]]:
     return out
 
 
-def make_lm(ctx, model, encode_cache: dict, plan_cache: dict | None = None):
+def make_lm(ctx, model, encode_cache: dict, plan_cache: dict | None = None, memory_budget: int | None = None):
     """The adapter for one variant: a fresh object, never a cache of answers shared with another
     variant (the tokens and batch plans it may share do not depend on the model)."""
     from evalsuite.measure.lm_adapter import TorchLM
@@ -209,7 +233,7 @@ def make_lm(ctx, model, encode_cache: dict, plan_cache: dict | None = None):
     return TorchLM(model, ctx.tokenizer, device=ctx.device, batch_size=batch_size,
                    batch_tokens=ctx.option("task_batch_tokens"), encode_cache=encode_cache, plan_cache=plan_cache,
                    show_progress=ctx.show_progress and ctx.rank == 0,
-                   packed=False if ctx.option("task_packing", "auto") == "off" else None)
+                   packed=False if ctx.option("task_packing", "auto") == "off" else None, memory_budget=memory_budget)
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -227,9 +251,10 @@ def variant_records(task, name: str, variant: str, per_doc: list[dict[str, Any]]
     out = []
     for metric in per_doc[0]:
         values = [d[metric] for d in per_doc]
-        agg = aggregation.get(metric)
+        base = base_metric(metric, aggregation)
+        agg = aggregation.get(base)
         rec = dict(stage="tasks", task=name, variant=variant, metric=RENAMED.get(metric, metric), n=len(values),
-                   higher_is_better=hib.get(metric), extra=dict(extra))
+                   higher_is_better=hib.get(base), extra=dict(extra))
         if agg is mean or agg is None:
             value, stderr = mean_stderr(np.asarray(values, dtype=np.float64))
             rec.update(value=value, stderr=None if math.isnan(stderr) else stderr,
@@ -259,6 +284,19 @@ def _delta_interval(a: np.ndarray, b: np.ndarray, seed: int) -> list[float]:
     return [min(boot[0], score[0]), max(boot[1], score[1])]
 
 
+def paired_metrics(doc: dict) -> list[str]:
+    """The per-item metrics paired between fp and a variant: ``acc`` and every exact match."""
+    return [m for m in doc if m == PAIRED_METRIC or any(m == p or m.startswith(p + "_") for p in PAIRED_PREFIXES[1:])]
+
+
+def paired_names(metric: str) -> dict[str, str]:
+    """Record names of the paired statistics of ``metric``: ``delta_acc``, ``mcnemar_p``, ``flips_*``
+    for acc (as before), the same with ``_<metric>`` appended otherwise (``mcnemar_p_exact_match_strict_match``)."""
+    suffix = "" if metric == PAIRED_METRIC else f"_{metric}"
+    return {"delta": f"delta_{metric}", "mcnemar": f"mcnemar_p{suffix}",
+            "right_to_wrong": f"flips_right_to_wrong{suffix}", "wrong_to_right": f"flips_wrong_to_right{suffix}"}
+
+
 def paired_records(name: str, variant: str, fp_docs: list[dict], q_docs: list[dict], extra: dict,
                    seed: int = 0) -> list[dict]:
     """delta_acc / mcnemar_p / flips (and ppl_ratio for perplexity tasks) of ``variant`` against fp."""
@@ -266,23 +304,26 @@ def paired_records(name: str, variant: str, fp_docs: list[dict], q_docs: list[di
 
     out = []
     common = dict(stage="tasks", task=name, variant=variant, extra=dict(extra))
-    if PAIRED_METRIC in fp_docs[0]:
-        a = np.asarray([d[PAIRED_METRIC] for d in fp_docs], dtype=np.float64)
-        b = np.asarray([d[PAIRED_METRIC] for d in q_docs], dtype=np.float64)
+    for metric in paired_metrics(fp_docs[0]):
+        a = np.asarray([d[metric] for d in fp_docs], dtype=np.float64)
+        b = np.asarray([d[metric] for d in q_docs], dtype=np.float64)
+        if not (_is_binary(a.tolist()) and _is_binary(b.tolist())):
+            continue
         n = a.size
+        names = paired_names(metric)
         p, r2w, w2r = mcnemar_exact(a > 0.5, b > 0.5)
         out += [
-            dict(common, metric="delta_acc", value=float(b.mean() - a.mean()), unit="fraction", n=n,
+            dict(common, metric=names["delta"], value=float(b.mean() - a.mean()), unit="fraction", n=n,
                  higher_is_better=True, ci95=_delta_interval(a, b, seed),
-                 definition="acc(variant) - acc(fp) on the same items; ci95 the hull of a paired bootstrap over "
-                            "items and Newcombe's paired score interval (honest when few items flip)"),
-            dict(common, metric="mcnemar_p", value=p, unit="p-value", n=n, higher_is_better=None,
-                 definition="exact two-sided McNemar test (binomial on the items only one of fp and variant "
-                            "answers right)"),
-            dict(common, metric="flips_right_to_wrong", value=float(r2w), unit="items", n=n, higher_is_better=False,
-                 definition="items fp answers right and the variant wrong"),
-            dict(common, metric="flips_wrong_to_right", value=float(w2r), unit="items", n=n, higher_is_better=None,
-                 definition="items fp answers wrong and the variant right"),
+                 definition=f"{metric}(variant) - {metric}(fp) on the same items; ci95 the hull of a paired "
+                            "bootstrap over items and Newcombe's paired score interval (honest when few items flip)"),
+            dict(common, metric=names["mcnemar"], value=p, unit="p-value", n=n, higher_is_better=None,
+                 definition=f"exact two-sided McNemar test (binomial on the items only one of fp and variant "
+                            f"gets right by {metric})"),
+            dict(common, metric=names["right_to_wrong"], value=float(r2w), unit="items", n=n, higher_is_better=False,
+                 definition=f"items fp gets right and the variant wrong ({metric})"),
+            dict(common, metric=names["wrong_to_right"], value=float(w2r), unit="items", n=n, higher_is_better=None,
+                 definition=f"items fp gets wrong and the variant right ({metric})"),
         ]
     if "perplexity" in fp_docs[0]:
         la = np.asarray([d["perplexity"] for d in fp_docs], dtype=np.float64)
@@ -415,7 +456,12 @@ def run(ctx) -> None:
             except EvalsuiteError as e:
                 built.append(e)
         fast = ctx.option("lm_adapter", "fast") == "fast"
-        encoder = make_lm(ctx, next(iter(ctx.variants.values())), encode_cache) if fast else None
+        # one memory budget for the stage, measured with every variant on the device: every variant
+        # gets the same batch plan (and fp's cache entry a key that does not drift within a run)
+        from evalsuite.measure.memory import free_bytes
+
+        budget = free_bytes(ctx.device)
+        encoder = make_lm(ctx, next(iter(ctx.variants.values())), encode_cache, memory_budget=budget) if fast else None
         tokenized = [pool.submit(encoder.pretokenize, [i for g in b[1].values() for i in g])
                      if encoder is not None and not isinstance(b, EvalsuiteError) else None for b in built]
         try:
@@ -425,7 +471,7 @@ def run(ctx) -> None:
                     raise b
                 if tokens is not None:
                     tokens.result()
-                evaluate_task(ctx, name, *b, limit, details, encode_cache, seed, scoring)
+                evaluate_task(ctx, name, *b, limit, details, encode_cache, seed, scoring, memory_budget=budget)
         except BaseException:
             scoring.close(raise_errors=False)  # what was answered is recorded before the error surfaces
             raise
@@ -494,7 +540,10 @@ def _build(tm, name: str, limit: int | None) -> tuple[Any, dict[int, list]]:
 
 
 def _selected_tasks(args: argparse.Namespace, data_dir: Path | None):
-    spec = ",".join(s for s in (getattr(args, "tasks", None), getattr(args, "suite", None)) if s) or DEFAULT_SUITE
+    suite = getattr(args, "suite", None)
+    if suite == "smoke" and getattr(args, "tasks", None):  # smoke names the data there; --tasks picks from it
+        suite = None
+    spec = ",".join(s for s in (getattr(args, "tasks", None), suite) if s) or DEFAULT_SUITE
     tm = task_manager(task_dirs(getattr(args, "tasks_dir", None) or []), data_dir)
     return tm, resolve_task_names(tm, spec)
 
@@ -509,24 +558,61 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | None, details: dict,
-                  encode_cache: dict, seed: int, scoring: _Scoring | None = None) -> None:
+                  encode_cache: dict, seed: int, scoring: _Scoring | None = None,
+                  memory_budget: int | None = None) -> None:
     """Answer the task with every variant on the main thread (the device's work) and hand each
     answered variant to ``scoring`` (inline when None) for scoring and recording."""
     extra = {"partial": limit is not None, "limit": limit, "adapter": ctx.option("lm_adapter", "fast")}
     per_variant: dict[str, list[dict]] = {}
     plans: dict = {}  # the variants answer the same instances: batch them once
+    # positions each variant's forwards computed (benchmarks' MFU), beside the per-task details
+    forward_tokens = ctx.results.details.setdefault("tasks_forward_tokens", {}).setdefault(name, {})
     for variant, model in ctx.variants.items():
         t0 = time.perf_counter()
-        lm = make_lm(ctx, model, encode_cache, plans)
-        # the fused forward for our adapter only: --lm-adapter hf cross-checks lm-eval's own path
-        with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
-            answers = answer(lm, by_doc, ctx.rank, ctx.world_size)
+        cache = _fp_cache_entry(ctx, name, by_doc, limit, memory_budget) if variant == "fp" else None
+        answers = _cached_answers(cache.load()) if cache is not None else None
+        if answers is None:
+            lm = make_lm(ctx, model, encode_cache, plans, memory_budget)
+            # the fused forward for our adapter only: --lm-adapter hf cross-checks lm-eval's own path
+            with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
+                answers = answer(lm, by_doc, ctx.rank, ctx.world_size)
+            forward_tokens[variant] = getattr(lm, "forward_tokens", None)
+            if getattr(lm, "generation_notes", None):
+                extra["generation"] = ("greedy decoding; sampling arguments ignored: "
+                                       + ", ".join(sorted(lm.generation_notes)))
+            if cache is not None and ctx.rank == 0:
+                cache.store({"answers": [list(a) if isinstance(a, tuple) else a for a in answers]})
         seconds = round(time.perf_counter() - t0, 3)
         args = (ctx, name, task, by_doc, limit, details, variant, answers, seconds, per_variant, extra, seed)
         if scoring is None:
             _record_variant(*args)
         else:
             scoring.submit(_record_variant, *args)
+
+
+def _fp_cache_entry(ctx, name: str, by_doc: dict[int, list], limit: int | None, memory_budget: int | None = None):
+    """fp's cache entry for one task, keyed by its requests (documents, templates, few-shot examples
+    as lm-eval built them) and the adapter's batch settings; None with --fp-cache off."""
+    from evalsuite.measure import fp_cache
+    from evalsuite.measure.lm_adapter import gpu_batch_tokens, gpu_scored_rows
+
+    if ctx.option("fp_cache", "off") == "off":
+        return None
+    cfg = getattr(ctx.fp, "config", None)
+    plan = ([gpu_batch_tokens(cfg, memory_budget), gpu_scored_rows(getattr(cfg, "vocab_size", None) or 128_000, memory_budget)]
+            if ctx.device.type == "cuda" else None)
+    requests = [[inst.request_type, inst.arguments] for group in by_doc.values() for inst in group]
+    return fp_cache.Entry(ctx, f"tasks-{name}", {
+        "task": name, "requests_sha256": fp_cache.digest(requests), "limit": limit,
+        "adapter": ctx.option("lm_adapter", "fast"), "batch_size": ctx.option("task_batch_size"),
+        "batch_tokens": ctx.option("task_batch_tokens"), "gpu_plan": plan, "packing": ctx.option("task_packing", "auto")})
+
+
+def _cached_answers(payload: dict | None) -> list | None:
+    """Responses as lm-eval gives them (log-likelihood requests answer tuples; JSON keeps lists)."""
+    if payload is None:
+        return None
+    return [tuple(a) if isinstance(a, list) else a for a in payload["answers"]]
 
 
 def _record_variant(ctx, name: str, task, by_doc: dict[int, list], limit: int | None, details: dict, variant: str,
@@ -541,6 +627,8 @@ def _record_variant(ctx, name: str, task, by_doc: dict[int, list], limit: int | 
     # per-item data is final once computed: each checkpoint reuses its JSON text
     entry["values"][variant] = ctx.results.seal({m: [_jsonable(d[m]) for d in per_doc] for m in per_doc[0]})
     entry["loglikelihoods"][variant] = ctx.results.seal(loglikelihoods(by_doc))
+    if answers and all(isinstance(a, str) for a in answers):  # a generative task: the generated texts
+        entry.setdefault("responses", {})[variant] = ctx.results.seal(list(answers))
     per_variant[variant] = per_doc
     for rec in variant_records(task, name, variant, per_doc, dict(extra, seconds=seconds)):
         ctx.results.add(**rec)

@@ -18,3 +18,16 @@ __all__ = [
     "WeightOnlyInt8QuantHandler", "known_schemes", "make_handler", "output_head_name", "parse_scheme",
     "parse_schemes", "quantize_", "register",
 ]
+
+
+class _CallableStage(__import__("types").ModuleType):
+    """``evalsuite.quantize(model, "int8-wo")``: this package is also the API's quantize function
+    (the name is both, whichever Python resolves first)."""
+
+    def __call__(self, model, scheme: str, *, skip=(), inplace: bool = False):
+        from evalsuite.api import quantize
+
+        return quantize(model, scheme, skip=skip, inplace=inplace)
+
+
+__import__("sys").modules[__name__].__class__ = _CallableStage

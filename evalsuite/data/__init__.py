@@ -1,0 +1,76 @@
+"""Evaluation data: the embedded smoke suite, and fetching or checking a full local mirror.
+
+The mirror's layout (what ``--data-dir`` / ``$EVALSUITE_DATA_DIR`` points at) is named by the task
+YAMLs (``dataset_kwargs.mirror``) plus WikiText-2's two splits for the ppl and layers stages::
+
+    DIR/wikitext-2/test.txt, valid.txt      WikiText-2 v1, tokenized, ``<unk>`` kept
+    DIR/downstream/<task>.jsonl             one row a line in the task's format (tasks/mirror.py)
+
+The smoke suite (``evalsuite/data/smoke/``) has the same layout with a few articles and the first
+100 rows of each task; it is for checking an installation, and its results are marked as such.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SMOKE_DIR = Path(__file__).resolve().parent / "smoke"
+SMOKE_SUITE = "smoke"
+# what a smoke run evaluates unless told otherwise (--limit N for more, up to the 100 items shipped):
+# minutes on a 2-core CPU, all four stages
+SMOKE_LIMIT, SMOKE_PPL_CONTEXT, SMOKE_LAYER_TOKENS = 5, 512, 512
+WIKITEXT_FILES = {"test": "wikitext-2/test.txt", "valid": "wikitext-2/valid.txt"}
+WIKITEXT_HUB = {"path": "wikitext", "name": "wikitext-2-v1"}  # the variant corpus.py reads from the Hub
+
+
+def tasks_dir() -> Path:
+    from evalsuite.measure.tasks import TASKS_DIR
+
+    return TASKS_DIR
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """Where one task's data lives: its file in the mirror, its row format, its Hub dataset."""
+
+    task: str
+    mirror: str
+    format: str
+    hub: dict[str, Any] | None
+
+
+def _yaml_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # the task YAMLs name functions with lm-eval's !function tag
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    return Loader
+
+
+def task_sources(directory: Path | None = None) -> list[TaskSource]:
+    """Every shipped task with a file in the local mirror, from the task YAMLs (sorted by name)."""
+    import yaml
+
+    out = []
+    for path in sorted((directory or tasks_dir()).glob("*.yaml")):
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
+        kw = cfg.get("dataset_kwargs") or {}
+        if isinstance(cfg, dict) and kw.get("mirror"):
+            out.append(TaskSource(cfg["task"], kw["mirror"], kw.get("format", ""), kw.get("hub")))
+    return out
+
+
+# the downstream tasks with a mirror file (WikiText's document task shares the ppl stage's file)
+MIRRORED_TASKS = {s.task: s.mirror for s in task_sources() if s.format != "documents"}
+
+
+def smoke_notice(limit: int = SMOKE_LIMIT, context: int = SMOKE_PPL_CONTEXT) -> str:
+    """The one line a smoke run prints: what it used, and where the real data comes from."""
+    return (f"smoke suite: the small sample shipped in {SMOKE_DIR} (sources and licences in its NOTICE), "
+            f"--limit {limit} items a task and {context}-token ppl windows; its numbers check the installation and "
+            "are not comparable with a full run. The real data: 'evalsuite data fetch DIR' (from the Hugging Face "
+            "Hub), then --data-dir DIR or EVALSUITE_DATA_DIR=DIR")

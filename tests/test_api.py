@@ -1,0 +1,94 @@
+"""The Python API: evaluate (a path or an in-memory model) on the smoke suite, quantize, Results.table/gate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import evalsuite
+from evalsuite.errors import EvalsuiteError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_import_is_cheap_and_exposes_the_api():
+    code = "import sys, evalsuite; print('torch' in sys.modules, 'lm_eval' in sys.modules, sorted(evalsuite.__all__))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert p.stdout.split(maxsplit=2)[:2] == ["False", "False"], p.stdout + p.stderr
+    assert callable(evalsuite.evaluate) and callable(evalsuite.quantize) and evalsuite.Results
+
+
+def test_quantize_returns_a_quantized_copy(tiny_llama):
+    q = evalsuite.quantize(tiny_llama, "int8-wo")
+    names = {type(m).__name__ for m in q.modules()}
+    assert "WeightOnlyInt8Linear" in names
+    assert "WeightOnlyInt8Linear" not in {type(m).__name__ for m in tiny_llama.modules()}  # original untouched
+    with pytest.raises(EvalsuiteError, match="int9-wo"):
+        evalsuite.quantize(tiny_llama, "int9-wo")
+
+
+@pytest.fixture(scope="module")
+def smoke_results(smollm2, tmp_path_factory):
+    """SmolLM2 in memory, evaluated on the smoke suite: ppl (short windows) and one task."""
+    before = {k: v.clone() for k, v in list(smollm2.model.state_dict().items())[:3]}
+    res = evalsuite.evaluate(smollm2.model, tokenizer=smollm2.tokenizer, schemes=["int8-wo"],
+                             stages=["ppl", "tasks"], suite="smoke", limit=2, tasks=["copa"], ppl_context=128,
+                             out=tmp_path_factory.mktemp("api"))
+    assert all(torch.equal(v, smollm2.model.state_dict()[k]) for k, v in before.items())
+    return res
+
+
+@pytest.mark.slow
+def test_evaluate_an_in_memory_model_on_the_smoke_suite(smoke_results, smollm2):
+    res = smoke_results
+    assert res.run["suite"] == "smoke" and res.partial and res.run["model"]["format"] == "module"
+    assert res.run["dtype"] == "fp32" and res.run["device"]["type"] == "cpu"
+    ppl = res.get("ppl", "wikitext2", "fp", "token_ppl")
+    assert ppl.n == 2 * 127 and 1 < ppl.value < 1000
+    assert "128-token windows" in ppl.extra["protocol"]
+    assert res.get("tasks", "copa", "int8-wo", "acc").n == 2
+    assert res.verdicts and any(v["check"] == "baseline" and v["verdict"] == "SKIPPED" for v in res.verdicts)
+
+
+@pytest.mark.slow
+def test_results_table_and_gate(smoke_results, tmp_path):
+    import copy
+
+    res = copy.deepcopy(smoke_results)
+    text = res.table(width=80)
+    assert "SMOKE SUITE" in text and "token_ppl" in text and "copa" in text
+    assert max(len(ln) for ln in text.splitlines()) <= 80
+    # a smoke run never gates against baselines, whatever it is given
+    res.gate(smoke_results)
+    assert [v["verdict"] for v in res.verdicts if v["kind"] == "baseline"] == ["SKIPPED"]
+    # a full run does: itself as the baseline passes, a planted regression fails
+    res.run["suite"], res.run["partial"] = None, False
+    assert res.gate(copy.deepcopy(res)).passed
+    worse = copy.deepcopy(res)
+    m = worse.get("ppl", "wikitext2", "int8-wo", "token_ppl")
+    m.value *= 10
+    assert not worse.gate(res).passed
+    assert any(v["failing"] and v["check"] == "baseline:ppl/wikitext2/int8-wo/token_ppl" for v in worse.verdicts)
+
+
+def test_evaluate_validates_before_loading():
+    with pytest.raises(EvalsuiteError, match="unknown stage 'bogus'"):
+        evalsuite.evaluate("/no/such/model.gguf", stages=["bogus"])
+    with pytest.raises(EvalsuiteError, match="no such file"):
+        evalsuite.evaluate("/no/such/model.gguf", stages=["ppl"])
+
+
+def test_options_in_python_spelling_become_run_options():
+    from evalsuite.api import _flag
+    from evalsuite.cli import build_parser
+
+    known = build_parser("run")._subparsers._group_actions[0].choices["run"]._option_string_actions
+    assert _flag("ppl_noise_floor", False, known) == ["--no-ppl-noise-floor"]
+    assert _flag("tasks", ["arc_easy", "copa"], known) == ["--tasks", "arc_easy,copa"]
+    assert _flag("speed_compile", True, known) == ["--speed-compile"] and _flag("seed", None, known) == []
+    with pytest.raises(EvalsuiteError, match="unknown option 'ppl_windowz'"):
+        evalsuite.evaluate(stages=["ppl"], ppl_windowz=2)

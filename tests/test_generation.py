@@ -1,0 +1,119 @@
+"""Stage gen: generation fidelity records, their noise floor, and a cache-only fault caught."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from evalsuite.judge.checks import FAIL, PASS
+from evalsuite.judge.config import DEFAULTS, GateConfig
+from evalsuite.judge.generation import generation_checks
+from evalsuite.judge.within import ppl_checks
+from evalsuite.measure import generation as G
+from evalsuite.measure import perplexity as P
+from evalsuite.quantize import parse_schemes, quantize_
+from tests.test_generate import sharp_tiny_llama
+from tests.test_perplexity import make_ctx
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+GEN = dict(gen_sources="wikitext2", gen_prompts=6, gen_new_tokens=12, gen_prefix_tokens=16)
+
+
+def with_cached_position_fault(model):
+    """A copy whose decode steps (one new token on a cache) get positions counted from 0 again after
+    the prompt, a wrong offset: the prompt's forward, and any teacher-forced one, are untouched."""
+    faulty = copy.deepcopy(model)
+    forward = faulty.forward
+    prompt_end = {}
+
+    @functools.wraps(forward)
+    def shifted(*args, position_ids=None, **kwargs):
+        if position_ids is not None and position_ids.shape[-1] == 1 and "base" in prompt_end:
+            position_ids = position_ids - prompt_end["base"][: position_ids.shape[0]]
+        elif position_ids is not None:
+            prompt_end["base"] = position_ids[:, -1:] + 1
+        return forward(*args, position_ids=position_ids, **kwargs)
+
+    faulty.forward = shifted
+    return faulty
+
+
+def _limits(variant):
+    pattern, limits = GateConfig(copy.deepcopy(DEFAULTS)).scheme(variant)
+    return pattern, limits
+
+
+def test_a_cache_only_fault_fails_the_fidelity_check_while_ppl_passes(smollm2, tmp_path, data_dir):
+    fp = smollm2.model
+    (int8,) = parse_schemes("int8-wo")
+    variants = {"fp": fp, "int8-wo": quantize_(copy.deepcopy(fp), int8), "fp-cachefault": with_cached_position_fault(fp)}
+    ctx = make_ctx(variants, tmp_path, tokenizer=smollm2.tokenizer, ppl_windows=3,
+                   **{**GEN, "gen_prompts": 4, "gen_new_tokens": 10})
+    ctx.data_dir = data_dir
+    P.run(ctx)
+    G.run(ctx)
+    res = ctx.results
+    res.run["stages"] = ["ppl", "gen"]
+    # teacher forcing cannot see it: the faulty copy's ppl checks pass
+    pattern, limits = _limits("fp-cachefault")
+    ppl = ppl_checks(res, "fp-cachefault", limits, pattern)
+    assert ppl and all(c.verdict == PASS for c in ppl), [(c.check, c.verdict, c.reason) for c in ppl]
+    assert res.get("gen", "generation", "fp-cachefault", "tf_kld_generated").value == pytest.approx(0.0, abs=1e-9)
+    # the fidelity check does
+    checks = {c.metric: c for c in generation_checks(res, "fp-cachefault", limits, pattern)}
+    assert checks["decode_agreement"].verdict == FAIL, checks["decode_agreement"].reason
+    assert res.get("gen", "generation", "fp-cachefault", "identical_fraction").value < 0.5
+    # and raises no alarm on a correct variant, nor on fp's own decoding
+    pattern, limits = _limits("int8-wo")
+    honest = {c.metric: c for c in generation_checks(res, "int8-wo", limits, pattern)}
+    assert honest["decode_agreement"].verdict == PASS, honest["decode_agreement"].reason
+    assert res.get("gen", "generation", "fp", "decode_agreement").value == 1.0
+    assert res.get("gen", "generation", "int8-wo", "identical_fraction").value > \
+        res.get("gen", "generation", "fp-cachefault", "identical_fraction").value
+
+
+def test_records_their_definitions_and_the_bf16_noise_floor(tmp_path, data_dir):
+    fp32 = sharp_tiny_llama(seed=5)
+    fp = copy.deepcopy(fp32).to(torch.bfloat16)
+    (int8,) = parse_schemes("int8-wo")
+    variants = {"fp": fp, "int8-wo": quantize_(copy.deepcopy(fp), int8)}
+    ctx = make_ctx(variants, tmp_path, dtype=torch.bfloat16, reload=lambda dtype: copy.deepcopy(fp32).to(dtype), **GEN)
+    ctx.data_dir = data_dir
+    G.run(ctx)
+    res = ctx.results
+    for variant in ("int8-wo", G.NOISE):
+        for metric in ("identical_fraction", "divergence_tokens_median", "tf_kld_prompt", "tf_kld_generated"):
+            rec = res.get("gen", "generation", variant, metric)
+            assert rec is not None and rec.definition and rec.ci95 is not None, (variant, metric)
+            assert rec.ci95[0] <= rec.value <= rec.ci95[1]
+    gens = res.details["gen"]["generations"]
+    same = sum(a == b for a, b in zip(gens["fp"], gens["int8-wo"]))
+    assert res.get("gen", "generation", "int8-wo", "identical_fraction").value == pytest.approx(same / 6)
+    assert res.get("gen", "generation", G.NOISE, "tf_kld_prompt").value > 0  # bf16 rounding is measured
+    assert "float32" in res.get("gen", "generation", G.NOISE, "identical_fraction").definition
+    assert res.details["gen"]["noise_floor"].startswith("measured")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"gen_sources": "gsm8k,books"}, "--gen-sources: unknown books"),
+    ({"gen_prompts": 0}, "--gen-prompts must be at least 1"),
+    ({"gen_new_tokens": 0}, "--gen-new-tokens must be at least 1"),
+])
+def test_bad_options_are_refused_before_the_model_loads(options, message):
+    import argparse
+
+    from evalsuite.errors import EvalsuiteError
+
+    with pytest.raises(EvalsuiteError, match=message):
+        G.validate(argparse.Namespace(**{"gen_sources": None, "gen_prompts": None, "gen_new_tokens": None,
+                                         "gen_prefix_tokens": None, **options}))
+
+
+def test_the_stage_is_registered_and_runs_by_default():
+    from evalsuite.measure import get_stage, parse_stages
+
+    assert "gen" in parse_stages("all") and get_stage("gen").name == "gen"
