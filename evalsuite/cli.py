@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("evalsuite.report.cli", "render a results file as md, html, json or junit"),
     "baseline": ("evalsuite.judge.cli_baseline", "create or update a baseline from a results file"),
     "history": ("evalsuite.judge.cli_history", "show a metric's trend across runs and flag drift"),
+    "fix": ("evalsuite.fix", "suggest and verify the fewest layers to keep in fp so a failing scheme passes"),
     "nightly": ("evalsuite.nightly", "run a matrix of models x schemes x stages from a config file"),
 }
 
