@@ -186,6 +186,9 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
                                  batch_size=len(windows) if ctx.device.type == "cuda" else 1)
             search = greedy_restore(cf, units, target, int(budget * total_params), rerank=int(args.fix_rerank),
                                     forced=forced)
+            blocks = make_units(fp, layer_names, "block") if args.fix_granularity == "layer" else []
+            block_drop = {b.name: search.baseline.kld_mean - cf.measure(b.layers).kld_mean for b in blocks}
+            forwards = cf.forwards
             del cf
         t_search = time.perf_counter() - t0
         skip = [*ctx.skip, *(u.pattern for u in search.chosen)]
@@ -196,7 +199,8 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         fp_bytes = params * dtype_bytes
         verify_dir = out_dir / "fix" / variant
         command = run_command(results.run.get("argv"), str(ctx.loaded.info.path), variant, skip, stages, str(verify_dir))
-        verified, checks_after, t_verify = _verify(ctx, results, config, variant, skip, stages, verify_dir)
+        verified, checks_after, t_verify = _verify(ctx, results, config, variant, skip, stages, verify_dir,
+                                                       command)
         entry.update({
             "status": "verified" if verified["pass"] else ("verification failed" if search.met else "no set within the budget"),
             "predicted_met": search.met, "stop_reason": search.stop_reason,
@@ -208,12 +212,15 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
             "bytes_fp": fp_bytes, "bytes_extra": fp_bytes - q_bytes,
             "predicted": search.metrics.to_dict(), "before": search.baseline.to_dict(),
             "steps": [s.to_dict() for s in search.steps],
-            "sensitivity": dict(sorted(search.sensitivity.items(), key=lambda kv: -kv[1])),
+            "sensitivity": search.sensitivity, "block_sensitivity": block_drop,
             "verified": verified, "verification_checks": checks_after,
             "command": command,
             "seconds": {"sensitivity_and_search": round(t_search, 3), "verification": round(t_verify, 3),
-                        "forwards": search.steps[-1].forwards},
+                        "forwards": forwards},
         })
+        ppl_s = (results.run.get("stage_seconds") or {}).get("ppl")
+        if ppl_s:  # the issue's cost target: the whole fix within 4x one ppl stage of the run
+            entry["seconds"]["over_ppl_stage"] = round((t_search + t_verify) / ppl_s, 3)
         _records(results, variant, entry)
         print(describe(variant, entry), file=sys.stderr)
         ctx.checkpoint()
@@ -221,7 +228,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
 
 
 def _verify(ctx, results: Results, config, variant: str, skip: list[str], stages: list[str],
-            out_dir: Path) -> tuple[dict, list[dict], float]:
+            out_dir: Path, command: str = "evalsuite run") -> tuple[dict, list[dict], float]:
     """Re-run ``stages`` for ``variant`` quantized with ``skip`` on the evaluation data; judge it."""
     import torch
 
@@ -237,7 +244,8 @@ def _verify(ctx, results: Results, config, variant: str, skip: list[str], stages
     args = copy.copy(ctx.args)
     args.skip_layers = ",".join(skip)
     args.ppl_noise_floor = False  # the gate's checks do not need it; a third of the ppl stage's cost
-    run = {**results.run, "schemes": [variant], "stages": stages, "fix_verification_of": variant,
+    run = {**results.run, "argv": shlex.split(command)[1:], "schemes": [variant], "stages": stages,
+           "fix_verification_of": variant,
            "stage_seconds": {}, "partial": bool(results.run.get("partial"))}
     vres = Results(run=run)
     vctx = RunContext(loaded=ctx.loaded, variants={"fp": ctx.fp, variant: model}, configs={variant: cfg},
@@ -279,6 +287,9 @@ def _records(results: Results, variant: str, e: dict) -> None:
         definition += f" (on top of {len(e['forced'])} layers forced by a failing layer-SQNR check)"
     records = [dict(stage="fix", task=name, variant=variant, metric="kld_drop", value=v, unit="nats", n=tokens,
                     higher_is_better=None, definition=definition) for name, v in e["sensitivity"].items()]
+    block_def = KLD_DROP_DEF.format(unit="block's quantized layers", source=cal["source"], tokens=tokens)
+    records += [dict(stage="fix", task=name, variant=variant, metric="kld_drop", value=v, unit="nats", n=tokens,
+                     higher_is_better=None, definition=block_def) for name, v in e.get("block_sensitivity", {}).items()]
     summary = [
         ("params_fraction", e["params_fraction"], "fraction",
          "parameters of the suggested set / parameters of all quantized linear layers"),

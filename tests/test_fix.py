@@ -153,8 +153,8 @@ def model_dirs(smollm2, tmp_path_factory):
 
 def _run_argv(model_dir, data_dir, out, *extra):
     return ["run", "--model", str(model_dir), "--stages", "ppl", "--quant", "int8-wo", "--device", "cpu",
-            "--data-dir", str(data_dir), "--out", str(out), "--ppl-context", "64", "--ppl-windows", "24",
-            "--no-progress", "--threads", "1", "--no-history", "--fix-tokens", "512", *extra]
+            "--data-dir", str(data_dir), "--out", str(out), "--ppl-context", "64", "--ppl-windows", "16",
+            "--no-progress", "--threads", "1", "--no-history", "--fix-tokens", "256", *extra]
 
 
 def _main(argv, monkeypatch):
@@ -164,6 +164,7 @@ def _main(argv, monkeypatch):
     return main(argv)
 
 
+@pytest.mark.slow
 def test_cli_suggest_fix_names_the_planted_layer_and_verification_passes(model_dirs, data_dir, tmp_path,
                                                                         monkeypatch, capsys):
     out = tmp_path / "run"
@@ -191,6 +192,7 @@ def test_cli_suggest_fix_names_the_planted_layer_and_verification_passes(model_d
     assert _main([*argv, "--no-history"], monkeypatch) == 0
 
 
+@pytest.mark.slow
 def test_fix_command_on_a_results_file_and_a_passing_scheme_gets_none(model_dirs, data_dir, tmp_path, monkeypatch,
                                                                        capsys):
     honest = tmp_path / "honest"
@@ -203,12 +205,12 @@ def test_fix_command_on_a_results_file_and_a_passing_scheme_gets_none(model_dirs
     assert _main(_run_argv(model_dirs["planted"], data_dir, planted), monkeypatch) == 1
     assert "fix" not in Results.load(planted / "results.json").details
     # a budget smaller than the bad layer: no set passes, and it says so with the best found
-    code = _main(["fix", str(planted / "results.json"), "--fix-budget", "5%", "--fix-tokens", "512"], monkeypatch)
+    code = _main(["fix", str(planted / "results.json"), "--fix-budget", "5%", "--fix-tokens", "256"], monkeypatch)
     assert code == 1
     fix = json.loads((planted / "results.json").read_text())["details"]["fix"]["int8-wo"]
     assert fix["status"] == "no set within the budget" and BAD not in fix["set"]
     assert "no fix within 5% budget; best found" in capsys.readouterr().err
-    assert _main(["fix", str(planted / "results.json"), "--fix-tokens", "512"], monkeypatch) == 0
+    assert _main(["fix", str(planted / "results.json"), "--fix-tokens", "256"], monkeypatch) == 0
     fix = Results.load(planted / "results.json").details["fix"]["int8-wo"]
     assert fix["status"] == "verified" and fix["set"][0] == BAD
 

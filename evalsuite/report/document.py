@@ -137,13 +137,14 @@ def fix_section(results: Results) -> Section | None:
                      f"{e['params_fraction']:.1%} (+{e['bytes_extra'] / 2**20:.2f} MiB)",
                      f"KLD {_num(e['before']['kld_mean'])} → {_num(p['kld_mean'])}, ppl ratio {_num(p['ppl_ratio'])}",
                      ver])
-        sens = list(e.get("sensitivity", {}).items())[:5]
+        sens = sorted(e.get("sensitivity", {}).items(), key=lambda kv: -kv[1])[:5]
         top.append(f"{variant}: most sensitive " + ", ".join(f"{k} ({_num(x)} nats)" for k, x in sens)
                    + f"; set: {', '.join(e['set']) or 'none'}; stopped: {e.get('stop_reason', '')}")
         s.code.append(e["command"])
     s.tables.append(Table(["verified", "scheme", "status", "layers kept in fp", "of linear weights",
                            "predicted (calibration)", "verified (evaluation data)"], rows, verdict_col=0))
     s.notes.extend(top)
+    s.figures.append("fix")
     return s
 
 
