@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import fnmatch
 import os
 import random
 import sys
@@ -168,8 +169,6 @@ def main(argv=None) -> int:
         for sname, skip in strategies.items():
             t = time.perf_counter()
             verified, _, _ = fix._verify(ctx, results, config, name, skip, ["ppl"], out_dir / sname / name)
-            import fnmatch
-
             params = sum(units[n] for n in layers if any(fnmatch.fnmatchcase(n, p) for p in skip))
             vm = verified["metrics"]
             entry["strategies"][sname] = {"skip": skip, "params": params, "verified": verified,

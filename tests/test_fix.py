@@ -224,3 +224,21 @@ def test_cli_rejects_bad_fix_options_before_loading(tmp_path, monkeypatch, capsy
     assert "fitted to the test" in capsys.readouterr().err
     assert _main(["fix", str(tmp_path / "nope.json")], monkeypatch) == 2
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_smollm2_int4_g128_gets_a_verified_fix_or_says_none_fits(smollm2_path, data_dir, tmp_path, monkeypatch):
+    """The issue's case on the device, in bf16, on 32 evaluation windows: int4-wo-g128 fails its ppl
+    gate; the fix is verified by its own re-run, or the report says no set within 25% passes."""
+    out = tmp_path / "run"
+    code = _main(["run", "--model", str(smollm2_path), "--quant", "int4-wo-g128", "--stages", "ppl", "--data-dir",
+                  str(data_dir), "--out", str(out), "--ppl-windows", "32", "--no-history", "--suggest-fix"], monkeypatch)
+    assert code == 1
+    fix = Results.load(out / "results.json").details["fix"]["int4-wo-g128"]
+    verification = Results.load(out / "fix" / "int4-wo-g128" / "results.json")
+    assert fix["params_fraction"] <= 0.25 + 1e-9
+    assert fix["verified"]["pass"] == all(v["verdict"] == "PASS" for v in verification.verdicts)
+    assert fix["status"] in ("verified", "verification failed", "no set within the budget")
+    if fix["status"] == "verified":
+        assert fix["verified"]["metrics"]["kld_mean"]["value"] < 0.15
+    assert fix["before"]["kld_mean"] > fix["predicted"]["kld_mean"]

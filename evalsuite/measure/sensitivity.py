@@ -21,14 +21,12 @@ Definitions (per scored calibration token, natural logs):
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -221,20 +219,20 @@ def calibration_windows(tokenizer, text: str, tokens: int, context: int, source:
     ``text``, holding at least ``tokens`` tokens in all (a whole number of windows)."""
     from evalsuite.measure.perplexity import Protocol, make_windows, tokenize_corpus, tokenizer_bos
 
-    ids, ends = tokenize_corpus(tokenizer, text)
     context = min(context, tokens)
     n_windows = max(1, -(-tokens // context))
+    need = n_windows * context
+    # a prefix of the text is enough (~4 characters a token in English; 16 leaves room), cut at a line
+    # end so no word is split; the whole text where the prefix falls short
+    cut = text.find("\n", need * 16)
+    if cut > 0:
+        ids, ends = tokenize_corpus(tokenizer, text[:cut])
+        if len(ids) >= need:
+            text = text[:cut]
+        else:
+            cut = -1
+    if cut <= 0:
+        ids, ends = tokenize_corpus(tokenizer, text)
     return make_windows(ids, text, ends, Protocol(context=context, max_windows=n_windows), tokenizer_bos(tokenizer),
                         source, decode=tokenizer.decode)
 
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def params_of(fp: nn.Module, layer_names: Iterable[str]) -> int:
-    return int(sum(fp.get_submodule(n).weight.numel() for n in layer_names))
-
-
-def as_array(d: dict[str, float]) -> np.ndarray:
-    return np.asarray(list(d.values()), dtype=np.float64)
