@@ -47,7 +47,7 @@ def add_fix_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--fix-margin", type=float, default=0.8,
                    help="predicted KLD and ln(ppl ratio) must be below this fraction of their limits (default 0.8)")
     g.add_argument("--fix-rerank", type=int, default=8,
-                   help="candidates re-measured on top of the chosen set at each greedy step (default 8)")
+                   help="most candidates re-measured on top of the chosen set at each greedy step (default 8)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -168,8 +168,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         stages = [s for s in stages if s in FIXABLE_STAGES]
         if not stages:
             entry["status"] = "not fixable by restoring layers"
-            print(f"fix {variant}: failing checks {', '.join(unfixable)} are not fixable by keeping layers in fp",
-                  file=sys.stderr)
+            print(describe(variant, entry))
             continue
         fp, quantized = ctx.fp, ctx.variants[variant]
         layer_names = quantized_layer_names(quantized)
@@ -222,7 +221,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         if ppl_s:  # the cost target: the whole fix within 4x one ppl stage of the run
             entry["seconds"]["over_ppl_stage"] = round((t_search + t_verify) / ppl_s, 3)
         _records(results, variant, entry)
-        print(describe(variant, entry), file=sys.stderr)
+        print(describe(variant, entry), flush=True)
         ctx.checkpoint()
     return details
 

@@ -75,8 +75,8 @@ def test_sensitivity_names_the_planted_layer_first_and_greedy_restores_it():
     assert search.sensitivity[BAD] > 10 * search.sensitivity[ranked[1]]
     assert search.chosen[0].name == BAD and search.met
     assert search.baseline.kld_mean > 0.01 > search.metrics.kld_mean
-    # one forward per counterfactual: baseline + 14 leave-one-out (+ re-ranks after a first pick)
-    assert cf.forwards == 1 + 14 + 4 * (len(search.chosen) - 1)
+    # one forward per counterfactual: baseline + 14 leave-one-out + at most 4 re-measures a later pick
+    assert 1 + 14 + (len(search.chosen) - 1) <= cf.forwards <= 1 + 14 + 4 * (len(search.chosen) - 1)
 
 
 def test_budget_too_small_says_so_and_keeps_the_best_found():
@@ -182,8 +182,8 @@ def test_cli_suggest_fix_names_the_planted_layer_and_verification_passes(model_d
     assert results.get("fix", "suggestion", "int8-wo", "verified_pass").value == 1.0
     verification = Results.load(out / "fix" / "int8-wo" / "results.json")
     assert all(v["verdict"] == "PASS" for v in verification.verdicts)
-    err = capsys.readouterr().err
-    assert fix["command"] in err and f"--skip-layers {BAD}" in fix["command"]
+    printed = capsys.readouterr().out
+    assert fix["command"] in printed and f"--skip-layers {BAD}" in fix["command"]
     assert "Fix suggestion" in (out / "report.md").read_text()
 
     # the printed command, run as a user would, passes the gate too
@@ -209,7 +209,7 @@ def test_fix_command_on_a_results_file_and_a_passing_scheme_gets_none(model_dirs
     assert code == 1
     fix = json.loads((planted / "results.json").read_text())["details"]["fix"]["int8-wo"]
     assert fix["status"] == "no set within the budget" and BAD not in fix["set"]
-    assert "no fix within 5% budget; best found" in capsys.readouterr().err
+    assert "no fix within 5% budget; best found" in capsys.readouterr().out
     assert _main(["fix", str(planted / "results.json"), "--fix-tokens", "256"], monkeypatch) == 0
     fix = Results.load(planted / "results.json").details["fix"]["int8-wo"]
     assert fix["status"] == "verified" and fix["set"][0] == BAD

@@ -13,9 +13,10 @@ Definitions (per scored calibration token, natural logs):
 - leave-one-out sensitivity of unit u: ``kld_drop`` = kld_mean(∅) - kld_mean({u}), the KLD removed by
   restoring only u (a unit is one linear layer, or one block's quantized linears);
 - the greedy search (:func:`greedy_restore`) adds, while the target is not met and the budget
-  allows, the unit with the largest KLD drop per parameter given the set already chosen: the
-  ``rerank`` best by their last measured drop are re-measured on top of the chosen set each step
-  (interactions measured, not assumed additive; lazy greedy over the rest).
+  allows, the unit with the largest KLD drop per parameter given the set already chosen. Each step
+  re-measures candidates on top of the chosen set (interactions measured, not assumed additive) in
+  the order of their last measured drop, until a re-measured one beats the next one's last drop, at
+  most ``rerank`` of them (lazy greedy: a unit's drop rarely grows as the set grows).
 """
 
 from __future__ import annotations
@@ -183,6 +184,7 @@ def greedy_restore(cf: Counterfactuals, units: list[Unit], target: Callable[[Met
     current = cf.measure(layers) if forced else baseline
     steps = [Step(None, current, used, cf.forwards)]
     rest = [u for u in units if u not in chosen]
+    units_by_name = {u.name: u for u in units}
     # leave-one-out: each unit alone on top of the forced set (the plain sensitivity when none)
     fresh = {u.name: cf.measure(layers + list(u.layers)) for u in rest}
     drop = {name: current.kld_mean - m.kld_mean for name, m in fresh.items()}
@@ -193,11 +195,15 @@ def greedy_restore(cf: Counterfactuals, units: list[Unit], target: Callable[[Met
         if not fits:
             stop = "byte budget spent" if rest else "every layer restored"
             break
-        if not fresh:  # re-measure the best few by their last drop, on top of the chosen set
-            for u in sorted(fits, key=lambda u: drop[u.name] / u.params, reverse=True)[:rerank]:
+        if not fresh:  # lazy greedy: re-measure by last drop until a fresh one beats the next stale one
+            order = sorted(fits, key=lambda u: drop[u.name] / u.params, reverse=True)[:rerank]
+            for i, u in enumerate(order):
                 m = cf.measure(layers + list(u.layers))
                 fresh[u.name] = m
                 drop[u.name] = current.kld_mean - m.kld_mean
+                best_fresh = max(drop[n] / units_by_name[n].params for n in fresh)
+                if i + 1 < len(order) and best_fresh >= drop[order[i + 1].name] / order[i + 1].params:
+                    break
         candidates = [u for u in fits if u.name in fresh]
         best = max(candidates, key=lambda u: drop[u.name] / u.params)
         if drop[best.name] <= 0:
