@@ -218,7 +218,8 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
                         "forwards": forwards},
         })
         ppl_s = (results.run.get("stage_seconds") or {}).get("ppl")
-        if ppl_s:  # the cost target: the whole fix within 4x one ppl stage of the run
+        if ppl_s and len(results.run.get("schemes") or []) == 1:
+            # the cost target: the whole fix within 4x one ppl stage of the same variant
             entry["seconds"]["over_ppl_stage"] = round((t_search + t_verify) / ppl_s, 3)
         _records(results, variant, entry)
         print(describe(variant, entry), flush=True)

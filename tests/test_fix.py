@@ -79,6 +79,34 @@ def test_sensitivity_names_the_planted_layer_first_and_greedy_restores_it():
     assert 1 + 14 + (len(search.chosen) - 1) <= cf.forwards <= 1 + 14 + 4 * (len(search.chosen) - 1)
 
 
+class FakeCounterfactuals:
+    """KLD of a restored set from a table: a and b remove the same error (redundant), c another."""
+
+    KLD = {(): 1.0, ("a",): 0.5, ("b",): 0.55, ("c",): 0.7, ("a", "b"): 0.5, ("a", "c"): 0.2, ("b", "c"): 0.25,
+           ("a", "b", "c"): 0.2}
+
+    def __init__(self):
+        self.forwards = 0
+
+    def measure(self, layers=()):
+        from evalsuite.measure.sensitivity import Metrics
+
+        self.forwards += 1
+        return Metrics(self.KLD[tuple(sorted(layers))], 0.0, 100)
+
+
+def test_greedy_re_measures_interactions_instead_of_adding_leave_one_out_drops():
+    """By leave-one-out drops b (0.45) comes before c (0.3); once a is restored b removes nothing
+    more, and the re-measured search takes c and meets the target with two units."""
+    from evalsuite.measure.sensitivity import Unit
+
+    units = [Unit(n, (n,), n, 10) for n in "abc"]
+    search = greedy_restore(FakeCounterfactuals(), units, lambda m: m.kld_mean <= 0.25, budget_params=30, rerank=3)
+    assert [u.name for u in search.chosen] == ["a", "c"] and search.met
+    assert search.sensitivity == pytest.approx({"a": 0.5, "b": 0.45, "c": 0.3})
+    assert search.metrics.kld_mean == 0.2
+
+
 def test_budget_too_small_says_so_and_keeps_the_best_found():
     fp = planted_model()
     q = quantize_(copy.deepcopy(fp), parse_scheme("int8-wo"))
