@@ -53,7 +53,7 @@ def add_fix_options(g: argparse._ArgumentGroup) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", help="results.json of a run (its model, schemes and data are reused)")
     add_fix_options(p.add_argument_group("fix"))
-    p.add_argument("--gates", metavar="FILE", help="YAML file overriding the default gate limits")
+    p.add_argument("--gates", metavar="FILE", help="YAML file overriding the default gate limits (default: the run's --gates)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: the run's device")
     p.add_argument("--model", help="the model, where it moved since the run (default: the run's model path)")
     p.add_argument("--data-dir", help="evaluation data (default: the run's --data-dir)")
@@ -352,14 +352,14 @@ def main(args: argparse.Namespace) -> int:
 
     path = Path(args.results)
     results = Results.load(path)
-    config = load_gate_config(args.gates)
+    argv = results.run.get("argv") or []
+    run_args = build_parser("run").parse_args(argv if argv[:1] == ["run"] else ["run"])
+    config = load_gate_config(args.gates or run_args.gates, strict=run_args.strict)  # the run's limits by default
     checks = finalize(within_run_checks(results, config), config.strict)
     fails = failing_checks([c.to_dict() for c in checks])
     if not fails:
         print("every scheme meets its within-run limits: no fix needed")
         return 0
-    argv = results.run.get("argv") or []
-    run_args = build_parser("run").parse_args(argv if argv[:1] == ["run"] else ["run"])
     for k in ("fix_budget", "fix_granularity", "fix_tokens", "fix_corpus", "fix_margin", "fix_rerank"):
         setattr(run_args, k, getattr(args, k))
     validate(run_args)
