@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baseline": ("evalsuite.judge.cli_baseline", "create or update a baseline from a results file"),
     "history": ("evalsuite.judge.cli_history", "show a metric's trend across runs and flag drift"),
     "data": ("evalsuite.data.cli", "fetch the evaluation data from the Hub into a local mirror, or check one"),
+    "fix": ("evalsuite.fix", "suggest and verify the fewest layers to keep in fp so a failing scheme passes"),
     "nightly": ("evalsuite.nightly", "run a matrix of models x schemes x stages from a config file"),
 }
 

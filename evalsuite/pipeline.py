@@ -72,6 +72,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from evalsuite.judge import add_gate_arguments
 
     add_gate_arguments(p.add_argument_group("judge"))
+    from evalsuite.fix import add_fix_options
+
+    g = p.add_argument_group("fix (after a failing judge)")
+    g.add_argument("--suggest-fix", action="store_true",
+                   help="for each scheme failing a within-run limit, find and verify the fewest layers to keep in fp")
+    add_fix_options(g)
 
 
 def resolve_device(name: str):
@@ -203,6 +209,10 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
         if stage.validate is not None:
             stage.validate(args)
     validate_user_files(args, stages)
+    if getattr(args, "suggest_fix", False):
+        from evalsuite import fix
+
+        fix.validate(args)
 
     import torch
 
@@ -420,7 +430,25 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         print("--stages none: loaded and quantized only; nothing was measured, so 'evalsuite gate' on these "
               "results exits 2 (INCOMPLETE)")
         code = 0 if code == 2 else code
+    if code == 1 and getattr(args, "suggest_fix", False) and dist_env.world_size == 1:
+        suggest_fix(ctx, results, out_dir, args)
     return distributed.broadcast(code, dist_env.world_size)  # every rank exits as rank 0 does
+
+
+def suggest_fix(ctx, results: Results, out_dir: Path, args: argparse.Namespace) -> None:
+    """``--suggest-fix``: the fix of every scheme failing a within-run limit, written into the
+    results and reports; the run's exit code stays the judge's (the schemes as given failed)."""
+    from evalsuite import fix
+    from evalsuite.judge import config_from_args
+    from evalsuite.report import write_reports
+
+    fails = fix.failing_checks(results.verdicts)
+    if not fails:
+        return
+    t0 = time.perf_counter()
+    fix.suggest(ctx, results, config_from_args(args), fails, out_dir)
+    results.run["stage_seconds"]["fix"] = round(time.perf_counter() - t0, 3)
+    write_reports(results, out_dir)
 
 
 def finish(results: Results, out_dir: Path, args: argparse.Namespace) -> int:

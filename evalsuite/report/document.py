@@ -116,6 +116,38 @@ def layers_section(results: Results) -> Section | None:
         figures=["layers"])
 
 
+def fix_section(results: Results) -> Section | None:
+    """The suggested fix of each failing scheme (``evalsuite fix`` / ``run --suggest-fix``)."""
+    fixes = results.details.get("fix") or {}
+    if not fixes:
+        return None
+    s = Section("Fix suggestion", paragraphs=[
+        "For each scheme failing a within-run limit: the fewest parameters of quantized linear layers to keep in fp, "
+        "chosen greedily by leave-one-out KLD drop per parameter on calibration tokens disjoint from the evaluation "
+        "windows, then verified by re-running the failing stages with them in --skip-layers. The verified verdict "
+        "is the one that counts."])
+    rows, top = [], []
+    for variant, e in fixes.items():
+        if "verified" not in e:
+            rows.append(["", variant, e.get("status", ""), "", "", "", ""])
+            continue
+        p, v = e["predicted"], e["verified"]
+        ver = ", ".join(f"{k} {_num(m.get('value'))}" for k, m in v.get("metrics", {}).items())
+        rows.append([v.get("verdict", ""), variant, e["status"], f"{e['layers_restored']} of {e['layers_quantized']}",
+                     f"{e['params_fraction']:.1%} (+{e['bytes_extra'] / 2**20:.2f} MiB)",
+                     f"KLD {_num(e['before']['kld_mean'])} → {_num(p['kld_mean'])}, ppl ratio {_num(p['ppl_ratio'])}",
+                     ver])
+        sens = sorted(e.get("sensitivity", {}).items(), key=lambda kv: -kv[1])[:5]
+        top.append(f"{variant}: most sensitive " + ", ".join(f"{k} ({_num(x)} nats)" for k, x in sens)
+                   + f"; set: {', '.join(e['set']) or 'none'}; stopped: {e.get('stop_reason', '')}")
+        s.code.append(e["command"])
+    s.tables.append(Table(["verified", "scheme", "status", "layers kept in fp", "of linear weights",
+                           "predicted (calibration)", "verified (evaluation data)"], rows, verdict_col=0))
+    s.notes.extend(top)
+    s.figures.append("fix")
+    return s
+
+
 def noise_section(results: Results) -> Section | None:
     recs = results.find(variant="fp@noise")
     if not recs:
@@ -159,7 +191,7 @@ def build_document(results: Results) -> Document:
     model = (results.run.get("model") or {}).get("name", "model")
     failing = any(v.get("failing") for v in results.verdicts)
     sections = [checks_section(results)]
-    sections += [s for s in (layers_section(results), noise_section(results)) if s is not None]
+    sections += [s for s in (fix_section(results), layers_section(results), noise_section(results)) if s is not None]
     sections += metrics_sections(results)
     sections += [s for s in (errors_section(results),) if s is not None]
     sections.append(definitions_section(results))

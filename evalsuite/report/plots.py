@@ -162,9 +162,30 @@ def trend_figure(series: list["Series"], last: int = 20) -> bytes:
     return _png(fig)
 
 
+def fix_figure(results: Results) -> bytes | None:
+    """Leave-one-out KLD drop of each quantized layer, in model order, per scheme with a fix; the
+    layers of the suggested set marked."""
+    fixes = {v: e for v, e in ((results.details or {}).get("fix") or {}).items() if e.get("sensitivity")}
+    if not fixes:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(fixes), 1, figsize=(8, 2.6 * len(fixes)), squeeze=False)
+    for ax, (variant, e) in zip(axes[:, 0], fixes.items()):
+        recs = [m for m in results.find(stage="fix", variant=variant, metric="kld_drop") if m.task in e["sensitivity"]]
+        names = [m.task for m in recs]
+        chosen = set(e.get("set", []))
+        ax.bar(range(len(names)), [m.value for m in recs],
+               color=["tab:red" if n in chosen else "tab:blue" for n in names])
+        ax.set_ylabel("KLD drop (nats)")
+        ax.set_title(f"{variant}: KLD removed by restoring one {e.get('granularity', 'layer')} (red: suggested set)")
+        ax.set_xlabel(f"{e.get('granularity', 'layer')} index in model order")
+    return _png(fig)
+
+
 FIGURES = {
     "kld": ("KL divergence distribution", kld_figure),
     "layers": ("Per-layer SQNR by depth", layers_figure),
     "tasks": ("Task accuracy change with 95% intervals", tasks_figure),
     "speed": ("Decode / prefill speed with dispersion", speed_figure),
+    "fix": ("Leave-one-out layer sensitivity of the failing schemes", fix_figure),
 }

@@ -89,7 +89,7 @@ def metric_rows(results: Results, per_layer: bool = False, intervals: bool = Tru
     variants = results.variants
     rows: dict[tuple[str, str, str, str], dict[str, str]] = {}
     for m in results.records:
-        if not per_layer and m.stage == "layers" and m.task != "all":
+        if not per_layer and ((m.stage == "layers" and m.task != "all") or (m.stage == "fix" and m.task != "suggestion")):
             continue
         row = rows.setdefault((m.stage, m.task, m.metric, m.unit), {})
         row[m.variant] = format_value(m, intervals)
