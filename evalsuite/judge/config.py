@@ -73,7 +73,7 @@ DEFAULTS: dict[str, Any] = {
             "*": 0.005,
         },
         "exclude": ["*/mcnemar_p", "*/flips_*", "speed/*/compile_s", "layers/model.*", "layers/block.*",
-                    "layers/*/clipped_fraction"],
+                    "layers/*/clipped_fraction", "fix/*"],
     },
 }
 
