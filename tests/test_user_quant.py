@@ -173,12 +173,12 @@ def test_example_handler_equals_builtin_int8_wo(tiny_dir, data_dir, tmp_path):
 @pytest.mark.slow
 def test_planted_bug_in_a_handler_fails_the_gate_and_names_the_layer(tiny_dir, data_dir, tmp_path, buggy_handler):
     baselines = tmp_path / "baselines"
+    PAIRED = ("--baselines", str(baselines), "--limit", "8")  # windows enough for the paired t over windows
     assert run(tiny_dir, tmp_path / "blessed", data_dir, "--quant", f"int8-wo,bug={HANDLER}", "--stages", "ppl,layers",
-               "--baselines", str(baselines)) == 0
+               *PAIRED) == 0
     bless(tmp_path / "blessed", baselines)
     out = tmp_path / "run"
-    code = run(tiny_dir, out, data_dir, "--quant", f"int8-wo,bug={buggy_handler}", "--stages", "ppl,layers",
-               "--baselines", str(baselines))
+    code = run(tiny_dir, out, data_dir, "--quant", f"int8-wo,bug={buggy_handler}", "--stages", "ppl,layers", *PAIRED)
     assert code == 1
     results = Results.load(out / "results.json")
     regression_against_baseline(results, "bug")
@@ -217,12 +217,13 @@ def test_checkpoint_with_the_same_bug_fails_the_gate_and_names_the_layer(tiny_di
     honest = save_hf(dequantized_copy(fp, doubled.__mro__[1]), tokenizer, tmp_path / "honest")
     bug = save_hf(dequantized_copy(fp, doubled), tokenizer, tmp_path / "bug")
     baselines = tmp_path / "baselines"
+    PAIRED = ("--baselines", str(baselines), "--limit", "8")  # windows enough for the paired t over windows
     assert run(tiny_dir, tmp_path / "blessed", data_dir, "--variant-model", f"honest={honest}",
-               "--variant-model", f"bug={honest}", "--stages", "ppl,layers", "--baselines", str(baselines)) == 0
+               "--variant-model", f"bug={honest}", "--stages", "ppl,layers", *PAIRED) == 0
     bless(tmp_path / "blessed", baselines)
     out = tmp_path / "run"
     code = run(tiny_dir, out, data_dir, "--variant-model", f"honest={honest}", "--variant-model", f"bug={bug}",
-               "--stages", "ppl,layers", "--baselines", str(baselines))
+               "--stages", "ppl,layers", *PAIRED)
     assert code == 1
     regression_against_baseline(Results.load(out / "results.json"), "bug")
     results = Results.load(out / "results.json")
@@ -445,7 +446,7 @@ def test_gpt_fast_int8_checkpoint_with_the_bug_is_named(data_dir, tmp_path):
                      "--data-dir", str(data_dir), "--out", str(out), "--no-progress", "--no-history",
                      "--variant-model", f"int8={folders['int8'] / 'model.pth'}",
                      "--variant-model", f"bug={folders[bug] / 'model.pth'}", "--stages", "ppl,layers",
-                     "--limit", "2", "--ppl-context", "128", "--layer-tokens", "128", "--layer-seq-len", "64",
+                     "--limit", "8", "--ppl-context", "128", "--layer-tokens", "128", "--layer-seq-len", "64",
                      "--baselines", str(tmp_path / "baselines")])
 
     assert gpt_fast_run(tmp_path / "blessed", "int8") == 0  # the honest checkpoint blessed as "bug"
