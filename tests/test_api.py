@@ -69,10 +69,18 @@ def test_results_table_and_gate(smoke_results, tmp_path):
     res.run["suite"], res.run["partial"] = None, False
     assert res.gate(copy.deepcopy(res)).passed
     worse = copy.deepcopy(res)
-    m = worse.get("ppl", "wikitext2", "int8-wo", "token_ppl")
-    m.value *= 10
-    assert not worse.gate(res).passed
-    assert any(v["failing"] and v["check"] == "baseline:ppl/wikitext2/int8-wo/token_ppl" for v in worse.verdicts)
+    # the gated baseline checks are paired item by item; this fixture has two ppl windows and two
+    # items, too few to resolve any shift: a planted regression must then be INCONCLUSIVE or worse,
+    # never a PASS (tests/test_judge_paired.py shows it FAILs at real sample sizes)
+    for entry in worse.details["tasks"].values():
+        vals = entry["values"]["int8-wo"]
+        vals["acc"] = [0.0] * len(vals["acc"])
+    worse.details["ppl"]["variants"]["int8-wo"]["nll_sum"] = [
+        x * 1.05 for x in worse.details["ppl"]["variants"]["int8-wo"]["nll_sum"]]
+    worse.gate(res)
+    planted = {v["check"]: v["verdict"] for v in worse.verdicts
+               if v["check"] in ("baseline:ppl/wikitext2/int8-wo/nll_shift", "baseline:tasks/pooled/int8-wo/acc_shift")}
+    assert len(planted) == 2 and "PASS" not in planted.values(), planted
 
 
 def test_evaluate_validates_before_loading():

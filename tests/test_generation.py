@@ -8,10 +8,10 @@ import functools
 import pytest
 import torch
 
-from evalsuite.judge.checks import FAIL, PASS
+from evalsuite.judge.checks import FAIL, PASS, finalize
 from evalsuite.judge.config import DEFAULTS, GateConfig
 from evalsuite.judge.generation import generation_checks
-from evalsuite.judge.within import ppl_checks
+from evalsuite.judge.within import ppl_checks, within_run_checks
 from evalsuite.measure import generation as G
 from evalsuite.measure import perplexity as P
 from evalsuite.quantize import parse_schemes, quantize_
@@ -52,21 +52,31 @@ def test_a_cache_only_fault_fails_the_fidelity_check_while_ppl_passes(smollm2, t
     (int8,) = parse_schemes("int8-wo")
     variants = {"fp": fp, "int8-wo": quantize_(copy.deepcopy(fp), int8), "fp-cachefault": with_cached_position_fault(fp)}
     ctx = make_ctx(variants, tmp_path, tokenizer=smollm2.tokenizer, ppl_windows=3,
-                   **{**GEN, "gen_prompts": 4, "gen_new_tokens": 10})
+                   **{**GEN, "gen_new_tokens": 10})  # 6 prompts: the FAIL stands after Holm with room to spare
     ctx.data_dir = data_dir
     P.run(ctx)
     G.run(ctx)
     res = ctx.results
     res.run["stages"] = ["ppl", "gen"]
-    # teacher forcing cannot see it: the faulty copy's ppl checks pass
+    # teacher forcing cannot see it: no ppl check of the faulty copy fails. Its teacher-forced logits
+    # are fp's exactly (KLD 0 in every window, a zero-width CI), which the judge reports as
+    # INCONCLUSIVE (no uncertainty, no verdict), not PASS: the claim is that nothing fails
     pattern, limits = _limits("fp-cachefault")
     ppl = ppl_checks(res, "fp-cachefault", limits, pattern)
-    assert ppl and all(c.verdict == PASS for c in ppl), [(c.check, c.verdict, c.reason) for c in ppl]
+    assert ppl and not any(c.verdict == FAIL for c in ppl), [(c.check, c.verdict, c.reason) for c in ppl]
+    assert res.get("ppl", "corpus", "fp-cachefault", "kld_mean").value == pytest.approx(0.0, abs=1e-9)
     assert res.get("gen", "generation", "fp-cachefault", "tf_kld_generated").value == pytest.approx(0.0, abs=1e-9)
-    # the fidelity check does
+    # the fidelity check does: a gated non-inferiority FAIL with a p-value, in the Holm family
     checks = {c.metric: c for c in generation_checks(res, "fp-cachefault", limits, pattern)}
-    assert checks["decode_agreement"].verdict == FAIL, checks["decode_agreement"].reason
+    agreement = checks["decode_agreement"]
+    assert agreement.verdict == FAIL, agreement.reason
+    assert agreement.gated and agreement.p_value is not None, agreement
     assert res.get("gen", "generation", "fp-cachefault", "identical_fraction").value < 0.5
+    # and it still fails after Holm over the run's whole family of gated checks, while no ppl one does
+    judged = finalize(within_run_checks(res, GateConfig(copy.deepcopy(DEFAULTS))), strict=False)
+    failing = {c.check for c in judged if c.failing}
+    assert "gen/fp-cachefault/decode_agreement" in failing, [(c.check, c.verdict, c.reason) for c in judged]
+    assert not any(name.startswith("ppl/") and "/fp-cachefault/" in name for name in failing), failing
     # and raises no alarm on a correct variant, nor on fp's own decoding
     pattern, limits = _limits("int8-wo")
     honest = {c.metric: c for c in generation_checks(res, "int8-wo", limits, pattern)}
@@ -113,7 +123,12 @@ def test_bad_options_are_refused_before_the_model_loads(options, message):
                                          "gen_prefix_tokens": None, **options}))
 
 
-def test_the_stage_is_registered_and_runs_by_default():
-    from evalsuite.measure import get_stage, parse_stages
+def test_the_stage_is_registered_opt_in_and_selectable_by_name():
+    from evalsuite.measure import DEFAULT_STAGES, OPT_IN, STAGE_MODULES, get_stage, parse_stages
 
-    assert "gen" in parse_stages("all") and get_stage("gen").name == "gen"
+    assert "gen" in STAGE_MODULES and get_stage("gen").name == "gen"
+    # opt-in: its default limits are not yet checked against honest GPU reruns, so "all" leaves it out
+    assert "gen" in OPT_IN and "gen" not in DEFAULT_STAGES
+    assert "gen" not in parse_stages("all") and parse_stages("all") == ["ppl", "tasks", "layers", "speed"]
+    assert parse_stages("gen") == ["gen"]
+    assert parse_stages("speed,gen,ppl") == ["ppl", "gen", "speed"]  # pipeline order

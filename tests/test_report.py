@@ -158,7 +158,7 @@ def test_run_output_fits_the_terminal_and_ends_with_the_summary(tmp_path, capsys
     monkeypatch.setenv("COLUMNS", str(columns))
     args = build_parser("run").parse_args(["run", "--out", str(tmp_path / "run"), "--no-history",
                                            "--baselines", str(tmp_path / "none")])
-    res = two_scheme_results(broken_layer=MODULES[9], limit=20)
+    res = two_scheme_results(kld=0.03, broken_layer=MODULES[9], limit=20)  # a gated KLD limit fails
     code = judge_and_report(res, tmp_path / "run", args)
     lines = capsys.readouterr().out.splitlines()
     assert code == 1 and lines[-1].startswith("gate FAILED")

@@ -5,9 +5,12 @@ YAMLs (``dataset_kwargs.mirror``) plus WikiText-2's two splits for the ppl and l
 
     DIR/wikitext-2/test.txt, valid.txt      WikiText-2 v1, tokenized, ``<unk>`` kept
     DIR/downstream/<task>.jsonl             one row a line in the task's format (tasks/mirror.py)
+    DIR/generative/gsm8k_test.jsonl, ...    the same, for the generative tasks; a task's ``fewshot``
+                                            file (gsm8k_train.jsonl) is its few-shot pool
 
 The smoke suite (``evalsuite/data/smoke/``) has the same layout with a few articles and the first
-100 rows of each task; it is for checking an installation, and its results are marked as such.
+100 rows of each task (20 of GSM8K's test and train files); it is for checking an installation, and
+its results are marked as such.
 """
 
 from __future__ import annotations
@@ -33,12 +36,19 @@ def tasks_dir() -> Path:
 
 @dataclass(frozen=True)
 class TaskSource:
-    """Where one task's data lives: its file in the mirror, its row format, its Hub dataset."""
+    """Where one task's data lives: its file in the mirror, its row format, its Hub dataset, and
+    its few-shot file in the mirror (the Hub dataset's ``fewshot_split``), if it has one."""
 
     task: str
     mirror: str
     format: str
     hub: dict[str, Any] | None
+    fewshot: str | None = None
+
+    def files(self) -> dict[str, str]:
+        """The task's mirror files by the split a task reads them as (tasks/mirror.py): ``test``, and
+        ``train`` (the few-shot pool) if the task has a few-shot file."""
+        return {"test": self.mirror, **({"train": self.fewshot} if self.fewshot else {})}
 
 
 def _yaml_loader():
@@ -60,12 +70,16 @@ def task_sources(directory: Path | None = None) -> list[TaskSource]:
         cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_yaml_loader()) or {}
         kw = cfg.get("dataset_kwargs") or {}
         if isinstance(cfg, dict) and kw.get("mirror"):
-            out.append(TaskSource(cfg["task"], kw["mirror"], kw.get("format", ""), kw.get("hub")))
+            out.append(TaskSource(cfg["task"], kw["mirror"], kw.get("format", ""), kw.get("hub"),
+                                  kw.get("fewshot")))
     return out
 
 
 # the downstream tasks with a mirror file (WikiText's document task shares the ppl stage's file)
 MIRRORED_TASKS = {s.task: s.mirror for s in task_sources() if s.format != "documents"}
+# every file of those tasks, few-shot files included: (task, split) -> file in the mirror
+MIRRORED_FILES = {(s.task, split): rel for s in task_sources() if s.format != "documents"
+                  for split, rel in s.files().items()}
 
 
 def smoke_notice(limit: int = SMOKE_LIMIT, context: int = SMOKE_PPL_CONTEXT) -> str:

@@ -67,18 +67,20 @@ def fetch(directory: Path, loader: Loader = hub_loader, sources: list[TaskSource
         if s.format == "documents" or not s.hub:
             continue  # WikiText's document task reads the ppl stage's file, written above
         convert = fns.HUB_CONVERTERS[s.hub["convert"]]
-        rows = []
-        for i, raw in enumerate(loader(s.hub["path"], s.hub.get("name"), s.hub["split"])):
-            row = convert(raw)
-            problem = fns.check_row(row, s.format)
-            if problem:
-                raise EvalsuiteError(f"{s.task}: {s.hub['path']} row {i}: {problem}")
-            rows.append(json.dumps(row, ensure_ascii=False) + "\n")
-        if not rows:
-            raise EvalsuiteError(f"{s.task}: {s.hub['path']} ({s.hub['split']}) has no rows")
-        _write_atomic(directory / s.mirror, "".join(rows))
-        written.append(directory / s.mirror)
-        echo(f"{s.task}: {len(rows)} rows -> {directory / s.mirror}")
+        hub_splits = {"test": s.hub["split"], "train": s.hub.get("fewshot_split", fns.FEWSHOT_SPLIT)}
+        for split, rel in s.files().items():
+            rows = []
+            for i, raw in enumerate(loader(s.hub["path"], s.hub.get("name"), hub_splits[split])):
+                row = convert(raw)
+                problem = fns.check_row(row, s.format)
+                if problem:
+                    raise EvalsuiteError(f"{s.task}: {s.hub['path']} row {i}: {problem}")
+                rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+            if not rows:
+                raise EvalsuiteError(f"{s.task}: {s.hub['path']} ({hub_splits[split]}) has no rows")
+            _write_atomic(directory / rel, "".join(rows))
+            written.append(directory / rel)
+            echo(f"{s.task}{'' if split == 'test' else ' ' + split}: {len(rows)} rows -> {directory / rel}")
     return written
 
 
@@ -123,14 +125,15 @@ def check(directory: Path, sources: list[TaskSource] | None = None) -> list[Mirr
     for s in sources if sources is not None else task_sources():
         if s.format == "documents":
             continue
-        c = MirrorCheck(s.task, s.mirror, s.format)
-        path = directory / s.mirror
-        if not path.is_file():
-            c.problem = "missing"
-        else:
-            try:
-                c.rows = len(fns.read_mirror(path, s.format))
-            except (ValueError, UnicodeDecodeError) as e:  # DataError names the file and line
-                c.problem = str(e).replace(str(path), path.name, 1)
-        out.append(c)
+        for split, rel in s.files().items():  # the few-shot file is checked as "<task>-train"
+            c = MirrorCheck(s.task if split == "test" else f"{s.task}-{split}", rel, s.format)
+            path = directory / rel
+            if not path.is_file():
+                c.problem = "missing"
+            else:
+                try:
+                    c.rows = len(fns.read_mirror(path, s.format))
+                except (ValueError, UnicodeDecodeError) as e:  # DataError names the file and line
+                    c.problem = str(e).replace(str(path), path.name, 1)
+            out.append(c)
     return out

@@ -17,7 +17,8 @@ at EOS), through :func:`evalsuite.measure.generate.greedy_decode` (the same cach
 - ``decode_agreement`` (each model, fp included): the fraction of a model's own generated tokens that
   are the argmax of its teacher-forced forward over prompt + that generation. Any correct cached
   decode agrees with itself up to rounding of near-ties; a broken cache path does not, however small
-  the model's teacher-forced error. ci95 by bootstrap over prompts.
+  the model's teacher-forced error. ci95 the hull of a bootstrap over prompts and the Wilson
+  interval over tokens (the bootstrap alone collapses to [1, 1] when every token agrees).
 
 Noise floor, variant ``fp@noise``: the same paired records for fp in the run's dtype against fp in
 float32 (greedy generations diverge under rounding alone); trivial, and not recorded, when the run
@@ -234,11 +235,21 @@ def paired_records(stats: dict[str, np.ndarray], reference: str, new_tokens: int
 
 
 def agreement_record(hits: np.ndarray, counts: np.ndarray, seed: int) -> dict:
+    """``decode_agreement``. Its ci95 is the hull of the bootstrap over prompts (the clustering of
+    tokens in prompts) and the Wilson interval over tokens: a correct decode agrees on every token of
+    every prompt, where the bootstrap alone collapses to [1, 1], a zero-width interval the judge
+    cannot resolve a limit with; Wilson's stays honest at the boundary, and the hull is never
+    narrower than either."""
+    from evalsuite.stats import wilson_interval
+
     value, ci = _ratio(hits, counts, seed)
+    if ci is not None:
+        w = wilson_interval(int(round(hits.sum())), int(counts.sum()))
+        ci = [min(ci[0], w[0]), max(ci[1], w[1])]
     return dict(metric="decode_agreement", value=value, unit="fraction", n=int(counts.sum()), higher_is_better=True,
                 ci95=ci, definition="fraction of the model's own KV-cached greedy tokens that are the argmax of its "
-                                    "teacher-forced forward (no cache) on prompt + that generation; ci95 bootstrap "
-                                    "over prompts")
+                                    "teacher-forced forward (no cache) on prompt + that generation; ci95 the hull of "
+                                    "a bootstrap over prompts and the Wilson interval over tokens")
 
 
 # ------------------------------------------------------------------------------------------ the stage
