@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import importlib.metadata
 import os
 import platform
 import re
@@ -99,13 +98,9 @@ def resolve_dtype(name: str | None, device):
 
 
 def package_versions() -> dict[str, str | None]:
-    out = {"evalsuite": __version__, "python": platform.python_version()}
-    for pkg in PACKAGES:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    from evalsuite.versions import package_versions as installed
+
+    return {"evalsuite": __version__, **installed(PACKAGES)}
 
 
 def git_revision() -> str | None:

@@ -71,16 +71,9 @@ def code_version() -> str:
 
 
 def library_versions() -> dict[str, str | None]:
-    import importlib.metadata
-    import platform
+    from evalsuite.versions import package_versions
 
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for pkg in _PACKAGES:
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+    return package_versions(_PACKAGES)
 
 
 def run_parts(ctx) -> dict[str, Any]:
