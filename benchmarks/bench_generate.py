@@ -20,7 +20,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchutil import write_out  # noqa: E402
+from benchutil import sync, timed, write_out  # noqa: E402
 
 from evalsuite.load.fast_forward import fast_forward_all  # noqa: E402
 from evalsuite.load.model import prefer_expandable_segments  # noqa: E402
@@ -38,19 +37,6 @@ from evalsuite.measure import tasks as stage  # noqa: E402
 from evalsuite.measure.lm_adapter import TorchLM  # noqa: E402
 
 prefer_expandable_segments()
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
 
 
 def subset(by_doc: dict, n: int) -> dict:

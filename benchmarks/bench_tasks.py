@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchutil import write_out  # noqa: E402
+from benchutil import sync, timed, write_out  # noqa: E402
 
 from evalsuite.load.fast_forward import fast_forward_all  # noqa: E402
 from evalsuite.load.model import prefer_expandable_segments  # noqa: E402
@@ -41,19 +41,6 @@ from evalsuite.measure.lm_adapter import TorchLM  # noqa: E402
 prefer_expandable_segments()  # as the CLI does, before any CUDA allocation
 
 MIRRORED = "arc_easy,arc_challenge,piqa,winogrande,lambada_openai,boolq,copa,openbookqa"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - t0
 
 
 def main() -> int:

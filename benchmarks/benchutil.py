@@ -12,6 +12,20 @@ from pathlib import Path
 import torch
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device):
+    """``(fn(), seconds)``, the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
 def timed_ms(fn, device: torch.device, repeat: int, warmup: int = 1) -> dict:
     """Median / min milliseconds of ``fn()`` over ``repeat`` calls after ``warmup`` untimed ones:
     CUDA events on a GPU (device time of the call), the wall clock elsewhere."""
