@@ -86,10 +86,13 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def failing_checks(verdicts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Failing within-run limit checks by scheme, in run order."""
+    """Within-run limit checks beyond their limit, by scheme, in run order: those failing the run,
+    and those of a known-lossy scheme (WORSE, gated on its own baseline instead), whose fix the user
+    asked for all the same."""
     out: dict[str, list[dict[str, Any]]] = {}
     for v in verdicts:
-        if v.get("kind") == "limit" and v.get("failing") and v.get("variant"):
+        lossy = v.get("verdict") == "WORSE" and (v.get("extra") or {}).get("known_lossy")
+        if v.get("kind") == "limit" and (v.get("failing") or lossy) and v.get("variant"):
             out.setdefault(v["variant"], []).append(v)
     return out
 

@@ -428,20 +428,21 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         print("--stages none: loaded and quantized only; nothing was measured, so 'evalsuite gate' on these "
               "results exits 2 (INCOMPLETE)")
         code = 0 if code == 2 else code
-    if code == 1 and getattr(args, "suggest_fix", False) and dist_env.world_size == 1:
+    if code in (0, 1) and getattr(args, "suggest_fix", False) and dist_env.world_size == 1:
         suggest_fix(ctx, results, out_dir, args)
     return distributed.broadcast(code, dist_env.world_size)  # every rank exits as rank 0 does
 
 
 def suggest_fix(ctx, results: Results, out_dir: Path, args: argparse.Namespace) -> None:
-    """``--suggest-fix``: the fix of every scheme failing a within-run limit, written into the
-    results and reports; the run's exit code stays the judge's (the schemes as given failed)."""
+    """``--suggest-fix``: the fix of every scheme beyond a within-run limit (failing, or known lossy and
+    gated on its baseline), written into the results and reports; the run's exit code stays the judge's."""
     from evalsuite import fix
     from evalsuite.judge import config_from_args
     from evalsuite.report import write_reports
 
     fails = fix.failing_checks(results.verdicts)
     if not fails:
+        print("--suggest-fix: every scheme meets its within-run limits: no fix needed")
         return
     t0 = time.perf_counter()
     fix.suggest(ctx, results, config_from_args(args), fails, out_dir)

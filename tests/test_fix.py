@@ -259,8 +259,12 @@ def test_gpu_smollm2_int4_g128_gets_a_verified_fix_or_says_none_fits(smollm2_pat
     """The issue's case on the device, in bf16, on 32 evaluation windows: int4-wo-g128 fails its ppl
     gate; the fix is verified by its own re-run, or the report says no set within 25% passes."""
     out = tmp_path / "run"
+    # no baselines: the committed one marks int4-wo-g128 known lossy (gated on regression from it, exit 0)
+    none = tmp_path / "no-baselines"
+    none.mkdir()
     code = _main(["run", "--model", str(smollm2_path), "--quant", "int4-wo-g128", "--stages", "ppl", "--data-dir",
-                  str(data_dir), "--out", str(out), "--ppl-windows", "32", "--no-history", "--suggest-fix"], monkeypatch)
+                  str(data_dir), "--out", str(out), "--ppl-windows", "32", "--no-history", "--suggest-fix",
+                  "--baselines", str(none)], monkeypatch)
     assert code == 1
     fix = Results.load(out / "results.json").details["fix"]["int4-wo-g128"]
     verification = Results.load(out / "fix" / "int4-wo-g128" / "results.json")
@@ -270,3 +274,19 @@ def test_gpu_smollm2_int4_g128_gets_a_verified_fix_or_says_none_fits(smollm2_pat
     if fix["status"] == "verified":
         assert fix["verified"]["metrics"]["kld_mean"]["value"] < 0.15
     assert fix["before"]["kld_mean"] > fix["predicted"]["kld_mean"]
+
+
+def test_known_lossy_scheme_beyond_its_limit_is_offered_a_fix_too():
+    """A scheme gated on regression from its own (lossy) baseline passes the run, but --suggest-fix was
+    asked for: its checks beyond the limit select it; passing and ungated-for-other-reasons ones do not."""
+    verdicts = [
+        {"check": "ppl/w/int4/kld_mean", "kind": "limit", "verdict": "WORSE", "variant": "int4", "failing": False,
+         "extra": {"known_lossy": True}},
+        {"check": "ppl/w/int8/kld_mean", "kind": "limit", "verdict": "PASS", "variant": "int8", "failing": False},
+        {"check": "ppl/w/int8/kld_p99", "kind": "limit", "verdict": "WORSE", "variant": "int8", "failing": False},
+        {"check": "baseline:ppl/w/dq/nll_shift", "kind": "baseline", "verdict": "FAIL", "variant": "dq", "failing": True},
+        {"check": "ppl/w/g32/ppl_ratio", "kind": "limit", "verdict": "FAIL", "variant": "g32", "failing": True},
+    ]
+    fails = failing_checks(verdicts)
+    assert list(fails) == ["int4", "g32"]
+    assert [c["check"] for c in fails["int4"]] == ["ppl/w/int4/kld_mean"]

@@ -96,6 +96,7 @@ def known_lossy(checks: list[Check], baselines: list[Baseline]) -> None:
         beyond = value > c.limit if upper else value < c.limit
         if beyond:
             c.gated, c.p_value = False, None
+            c.extra["known_lossy"] = True  # --suggest-fix still offers a way back within the limit
             if c.verdict == FAIL:
                 c.verdict = "WORSE"
             c.reason = (f"reported, not gated (known lossy: its baseline {b.path or ''} is {value:.4g}, beyond this "
