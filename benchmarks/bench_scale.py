@@ -61,7 +61,8 @@ def load_tokenizer():
 
     from evalsuite.load.model import default_model_path
 
-    gguf = default_model_path()
+    env = os.environ.get("EVALSUITE_MODEL_FILE")  # the device machine has the file, not the package
+    gguf = Path(env) if env else default_model_path()
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
