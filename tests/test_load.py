@@ -38,6 +38,19 @@ def test_hf_directory_roundtrip(tmp_path):
     assert len(transformer_blocks(loaded.model)) == 2
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16])
+def test_hf_directory_read_straight_into_bf16_rounds_as_through_float32(tmp_path, stored):
+    """The folder is read in the run's dtype (a quarter of the copying for a 7B): the weights must be
+    bit-identical to reading float32 and casting, and the content hash the one computed alone."""
+    make_tiny_llama(seed=4).to(stored).save_pretrained(tmp_path / "m")
+    direct = load_model(tmp_path / "m", dtype=torch.bfloat16)
+    via32 = load_model(tmp_path / "m", dtype=torch.float32).model.to(torch.bfloat16)
+    ref = via32.state_dict()
+    for name, t in direct.model.state_dict().items():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, ref[name]), name
+    assert direct.info.sha256 == sha256_of(tmp_path / "m")
+
+
 def test_hf_directory_hash_changes_with_weights(tmp_path):
     make_tiny_llama(seed=1).save_pretrained(tmp_path / "a")
     make_tiny_llama(seed=2).save_pretrained(tmp_path / "b")
