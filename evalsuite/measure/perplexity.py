@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -577,6 +578,8 @@ def run(ctx) -> None:
     from evalsuite.measure.corpus import load_corpus
 
     protocol = _protocol_from(ctx)
+    seconds: dict[str, float] = {}  # where the stage's time goes (wall clock per phase)
+    t0 = time.perf_counter()
     text, source, task = load_corpus(ctx.option("ppl_corpus", "wikitext2"), ctx.data_dir)
     tokenizer = ctx.tokenizer
     ids, ends = tokenize_corpus(tokenizer, text)
@@ -598,10 +601,13 @@ def run(ctx) -> None:
         "batch_size": batch_size, "stats": stats_name, "compiled_stats": bool(ctx.option("ppl_compile")),
         "noise_floor": noise_mode, "noise_windows": None if noise_windows is None else noise_windows.tolist()})
     cached = cache.load()
+    seconds["corpus_and_windows"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
     if cached is not None:
         reference32, noise = None, cached["noise_floor"]
     else:
         reference32, noise = _noise_reference(ctx, noise_mode)
+    seconds["float32_reference"] = round(time.perf_counter() - t0, 3)
     described = windows.describe()
     details: dict[str, Any] = {
         "task": task, "source": source, "protocol": {
@@ -612,11 +618,12 @@ def run(ctx) -> None:
             "noise_floor": noise, "noise_floor_mode": noise_mode},
         "windows": {"start": windows.start.tolist(), "n_scored": windows.n_scored.tolist(),
                     "n_words": windows.n_words.tolist(), "n_bytes": windows.n_bytes.tolist()},
-        "variants": {}, "paired": {},
+        "variants": {}, "paired": {}, "seconds": seconds,
     }
     ctx.results.details["ppl"] = details
     ctx.results.run["partial"] = ctx.results.run.get("partial", False) or protocol.max_windows is not None
     ctx.checkpoint()
+    t0 = time.perf_counter()
     with ctx.fused_forwards(*ctx.variants.values(), reference32) as fused_modules:
         details["protocol"]["fused_modules"] = fused_modules
         result = measure_pass(ctx.variants, windows, ctx.device, batch_size, reference32,
@@ -624,6 +631,8 @@ def run(ctx) -> None:
                               rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn, nll_fn=nll_fn,
                               noise_windows=noise_windows)
     del reference32
+    seconds["paired_pass"] = round(time.perf_counter() - t0, 3)  # every variant's forwards and statistics
+    t0 = time.perf_counter()
     if cached is not None:  # fp's own values as the run that stored them measured them
         result.nll["fp"] = [np.asarray(a, dtype=np.float32) for a in cached["fp_nll"]]
         if cached["noise_pair"] is not None:
@@ -652,6 +661,7 @@ def run(ctx) -> None:
         _add(ctx, task, NOISE, trivial_noise_records(fp_tokens, noise), described)
     elif noise.startswith("unavailable"):  # asked for and not measured; --no-ppl-noise-floor turns it off
         ctx.results.add_error("ppl", f"noise floor {noise}", variant=NOISE)
+    seconds["records"] = round(time.perf_counter() - t0, 3)
     ctx.checkpoint()
 
 
