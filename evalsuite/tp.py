@@ -320,14 +320,21 @@ def unsharded(mod: nn.Module) -> nn.Module:
     metrics are computed exactly as on one process; any other module is returned as it is."""
     import torch.distributed as dist
 
+    from torch.distributed.tensor import DTensor
+
     spec = getattr(mod, "_evalsuite_tp", None)
-    if spec is None or spec[1] is None:
+    if spec is None:
         return mod
     kind, dims, mesh = spec
     whole = copy.copy(mod)
     whole._buffers, whole._parameters = dict(mod._buffers), dict(mod._parameters)
-    whole._forward_hooks = type(mod._forward_hooks)()
+    whole._forward_hooks, whole._forward_pre_hooks = type(mod._forward_hooks)(), type(mod._forward_pre_hooks)()
     del whole._evalsuite_tp
+    if dims is None:  # a DTensor-sharded float layer
+        for name, t in mod._parameters.items():
+            if isinstance(t, DTensor):
+                whole._parameters[name] = nn.Parameter(t.full_tensor(), requires_grad=False)
+        return whole
     for name, dim in dims.items():
         t = getattr(mod, name)
         if t is None:
