@@ -116,6 +116,17 @@ def broadcast(obj: T, world_size: int) -> T:
     return box[0]
 
 
+def all_ranks(obj: T, world_size: int) -> list[T]:
+    """Every rank's ``obj``, in rank order (a per-GPU peak memory); ``[obj]`` on one process."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world_size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
     import torch.distributed as dist

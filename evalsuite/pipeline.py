@@ -291,6 +291,13 @@ def _tp_layout(args, device, dist_env):
     return layout
 
 
+def _sharder(layout, device):
+    """``shard(model, variant name)``: the model's tensor-parallel shards on ``device`` (--tp)."""
+    from evalsuite import tp
+
+    return lambda model, name: tp.shard(model, layout, device, name)
+
+
 def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device, dtype_name, dtype,
                 dist_env, out_dir, previous_path, show_progress, preloaded=None, smoke=False, layout=None) -> int:
     import torch
@@ -366,6 +373,9 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                 results.run["stage_seconds"][name] = round(time.perf_counter() - self.t0, 3)
                 if device.type == "cuda":  # what the stage held at most, models included
                     results.run.setdefault("stage_peak_gpu_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
+                    if dist_env.world_size > 1:  # every rank's GPU (under --tp each holds other shards)
+                        results.run.setdefault("stage_peak_gpu_bytes_per_rank", {})[name] = distributed.all_ranks(
+                            torch.cuda.max_memory_allocated(device), dist_env.world_size)
                 if measure:
                     results.run["stages_finished"].append(name)
                 results.run["running"] = None
@@ -410,33 +420,28 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                 results.run.setdefault("variant_models", {})[spec.name] = {
                     "path": var.info.path, "format": var.info.format, "sha256": var.info.sha256, "arch": var.info.arch}
         with timed("quantize"):
+            # modules paired by name with the fp model whose type or weight changed (see measure.layers)
+            quantized_layers = results.run["quantized_layers"] = {
+                name: len(paired_layers(loaded.model, mod)) for name, mod in variants.items() if name != "fp"}
+            shard = _sharder(layout, device) if sharded else (lambda model, name: model)
+            variants.update({name: shard(mod, name) for name, mod in variants.items() if name != "fp"})
             for cfg in configs:
                 t0 = time.perf_counter()
                 variants[cfg.name] = quantize_(copy.deepcopy(loaded.model), cfg, skip=skip)
                 results.run.setdefault("quantize_seconds", {})[cfg.name] = round(time.perf_counter() - t0, 3)
                 if hasattr(cfg, "spec"):  # not one of evalsuite's own schemes: check what it made
                     check_variant(cfg.name, variants[cfg.name], info.vocab_size, load_device, cfg.spec)
-            # modules paired by name with the fp model whose type or weight changed (see measure.layers)
-            results.run["quantized_layers"] = {name: len(paired_layers(loaded.model, mod))
-                                               for name, mod in variants.items() if name != "fp"}
-            if sharded:
-                from evalsuite import tp
-
-                for name in list(variants):  # fp last: the variants were copied from its full weights
-                    if name != "fp":
-                        variants[name] = tp.shard(variants[name], layout, device, name)
-                variants["fp"] = tp.shard(loaded.model, layout, device, "fp")
+                quantized_layers[cfg.name] = len(paired_layers(loaded.model, variants[cfg.name]))
+                # under --tp each variant keeps its shards at once: one whole copy at a time on the CPU
+                variants[cfg.name] = shard(variants[cfg.name], cfg.name)
+            variants["fp"] = shard(loaded.model, "fp")  # last: every variant was copied from its whole weights
 
         def reload(new_dtype):
             if preloaded is not None:  # no source to reload from: the same weights, cast
                 return copy.deepcopy(preloaded.model).to(new_dtype)
             model = load_model(model_path, device=load_device, dtype=new_dtype, arch=args.arch,
                                tokenizer_path=args.tokenizer).model
-            if sharded:
-                from evalsuite import tp
-
-                model = tp.shard(model, layout, device, f"fp in {new_dtype}")
-            return model
+            return _sharder(layout, device)(model, f"fp in {new_dtype}") if sharded else model
 
         ctx = RunContext(
             loaded=loaded, variants=variants, configs={c.name: c for c in configs}, device=device, dtype=dtype,
