@@ -83,31 +83,34 @@ def probe_ids() -> torch.Tensor:
     return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-def _rank_main(rank: int, world_size: int, port: int, out: str) -> None:
+def _rank_main(rank: int, world_size: int, port: int, out: str, device_type: str = "cpu") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
-    distributed.init("cpu")
-    layout = tp.init_mesh("cpu", world_size, world_size)
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    distributed.init(device_type)  # one process: the mesh starts the group itself
+    layout = tp.init_mesh(device_type, world_size, world_size)
+    device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     result: dict = {"layout": [layout.tp, layout.dp, layout.tp_rank, layout.dp_rank], "logits": {}, "whole": {}}
     fp = tp_llama()
     for name, model in variants(fp).items():
         full = copy.deepcopy(model)
-        sharded = tp.shard(model, layout, torch.device("cpu"), name)
+        sharded = tp.shard(model, layout, device, name)  # whole on the CPU, shards on the device
         with torch.inference_mode():
-            result["logits"][name] = sharded(probe_ids()).logits.tolist()
+            result["logits"][name] = sharded(probe_ids().to(device)).logits.cpu().tolist()
         # the layers stage's whole views: every tensor of every sharded layer equals the unsharded one
         same = []
         for lname, mod in sharded.named_modules():
             if hasattr(mod, "_evalsuite_tp"):
                 whole, ref = tp.unsharded(mod), full.get_submodule(lname)
                 tensors = dict(ref.named_parameters(recurse=False)) | dict(ref.named_buffers(recurse=False))
-                same.append(all(torch.equal(getattr(whole, k), v) for k, v in tensors.items()))
+                same.append(all(torch.equal(getattr(whole, k).cpu(), v) for k, v in tensors.items()))
         result["whole"][name] = same
     refused = {}
     for cls in (TransposedLinear,):
         try:
-            tp.shard(with_modules(tp_llama(), cls), layout, torch.device("cpu"), cls.__name__)
+            tp.shard(with_modules(tp_llama(), cls), layout, device, cls.__name__)
         except EvalsuiteError as e:
             refused[cls.__name__] = str(e)
     result["refused"] = refused
@@ -125,11 +128,19 @@ def test_two_tp_ranks_give_single_process_logits_for_every_variant(tmp_path):
     """fp (DTensor), int8-wo, int4-wo and a user's gpt-fast-layout module (plain slices) sharded over
     2 gloo ranks: full-vocabulary logits equal the unsharded model's within float32 rounding on both
     ranks, and the whole views the layers stage uses equal the unsharded layers exactly."""
+    ranks = _spawn(tmp_path, 2, "cpu")
+    assert [r["layout"] for r in ranks] == [[2, 1, 0, 0], [2, 1, 1, 0]]
+    _check_against_one_process(ranks, atol=2e-5)
+
+
+def _spawn(tmp_path: Path, world_size: int, device_type: str) -> list[dict]:
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert [r["layout"] for r in ranks] == [[2, 1, 0, 0], [2, 1, 1, 0]]
+    mp.spawn(_rank_main, args=(world_size, _free_port(), str(tmp_path), device_type), nprocs=world_size, join=True)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world_size)]
+
+
+def _check_against_one_process(ranks: list[dict], atol: float) -> None:
     fp = tp_llama()
     models = variants(fp)
     logits = {}
@@ -138,13 +149,24 @@ def test_two_tp_ranks_give_single_process_logits_for_every_variant(tmp_path):
             logits[name] = model(probe_ids()).logits
         for r in ranks:
             got = torch.tensor(r["logits"][name])
-            assert torch.allclose(got, logits[name], rtol=0, atol=2e-5), (name, float((got - logits[name]).abs().max()))
+            assert torch.allclose(got, logits[name], rtol=0, atol=atol), (name, float((got - logits[name]).abs().max()))
             assert r["whole"][name] and all(r["whole"][name]), name
     # the schemes really differ from fp, far above that tolerance: a shard mix-up could not hide
     assert all(float((logits[n] - logits["fp"]).abs().max()) > 1e-3 for n in models if n != "fp")
     for r in ranks:
         assert "TransposedLinear" in r["refused"]
         assert "does not reproduce its unsharded output" in r["refused"]["TransposedLinear"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_tp_shards_onto_gpus_with_nccl(tmp_path, world_size):
+    """The same check on CUDA (NCCL): whole models on the CPU, shards moved to each rank's GPU;
+    one GPU is a mesh of one (DTensor and the slices' code paths, on the device)."""
+    if torch.cuda.device_count() < world_size:
+        pytest.skip(f"needs {world_size} GPUs")
+    ranks = _spawn(tmp_path, world_size, "cuda")
+    _check_against_one_process(ranks, atol=1e-4)  # fp32 on the GPU vs the CPU reference
 
 
 @pytest.mark.parametrize("tp_size,world_size,message", [
@@ -214,9 +236,9 @@ def tiny_model_dir(tmp_path_factory, smollm2):
     return d
 
 
-def _run_args(model_dir: Path, out: Path) -> list[str]:
+def _run_args(model_dir: Path, out: Path, device: str = "cpu") -> list[str]:
     return ["run", "--model", str(model_dir), "--quant", "int8-wo,int4-wo-g32", "--stages", "ppl,tasks,layers",
-            "--device", "cpu", "--no-progress", "--no-history", "--fp-cache", "off", "--kernels", "eager",
+            "--device", device, "--dtype", "fp32", "--no-progress", "--no-history", "--fp-cache", "off", "--kernels", "eager",
             "--ppl-context", "64", "--ppl-windows", "4", "--tasks", "arc_easy,piqa", "--limit", "8",
             "--layer-tokens", "128", "--layer-seq-len", "64", "--out", str(out)]
 
@@ -227,15 +249,19 @@ def _records(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_torchrun_tp2_run_matches_one_process(tmp_path, tiny_model_dir, data_dir):
-    """``torchrun --nproc-per-node 2 -m evalsuite run --tp 2`` (gloo): every ppl/KLD, task and layers
-    record equals the single-process run's within float32 rounding; only rank 0 writes."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_torchrun_tp2_run_matches_one_process(tmp_path, tiny_model_dir, data_dir, device):
+    """``torchrun --nproc-per-node 2 -m evalsuite run --tp 2`` (gloo on CPU, NCCL on 2 GPUs): every
+    ppl/KLD, task and layers record equals the single-process run's within float32 rounding; only
+    rank 0 writes."""
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "EVALSUITE_DATA_DIR": str(data_dir)}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "-m", "evalsuite", *_run_args(tiny_model_dir, tmp_path / "two"), "--tp", "2"],
+                          "-m", "evalsuite", *_run_args(tiny_model_dir, tmp_path / "two", device), "--tp", "2"],
                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, "-m", "evalsuite", *_run_args(tiny_model_dir, tmp_path / "one")],
+    one = subprocess.run([sys.executable, "-m", "evalsuite", *_run_args(tiny_model_dir, tmp_path / "one", device)],
                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert one.returncode == 0, one.stderr[-3000:]
     single, _ = _records(tmp_path / "one")
