@@ -110,15 +110,27 @@ def check_shape(model: nn.Module, tp: int) -> None:
         raise EvalsuiteError(f"--tp {tp} does not divide the model's {', '.join(bad)}; pick a --tp that does")
 
 
+GROUPS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj"))
+
+
 def sharding_plan(model: nn.Module) -> dict[str, str]:
-    """Qualified name → "col" or "row" for every projection that is sharded."""
+    """Qualified name → "col" or "row" for every projection that is sharded. An attention or MLP
+    block is sharded whole or not at all: a fused ``qkv_proj`` beside a row-parallel ``o_proj``
+    would feed it whole inputs, so a block with only part of its projections is refused."""
+    children: dict[str, set[str]] = {}
+    for name, _ in model.named_modules():
+        parent, _, leaf = name.rpartition(".")
+        if parent and leaf in COLWISE + ROWWISE:
+            children.setdefault(parent, set()).add(leaf)
     plan = {}
-    for name, mod in model.named_modules():
-        leaf = name.rpartition(".")[2]
-        parent = name.rpartition(".")[0]
-        if leaf in COLWISE + ROWWISE and isinstance(mod, nn.Module) and parent:
-            plan[name] = "col" if leaf in COLWISE else "row"
-    if not any(v == "row" for v in plan.values()):
+    for parent, leaves in children.items():
+        group = next(g for g in GROUPS if leaves & set(g))
+        if leaves != set(group):
+            raise EvalsuiteError(f"--tp: {parent} has {', '.join(sorted(leaves))} but not "
+                                 f"{', '.join(sorted(set(group) - leaves))}; only blocks with all of "
+                                 f"{'/'.join(group)} are sharded")
+        plan.update({f"{parent}.{leaf}": "col" if leaf in COLWISE else "row" for leaf in group})
+    if not plan:
         raise EvalsuiteError(f"--tp: {type(model).__name__} has no q/k/v/o or gate/up/down projections to shard")
     return plan
 

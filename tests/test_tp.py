@@ -200,6 +200,18 @@ def test_heads_not_divisible_by_tp_are_refused():
         tp.check_shape(model, 4)
 
 
+def test_a_block_with_part_of_its_projections_is_refused():
+    model = tp_llama()
+    plan = tp.sharding_plan(model)
+    assert len(plan) == 2 * 7 and plan["model.layers.1.self_attn.o_proj"] == "row"
+    assert plan["model.layers.0.mlp.up_proj"] == "col"
+    attn = model.model.layers[0].self_attn
+    attn.qkv_proj = attn.q_proj  # a fused qkv (Phi-3 style) beside o_proj: o_proj must not be row-parallel
+    del attn.q_proj, attn.k_proj, attn.v_proj
+    with pytest.raises(EvalsuiteError, match="self_attn has o_proj but not k_proj, q_proj, v_proj"):
+        tp.sharding_plan(model)
+
+
 def test_module_layouts_that_cannot_be_sliced_are_not_linear_like():
     from evalsuite.quantize.int4_wo import WeightOnlyInt4Linear
 
