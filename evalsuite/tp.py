@@ -260,13 +260,17 @@ def _probe_outputs(cfg, mods: dict[str, nn.Module]) -> dict[str, tuple]:
     probes: dict[str, tuple | None] = {}
     with torch.no_grad():
         for name, mod in mods.items():
-            device = next(iter(mod.buffers()), next(iter(mod.parameters()), torch.empty(0))).device
+            device = _device_of(mod)
             x = torch.randn(1, _input_width(cfg, name), generator=gen).to(dtype=_float_dtype(mod), device=device)
             try:
                 probes[name] = (x, mod(x).detach().clone())
             except Exception:  # noqa: BLE001 - a user's module that does not map [.., in] to [.., out]
                 probes[name] = None
     return probes
+
+
+def _device_of(mod: nn.Module) -> torch.device:
+    return next(iter(list(mod.buffers()) + list(mod.parameters())), torch.empty(0)).device
 
 
 def _float_dtype(mod: nn.Module) -> torch.dtype:
@@ -290,7 +294,7 @@ def _check_probes(model: nn.Module, probes: dict[str, tuple], layout: Layout) ->
             mod = model.get_submodule(name)
             kind = mod._evalsuite_tp[0]
             rank, n = layout.tp_rank, layout.tp
-            device = next(iter(mod.buffers()), torch.empty(0)).device
+            device = _device_of(mod)
             x, want = x.to(device), want.to(device)
             if kind == "col":
                 want = want.chunk(n, dim=-1)[rank]
