@@ -158,6 +158,49 @@ def _check_against_one_process(ranks: list[dict], atol: float) -> None:
         assert "does not reproduce its unsharded output" in r["refused"]["TransposedLinear"]
 
 
+def _dp_tp_rank_main(rank: int, world_size: int, port: int, out: str) -> None:
+    """One of 4 ranks = 2 replicas x 2 TP ranks: each replica scores its share of the windows with its
+    sharded model, and the gather runs over the replicas only."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    distributed.init("cpu")
+    layout = tp.init_mesh("cpu", world_size, 2)
+    model = tp.shard(tp_llama(), layout, torch.device("cpu"))
+    windows = probe_windows()
+    mine = distributed.shard(list(windows), layout.dp_rank, layout.dp)
+    with torch.inference_mode():
+        nll = [(i, float(F.cross_entropy(model(w[None]).logits[0, :-1].double(), w[1:], reduction="sum")))
+               for i, w in mine]
+    gathered = distributed.gather(nll, layout.dp)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "layout": [layout.tp, layout.dp, layout.tp_rank, layout.dp_rank], "mine": [i for i, _ in mine],
+        "gathered": gathered}))
+    distributed.shutdown()
+
+
+def probe_windows() -> torch.Tensor:
+    return torch.randint(0, 256, (5, 16), generator=torch.Generator().manual_seed(2))
+
+
+def test_two_replicas_of_two_tp_ranks_gather_one_process_numbers(tmp_path):
+    """--tp 2 on 4 processes: ranks 0,1 are replica 0 and 2,3 replica 1 (TP ranks adjacent); the
+    replicas split the windows, the TP ranks of a replica take the same ones, and after the gather
+    every rank holds the single-process per-window NLL in window order."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_dp_tp_rank_main, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    assert [r["layout"] for r in ranks] == [[2, 2, 0, 0], [2, 2, 1, 0], [2, 2, 0, 1], [2, 2, 1, 1]]
+    assert [r["mine"] for r in ranks] == [[0, 2, 4], [0, 2, 4], [1, 3], [1, 3]]
+    model = tp_llama()
+    with torch.inference_mode():
+        single = [float(F.cross_entropy(model(w[None]).logits[0, :-1].double(), w[1:], reduction="sum"))
+                  for w in probe_windows()]
+    for r in ranks:
+        assert r["gathered"] == pytest.approx(single, rel=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_tp_shards_onto_gpus_with_nccl(tmp_path, world_size):
