@@ -25,15 +25,20 @@ SCHEMES = ("fp", "int8-wo", "int4-wo-g32")
 
 
 def tp_llama(vocab_size: int = 256, hidden: int = 64, seed: int = 0):
-    """A random Llama (4 heads, 2 KV heads) with weights large enough that quantization error stands
-    well above float32 rounding (the default init gives near-uniform logits)."""
+    """A random Llama (4 heads, 2 KV heads, biases: a row-parallel bias must be added once) with
+    weights large enough that quantization error stands well above float32 rounding (the default
+    init gives near-uniform logits)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.15, tie_word_embeddings=False)
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+                      initializer_range=0.15, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+    model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    for m in model.modules():  # HF initialises biases to zero, which would hide a bias added twice
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            m.bias.normal_(0.0, 0.1)
+    return model
 
 
 class GptFastInt8(nn.Module):
