@@ -24,6 +24,15 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# with --tp the stages gather over the data-parallel replicas only (evalsuite.tp sets it)
+_DATA_GROUP: Any = None
+
+
+def set_data_group(group: Any) -> None:
+    """The process group ``gather`` runs over; None: the whole torchrun world."""
+    global _DATA_GROUP
+    _DATA_GROUP = group
+
 
 def shard(items: Sequence[T], rank: int, world_size: int) -> list[tuple[int, T]]:
     """This rank's share of ``items`` as (original index, item) pairs, round-robin."""
@@ -36,7 +45,7 @@ def gather(pairs: list[tuple[int, Any]], world_size: int) -> list[Any]:
         import torch.distributed as dist
 
         parts: list[Any] = [None] * world_size
-        dist.all_gather_object(parts, pairs)
+        dist.all_gather_object(parts, pairs, group=_DATA_GROUP)
         pairs = [p for part in parts for p in part]
     return [r for _, r in sorted(pairs, key=lambda p: p[0])]
 
@@ -107,9 +116,21 @@ def broadcast(obj: T, world_size: int) -> T:
     return box[0]
 
 
+def all_ranks(obj: T, world_size: int) -> list[T]:
+    """Every rank's ``obj``, in rank order (a per-GPU peak memory); ``[obj]`` on one process."""
+    if world_size == 1:
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world_size
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
     import torch.distributed as dist
 
+    set_data_group(None)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

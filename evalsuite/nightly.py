@@ -66,6 +66,7 @@ ENTRY_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
     "seed": (int, "random seed"),
     "data_dir": (str, "local evaluation data"),
     "nproc": (int, "processes (GPUs) for this entry; > 1 runs it under torchrun"),
+    "tp": (int, "tensor-parallel ranks per replica (--tp); must divide nproc"),
     "timeout_s": ((int, float), "wall-clock limit of the entry in seconds"),
     "gates": ((str, dict), "gate limits: a gates YAML path or the same mapping inline"),
     "baseline": (str, "baseline file to gate against"),
@@ -127,7 +128,7 @@ class Entry:
         for key in ("quant", "stages", "skip_layers"):
             if o.get(key) is not None:
                 cmd += [f"--{key.replace('_', '-')}", ",".join(_as_list(o[key]))]
-        for key in ("limit", "seed", "sigma"):
+        for key in ("limit", "seed", "sigma", "tp"):
             if o.get(key) is not None:
                 cmd += [f"--{key}", str(o[key])]
         alpha = o.get("alpha", self.default_alpha)
@@ -275,6 +276,8 @@ def _check_options(row: Any, where: str) -> dict[str, Any]:
         raise EvalsuiteError(f"{where}: {e}") from None
     if opts.get("nproc", 1) < 1 or opts.get("limit", 1) < 1 or opts.get("timeout_s", 1) <= 0:
         raise EvalsuiteError(f"{where}: nproc and limit must be at least 1, timeout_s positive")
+    if opts.get("tp", 1) < 1 or opts.get("nproc", 1) % opts.get("tp", 1):
+        raise EvalsuiteError(f"{where}: tp must be at least 1 and divide nproc ({opts.get('nproc', 1)})")
     if opts.get("device") not in (None, "auto", "cuda", "cpu"):
         raise EvalsuiteError(f"{where}: device must be auto, cuda or cpu")
     if opts.get("dtype") not in (None, "bf16", "fp16", "fp32"):

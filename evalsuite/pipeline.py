@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--force", action="store_true", help="replace the run --out holds (its results and reports)")
     g.add_argument("--limit", type=int, help="evaluate at most N windows/items per task (marks results partial)")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallelism: shard attention and MLP over N torchrun ranks (torchrun "
+                        "--nproc-per-node W: W/N data-parallel replicas of N ranks); see README")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores this process may use)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--kernels", choices=["fused", "eager"], default="fused",
@@ -193,6 +196,15 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     quant = args.quant if args.quant is not None else ("none" if args.variant_model else "int8-wo")
     configs = parse_schemes(quant, parse_skip(args.skip_layers))  # imports (runs) a user's handler file
     variant_specs = parse_variant_models(args.variant_model, {c.name for c in configs})
+    if getattr(args, "tp", 1) != 1:
+        from evalsuite import tp
+
+        if preloaded is not None:
+            raise EvalsuiteError("--tp: the Python API's in-memory model is not sharded; run 'evalsuite run --tp' "
+                                 "under torchrun instead")
+        stages = tp.validate(args.tp, distributed.launch_env().world_size, configs, stages, args.stages)
+        # the fused Triton MLP would bypass the sharded projections; the fp cache is keyed per process
+        args.kernels, args.fp_cache = "eager", "off"
     smoke = use_smoke_suite(args)
     model_path = Path(preloaded.info.path) if preloaded else Path(args.model) if args.model else default_model_path()
     if preloaded is None:
@@ -238,6 +250,7 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     # under torchrun: join the process group, one GPU per rank; only rank 0 writes files
     dist_env = distributed.init(device.type)
     device = distributed.device_for(device, dist_env)
+    layout = _tp_layout(args, device, dist_env)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
     check_runs_on(configs, device, dtype)  # a torchao config without a kernel here: one line, before the load
     out_dir = Path(args.out) if args.out else default_out_dir(
@@ -253,7 +266,8 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
         handlers = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device,
-                           dtype_name, dtype, dist_env, out_dir, previous_path, show_progress, preloaded, smoke)
+                           dtype_name, dtype, dist_env, out_dir, previous_path, show_progress, preloaded, smoke,
+                           layout)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -261,8 +275,31 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
             lock.release()
 
 
+def _tp_layout(args, device, dist_env):
+    """The (dp, tp) mesh under --tp N; without it every rank is a data-parallel replica."""
+    if getattr(args, "tp", 1) == 1:
+        from evalsuite.tp import Layout
+
+        return Layout(dp=dist_env.world_size, dp_rank=dist_env.rank)
+    from evalsuite import tp
+
+    layout = tp.init_mesh(device.type, dist_env.world_size, args.tp)
+    if dist_env.is_writer:
+        print(f"--tp {layout.tp}: {layout.dp} replica(s) of {layout.tp} ranks; attention and MLP sharded, embedding "
+              "and output head replicated; stages gen and speed not run; --kernels eager, --fp-cache off",
+              file=sys.stderr)
+    return layout
+
+
+def _sharder(layout, device):
+    """``shard(model, variant name)``: the model's tensor-parallel shards on ``device`` (--tp)."""
+    from evalsuite import tp
+
+    return lambda model, name: tp.shard(model, layout, device, name)
+
+
 def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device, dtype_name, dtype,
-                dist_env, out_dir, previous_path, show_progress, preloaded=None, smoke=False) -> int:
+                dist_env, out_dir, previous_path, show_progress, preloaded=None, smoke=False, layout=None) -> int:
     import torch
 
     from evalsuite.load import load_model
@@ -274,6 +311,9 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
     from evalsuite.quantize.validate import check_variant
 
     results_path = out_dir / "results.json"
+    sharded = layout is not None and layout.tp > 1
+    # under --tp every rank loads and quantizes the whole model on the CPU, then keeps its shards
+    load_device = torch.device("cpu") if sharded else device
     results = Results(run={
         "argv": sys.argv[1:],
         "started": now(),
@@ -293,6 +333,7 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         "git_revision": git_revision(),
         "stage_seconds": {},
         "world_size": dist_env.world_size,
+        "tp": layout.tp if layout is not None else 1,
     })
     previous = Results.load(previous_path) if previous_path is not None else None
     to_run = list(stages)
@@ -332,6 +373,9 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                 results.run["stage_seconds"][name] = round(time.perf_counter() - self.t0, 3)
                 if device.type == "cuda":  # what the stage held at most, models included
                     results.run.setdefault("stage_peak_gpu_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
+                    if dist_env.world_size > 1:  # every rank's GPU (under --tp each holds other shards)
+                        results.run.setdefault("stage_peak_gpu_bytes_per_rank", {})[name] = distributed.all_ranks(
+                            torch.cuda.max_memory_allocated(device), dist_env.world_size)
                 if measure:
                     results.run["stages_finished"].append(name)
                 results.run["running"] = None
@@ -355,7 +399,7 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
     skip = parse_skip(args.skip_layers)
     try:
         with timed("load"):
-            loaded = preloaded or load_model(model_path, device=device, dtype=dtype, arch=args.arch,
+            loaded = preloaded or load_model(model_path, device=load_device, dtype=dtype, arch=args.arch,
                                              tokenizer_path=args.tokenizer)
             info = loaded.info
             results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
@@ -370,32 +414,40 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                     check_identity(b, results, f"--baseline {args.baseline}")
             variants = {"fp": loaded.model}
             for spec in variant_specs:
-                var = load_variant_model(spec, loaded, device, dtype, arch=args.arch)
-                check_variant(spec.name, var.model, info.vocab_size, device, f"--variant-model {spec.path}")
+                var = load_variant_model(spec, loaded, load_device, dtype, arch=args.arch)
+                check_variant(spec.name, var.model, info.vocab_size, load_device, f"--variant-model {spec.path}")
                 variants[spec.name] = var.model
                 results.run.setdefault("variant_models", {})[spec.name] = {
                     "path": var.info.path, "format": var.info.format, "sha256": var.info.sha256, "arch": var.info.arch}
         with timed("quantize"):
+            # modules paired by name with the fp model whose type or weight changed (see measure.layers)
+            quantized_layers = results.run["quantized_layers"] = {
+                name: len(paired_layers(loaded.model, mod)) for name, mod in variants.items() if name != "fp"}
+            shard = _sharder(layout, device) if sharded else (lambda model, name: model)
+            variants.update({name: shard(mod, name) for name, mod in variants.items() if name != "fp"})
             for cfg in configs:
                 t0 = time.perf_counter()
                 variants[cfg.name] = quantize_(copy.deepcopy(loaded.model), cfg, skip=skip)
                 results.run.setdefault("quantize_seconds", {})[cfg.name] = round(time.perf_counter() - t0, 3)
                 if hasattr(cfg, "spec"):  # not one of evalsuite's own schemes: check what it made
-                    check_variant(cfg.name, variants[cfg.name], info.vocab_size, device, cfg.spec)
-            # modules paired by name with the fp model whose type or weight changed (see measure.layers)
-            results.run["quantized_layers"] = {name: len(paired_layers(loaded.model, mod))
-                                               for name, mod in variants.items() if name != "fp"}
+                    check_variant(cfg.name, variants[cfg.name], info.vocab_size, load_device, cfg.spec)
+                quantized_layers[cfg.name] = len(paired_layers(loaded.model, variants[cfg.name]))
+                # under --tp each variant keeps its shards at once: one whole copy at a time on the CPU
+                variants[cfg.name] = shard(variants[cfg.name], cfg.name)
+            variants["fp"] = shard(loaded.model, "fp")  # last: every variant was copied from its whole weights
 
         def reload(new_dtype):
             if preloaded is not None:  # no source to reload from: the same weights, cast
                 return copy.deepcopy(preloaded.model).to(new_dtype)
-            return load_model(model_path, device=device, dtype=new_dtype, arch=args.arch, tokenizer_path=args.tokenizer).model
+            model = load_model(model_path, device=load_device, dtype=new_dtype, arch=args.arch,
+                               tokenizer_path=args.tokenizer).model
+            return _sharder(layout, device)(model, f"fp in {new_dtype}") if sharded else model
 
         ctx = RunContext(
             loaded=loaded, variants=variants, configs={c.name: c for c in configs}, device=device, dtype=dtype,
             args=args, results=results, data_dir=data_dir, limit=args.limit, reload=reload, checkpoint=checkpoint,
             show_progress=show_progress,
-            rank=dist_env.rank, world_size=dist_env.world_size,
+            rank=layout.dp_rank, world_size=layout.dp, tp_rank=layout.tp_rank,
         )
         for name in to_run:
             with timed(name, measure=True):

@@ -36,6 +36,8 @@ def nightly_cli(*argv: str) -> int:
     ("entries: [{name: a, colour: red}]", "unknown key 'colour'"),
     ("entries: [{name: a, limit: many}]", "limit = 'many' has the wrong type"),
     ("entries: [{name: a, nproc: 0}]", "nproc and limit must be at least 1"),
+    ("entries: [{name: a, nproc: 3, tp: 2}]", "tp must be at least 1 and divide nproc (3)"),
+    ("entries: [{name: a, tp: 2}]", "tp must be at least 1 and divide nproc (1)"),
     ("entries: [{name: a}, {name: a}]", "duplicate entry name 'a'"),
     ("entries: [{name: 'a b'}]", "entry name 'a b'"),
     ("entries: []", "no entries"),
@@ -129,6 +131,7 @@ entries:
     quant: [int8-wo, int4-wo-g128]
     stages: [ppl, tasks]
     nproc: 2
+    tp: 2
     gates: {strict: true}
     baseline: reports/baselines/x.json
     args: --ppl-context 512
@@ -139,7 +142,7 @@ entries:
     joined = " ".join(cmd)
     for part in ("evalsuite run", "--model /m/llama-70b", "--quant int8-wo,int4-wo-g128", "--stages ppl,tasks",
                  f"--gates {tmp_path / 'e' / 'gates.yaml'}", "--baseline reports/baselines/x.json",
-                 "--no-history", "--ppl-context 512", f"--out {tmp_path / 'e'}"):
+                 "--no-history", "--ppl-context 512", f"--out {tmp_path / 'e'}", "--tp 2"):
         assert part in joined
     assert entry.fingerprint(cmd) != entry.fingerprint(entry.command(tmp_path / "e", history=Path("h.sqlite")))
 

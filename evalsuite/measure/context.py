@@ -24,7 +24,8 @@ class RunContext:
 
     ``reload(dtype)`` gives a fresh fp model in another dtype (the KL noise floor needs fp32);
     ``checkpoint()`` saves what has been computed so far, so a later failure loses nothing.
-    In a distributed run ``rank``/``world_size`` say which shard is this process's.
+    In a distributed run ``rank``/``world_size`` say which shard of the work units is this process's
+    (under ``--tp`` the data-parallel replica: its ``tp_rank``s take the same units, models sharded).
     """
 
     loaded: LoadedModel
@@ -40,7 +41,13 @@ class RunContext:
     checkpoint: Callable[[], None] = lambda: None
     rank: int = 0
     world_size: int = 1
+    tp_rank: int = 0
     show_progress: bool = field(default_factory=lambda: sys.stderr.isatty())
+
+    @property
+    def is_writer(self) -> bool:
+        """One process of the run prints and writes shared files (caches, tables)."""
+        return self.rank == 0 and self.tp_rank == 0
 
     @property
     def tokenizer(self):
@@ -60,7 +67,7 @@ class RunContext:
         """A progress bar on stderr for anything that takes more than a few seconds."""
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not self.show_progress or self.rank != 0,
+        return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not self.show_progress or not self.is_writer,
                     leave=False, mininterval=1.0)
 
     @property

@@ -290,6 +290,7 @@ def measure_activations(
     its block hooks compare against those records. Only one batch's block outputs are held.
     """
     from evalsuite.load.model import forward_logits, transformer_blocks
+    from evalsuite.tp import full_output, local
 
     forward = forward or forward_logits
     layer_mods = {v: paired_layers(fp, m) for v, m in variants.items()}
@@ -300,10 +301,11 @@ def measure_activations(
 
     def layer_hook(name: str):
         def hook(module, args, output):
-            x = args[0]
+            # under --tp: the layer's local input, and column-parallel outputs gathered whole
+            x, output = local(args[0]), full_output(module, output)
             for v, mods in layer_mods.items():
                 if name in mods:
-                    y = mods[name](x)
+                    y = full_output(mods[name], mods[name](x))
                     if y.shape == output.shape:  # else (a module that does not map x alike) no output view
                         layer_sums[v][name].add(output, y)
         return hook
@@ -563,7 +565,7 @@ def run(ctx) -> None:
         pending.flush(ctx.results)
         details[variant] = detail_table(rows, summary, opts.top)
         ctx.checkpoint()
-        if ctx.rank == 0:
+        if ctx.is_writer:
             skipped = [r.metrics["_weight_skipped"] for r in rows if "_weight_skipped" in r.metrics]
             note = f"; weight view skipped for {len(skipped)} layers: {skipped[0]}" if skipped else ""
             print(f"\nlayers {variant}: worst {min(opts.top, len(rows))} of {len(rows)} quantized layers "
@@ -573,17 +575,20 @@ def run(ctx) -> None:
 
 def layer_rows(fp: nn.Module, qmodel: nn.Module, variant: str, sums: dict[str, tuple[float, float, float, int]],
                thresholds: Thresholds, expected_float: set[str] | None) -> list[LayerRow]:
+    from evalsuite.tp import full_weight, unsharded
+
     rows = []
     for name, qmod in paired_layers(fp, qmodel).items():
-        ref = fp.get_submodule(name)
-        w_hat, how = dequantized_weight(qmod, ref.weight.shape)
-        metrics: dict[str, Any] = weight_errors(ref.weight, qmod, w_hat) if w_hat is not None else {"_weight_skipped": how}
+        # under --tp the whole layers, gathered from their shards: the metrics are one process's
+        weight, qmod = full_weight(fp.get_submodule(name)), unsharded(qmod)
+        w_hat, how = dequantized_weight(qmod, weight.shape)
+        metrics: dict[str, Any] = weight_errors(weight, qmod, w_hat) if w_hat is not None else {"_weight_skipped": how}
         signal, noise, cosine, tokens = sums.get(name, (0.0, 0.0, 0.0, 0))
         if tokens:
             metrics["output_sqnr_db"] = sqnr_db(signal, noise)
             metrics["output_cosine"] = cosine / tokens
         metrics["_tokens"] = tokens
-        metrics["_n_weights"] = ref.weight.numel()
+        metrics["_n_weights"] = weight.numel()
         should_be_float = expected_float is not None and name in expected_float
         floors = FLOAT_LAYER if should_be_float else thresholds.floors(variant, name)
         rows.append(LayerRow(name, metrics, floors, should_be_float))

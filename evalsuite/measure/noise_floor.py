@@ -122,6 +122,6 @@ def upcast_reference(fp: nn.Module, device: torch.device) -> nn.Module:
 def can_upcast(ctx) -> bool:
     """True where the run's fp weights upcast are exactly the checkpoint's values (see module doc)."""
     info = ctx.loaded.info
-    if info.format != "hf" or not hasattr(ctx.fp, "config"):
-        return False
+    if info.format != "hf" or not hasattr(ctx.fp, "config") or ctx.option("tp", 1) > 1:
+        return False  # under --tp fp is sharded: the float32 reference is reloaded and sharded alike
     return checkpoint_float_dtypes(info.path) == {ctx.dtype}

@@ -637,7 +637,7 @@ def run(ctx) -> None:
         result.nll["fp"] = [np.asarray(a, dtype=np.float32) for a in cached["fp_nll"]]
         if cached["noise_pair"] is not None:
             result.pairs[NOISE] = {k: [np.asarray(a, dtype=np.float32) for a in v] for k, v in cached["noise_pair"].items()}
-    elif ctx.rank == 0 and not noise.startswith("unavailable"):
+    elif ctx.is_writer and not noise.startswith("unavailable"):
         cache.store({"noise_floor": noise, "fp_nll": [a.tolist() for a in result.nll["fp"]],
                      "noise_pair": {k: [a.tolist() for a in v] for k, v in result.pairs[NOISE].items()}
                      if NOISE in result.pairs else None})

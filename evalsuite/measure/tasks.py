@@ -232,7 +232,7 @@ def make_lm(ctx, model, encode_cache: dict, plan_cache: dict | None = None, memo
         return HFLM(pretrained=model, tokenizer=ctx.tokenizer, batch_size=batch_size or 32, device=str(ctx.device))
     return TorchLM(model, ctx.tokenizer, device=ctx.device, batch_size=batch_size,
                    batch_tokens=ctx.option("task_batch_tokens"), encode_cache=encode_cache, plan_cache=plan_cache,
-                   show_progress=ctx.show_progress and ctx.rank == 0,
+                   show_progress=ctx.show_progress and ctx.is_writer,
                    packed=False if ctx.option("task_packing", "auto") == "off" else None, memory_budget=memory_budget)
 
 
@@ -580,7 +580,7 @@ def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | No
             if getattr(lm, "generation_notes", None):
                 extra["generation"] = ("greedy decoding; sampling arguments ignored: "
                                        + ", ".join(sorted(lm.generation_notes)))
-            if cache is not None and ctx.rank == 0:
+            if cache is not None and ctx.is_writer:
                 cache.store({"answers": [list(a) if isinstance(a, tuple) else a for a in answers]})
         seconds = round(time.perf_counter() - t0, 3)
         args = (ctx, name, task, by_doc, limit, details, variant, answers, seconds, per_variant, extra, seed)
