@@ -10,7 +10,8 @@ a family-wise false-alarm budget (Holm, ``--alpha``, default 1%); the rest is re
   ``tasks/pooled/<scheme>/delta_acc`` (non-inferiority over all tasks' items), ``nonfinite_tokens``
   (exact), and the decode speed-up on a GPU where the decode is memory-bound;
 - against a baseline, per variant: the paired statistics of ``evalsuite.judge.paired`` and, on a
-  GPU of the same card and kernels, ``tokens_per_s``.
+  GPU of the same card and kernels, the speed-up (``evalsuite.judge.speed``), plus absolute
+  ``tokens_per_s`` where ``benchmarks/bench_aa.py`` measured its between-process spread.
 
 A within-run limit that the variant's own baseline already misses (a scheme known to be lossy on
 this model) is reported, not gated: that variant is gated on regression from its baseline instead.
