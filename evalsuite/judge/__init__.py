@@ -187,7 +187,7 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
     Returns the run's exit code: 1 when any gate failed, else 2 when the run is INCOMPLETE, else 0.
     """
     from evalsuite.report import write_reports
-    from evalsuite.report.table import colour_enabled, render_table, render_verdicts, summary_line
+    from evalsuite.report.table import colour_enabled, render_table, render_verdicts, summary_line, terminal_width
 
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
@@ -208,5 +208,5 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
         run_id = append_run(hist, results, source=str(results_path))
         print(f"history: run {run_id} appended to {hist}")
     print("reports: " + ", ".join(str(p) for p in written))
-    print(summary_line(results.verdicts))
+    print(summary_line(results.verdicts, None if verbose else terminal_width()))
     return exit_code(results.verdicts)
