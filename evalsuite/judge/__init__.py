@@ -180,9 +180,11 @@ def history_path(args: argparse.Namespace, out_dir: Path | None) -> Path | None:
     return None
 
 
-def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) -> int:
+def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace, remeasure=None) -> int:
     """Annotate ``results`` with verdicts, write the reports into ``out_dir``, print the tables,
-    append the run to the history.
+    append the run to the history. ``remeasure(stages, variants) -> (Results, plan)`` (``--confirm``):
+    a failing run's failing stages are measured again and only reproduced failures fail it
+    (``evalsuite.judge.confirm``).
 
     Returns the run's exit code: 1 when any gate failed, else 2 when the run is INCOMPLETE, else 0.
     """
@@ -193,8 +195,15 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
     results_path = out_dir / "results.json"
     config = config_from_args(args)
     baselines, missing, directory = resolve_baselines(results, args, results_path)
-    checks = judge(results, config, baselines, results_path=results_path, baseline_dir=directory, extra_checks=missing,
-                   baseline_requested=bool(getattr(args, "baseline", None)))
+    def judge_this(res: Results) -> list[Check]:
+        return judge(res, config, baselines, results_path=results_path, baseline_dir=directory, extra_checks=list(missing),
+                     baseline_requested=bool(getattr(args, "baseline", None)))
+
+    checks = judge_this(results)
+    if remeasure is not None and any(c.failing for c in checks):
+        from evalsuite.judge.confirm import confirm
+
+        checks = confirm(results, checks, remeasure, judge_this)
     annotate(results, checks)
     written = write_reports(results, out_dir)
     verbose = bool(getattr(args, "verbose", False))
