@@ -20,8 +20,12 @@ Speed: ``--speed-configs`` (default all of ``SPEED_CONFIGS``) adds fresh ``--sta
 variant the between-process spread of tokens/s and of the speed-up (``speed/<task>/<variant>/
 tokens_per_s_rel``: ``between_process_sd`` of ln(value), ``processes``). The judge gates absolute
 tokens/s against a baseline only where that spread exists (``evalsuite.judge.speed``). ``--from``
-takes speed runs too (any results.json with speed records: runs you already have), e.g.
-``--from aa/*/results.json nightly/*/results.json``.
+takes speed runs too (any results.json of this model and card with speed records: runs you already
+have); ``--speed-only`` calibrates only the speed spread and keeps the other statistics of an existing
+noise.json at the destination::
+
+    python3 benchmarks/bench_aa.py --speed-only --write-baselines reports/baselines      # 5 speed processes
+    python3 benchmarks/bench_aa.py --speed-only --from runA/results.json runB/results.json runC/results.json
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def run_all(args: argparse.Namespace) -> list[tuple[str, Path]]:
     runs = []
     out = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench-aa-runs-"))  # results files are large: not in $OUT
     empty = Path(tempfile.mkdtemp(prefix="aa-nobaselines-"))  # judge against nothing: only the numbers matter
-    plan = [(label, args.stages, CONFIGS[label]) for label in args.configs.split(",") if label]
+    plan = [] if args.speed_only else [(label, args.stages, CONFIGS[label]) for label in args.configs.split(",") if label]
     plan += [(label, "speed", SPEED_CONFIGS[label]) for label in args.speed_configs.split(",") if label]
     for label, stages, extra in plan:
         dest = out / label
@@ -199,6 +203,9 @@ def main() -> int:
                     help=f"speed-stage A/A processes, comma separated from {', '.join(SPEED_CONFIGS)} ('' for none)")
     ap.add_argument("--from", dest="from_files", nargs="+", metavar="RESULTS",
                     help="calibrate from finished runs' results.json instead (the first is the reference)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="calibrate the speed spread only (launch only the speed processes; with --from, use only "
+                         "their speed records); an existing noise.json keeps its other statistics")
     ap.add_argument("--write-baselines", metavar="DIR", help="also write noise.json into this baselines folder")
     ap.add_argument("--runs-dir", metavar="DIR", help="where the runs' output folders go (default: a temporary folder)")
     args = ap.parse_args()
@@ -207,9 +214,11 @@ def main() -> int:
     files = [(Path(f).parent.name, Path(f)) for f in args.from_files] if args.from_files else run_all(args)
     runs = [(label, Results.load(p)) for label, p in files]
     # ppl/tasks runs calibrate the paired statistics, speed runs the speed spread (one list may hold both)
-    paired_runs = [(l, r) for l, r in runs if r.details.get("ppl") or r.details.get("tasks")]
+    paired_runs = [] if args.speed_only else [(l, r) for l, r in runs if r.details.get("ppl") or r.details.get("tasks")]
     speed_runs = [(l, r) for l, r in runs if r.find(stage="speed", metric="tokens_per_s")]
-    ref = (paired_runs or runs)[0][1]
+    if args.speed_only and len(speed_runs) < 3:
+        raise SystemExit(f"--speed-only: {len(speed_runs)} runs with speed records; a between-process spread needs 3 or more")
+    ref = (paired_runs or speed_runs or runs)[0][1]
     cal = calibrate(paired_runs) if len(paired_runs) >= 2 else {"statistics": {}, "pairs": []}
     speed = speed_spread(speed_runs)
     for k, e in speed.items():
@@ -227,6 +236,12 @@ def main() -> int:
     written = []
     for folder in [out / "baselines", *([Path(args.write_baselines)] if args.write_baselines else [])]:
         path = baseline_path(folder, ref, "fp").with_name(NOISE_FILE)
+        if args.speed_only and path.is_file():  # the paired statistics there stay as they were measured
+            old = json.loads(path.read_text())
+            kept = {k: e for k, e in (old.get("statistics") or {}).items() if not k.startswith("speed/")}
+            noise = {**noise, "statistics": {**kept, **noise["statistics"]},
+                     "source": f"{source}; other statistics: {old.get('source')}",
+                     "runs": [*(old.get("runs") or []), *noise["runs"]]}
         write_json_atomic(path, noise)
         written.append(str(path))
         print(f"wrote {path}")

@@ -135,3 +135,42 @@ def test_speed_checks_false_alarm_and_miss_rates_by_simulation():
         caught += slow.verdict == "FAIL"
     assert max(alarms.values()) <= 0.01 * trials, alarms
     assert caught >= 0.8 * trials, caught
+
+
+def test_bench_aa_speed_only_keeps_the_paired_calibration_and_the_gate_uses_it(tmp_path):
+    """bench_aa --speed-only --from three speed runs adds the speed spread to an existing noise.json;
+    a baseline whose embedded noise has no speed spread takes it from there, and tokens/s gates."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "baselines"
+    assert gate_speed(tmp_path, speed_run(H200_FP, H200_Q, seed=1), speed_run(H200_FP, H200_Q, 2), {
+        "schema": "evalsuite.noise/1", "source": "earlier ppl/tasks A/A",
+        "statistics": {"ppl/wikitext2/fp/nll_shift": {"same_path": 0.0, "cross_path": 2e-5}}})[0] == 0
+    where = folder / "SmolLM2-135M" / "cuda-bf16"
+    runs = []
+    for i, f in enumerate((1.0, 0.95, 1.03)):
+        speed_run(H200_FP * f, H200_Q * f, seed=10 + i).save(tmp_path / f"s{i}" / "results.json")
+        runs.append(str(tmp_path / f"s{i}" / "results.json"))
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_aa.py"), "--speed-only", "--from", *runs,
+                        "--write-baselines", str(folder)], capture_output=True, text=True, cwd=REPO, timeout=300,
+                       env={**os.environ, "OUT": str(tmp_path / "out")})
+    assert p.returncode == 0, p.stderr
+    noise = json.loads((where / "noise.json").read_text())
+    assert "ppl/wikitext2/fp/nll_shift" in noise["statistics"] and "earlier ppl/tasks A/A" in noise["source"]
+    tps = noise["statistics"]["speed/decode_bs1/fp/tokens_per_s_rel"]
+    assert tps["processes"] == 3 and tps["between_process_sd"] == pytest.approx(np.std(np.log([1, .95, 1.03]), ddof=1),
+                                                                                  rel=0.05)
+    # re-embed the old noise (no speed spread) as a baseline made before the speed calibration holds it
+    b = json.loads((where / "fp.json").read_text())
+    b["noise"] = {"source": "earlier ppl/tasks A/A", "calibrated": True,
+                  "statistics": {"ppl/wikitext2/fp/nll_shift": {"same_path": 0.0, "cross_path": 2e-5}}}
+    (where / "fp.json").write_text(json.dumps(b))
+    out = tmp_path / "gate2"
+    speed_run(938.0, 938.0 * H200_Q / H200_FP, 4).save(tmp_path / "cand2.json")
+    main(["gate", "--baselines", str(folder), "--candidate", str(tmp_path / "cand2.json"), "--out", str(out),
+          "--formats", "json", "--no-history"])
+    v = {x["check"]: x for x in json.loads((out / "results.json").read_text())["verdicts"]}
+    fp = v["baseline:speed/decode_bs1/fp/tokens_per_s"]
+    assert fp["gated"] and "3 fresh processes" in fp["reason"], fp

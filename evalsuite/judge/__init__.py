@@ -20,6 +20,7 @@ this model) is reported, not gated: that variant is gated on regression from its
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace, 
     config = config_from_args(args)
     baselines, missing, directory = resolve_baselines(results, args, results_path)
     def judge_this(res: Results) -> list[Check]:
-        return judge(res, config, baselines, results_path=results_path, baseline_dir=directory, extra_checks=list(missing),
+        return judge(res, config, baselines, results_path=results_path, baseline_dir=directory, extra_checks=copy.deepcopy(missing),
                      baseline_requested=bool(getattr(args, "baseline", None)))
 
     checks = judge_this(results)

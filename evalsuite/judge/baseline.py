@@ -239,6 +239,11 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
     if noise is None:
         noise = NoiseModel.from_dict(baseline.noise) if baseline.noise else (noise_beside(baseline.path) or NoiseModel())
     checks = _paired_primary_checks(results, baseline, noise, differences, config, command)
+    # the between-process speed spread is the card's, not the baseline's: where the embedded noise
+    # has none, a calibration beside the baseline (bench_aa.py --speed-only) supplies it
+    speed_noise = noise
+    if not any("between_process_sd" in e for e in noise.statistics.values()):
+        speed_noise = noise_beside(baseline.path) or noise
     for b in baseline.metrics:
         key = metric_key(b)
         if b.higher_is_better is None or b.value is None or (gated_only and config.excluded(key)):
@@ -265,7 +270,7 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
             continue
         if b.stage == "speed" and b.metric in speed_mod.SPEED_STATISTICS and b.value:
             why_not = _speed_gate_allowed(results, config, differences)
-            check = speed_mod.speed_check(name, b, c, noise, config.rel_floor(key), config.alpha,
+            check = speed_mod.speed_check(name, b, c, speed_noise, config.rel_floor(key), config.alpha,
                                           gate_allowed=why_not is None, not_gated_why=why_not)
             if check.verdict in (FAIL, IMPROVED):
                 check.command = command

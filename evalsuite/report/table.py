@@ -167,6 +167,9 @@ def summary_line(verdicts: list[dict[str, Any]], width: int | None = None) -> st
     if other:
         first += ", " + ", ".join(f"{n} {k}" for k, n in other.items()) + " (gated, not failing)"
     parts = [first]
+    unconfirmed = sum(1 for v in verdicts if (v.get("extra") or {}).get("confirmed") is False)
+    if unconfirmed:
+        parts.append(f"{unconfirmed} failure{'s' * (unconfirmed != 1)} not confirmed by the re-measurement (--confirm)")
     skipped = counts([v for v in verdicts if v.get("verdict") in unjudged])
     if skipped:
         names = [f"{n} {k}" for k, n in skipped.items()]
