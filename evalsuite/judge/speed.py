@@ -83,11 +83,13 @@ def speed_check(name: str, b: Metric, c: Metric, noise: NoiseModel, floor: float
         verdict, word = WITHIN_NOISE, "slower than the floor but not significantly"
     else:
         verdict, word = PASS, "inside the floor"
-    reason = (f"{b.metric} ({what}) vs baseline: {fmt(b.value)} → {fmt(c.value)} ({rel:+.2%}), {word}; se {fmt(se, 3)} of "
-              f"the relative change = sqrt(within-run {fmt(within, 3)}^2 + 2 x between-process {fmt(between_sd, 3)}^2) "
-              f"[noise: {source}; floor ±{floor:.0%}; one-sided p {fmt(p, 2)} that it is no slower than the floor]")
+    reason = (f"{b.metric} ({what}) vs baseline: {fmt(b.value)} → {fmt(c.value)} ({rel:+.2%}), {word}; "
+              f"se {fmt(se, 3)} of the relative change = sqrt(within-run {fmt(within, 3)}^2 + 2 x between-process "
+              f"{fmt(between_sd, 3)}^2) [noise: {source}; floor ±{floor:.0%}; one-sided p {fmt(p, 2)} that it is no "
+              f"slower than the floor]")
     info: dict[str, Any] = dict(statistic=f"relative change of {b.metric}", unit="(fraction)", se=se, margin=floor,
-                                df=df, clusters=int(cal["processes"]) if cal else None, within_rel_se=within, between_process_sd=between_sd if cal else None,
+                                df=df, clusters=int(cal["processes"]) if cal else None, within_rel_se=within,
+                                between_process_sd=between_sd if cal else None,
                                 noise=noise.source if cal else NO_CALIBRATION)
     if not gated:
         if verdict == FAIL:
@@ -97,4 +99,5 @@ def speed_check(name: str, b: Metric, c: Metric, noise: NoiseModel, floor: float
         return Check(name, "baseline", verdict, f"reported, not gated ({not_gated_why}): {reason}", gated=False,
                      tolerance=floor, extra=info, **common)
     return Check(name, "baseline", verdict, reason, gated=True, p_value=p, tolerance=floor,
-                 interval=[float(b.value) * (1 + rel - Z95 * se), float(b.value) * (1 + rel + Z95 * se)], fallback=(WITHIN_NOISE, ""), extra=info, **common)
+                 interval=[float(b.value) * (1 + rel - Z95 * se), float(b.value) * (1 + rel + Z95 * se)],
+                 fallback=(WITHIN_NOISE, ""), extra=info, **common)
