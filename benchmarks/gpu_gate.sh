@@ -97,7 +97,7 @@ case "$phase" in
       echo "bench_aa --speed-only rc=$? from $(echo "$done_runs" | wc -l) runs -> $B" | tee -a "$summary"
       grep -E "^speed/" "$OUT/logs/bench_aa_speed.log" | tee -a "$summary"
       # comes back with $OUT: commit it as reports/baselines/<model>/cuda-bf16/noise.json
-      find "$B" -name noise.json -newer "$summary" -exec cp --parents {} "$OUT/" \; 2>/dev/null
+      mkdir -p "$OUT/noise" && find "$B" -name noise.json -exec cp --parents {} "$OUT/noise/" \;
       run three-variants-speed 220 --stages speed --baselines "$B" \
         --quant "int8-wo,int4-wo-g128,mine=examples/int8_handler.py:WeightOnlyInt8QuantHandler"
     else
