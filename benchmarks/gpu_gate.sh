@@ -63,7 +63,7 @@ case "$phase" in
   calibrate)
     t0=$(date +%s)
     B=${GATE_BASELINES:-$OUT/baselines}
-    timeout 300 python3 benchmarks/bench_aa.py --write-baselines "$B" --runs-dir "$WORK/aa" \
+    timeout 300 python3 benchmarks/bench_aa.py --speed-configs "" --write-baselines "$B" --runs-dir "$WORK/aa" \
       > "$OUT/logs/bench_aa.log" 2>&1
     echo "bench_aa rc=$? $(( $(date +%s) - t0 ))s" | tee -a "$summary"
     tail -25 "$OUT/logs/bench_aa.log"
