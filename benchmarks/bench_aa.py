@@ -159,6 +159,23 @@ def speed_spread(runs: list[tuple[str, Results]]) -> dict:
     return stats
 
 
+def merged_with_existing(path: Path, noise: dict) -> dict:
+    """``noise`` plus the kind of statistics it lacks (speed spread, or paired ppl/tasks margins) from
+    an existing calibration file at ``path``: a speed-only calibration keeps the paired one, and a
+    ppl/tasks one keeps the speed spread; the source names both."""
+    if not path.is_file():
+        return noise
+    old = json.loads(path.read_text())
+    new = noise["statistics"]
+    has_speed, has_paired = any(k.startswith("speed/") for k in new), any(not k.startswith("speed/") for k in new)
+    kept = {k: e for k, e in (old.get("statistics") or {}).items()
+            if (k.startswith("speed/") and not has_speed) or (not k.startswith("speed/") and not has_paired)}
+    if not kept:
+        return noise
+    return {**noise, "statistics": {**kept, **new}, "source": f"{noise['source']}; kept from before: {old.get('source')}",
+            "runs": [*(old.get("runs") or []), *noise["runs"]]}
+
+
 def record_spread(runs: list[tuple[str, Results]]) -> dict:
     """Every record's values across the runs, and its largest relative move from the reference."""
     ref = runs[0][1]
@@ -205,7 +222,8 @@ def main() -> int:
                     help="calibrate from finished runs' results.json instead (the first is the reference)")
     ap.add_argument("--speed-only", action="store_true",
                     help="calibrate the speed spread only (launch only the speed processes; with --from, use only "
-                         "their speed records); an existing noise.json keeps its other statistics")
+                         "their speed records); an existing noise.json keeps its paired statistics (and a "
+                         "ppl/tasks-only calibration keeps its speed spread)")
     ap.add_argument("--write-baselines", metavar="DIR", help="also write noise.json into this baselines folder")
     ap.add_argument("--runs-dir", metavar="DIR", help="where the runs' output folders go (default: a temporary folder)")
     args = ap.parse_args()
@@ -236,13 +254,7 @@ def main() -> int:
     written = []
     for folder in [out / "baselines", *([Path(args.write_baselines)] if args.write_baselines else [])]:
         path = baseline_path(folder, ref, "fp").with_name(NOISE_FILE)
-        if args.speed_only and path.is_file():  # the paired statistics there stay as they were measured
-            old = json.loads(path.read_text())
-            kept = {k: e for k, e in (old.get("statistics") or {}).items() if not k.startswith("speed/")}
-            noise = {**noise, "statistics": {**kept, **noise["statistics"]},
-                     "source": f"{source}; other statistics: {old.get('source')}",
-                     "runs": [*(old.get("runs") or []), *noise["runs"]]}
-        write_json_atomic(path, noise)
+        write_json_atomic(path, merged_with_existing(path, noise))
         written.append(str(path))
         print(f"wrote {path}")
     payload = {"bench": "aa", "source": source, "noise_files": written, "calibration": cal,
