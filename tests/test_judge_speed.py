@@ -174,3 +174,34 @@ def test_bench_aa_speed_only_keeps_the_paired_calibration_and_the_gate_uses_it(t
     v = {x["check"]: x for x in json.loads((out / "results.json").read_text())["verdicts"]}
     fp = v["baseline:speed/decode_bs1/fp/tokens_per_s"]
     assert fp["gated"] and "3 fresh processes" in fp["reason"], fp
+
+
+@pytest.mark.gpu
+def test_gpu_speed_in_another_process_with_other_variants_does_not_fail(tmp_path, smollm2_path):
+    """Two fresh speed-only processes on the GPU, the second timing another variant set (what once put
+    fp decode 11% below its baseline): judged against a baseline made from the first, with the
+    committed speed calibration where there is one, nothing fails and the speed-up is gated."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    def run(out, quant, *extra):
+        return subprocess.run([sys.executable, "-m", "evalsuite", "run", "--model", str(smollm2_path), "--stages",
+                               "speed", "--quant", quant, "--out", str(out), "--no-history", "--no-progress", *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    first = run(tmp_path / "a", "int8-wo", "--baselines", str(tmp_path / "none"))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    folder = tmp_path / "baselines"
+    assert main(["baseline", "update", str(tmp_path / "a" / "results.json"), "--dir", str(folder)]) == 0
+    (where,) = [p.parent for p in folder.glob("*/*/fp.json")]
+    committed = REPO / "reports" / "baselines" / where.parent.name / where.name / "noise.json"
+    if committed.is_file():
+        shutil.copy(committed, where / "noise.json")
+    second = run(tmp_path / "b", "int8-wo,int4-wo-g128", "--baselines", str(folder))
+    v = {x["check"]: x for x in json.loads((tmp_path / "b" / "results.json").read_text())["verdicts"]}
+    failing = {k: x["reason"] for k, x in v.items() if x.get("failing")}
+    assert second.returncode == 0 and not failing, failing
+    assert v["baseline:speed/decode_bs1/int8-wo/speedup"]["gated"]
