@@ -63,6 +63,6 @@ def test_one_off_glitch_is_not_confirmed_and_is_reported(tmp_path, smollm2, data
     assert kld["reason"].startswith("not confirmed by a re-measurement with --ppl-batch 2 (was 1)")
     assert "first measurement:" in kld["reason"]  # what the first measurement said is kept
     assert data["run"]["confirm"]["not_confirmed"] == ["ppl/wikitext2/int8-wo/kld_mean"]
-    printed = capsys.readouterr().out
+    printed = " ".join(capsys.readouterr().out.split())  # the summary wraps at the terminal's width
     assert "--confirm: re-measuring ppl" in printed and "1 failure not confirmed by the re-measurement" in printed
 
