@@ -14,6 +14,18 @@ noise.json`` and, with ``--write-baselines DIR``, beside the baselines in DIR, w
 baseline update`` copies it into each baseline. Also recorded: the spread of every record across the
 runs (``kld_max`` among them: a fresh draw each run), answers flipped between runs, and the largest
 per-item log-likelihood change. Writes ``$OUT/bench_aa.json``.
+
+Speed: ``--speed-configs`` (default all of ``SPEED_CONFIGS``) adds fresh ``--stages speed`` processes
+(the same command again, and other variant sets in the process), and records per speed task and
+variant the between-process spread of tokens/s and of the speed-up (``speed/<task>/<variant>/
+tokens_per_s_rel``: ``between_process_sd`` of ln(value), ``processes``). The judge gates absolute
+tokens/s against a baseline only where that spread exists (``evalsuite.judge.speed``). ``--from``
+takes speed runs too (any results.json of this model and card with speed records: runs you already
+have); ``--speed-only`` calibrates only the speed spread and keeps the other statistics of an existing
+noise.json at the destination::
+
+    python3 benchmarks/bench_aa.py --speed-only --write-baselines reports/baselines      # 5 speed processes
+    python3 benchmarks/bench_aa.py --speed-only --from runA/results.json runB/results.json runC/results.json
 """
 
 from __future__ import annotations
@@ -49,14 +61,28 @@ CONFIGS = {
 }
 
 
+# speed-stage A/A processes: label -> extra options. Fresh processes varying what should not matter
+# for a speed: the repeat itself, and the other variants timed in the same process (clock, thermal and
+# allocator state; the -11% fp decode on the H200 came from a five-variant process)
+SPEED_CONFIGS = {
+    "speed": [],
+    "speed-again": [],
+    "speed-again-2": [],
+    "speed-variants": ["--quant", "int8-wo,int4-wo-g128"],
+    "speed-variants-2": ["--quant", "int4-wo-g128,int8-wo"],
+}
+SPEED_METRICS = ("tokens_per_s", "speedup")
+
+
 def run_all(args: argparse.Namespace) -> list[tuple[str, Path]]:
     runs = []
     out = Path(args.runs_dir or tempfile.mkdtemp(prefix="bench-aa-runs-"))  # results files are large: not in $OUT
     empty = Path(tempfile.mkdtemp(prefix="aa-nobaselines-"))  # judge against nothing: only the numbers matter
-    for label in args.configs.split(","):
-        extra = CONFIGS[label]
+    plan = [] if args.speed_only else [(label, args.stages, CONFIGS[label]) for label in args.configs.split(",") if label]
+    plan += [(label, "speed", SPEED_CONFIGS[label]) for label in args.speed_configs.split(",") if label]
+    for label, stages, extra in plan:
         dest = out / label
-        cmd = [sys.executable, "-m", "evalsuite", "run", "--quant", args.quant, "--stages", args.stages,
+        cmd = [sys.executable, "-m", "evalsuite", "run", "--quant", args.quant, "--stages", stages,
                "--out", str(dest), "--no-history", "--baselines", str(empty), "--no-progress",
                # every run measures fp afresh: a cached fp reference would hide the very noise measured here
                "--fp-cache", "off", *extra]
@@ -105,6 +131,51 @@ def calibrate(runs: list[tuple[str, Results]]) -> dict:
     return {"statistics": stats, "pairs": pairs}
 
 
+def speed_spread(runs: list[tuple[str, Results]]) -> dict:
+    """Between-process spread of every speed task's tokens/s and speed-up, per variant, over the runs
+    that timed it: ``between_process_sd`` = sd (ddof 1) of ln(value) across processes (a relative
+    spread), ``cross_path`` / ``same_path`` the largest |relative move| from the first such run
+    (any run / a same-configuration run). The judge gates absolute tokens/s only where this exists."""
+    stats: dict[str, dict] = {}
+    for metric in SPEED_METRICS:
+        values: dict[tuple[str, str], list[tuple[str, float]]] = {}
+        for label, res in runs:
+            for m in res.find(stage="speed", metric=metric):
+                if m.value is not None and m.value > 0 and m.task != "device":
+                    values.setdefault((m.task, m.variant), []).append((label, float(m.value)))
+        for (task, variant), seen in values.items():
+            if len(seen) < 2:
+                continue
+            ref_label, ref = seen[0]
+            logs = np.log([v for _, v in seen])
+            same = [abs(v / ref - 1) for label, v in seen[1:]
+                    if label in SPEED_CONFIGS and SPEED_CONFIGS.get(label) == SPEED_CONFIGS.get(ref_label)]
+            cross = max(abs(v / ref - 1) for _, v in seen[1:])
+            stats[f"speed/{task}/{variant}/{metric}_rel"] = {
+                "between_process_sd": float(np.std(logs, ddof=1)), "processes": len(seen),
+                "same_path": max(same) if same else cross, "cross_path": cross,
+                "sd": float(np.std(logs, ddof=1)), "pairs": len(seen) - 1, "unit": "(fraction, relative)",
+                "gated": True, "values": {label: v for label, v in seen}}
+    return stats
+
+
+def merged_with_existing(path: Path, noise: dict) -> dict:
+    """``noise`` plus the kind of statistics it lacks (speed spread, or paired ppl/tasks margins) from
+    an existing calibration file at ``path``: a speed-only calibration keeps the paired one, and a
+    ppl/tasks one keeps the speed spread; the source names both."""
+    if not path.is_file():
+        return noise
+    old = json.loads(path.read_text())
+    new = noise["statistics"]
+    has_speed, has_paired = any(k.startswith("speed/") for k in new), any(not k.startswith("speed/") for k in new)
+    kept = {k: e for k, e in (old.get("statistics") or {}).items()
+            if (k.startswith("speed/") and not has_speed) or (not k.startswith("speed/") and not has_paired)}
+    if not kept:
+        return noise
+    return {**noise, "statistics": {**kept, **new}, "source": f"{noise['source']}; kept from before: {old.get('source')}",
+            "runs": [*(old.get("runs") or []), *noise["runs"]]}
+
+
 def record_spread(runs: list[tuple[str, Results]]) -> dict:
     """Every record's values across the runs, and its largest relative move from the reference."""
     ref = runs[0][1]
@@ -144,9 +215,15 @@ def main() -> int:
     ap.add_argument("--data-dir", default=os.environ.get("EVALSUITE_DATA_DIR"))
     ap.add_argument("--quant", default="int8-wo")
     ap.add_argument("--stages", default="ppl,tasks")
-    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma separated from {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma separated from {', '.join(CONFIGS)} ('' for none)")
+    ap.add_argument("--speed-configs", default=",".join(SPEED_CONFIGS),
+                    help=f"speed-stage A/A processes, comma separated from {', '.join(SPEED_CONFIGS)} ('' for none)")
     ap.add_argument("--from", dest="from_files", nargs="+", metavar="RESULTS",
                     help="calibrate from finished runs' results.json instead (the first is the reference)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="calibrate the speed spread only (launch only the speed processes; with --from, use only "
+                         "their speed records); an existing noise.json keeps its paired statistics (and a "
+                         "ppl/tasks-only calibration keeps its speed spread)")
     ap.add_argument("--write-baselines", metavar="DIR", help="also write noise.json into this baselines folder")
     ap.add_argument("--runs-dir", metavar="DIR", help="where the runs' output folders go (default: a temporary folder)")
     args = ap.parse_args()
@@ -154,8 +231,16 @@ def main() -> int:
     t0 = time.perf_counter()
     files = [(Path(f).parent.name, Path(f)) for f in args.from_files] if args.from_files else run_all(args)
     runs = [(label, Results.load(p)) for label, p in files]
-    ref = runs[0][1]
-    cal = calibrate(runs)
+    # ppl/tasks runs calibrate the paired statistics, speed runs the speed spread (one list may hold both)
+    paired_runs = [] if args.speed_only else [(l, r) for l, r in runs if r.details.get("ppl") or r.details.get("tasks")]
+    speed_runs = [(l, r) for l, r in runs if r.find(stage="speed", metric="tokens_per_s")]
+    if args.speed_only and len(speed_runs) < 3:
+        raise SystemExit(f"--speed-only: {len(speed_runs)} runs with speed records; a between-process spread needs 3 or more")
+    ref = (paired_runs or speed_runs or runs)[0][1]
+    cal = calibrate(paired_runs) if len(paired_runs) >= 2 else {"statistics": {}, "pairs": []}
+    speed = speed_spread(speed_runs)
+    for k, e in speed.items():
+        cal["statistics"][k] = e
     device = ref.run.get("device") or {}
     source = (f"benchmarks/bench_aa.py on {device.get('name')}, {len(runs)} runs ({', '.join(l for l, _ in runs)}), "
               f"git {str(ref.run.get('git_revision'))[:10]}, {dt.date.today().isoformat()}")
@@ -163,12 +248,13 @@ def main() -> int:
              "sha256": (ref.run.get("model") or {}).get("sha256"), "device_name": device.get("name"),
              "dtype": ref.run.get("dtype"), "source": source,
              "runs": [{"label": l, "options": CONFIGS.get(l), "argv": r.run.get("argv")} for l, r in runs],
-             "statistics": {k: {x: e[x] for x in ("same_path", "cross_path", "sd", "pairs", "unit", "gated")}
+             "statistics": {k: {x: e[x] for x in ("same_path", "cross_path", "sd", "pairs", "unit", "gated",
+                                                  "between_process_sd", "processes") if x in e}
                             for k, e in cal["statistics"].items()}}
     written = []
     for folder in [out / "baselines", *([Path(args.write_baselines)] if args.write_baselines else [])]:
         path = baseline_path(folder, ref, "fp").with_name(NOISE_FILE)
-        write_json_atomic(path, noise)
+        write_json_atomic(path, merged_with_existing(path, noise))
         written.append(str(path))
         print(f"wrote {path}")
     payload = {"bench": "aa", "source": source, "noise_files": written, "calibration": cal,
@@ -178,7 +264,8 @@ def main() -> int:
     if write_out("bench_aa", payload) is None:
         (out / "bench_aa.json").write_text(json.dumps(payload, indent=1, default=str))
     for k, e in sorted(cal["statistics"].items()):
-        print(f"{k:50s} same {e['same_path']:.3g}  cross {e['cross_path']:.3g}  {e['unit']}")
+        between = f"  between-process sd {e['between_process_sd']:.3g} over {e['processes']}" if "processes" in e else ""
+        print(f"{k:50s} same {e['same_path']:.3g}  cross {e['cross_path']:.3g}  {e['unit']}{between}")
     return 0
 
 

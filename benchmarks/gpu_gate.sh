@@ -14,12 +14,18 @@
 #            --kernels eager, --ppl-batch 4 --task-batch-size 512, and default runs without the speed
 #            stage while time is left (eager and batch sizes do not change what speed measures, and a
 #            speed baseline timed with other kernels is reported, not gated).
+#   speed:   bash benchmarks/gpu_gate.sh speed-noise      (call it twice: 5 processes of ~200 s)
+#            fresh `--stages speed` processes (the default three times, --quant int8-wo,int4-wo-g128 in
+#            both orders); once 3+ are done, bench_aa --speed-only --from them -> the between-process
+#            spread of tokens/s and of the speed-up per speed task, merged into the noise.json in
+#            GATE_BASELINES (default reports/baselines; its ppl/tasks statistics are kept); then one
+#            speed-only process with three variants judged against it.
 #
 # Prints and appends to $OUT/gate_summary.txt each run's exit code, time and verdict summary, and
 # its FAIL / INCONCLUSIVE lines. BUDGET (default 570 s) bounds the call: a run that would not fit is
 # listed as SKIPPED, not started.
 set -u
-phase=${1:?usage: gpu_gate.sh calibrate|verify}
+phase=${1:?usage: gpu_gate.sh calibrate|verify|speed-noise}
 OUT=${OUT:-/tmp/evalsuite-gate}; export OUT
 WORK=${WORK:-/tmp/evalsuite-gate-work}
 mkdir -p "$OUT/logs" "$WORK"
@@ -44,7 +50,9 @@ run() {  # run LABEL NEEDED_SECONDS [evalsuite run options...]
     > "$OUT/logs/$label.log" 2>&1
   local rc=$?
   echo "$label rc=$rc $(( $(date +%s) - t0 ))s  options: $*" | tee -a "$summary"
-  grep -E "^gate (PASSED|FAILED)" "$OUT/logs/$label.log" | tail -1 | tee -a "$summary"
+  # the headline and its wrapped continuation lines
+  awk '/^gate (PASSED|FAILED|INCOMPLETE)/{p=1; print; next} p && /^  /{print; next} {p=0}' "$OUT/logs/$label.log" \
+    | tee -a "$summary"
   grep -E "^(FAIL|INCONCLUSIVE|WITHIN-NOISE) " "$OUT/logs/$label.log" | cut -c1-220 | head -30 >> "$summary"
   [ -f "$WORK/$label/report.md" ] && cp "$WORK/$label/report.md" "$OUT/logs/$label.report.md"
 }
@@ -55,7 +63,7 @@ case "$phase" in
   calibrate)
     t0=$(date +%s)
     B=${GATE_BASELINES:-$OUT/baselines}
-    timeout 300 python3 benchmarks/bench_aa.py --write-baselines "$B" --runs-dir "$WORK/aa" \
+    timeout 300 python3 benchmarks/bench_aa.py --speed-configs "" --write-baselines "$B" --runs-dir "$WORK/aa" \
       > "$OUT/logs/bench_aa.log" 2>&1
     echo "bench_aa rc=$? $(( $(date +%s) - t0 ))s" | tee -a "$summary"
     tail -25 "$OUT/logs/bench_aa.log"
@@ -72,6 +80,29 @@ case "$phase" in
     run default-3 200 "$@"
     run default-4-no-speed 60 --stages ppl,tasks,layers "$@"
     run default-5-no-speed 60 --stages ppl,tasks,layers "$@"
+    ;;
+  speed-noise)
+    # fresh speed-only processes (each ~150-200 s, mostly torch.compile), skipping those already
+    # done in $WORK by an earlier call; once 3 or more exist, bench_aa calibrates from them
+    B=${GATE_BASELINES:-reports/baselines}
+    for spec in "speed-a:int8-wo" "speed-b:int8-wo" "speed-c:int8-wo,int4-wo-g128" "speed-d:int4-wo-g128,int8-wo" \
+                "speed-e:int8-wo"; do
+      label=${spec%%:*}
+      [ -f "$WORK/$label/results.json" ] || run "$label" 220 --stages speed --quant "${spec#*:}" --baselines "$WORK/none"
+    done
+    done_runs=$(ls "$WORK"/speed-?/results.json 2>/dev/null)
+    if [ "$(echo "$done_runs" | grep -c results.json)" -ge 3 ]; then
+      python3 benchmarks/bench_aa.py --speed-only --write-baselines "$B" --from $done_runs \
+        > "$OUT/logs/bench_aa_speed.log" 2>&1
+      echo "bench_aa --speed-only rc=$? from $(echo "$done_runs" | wc -l) runs -> $B" | tee -a "$summary"
+      grep -E "^speed/" "$OUT/logs/bench_aa_speed.log" | tee -a "$summary"
+      # comes back with $OUT: commit it as reports/baselines/<model>/cuda-bf16/noise.json
+      mkdir -p "$OUT/noise" && find "$B" -name noise.json -exec cp --parents {} "$OUT/noise/" \;
+      run three-variants-speed 220 --stages speed --baselines "$B" \
+        --quant "int8-wo,int4-wo-g128,mine=examples/int8_handler.py:WeightOnlyInt8QuantHandler"
+    else
+      echo "speed-noise: fewer than 3 speed runs so far; call this phase again" | tee -a "$summary"
+    fi
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

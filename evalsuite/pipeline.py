@@ -76,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_gate_arguments(p.add_argument_group("judge"))
     from evalsuite.fix import add_fix_options
 
+    g = p.add_argument_group("confirm (after a failing judge)")
+    g.add_argument("--confirm", action="store_true",
+                   help="when a gated check fails, re-measure its stages once in this process with another batch "
+                        "plan (speed: re-timed) and fail only if the failure reproduces")
     g = p.add_argument_group("fix (after a failing judge)")
     g.add_argument("--suggest-fix", action="store_true",
                    help="for each scheme failing a within-run limit, find and verify the fewest layers to keep in fp")
@@ -475,7 +479,13 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
 
         results.run["compile_cache"] = cache_counters()
     checkpoint()
-    code = finish(results, out_dir, args) if dist_env.is_writer else 0
+    remeasure = None
+    if getattr(args, "confirm", False) and dist_env.world_size == 1:
+        from evalsuite.confirm import remeasure as remeasure_stages
+
+        def remeasure(stages, variants):
+            return remeasure_stages(ctx, results, stages, variants, out_dir)
+    code = finish(results, out_dir, args, remeasure) if dist_env.is_writer else 0
     if not stages:  # asked for load and quantize only: they worked; the verdict says INCOMPLETE
         print("--stages none: loaded and quantized only; nothing was measured, so 'evalsuite gate' on these "
               "results exits 2 (INCOMPLETE)")
@@ -502,9 +512,9 @@ def suggest_fix(ctx, results: Results, out_dir: Path, args: argparse.Namespace) 
     write_reports(results, out_dir)
 
 
-def finish(results: Results, out_dir: Path, args: argparse.Namespace) -> int:
+def finish(results: Results, out_dir: Path, args: argparse.Namespace, remeasure=None) -> int:
     """Judge, write reports, print the table; the exit code says whether a gate failed."""
     from evalsuite.judge import judge_and_report
 
-    return judge_and_report(results, out_dir, args)
+    return judge_and_report(results, out_dir, args, remeasure)
 main = run

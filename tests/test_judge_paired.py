@@ -302,13 +302,28 @@ def test_schema_1_baseline_loads_and_is_judged_unpaired_never_pass(tmp_path):
 def test_every_gated_check_has_an_uncertainty_and_says_what_it_is(tmp_path):
     from test_judge import make_results
 
+    from evalsuite.cli import main
+
     base = tmp_path / "base.json"
     make_results(seed=1).save(base)
-    _, v = _gate(tmp_path, base, make_results(seed=2))
+    folder = tmp_path / "baselines"
+    assert main(["baseline", "update", str(base), "--dir", str(folder)]) == 0
+    # a calibration beside the baselines with a measured between-process speed spread: tokens/s gates too
+    (folder / "SmolLM2-135M" / "cuda-bf16" / "noise.json").write_text(json.dumps({
+        "schema": "evalsuite.noise/1", "source": "bench_aa speed fixture",
+        "statistics": {"speed/decode_bs1/fp/tokens_per_s_rel": {"between_process_sd": 0.03, "processes": 5}}}))
+    cand = tmp_path / "cand.json"
+    make_results(seed=2).save(cand)
+    out = tmp_path / "o"
+    main(["gate", "--baselines", str(folder), "--candidate", str(cand), "--out", str(out), "--formats", "json",
+          "--no-history"])
+    v = {x["check"]: x for x in json.loads((out / "results.json").read_text())["verdicts"]}
     gated = {k: c for k, c in v.items() if c.get("gated")}
     names = {k.split(":")[-1].rsplit("/", 1)[-1] for k in gated}
     assert {"nll_shift", "kld_mean_rel", "kld_top1pct_rel", "acc_shift", "kld_mean", "ppl_ratio", "delta_acc",
-            "tokens_per_s", "nonfinite_tokens"} <= names | {k.rsplit("/", 1)[-1] for k in gated}, names
+            "tokens_per_s", "speedup", "nonfinite_tokens"} <= names | {k.rsplit("/", 1)[-1] for k in gated}, names
+    assert v["baseline:speed/decode_bs1/int8-wo/tokens_per_s"]["gated"]  # another variant's spread, same task
+    assert "bench_aa speed fixture" in v["baseline:speed/decode_bs1/fp/tokens_per_s"]["reason"]
     for k, c in gated.items():
         exact = c.get("metric") == "nonfinite_tokens"
         assert exact or c.get("p_value") is not None, k
@@ -376,11 +391,12 @@ def test_cpu_speed_baselines_are_informational_unless_asked(tmp_path, flag, gate
     base = tmp_path / "base.json"
     make_results(seed=1, device="cpu").save(base)
     code, v = _gate(tmp_path, base, make_results(seed=2, device="cpu", speed=0.5), *flag)
+    speedup = v["baseline:speed/decode_bs1/int8-wo/speedup"]
+    assert bool(speedup.get("gated")) == gated
+    assert speedup["verdict"] == ("FAIL" if gated else "WORSE") and code == int(gated)
     tps = v["baseline:speed/decode_bs1/int8-wo/tokens_per_s"]
-    assert bool(tps.get("gated")) == gated
-    assert tps["verdict"] == ("FAIL" if gated else "WORSE") and code == int(gated)
-    if not gated:
-        assert "--gate-cpu-speed" in tps["reason"]
+    assert not tps.get("gated") and tps["verdict"] == "WORSE"  # no run-to-run calibration here
+    assert ("--gate-cpu-speed" if not gated else "no run-to-run speed calibration") in tps["reason"]
 
 
 def test_noise_margin_is_the_floor_or_three_times_the_measured_noise():

@@ -88,13 +88,20 @@ def test_junit_has_one_case_per_check(judged):
         v["verdict"] == "SKIPPED" for v in res.verdicts)
 
 
+def summary_of(lines: list[str]) -> str:
+    """The output's last block: the summary line, wrapped (continuation lines indented)."""
+    start = max(i for i, ln in enumerate(lines) if ln.startswith("gate "))
+    assert all(ln.startswith("  ") for ln in lines[start + 1:]), lines[start:]
+    return " ".join(ln.strip() for ln in lines[start:])
+
+
 def test_terminal_verdict_table_colours_only_on_request(judged):
     from evalsuite.report.table import render_verdicts
 
     _, res = judged
     plain, coloured = render_verdicts(res.verdicts), render_verdicts(res.verdicts, color=True)
     assert "\033[" not in plain and "\033[31;1mFAIL\033[0m" in coloured
-    assert plain.splitlines()[-1].startswith("gate FAILED")
+    assert summary_of(plain.splitlines()).startswith("gate FAILED")
 
 
 def test_run_pipeline_judge_writes_reports_and_history(tmp_path, capsys):
@@ -161,7 +168,7 @@ def test_run_output_fits_the_terminal_and_ends_with_the_summary(tmp_path, capsys
     res = two_scheme_results(kld=0.03, broken_layer=MODULES[9], limit=20)  # a gated KLD limit fails
     code = judge_and_report(res, tmp_path / "run", args)
     lines = capsys.readouterr().out.splitlines()
-    assert code == 1 and lines[-1].startswith("gate FAILED")
+    assert code == 1 and summary_of(lines).startswith("gate FAILED")
     # every line fits, except the commands printed to be copied (never cut) and the paths
     wide = [ln for ln in lines if len(ln) > columns and not ln.startswith(("  evalsuite ", "reports: "))]
     assert wide == []
@@ -205,3 +212,24 @@ def test_report_prints_the_paths_it_wrote_only(tmp_path):
                        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == [str(tmp_path / "out" / "report.md"), str(tmp_path / "out" / "report.html")]
+
+
+def test_summary_says_how_many_gated_checks_passed_and_what_was_not_judged():
+    from evalsuite.report.table import summary_line
+
+    def v(verdict, gated, failing=False):
+        return {"check": "c", "verdict": verdict, "gated": gated, "failing": failing}
+
+    verdicts = ([v("INCONCLUSIVE", False)] * 6 + [v("WORSE", False)] * 2 + [v("SKIPPED", False)] * 83
+                + [v("PASS", True)] * 3)
+    line = summary_line(verdicts)
+    assert line == ("gate PASSED: 3 gated checks passed; 6 INCONCLUSIVE and 83 SKIPPED were not judged; "
+                    "reported, not gated: 2 WORSE")
+    wrapped = summary_line(verdicts, 80).splitlines()
+    assert len(wrapped) > 1 and all(len(ln) <= 80 for ln in wrapped) and " ".join(
+        ln.strip() for ln in wrapped) == line
+    # a failing run: the failures first; a gated check that is WITHIN-NOISE is neither passed nor failed
+    failed = summary_line([v("FAIL", True, True), v("PASS", True), v("WITHIN-NOISE", True), v("PASS", False)])
+    assert failed == ("gate FAILED: 1 gated check failed, 1 passed, 1 WITHIN-NOISE (gated, not failing); "
+                      "reported, not gated: 1 PASS")
+    assert summary_line([v("SKIPPED", None)]) == "gate PASSED: no gated check was judged; 1 SKIPPED was not judged"

@@ -10,7 +10,8 @@ a family-wise false-alarm budget (Holm, ``--alpha``, default 1%); the rest is re
   ``tasks/pooled/<scheme>/delta_acc`` (non-inferiority over all tasks' items), ``nonfinite_tokens``
   (exact), and the decode speed-up on a GPU where the decode is memory-bound;
 - against a baseline, per variant: the paired statistics of ``evalsuite.judge.paired`` and, on a
-  GPU of the same card and kernels, ``tokens_per_s``.
+  GPU of the same card and kernels, the speed-up (``evalsuite.judge.speed``), plus absolute
+  ``tokens_per_s`` where ``benchmarks/bench_aa.py`` measured its between-process spread.
 
 A within-run limit that the variant's own baseline already misses (a scheme known to be lossy on
 this model) is reported, not gated: that variant is gated on regression from its baseline instead.
@@ -19,6 +20,7 @@ this model) is reported, not gated: that variant is gated on regression from its
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 from pathlib import Path
 
@@ -180,21 +182,30 @@ def history_path(args: argparse.Namespace, out_dir: Path | None) -> Path | None:
     return None
 
 
-def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) -> int:
+def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace, remeasure=None) -> int:
     """Annotate ``results`` with verdicts, write the reports into ``out_dir``, print the tables,
-    append the run to the history.
+    append the run to the history. ``remeasure(stages, variants) -> (Results, plan)`` (``--confirm``):
+    a failing run's failing stages are measured again and only reproduced failures fail it
+    (``evalsuite.judge.confirm``).
 
     Returns the run's exit code: 1 when any gate failed, else 2 when the run is INCOMPLETE, else 0.
     """
     from evalsuite.report import write_reports
-    from evalsuite.report.table import colour_enabled, render_table, render_verdicts, summary_line
+    from evalsuite.report.table import colour_enabled, render_table, render_verdicts, summary_line, terminal_width
 
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
     config = config_from_args(args)
     baselines, missing, directory = resolve_baselines(results, args, results_path)
-    checks = judge(results, config, baselines, results_path=results_path, baseline_dir=directory, extra_checks=missing,
-                   baseline_requested=bool(getattr(args, "baseline", None)))
+    def judge_this(res: Results) -> list[Check]:
+        return judge(res, config, baselines, results_path=results_path, baseline_dir=directory, extra_checks=copy.deepcopy(missing),
+                     baseline_requested=bool(getattr(args, "baseline", None)))
+
+    checks = judge_this(results)
+    if remeasure is not None and any(c.failing for c in checks):
+        from evalsuite.judge.confirm import confirm
+
+        checks = confirm(results, checks, remeasure, judge_this)
     annotate(results, checks)
     written = write_reports(results, out_dir)
     verbose = bool(getattr(args, "verbose", False))
@@ -208,5 +219,5 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace) 
         run_id = append_run(hist, results, source=str(results_path))
         print(f"history: run {run_id} appended to {hist}")
     print("reports: " + ", ".join(str(p) for p in written))
-    print(summary_line(results.verdicts))
+    print(summary_line(results.verdicts, None if verbose else terminal_width()))
     return exit_code(results.verdicts)

@@ -33,8 +33,8 @@ from typing import Any
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.judge import paired as paired_mod
-from evalsuite.judge.checks import (FAIL, IMPROVED, SKIPPED, WORSE, Z95, Check, drift_verdict, fmt, metric_stderr,
-                                    one_sided_drift_p)
+from evalsuite.judge import speed as speed_mod
+from evalsuite.judge.checks import FAIL, IMPROVED, SKIPPED, WORSE, Check, drift_verdict, metric_stderr
 from evalsuite.judge.config import GateConfig
 from evalsuite.judge.noise import NoiseModel, noise_beside
 from evalsuite.results import SCHEMA as RESULTS_SCHEMA
@@ -212,22 +212,22 @@ def compare_metric(base: Metric, cand: Metric, config: GateConfig,
     return verdict, reason, tol
 
 
-def _speed_gated(b: Metric, baseline: Baseline, results: Results, config: GateConfig, differences: list[str]) -> bool:
-    """Speed is gated on tokens/s only, on a GPU (a CPU's timings are informational unless
-    ``gate_cpu_speed``), on the same card, measured with the same kernels."""
-    device = (results.run.get("device") or {}).get("type")
-    if b.stage != "speed" or b.metric != "tokens_per_s":
-        return False
-    if device != "cuda" and not config.gate_cpu_speed:
-        return False
-    return not any(d.startswith("kernels ") for d in differences)
+def _speed_gate_allowed(results: Results, config: GateConfig, differences: list[str]) -> str | None:
+    """Why speed against this baseline is not gated, or None where it may be: on a GPU (a CPU's
+    timings are informational unless ``gate_cpu_speed``), measured with the same kernels (the card is
+    checked before). Which statistics then gate: ``evalsuite.judge.speed``."""
+    if (results.run.get("device") or {}).get("type") != "cuda" and not config.gate_cpu_speed:
+        return "CPU timing (gate it with --gate-cpu-speed)"
+    kernels = [d for d in differences if d.startswith("kernels ")]
+    return "timed with other kernels (" + "; ".join(kernels) + ")" if kernels else None
 
 
 def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
                     results_path: str | Path | None = None, directory: Path | None = None,
                     gated_only: bool = True, noise: NoiseModel | None = None) -> list[Check]:
     """This run's records of the baseline's variant group against the baseline: the paired primary
-    statistics (gated), then every stored metric (reported; GPU tokens/s gated)."""
+    statistics (gated), then every stored metric (reported; GPU speed-up and calibrated tokens/s
+    gated, see ``evalsuite.judge.speed``)."""
     check_identity(baseline, results, str(baseline.path or "baseline"))
     command = update_command(results_path, baseline.variant, directory, results.partial)
     stages = results.run.get("stages")
@@ -239,6 +239,11 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
     if noise is None:
         noise = NoiseModel.from_dict(baseline.noise) if baseline.noise else (noise_beside(baseline.path) or NoiseModel())
     checks = _paired_primary_checks(results, baseline, noise, differences, config, command)
+    # the between-process speed spread is the card's, not the baseline's: where the embedded noise
+    # has none, a calibration beside the baseline (bench_aa.py --speed-only) supplies it
+    speed_noise = noise
+    if not any("between_process_sd" in e for e in noise.statistics.values()):
+        speed_noise = noise_beside(baseline.path) or noise
     for b in baseline.metrics:
         key = metric_key(b)
         if b.higher_is_better is None or b.value is None or (gated_only and config.excluded(key)):
@@ -263,42 +268,32 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
             checks.append(Check(name, "baseline", SKIPPED,
                                 f"different samples: baseline limit {baseline.limit}, this run limit {results.run.get('limit')}", **common))
             continue
+        if b.stage == "speed" and b.metric in speed_mod.SPEED_STATISTICS and b.value:
+            why_not = _speed_gate_allowed(results, config, differences)
+            check = speed_mod.speed_check(name, b, c, speed_noise, config.rel_floor(key), config.alpha,
+                                          gate_allowed=why_not is None, not_gated_why=why_not)
+            if check.verdict in (FAIL, IMPROVED):
+                check.command = command
+            checks.append(check)
+            continue
         verdict, reason, tol = compare_metric(b, c, config, baseline.tolerances.get(b.key))
-        se = _pair_se(b, c)
-        gated = _speed_gated(b, baseline, results, config, differences) and se is not None and se > 0
         check = Check(name, "baseline", verdict, reason, tolerance=tol, interval=c.ci95, **common)
-        if gated:
-            floor = max(config.abs_floor, config.rel_floor(key) * abs(b.value))
-            check.gated = True
-            check.p_value = one_sided_drift_p(float(b.value), float(c.value), se, floor, bool(b.higher_is_better))
-            check.interval = [float(c.value) - Z95 * se, float(c.value) + Z95 * se]
-            check.extra["se"] = se
-            check.fallback = ("WITHIN-NOISE", "")
-            check.reason = (f"tokens_per_s, median of timed samples: {reason}; se of the difference {fmt(se, 3)} from "
-                            f"both runs' sample CVs; one-sided p {fmt(check.p_value, 2)} that it is no worse than the "
-                            f"floor {fmt(floor)}")
-        else:
-            check.gated = False
-            if check.verdict == FAIL:
-                check.verdict = WORSE
-            kind = "an extreme or a statistic without uncertainty" if metric_stderr(b) is None and \
-                metric_stderr(c) is None else "a secondary statistic"
-            if b.stage == "speed" and device != "cuda" and not config.gate_cpu_speed:
-                kind = "CPU timing (gate it with --gate-cpu-speed)"
-            elif b.stage == "speed" and any(d.startswith("kernels ") for d in differences):
-                kind = "timed with other kernels (" + "; ".join(d for d in differences if d.startswith("kernels ")) + ")"
-            elif b.variant.endswith("@noise"):
-                kind = "the harness's own noise floor"
-            check.reason = f"reported, not gated ({kind}): {reason}"
+        check.gated = False
+        if check.verdict == FAIL:
+            check.verdict = WORSE
+        kind = "an extreme or a statistic without uncertainty" if metric_stderr(b) is None and \
+            metric_stderr(c) is None else "a secondary statistic"
+        if b.stage == "speed" and device != "cuda" and not config.gate_cpu_speed:
+            kind = "CPU timing (gate it with --gate-cpu-speed)"
+        elif b.stage == "speed" and any(d.startswith("kernels ") for d in differences):
+            kind = "timed with other kernels (" + "; ".join(d for d in differences if d.startswith("kernels ")) + ")"
+        elif b.variant.endswith("@noise"):
+            kind = "the harness's own noise floor"
+        check.reason = f"reported, not gated ({kind}): {reason}"
         if check.verdict in (FAIL, IMPROVED):
             check.command = command
         checks.append(check)
     return checks
-
-
-def _pair_se(b: Metric, c: Metric) -> float | None:
-    ses = [s for s in (metric_stderr(b), metric_stderr(c)) if s is not None]
-    return math.sqrt(2 * ses[0] ** 2) if len(ses) == 1 else (math.hypot(*ses) if ses else None)
 
 
 def _paired_primary_checks(results: Results, baseline: Baseline, noise: NoiseModel, differences: list[str],

@@ -166,15 +166,6 @@ def limit_test(value: float, interval: list[float] | None, limit: float, upper: 
                           f"(one-sided p {fmt(p, 2)}): the sample is too small to tell"), p, se
 
 
-def one_sided_drift_p(base: float, cand: float, se: float | None, floor: float, higher_is_better: bool) -> float:
-    """One-sided p that a move from ``base`` to ``cand`` is no worse than ``floor`` (normal, ``se`` of
-    the difference; without one the move alone decides: 0 beyond the floor, 1 inside)."""
-    from evalsuite.stats import one_sided_p
-
-    worse = (base - cand) if higher_is_better else (cand - base)
-    return one_sided_p(worse - floor, se if se is not None else math.nan)
-
-
 def metric_stderr(m) -> float | None:
     """``stderr_of`` a results record, its timing spread taken from ``extra["cv"]``."""
     cv = m.extra.get("cv") if m.extra else None

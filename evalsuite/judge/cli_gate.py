@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from evalsuite.report.junit import write_junit
-    from evalsuite.report.table import colour_enabled, render_verdicts, summary_line
+    from evalsuite.report.table import colour_enabled, render_verdicts, summary_line, terminal_width
 
     args.candidate = args.candidate or getattr(args, "candidate_option", None)
     if not args.candidate:
@@ -70,5 +70,5 @@ def main(args: argparse.Namespace) -> int:
         from evalsuite.judge.history import append_run
 
         print(f"history: run {append_run(hist, candidate, source=args.candidate)} appended to {hist}")
-    print(summary_line(candidate.verdicts))
+    print(summary_line(candidate.verdicts, None if args.verbose else terminal_width()))
     return exit_code(candidate.verdicts)

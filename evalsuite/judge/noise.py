@@ -80,6 +80,21 @@ class NoiseModel:
             return None
         return {p: max((e.get(p) or 0.0) for e in near) for p in ("same_path", "cross_path")}
 
+    def between_process(self, key: str) -> dict[str, Any] | None:
+        """The measured between-process spread of a speed statistic (``speed/<task>/<variant>/<metric>_rel``:
+        ``between_process_sd`` of one process's relative value, over ``processes`` fresh processes), or
+        None. Another variant's spread on the same speed task stands in (the widest): machine state
+        moves every variant; decode and prefill spread differently, so the task must match."""
+        entry = self.statistics.get(key)
+        if entry is None:
+            stage, task, _variant, stat = key.split("/", 3)
+            near = [e for k, e in self.statistics.items()
+                    if k.startswith(f"{stage}/{task}/") and k.endswith("/" + stat) and e.get("between_process_sd") is not None]
+            entry = max(near, key=lambda e: float(e["between_process_sd"]), default=None)
+        if entry is None or entry.get("between_process_sd") is None or int(entry.get("processes") or 0) < 3:
+            return None  # fewer than 3 processes give no usable spread
+        return entry
+
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "path": self.path, "calibrated": self.calibrated, "statistics": self.statistics}
 

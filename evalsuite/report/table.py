@@ -147,12 +147,43 @@ def sorted_verdicts(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(verdicts, key=lambda v: VERDICT_ORDER.index(v["verdict"]) if v.get("verdict") in VERDICT_ORDER else 9)
 
 
-def summary_line(verdicts: list[dict[str, Any]]) -> str:
-    counts = {k: sum(1 for v in verdicts if v.get("verdict") == k) for k in VERDICT_ORDER}
+def summary_line(verdicts: list[dict[str, Any]], width: int | None = None) -> str:
+    """The run's headline: how many gated checks passed (and failed), how many checks were not judged
+    (INCONCLUSIVE, SKIPPED, INCOMPLETE: a PASS is only for what was checked), and what was reported
+    without gating. Wrapped to ``width`` columns (None: one line), continuation lines indented."""
     failing = sum(1 for v in verdicts if v.get("failing"))
     overall = "FAILED" if failing else ("INCOMPLETE" if any(v.get("verdict") == "INCOMPLETE" for v in verdicts)
                                         else "PASSED")
-    return f"gate {overall}: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n) + (f" ({failing} failing)" if failing else "")
+    unjudged = ("INCONCLUSIVE", "SKIPPED", "INCOMPLETE")
+
+    def counts(vs: list[dict[str, Any]]) -> dict[str, int]:
+        return {k: n for k in VERDICT_ORDER if (n := sum(1 for v in vs if v.get("verdict") == k))}
+
+    gated = [v for v in verdicts if v.get("gated") and v.get("verdict") not in unjudged]
+    passed = sum(1 for v in gated if v.get("verdict") == "PASS")
+    first = f"{failing} gated check{'s' * (failing != 1)} failed, {passed} passed" if failing else \
+        (f"{passed} gated check{'s' * (passed != 1)} passed" if gated else "no gated check was judged")
+    other = counts([v for v in gated if v.get("verdict") != "PASS" and not v.get("failing")])
+    if other:
+        first += ", " + ", ".join(f"{n} {k}" for k, n in other.items()) + " (gated, not failing)"
+    parts = [first]
+    unconfirmed = sum(1 for v in verdicts if (v.get("extra") or {}).get("confirmed") is False)
+    if unconfirmed:
+        parts.append(f"{unconfirmed} failure{'s' * (unconfirmed != 1)} not confirmed by the re-measurement (--confirm)")
+    skipped = counts([v for v in verdicts if v.get("verdict") in unjudged])
+    if skipped:
+        names = [f"{n} {k}" for k, n in skipped.items()]
+        listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        parts.append(f"{listed} {'was' if sum(skipped.values()) == 1 else 'were'} not judged")
+    reported = counts([v for v in verdicts if not v.get("gated") and v.get("verdict") not in unjudged
+                       and not v.get("failing")])
+    if reported:
+        parts.append("reported, not gated: " + ", ".join(f"{n} {k}" for k, n in reported.items()))
+    text = f"gate {overall}: " + "; ".join(parts)
+    if width is None:
+        return text
+    return textwrap.fill(text, max(width, 40), subsequent_indent="  ", break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def render_verdicts(verdicts: list[dict[str, Any]], color: bool = False, tablefmt: str = "simple",
@@ -184,5 +215,5 @@ def render_verdicts(verdicts: list[dict[str, Any]], color: bool = False, tablefm
     if create:
         out.append("to create the missing baselines:\n" + "\n".join(f"  {c}" for c in create))
     if summary:
-        out.append(summary_line(verdicts))
+        out.append(summary_line(verdicts, width))
     return "\n".join(out)
