@@ -159,6 +159,30 @@ def speed_spread(runs: list[tuple[str, Results]]) -> dict:
     return stats
 
 
+def runs_from_table(path: Path) -> list[tuple[str, Results]]:
+    """Speed-only runs from a table of tokens/s measured in separate processes (the format of
+    ``benchmarks/results/speed-aa-h200.json``: per run its source, revision, kernels and
+    ``tokens_per_s[task][variant]``), for processes whose results.json files were not kept. Each
+    variant's speed-up is its tokens/s over fp's of the same process, as the speed stage defines it."""
+    table = json.loads(path.read_text())
+    model = {"name": table["model"].split(" ")[0], "sha256": table.get("sha256")}
+    runs = []
+    for i, r in enumerate(table["runs"]):
+        res = Results(run={"model": model, "device": {"type": "cuda", "name": table["device"]}, "dtype": "bf16",
+                           "git_revision": r.get("git_revision"), "argv": [f"(table {path.name}: {r['source']})"],
+                           "kernels": r.get("kernels")})
+        for task, by_variant in r["tokens_per_s"].items():
+            fp = by_variant.get("fp")
+            for variant, value in by_variant.items():
+                res.add(stage="speed", task=task, variant=variant, metric="tokens_per_s", value=float(value), n=5,
+                        unit="tokens/s", higher_is_better=True)
+                if variant != "fp" and fp:
+                    res.add(stage="speed", task=task, variant=variant, metric="speedup", value=float(value) / fp, n=5,
+                            unit="ratio", higher_is_better=True)
+        runs.append((f"table-{i}", res))
+    return runs
+
+
 def merged_with_existing(path: Path, noise: dict) -> dict:
     """``noise`` plus the kind of statistics it lacks (speed spread, or paired ppl/tasks margins) from
     an existing calibration file at ``path``: a speed-only calibration keeps the paired one, and a
@@ -220,6 +244,9 @@ def main() -> int:
                     help=f"speed-stage A/A processes, comma separated from {', '.join(SPEED_CONFIGS)} ('' for none)")
     ap.add_argument("--from", dest="from_files", nargs="+", metavar="RESULTS",
                     help="calibrate from finished runs' results.json instead (the first is the reference)")
+    ap.add_argument("--from-table", metavar="JSON",
+                    help="calibrate the speed spread from a table of tokens/s measured in separate processes "
+                         "(benchmarks/results/speed-aa-h200.json); implies --speed-only")
     ap.add_argument("--speed-only", action="store_true",
                     help="calibrate the speed spread only (launch only the speed processes; with --from, use only "
                          "their speed records); an existing noise.json keeps its paired statistics (and a "
@@ -229,8 +256,12 @@ def main() -> int:
     args = ap.parse_args()
     out = Path(os.environ.get("OUT") or tempfile.mkdtemp(prefix="bench-aa-"))
     t0 = time.perf_counter()
-    files = [(Path(f).parent.name, Path(f)) for f in args.from_files] if args.from_files else run_all(args)
-    runs = [(label, Results.load(p)) for label, p in files]
+    if args.from_table:
+        args.speed_only = True
+        runs = runs_from_table(Path(args.from_table))
+    else:
+        files = [(Path(f).parent.name, Path(f)) for f in args.from_files] if args.from_files else run_all(args)
+        runs = [(label, Results.load(p)) for label, p in files]
     # ppl/tasks runs calibrate the paired statistics, speed runs the speed spread (one list may hold both)
     paired_runs = [] if args.speed_only else [(l, r) for l, r in runs if r.details.get("ppl") or r.details.get("tasks")]
     speed_runs = [(l, r) for l, r in runs if r.find(stage="speed", metric="tokens_per_s")]

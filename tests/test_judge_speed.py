@@ -92,21 +92,28 @@ def test_without_speed_calibration_absolute_tokens_per_s_is_not_gated_nor_passed
     fp = v["baseline:speed/decode_bs1/fp/tokens_per_s"]
     assert not fp.get("gated") and fp["verdict"] == "WORSE" and NO_CALIBRATION in fp["reason"], fp
     same = v["baseline:speed/decode_bs1/int8-wo/speedup"]
-    assert same["gated"] and "within-run only" in same["reason"]
+    # the speed-up moves between processes too (22% sd for a 135M prefill on an H200): not gated either
+    assert not same.get("gated") and NO_CALIBRATION in same["reason"], same
     assert code == 0
     # an unchanged absolute number without calibration is not judged either: never a PASS
     code, v = gate_speed(tmp_path / "same", speed_run(H200_FP, H200_Q, seed=1), speed_run(H200_FP, H200_Q, 3), None)
-    assert v["baseline:speed/decode_bs1/fp/tokens_per_s"]["verdict"] == "INCONCLUSIVE" and code == 0
+    assert v["baseline:speed/decode_bs1/fp/tokens_per_s"]["verdict"] == "INCONCLUSIVE"
+    assert v["complete/baseline"]["verdict"] == "INCOMPLETE" and code == 2  # nothing was checked: no PASS
 
 
-@pytest.mark.parametrize("calibrated", [True, False])
-def test_variant_decode_twice_as_slow_fails_on_the_speedup(tmp_path, calibrated):
-    noise = measured_noise(tmp_path) if calibrated else None
-    code, v = gate_speed(tmp_path, speed_run(H200_FP, H200_Q, seed=1), speed_run(H200_FP, H200_Q / 2, 2), noise)
+def test_variant_decode_twice_as_slow_fails_on_the_speedup(tmp_path):
+    code, v = gate_speed(tmp_path, speed_run(H200_FP, H200_Q, seed=1), speed_run(H200_FP, H200_Q / 2, 2),
+                         measured_noise(tmp_path))
     su = v["baseline:speed/decode_bs1/int8-wo/speedup"]
     assert su["gated"] and su["verdict"] == "FAIL" and su["failing"], su
     assert "same process" in su["reason"] and "se " in su["reason"] and "floor" in su["reason"]
     assert code == 1
+
+
+def test_without_calibration_a_twice_as_slow_decode_is_reported_not_gated(tmp_path):
+    code, v = gate_speed(tmp_path, speed_run(H200_FP, H200_Q, seed=1), speed_run(H200_FP, H200_Q / 2, 2), None)
+    su = v["baseline:speed/decode_bs1/int8-wo/speedup"]
+    assert su["verdict"] == "WORSE" and not su.get("gated") and NO_CALIBRATION in su["reason"], su
 
 
 def test_speed_checks_false_alarm_and_miss_rates_by_simulation():

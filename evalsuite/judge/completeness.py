@@ -9,7 +9,8 @@ one ``INCOMPLETE`` check (exit 2, or 1 under ``--strict``), so that PASS can nev
 - a requested stage did not finish, or finished without a single record;
 - a requested task has no records;
 - a baseline comparison was asked for and nothing in it was comparable (every check SKIPPED or
-  INCONCLUSIVE).
+  INCONCLUSIVE);
+- no gated check at all could be judged (every one SKIPPED, INCONCLUSIVE or reported only).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def completeness_checks(results: Results, checks: list[Check], baseline_requeste
             reasons = "; ".join(dict.fromkeys(c.reason for c in compared[:20]))
             incomplete("baseline", "nothing in the baseline was comparable with this run"
                        + (f" ({reasons[:300]})" if reasons else " (no gated metric in common)"))
+    judged = [c for c in checks if c.gated is not False and c.kind != "run" and c.verdict not in (SKIPPED, INCONCLUSIVE)]
+    if not out and requested and not judged:
+        # e.g. a speed-only run whose speed baselines lack a run-to-run calibration: all reported
+        incomplete("gate", "no gated check could be judged: every check was skipped, inconclusive or "
+                   "reported only, so there is no verdict to give")
     if not out:
         out.append(Check("complete/run", "run", PASS,
                          f"every requested stage finished with records ({', '.join(requested)})"))

@@ -7,8 +7,11 @@ H200 with unchanged code); a run's own timed-sample CV knows nothing of that. Tw
 relative change against the baseline, one-sided against the floor ``speed/*`` (default 10%):
 
 - ``speed/<task>/<scheme>/speedup``: scheme tokens/s / fp tokens/s measured in the same process,
-  which cancels machine state. se = within-run (both runs' bootstrap intervals) plus, where
-  ``benchmarks/bench_aa.py`` measured it, the between-process spread of the ratio.
+  which cancels some machine state but not all: on one H200 its between-process sd was 4.7% for
+  decode and 22% for a 512-token prefill of a 135M model, against within-run intervals of ~1%. So
+  it too is gated only with a measured spread (se = within-run plus the between-process spread of
+  ``benchmarks/bench_aa.py``); without one it is reported. A large within-run slowdown is still
+  caught by the within-run ``speedup_min`` limit.
 - ``speed/<task>/<variant>/tokens_per_s``: gated only where the noise calibration holds a measured
   between-process spread for that speed task (se = sqrt(within^2 + between^2)); otherwise reported.
 """
@@ -68,11 +71,9 @@ def speed_check(name: str, b: Metric, c: Metric, noise: NoiseModel, floor: float
     if cal:
         source = (f"between-process sd {fmt(between_sd, 3)} of {cal['processes']} fresh processes from "
                   f"{noise.source}")
-    elif b.metric == "speedup":
-        source = f"within-run only: {NO_CALIBRATION} for the speed-up's between-process spread"
     else:
         source = NO_CALIBRATION
-    gated = gate_allowed and (cal is not None or b.metric == "speedup")
+    gated = gate_allowed and cal is not None
     if gate_allowed and not gated:
         not_gated_why = NO_CALIBRATION
     if p < alpha:
