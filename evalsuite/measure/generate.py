@@ -116,6 +116,7 @@ def greedy_decode(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
     if decoder is not None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # the allocator's spare
             max_tokens = int(free * CACHE_MEMORY_FRACTION) // decoder.slot_bytes()
         batches = generation_batches(lengths, [m + stop_every for m in max_new_tokens], max_rows, max_tokens)
     else:
