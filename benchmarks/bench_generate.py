@@ -122,7 +122,7 @@ def main() -> int:
         if max_gen_toks:  # both adapters read the request's own generation arguments
             for group in by_doc.values():
                 for inst in group:
-                    inst.args = (inst.args[0], {**inst.args[1], "max_gen_toks": max_gen_toks})
+                    inst.arguments = (inst.args[0], {**inst.args[1], "max_gen_toks": max_gen_toks})
         n = len(by_doc)
         report.update(n=n, hf_limit=min(hf_limit, n), check=min(check_n, n),
                       generation_kwargs=next(iter(by_doc.values()))[0].args[1])

@@ -94,6 +94,8 @@ class StaticCacheDecoder(nn.Module):
         # grouped-query attention without copying the cache: each kv head's queries as extra rows
         mask = mask[:, None, None].expand(rows, 1, rep, length, n_keys).reshape(rows, 1, rep * length, n_keys)
         x = net.tok_embeddings(ids)
+        # additive once, not a boolean mask that attention would convert again in every layer
+        mask = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
         for block, k_cache, v_cache in zip(net.layers, self.k_cache, self.v_cache):
             attn = block.attention

@@ -40,9 +40,10 @@ PATHS = ("static", "dynamic", "uncached")
 STOP_CHECK_STEPS = 8  # static path: decoding steps per CUDA graph replay and per host check
 CACHE_MEMORY_FRACTION = 0.5  # of the free device memory, for the static KV cache (rest: prefill, graphs)
 PREFILL_TOKENS = {"cuda": 1 << 15, "cpu": 1 << 12}  # padded prompt tokens per prefill forward
-# the static decoder's last-position logits vs the model's own forward on a probe: max |diff| / max |ref|
+# the static decoder's last-position logits vs the model's own forward on a probe, |diff| / |ref| (L2):
+# the packed-batch probe's tolerances (lm_adapter), i.e. the dtype's rounding, not a model's mistake
 PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8}
-PROBE_TOLERANCE_16BIT = 0.05
+PROBE_TOLERANCE_16BIT = 2e-2
 
 
 def supports_kv_cache(model: nn.Module) -> bool:
@@ -239,7 +240,7 @@ def _static_decoder(model: nn.Module, prompts: Sequence[Sequence[int]], device: 
         decoder.release()
         ref = torch.stack([forward_logits(model, torch.tensor([probe], device=device))[0, -1],
                            forward_logits(model, ids[1:])[0, -1]]).float()
-    error = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+    error = float((got - ref).norm() / ref.norm().clamp_min(1e-30))
     tolerance = PROBE_TOLERANCE.get(decoder.dtype, PROBE_TOLERANCE_16BIT)
     if not error <= tolerance:
         return None, f"static-cache logits differ from the model's forward by {error:.3g} (> {tolerance:g}) on a probe"
