@@ -210,7 +210,8 @@ def test_a_planted_static_cache_fault_changes_the_tokens(monkeypatch, fault):
 
 def test_static_path_falls_back_where_its_decoder_does_not_match_the_model(monkeypatch):
     """A model the decoder cannot express is decoded by the DynamicCache path, and says why; so is one
-    whose static-decoder logits fail the probe against the model's own forward."""
+    whose static-decoder logits fail the probe against the model's own forward, and one with a
+    forward or hooks of its own that the decoder would not run."""
     import evalsuite.load.static_cache as sc
 
     model = varied_tiny_llama()
@@ -221,6 +222,18 @@ def test_static_path_falls_back_where_its_decoder_does_not_match_the_model(monke
     assert greedy_decode(model, prompts, [8] * 4, path="static", info=info) == ref
     assert info["path"] == "dynamic" and "probe" in info["static_fallback"]
     monkeypatch.undo()
+    # a forward of the model's own (a wrapper, a hook) that the decoder would bypass: not bypassed
+    wrapped = model.forward
+    model.forward = lambda *a, **k: wrapped(*a, **k)
+    info = {}
+    assert greedy_decode(model, prompts, [8] * 4, path="static", info=info) == ref
+    assert info["path"] == "dynamic" and "own forward" in info["static_fallback"]
+    del model.forward
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out)
+    info = {}
+    greedy_decode(model, prompts, [8] * 4, path="static", info=info)
+    assert info["path"] == "dynamic" and "layers.0.mlp" in info["static_fallback"]
+    handle.remove()
     model.config.model_type = "gemma"  # (1 + weight) norms: not what the gpt-fast blocks compute
     info = {}
     assert greedy_decode(model, prompts, [8] * 4, path="static", info=info) == ref

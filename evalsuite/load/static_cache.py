@@ -25,8 +25,26 @@ LLAMA_TYPES = ("llama", "mistral", "qwen2")
 SLOT_MULTIPLE = 16  # cache length rounded up: the memory-efficient attention kernel wants aligned masks
 
 
+def _replaced_forward(hf_model: nn.Module) -> str | None:
+    """The first module the decoder would not call as the model does: one with hooks or a forward of
+    its own (a wrapper, a planted fault) other than evalsuite's fused ones, which compute the same.
+    Linear layers are exempt: the decoder calls them."""
+    from evalsuite.load.fast_forward import _FUSED_MARK
+
+    for name, m in hf_model.named_modules():
+        if isinstance(m, nn.Linear) or not list(m.parameters(recurse=False)) and not list(m.children()):
+            continue
+        own = m.__dict__.get("forward")
+        if (own is not None and not hasattr(own, _FUSED_MARK)) or m._forward_hooks or m._forward_pre_hooks:
+            return f"module {name or type(m).__name__} has its own forward or hooks"
+    return None
+
+
 def unsupported_reason(hf_model: nn.Module) -> str | None:
     """Why ``hf_model`` cannot use the static-cache decoder, or None if it can."""
+    replaced = _replaced_forward(hf_model)
+    if replaced is not None:
+        return replaced
     cfg = getattr(hf_model, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind not in LLAMA_TYPES:
