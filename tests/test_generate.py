@@ -290,3 +290,34 @@ def test_gpu_static_path_under_the_fused_forwards_equals_the_reference(smollm2_p
         ref = greedy_decode_uncached(model, prompts, limits, eos_token_id=tok.eos_token_id, stop=stop, device="cuda")
     assert info["path"] == "static" and info.get("cuda_graph"), info
     assert got == ref
+
+
+def test_static_path_out_of_memory_decodes_the_rest_on_the_dynamic_path(monkeypatch):
+    """A batch that does not fit after all (other processes share the device) is not lost: it and the
+    batches after it are decoded on the DynamicCache path, stop checks still keyed by the prompt."""
+    import evalsuite.measure.generate as gen
+
+    model = varied_tiny_llama()
+    prompts, limits, eos, _, _ = _stop_case(model)
+    # each prompt stops on a token of its own (its third free-running one): a renumbering slip shows
+    own_token = [g[2] for g in greedy_decode_uncached(model, prompts, [3] * len(prompts))]
+
+    def keyed_stop(rows, generated):
+        return [g[-1] == own_token[r] for r, g in zip(rows, generated)]
+
+    calls = []
+    original = gen._decode_batch_static
+
+    def second_batch_oom(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (planted)")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gen, "_decode_batch_static", second_batch_oom)
+    info: dict = {}
+    got = greedy_decode(model, prompts, limits, eos_token_id=eos, stop=keyed_stop, max_rows=3, path="static", info=info)
+    ref = greedy_decode_uncached(model, prompts, limits, eos_token_id=eos, stop=keyed_stop)
+    assert got == ref
+    assert info["path"] == "dynamic" and "out of memory" in info["static_fallback"] and len(calls) == 2
+    assert sum(g[-1] == own_token[r] and len(g) < lim for r, (g, lim) in enumerate(zip(ref, limits))) > 3

@@ -114,6 +114,7 @@ def greedy_decode(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
             path = "dynamic" if supports_kv_cache(model) else "uncached"
     info["path"] = path
     lengths = [len(p) for p in prompts]
+    caller_max_tokens = max_tokens
     if decoder is not None:
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
@@ -124,18 +125,38 @@ def greedy_decode(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
         batches = generation_batches(lengths, max_new_tokens, max_rows, max_tokens)
     info["batches"] = len(batches)
     out: list[list[int]] = [[] for _ in prompts]
-    for rows in batches:
+    for b, rows in enumerate(batches):
         args = ([list(prompts[i]) for i in rows], [max_new_tokens[i] for i in rows], rows, eos_token_id, stop,
                 device, pad_token_id)
-        if decoder is not None:
-            tokens = _decode_batch_static(decoder, *args, stop_every=stop_every, info=info)
-        else:
+        if decoder is None:
             tokens = (_decode_batch_cached if path == "dynamic" else _decode_batch_uncached)(model, *args)
+        else:
+            try:
+                tokens = _decode_batch_static(decoder, *args, stop_every=stop_every, info=info)
+            except torch.cuda.OutOfMemoryError as e:  # sized from free memory, but others share the device
+                decoder.release()
+                torch.cuda.empty_cache()
+                info["static_fallback"] = f"out of memory in a batch of {len(rows)} rows: {str(e).splitlines()[0]}"
+                rest = [i for r in batches[b:] for i in r]
+                again = greedy_decode(model, [prompts[i] for i in rest], [max_new_tokens[i] for i in rest],
+                                      eos_token_id, _renumbered(stop, rest), device, max_rows, caller_max_tokens,
+                                      pad_token_id, path="dynamic")
+                info["path"] = "dynamic"
+                for i, t in zip(rest, again):
+                    out[i] = t
+                return out
         for i, t in zip(rows, tokens):
             out[i] = t
     if decoder is not None:
         decoder.release()
     return out
+
+
+def _renumbered(stop: StopCheck | None, index: list[int]) -> StopCheck | None:
+    """``stop`` for a subset of the prompts: row k of the subset is prompt ``index[k]``."""
+    if stop is None:
+        return None
+    return lambda rows, generated: stop([index[k] for k in rows], generated)
 
 
 def greedy_decode_uncached(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
@@ -228,8 +249,14 @@ def _static_decoder(model: nn.Module, prompts: Sequence[Sequence[int]], device: 
         return None, f"{type(model).__name__} is not a Hugging Face causal LM"
     try:
         decoder = StaticCacheDecoder(model)
+        return _probed(decoder, model, prompts, device)
     except EvalsuiteError as e:
         return None, str(e)
+    except Exception as e:  # a model the mapping or the probe trips over: decoded the ordinary way
+        return None, f"static-cache decoder failed on a probe: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _probed(decoder, model: nn.Module, prompts: Sequence[Sequence[int]], device: torch.device):
     probe = list(prompts[0][:12])
     pad = 3  # exercises the per-row start (and a row without pads beside it)
     with torch.inference_mode(False), torch.no_grad():
