@@ -194,8 +194,10 @@ def freqs_cis_from_inv_freq(seq_len: int, inv_freq: Tensor, scaling: float = 1.0
 
 
 def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
+    """Rotate ``x`` [batch, seq, heads, dim] by ``freqs_cis`` [seq, dim/2, 2], or [batch, seq, dim/2, 2]
+    for positions that differ by row (left-padded batches)."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
+    fc = freqs_cis.view(-1, xs.size(1), 1, xs.size(3), 2)
     out = torch.stack(
         [xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1], xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]],
         dim=-1,
@@ -236,7 +238,8 @@ def _row_tensors(mod: nn.Module, rows: int) -> dict[str, Tensor] | None:
 def _with_rows(template: nn.Module, tensors: dict[str, Tensor], out_features: int) -> nn.Module:
     """A shallow copy of ``template`` holding ``tensors`` instead of its own (same forward)."""
     new = template.__class__.__new__(template.__class__)
-    new.__dict__ = dict(template.__dict__)
+    # an instance ``forward`` (fast_forward's patch) is bound to the template's own tensors: not copied
+    new.__dict__ = {k: v for k, v in template.__dict__.items() if k != "forward"}
     new._parameters = {k: v for k, v in template._parameters.items()}
     new._buffers = {k: v for k, v in template._buffers.items()}
     new._modules = {}

@@ -43,7 +43,8 @@ from evalsuite.load.model import forward_logits
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256  # as HFLM
-GENERATION_ROWS_GPU = 512  # rows decoded together on a GPU (the token budget caps them too)
+# rows decoded together on a GPU; free memory caps them too (the static KV cache's, or the token budget)
+GENERATION_ROWS_GPU = 4096
 ACTIVATION_BYTES = 2 << 30  # the largest activation of one forward (tokens x MLP width, bf16) on a GPU
 SCORED_LOGITS_BYTES = 4 << 30  # the float32 logits of the scored positions of one forward
 # strings on which a fast tokenizer's backend must encode exactly as the tokenizer before it is used
@@ -126,6 +127,8 @@ class TorchLM(TemplateLM):
     the same lm-eval instances (the variants of one task): the host's work of turning requests into
     padded batches is then done once, not once per variant.
     """
+
+    generation_path: str | None = None  # greedy_decode's path for generate_until (None: its default)
 
     def __init__(self, model: nn.Module, tokenizer: Any, device: torch.device | str | None = None,
                  batch_size: int | None = None, batch_tokens: int | None = None, max_length: int | None = None,
@@ -501,9 +504,11 @@ class TorchLM(TemplateLM):
             prompts.append(context[-room:] if context else [self.prefix_token_id])
         check = _StopStrings(self, stops)
         rows = min(self.batch_size, GENERATION_ROWS_GPU if self._device.type == "cuda" else self.batch_size)
+        # which decoding path ran (and why a static one fell back), for the benchmark and the curious
+        self.generation_info: dict = {}
         tokens = greedy_decode(self.model, prompts, limits, eos_token_id=self.eot_token_id, stop=check,
                                device=self._device, max_rows=rows, max_tokens=self.batch_tokens,
-                               pad_token_id=self.eot_token_id)
+                               pad_token_id=self.eot_token_id, path=self.generation_path, info=self.generation_info)
         outputs = []
         for r, toks, until in zip(requests, tokens, stops):
             text = self.tok_decode(toks)

@@ -577,6 +577,8 @@ def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | No
             with ctx.fused_forwards(model if ctx.option("lm_adapter", "fast") == "fast" else None):
                 answers = answer(lm, by_doc, ctx.rank, ctx.world_size)
             forward_tokens[variant] = getattr(lm, "forward_tokens", None)
+            if getattr(lm, "generation_info", None):  # the decoding path (static / dynamic) and any fallback
+                extra.setdefault("decoding", {})[variant] = dict(lm.generation_info)
             if getattr(lm, "generation_notes", None):
                 extra["generation"] = ("greedy decoding; sampling arguments ignored: "
                                        + ", ".join(sorted(lm.generation_notes)))
