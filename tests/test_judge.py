@@ -335,9 +335,10 @@ def test_one_broken_layer_is_named_and_reported_not_gated(tmp_path, capsys):
 def test_speed_halved_fails(tmp_path, capsys):
     code, verdicts, _ = gate(tmp_path, make_results(seed=1), make_results(seed=2, speed=0.5), capsys=capsys)
     assert code == 1
-    # the paired speed-up gates; absolute tokens/s without a run-to-run calibration is reported only
-    assert verdicts["baseline:speed/decode_bs1/int8-wo/speedup"]["verdict"] == "FAIL"
-    assert verdicts["baseline:speed/decode_bs1/int8-wo/speedup"]["gated"]
+    # without a run-to-run calibration neither speed statistic is gated against the baseline (the
+    # calibrated case: test_judge_speed); the within-run speed-up limit catches the slowdown
+    assert verdicts["baseline:speed/decode_bs1/int8-wo/speedup"]["verdict"] == "WORSE"
+    assert not verdicts["baseline:speed/decode_bs1/int8-wo/speedup"].get("gated")
     assert verdicts["baseline:speed/decode_bs1/int8-wo/tokens_per_s"]["verdict"] == "WORSE"
     assert not verdicts["baseline:speed/decode_bs1/int8-wo/tokens_per_s"].get("gated")
     assert verdicts["speed/decode_bs1/int8-wo/speedup"]["verdict"] == "FAIL"  # 0.85x < the 1.0x limit

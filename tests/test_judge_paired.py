@@ -391,12 +391,13 @@ def test_cpu_speed_baselines_are_informational_unless_asked(tmp_path, flag, gate
     base = tmp_path / "base.json"
     make_results(seed=1, device="cpu").save(base)
     code, v = _gate(tmp_path, base, make_results(seed=2, device="cpu", speed=0.5), *flag)
-    speedup = v["baseline:speed/decode_bs1/int8-wo/speedup"]
-    assert bool(speedup.get("gated")) == gated
-    assert speedup["verdict"] == ("FAIL" if gated else "WORSE") and code == int(gated)
-    tps = v["baseline:speed/decode_bs1/int8-wo/tokens_per_s"]
-    assert not tps.get("gated") and tps["verdict"] == "WORSE"  # no run-to-run calibration here
-    assert ("--gate-cpu-speed" if not gated else "no run-to-run speed calibration") in tps["reason"]
+    # --gate-cpu-speed lets CPU timings through to the next condition: a run-to-run calibration,
+    # which these baselines lack, so both stay reported (the calibrated case: test_judge_speed)
+    for key in ("speedup", "tokens_per_s"):
+        c = v[f"baseline:speed/decode_bs1/int8-wo/{key}"]
+        assert not c.get("gated") and c["verdict"] == "WORSE", c
+        assert ("no run-to-run speed calibration" if gated else "--gate-cpu-speed") in c["reason"], c
+    assert code == 0
 
 
 def test_noise_margin_is_the_floor_or_three_times_the_measured_noise():
