@@ -292,6 +292,27 @@ def test_gpu_static_path_under_the_fused_forwards_equals_the_reference(smollm2_p
     assert got == ref
 
 
+def test_static_path_takes_an_attention_output_in_any_memory_layout(monkeypatch):
+    """CUDA's float32 attention kernels return [rows, heads, len, dim] laid out as [rows, len, heads,
+    dim]: the decoder must not assume a contiguous output (it fell back to DynamicCache on the H200)."""
+    import evalsuite.load.static_cache as sc
+
+    real = sc.F.scaled_dot_product_attention
+
+    def strided(*args, **kwargs):  # the same values, the memory of a transposed layout
+        y = real(*args, **kwargs)
+        return y.transpose(1, 2).contiguous().transpose(1, 2)
+
+    model = varied_tiny_llama()
+    prompts, limits, eos, stop, _ = _stop_case(model)
+    ref = greedy_decode_uncached(model, prompts, limits, eos_token_id=eos, stop=stop)
+    monkeypatch.setattr(sc.F, "scaled_dot_product_attention", strided)
+    info: dict = {}
+    got = greedy_decode(model, prompts, limits, eos_token_id=eos, stop=stop, path="static", stop_every=4, info=info)
+    assert info["path"] == "static" and "static_fallback" not in info, info
+    assert got == ref
+
+
 def test_static_path_out_of_memory_decodes_the_rest_on_the_dynamic_path(monkeypatch):
     """A batch that does not fit after all (other processes share the device) is not lost: it and the
     batches after it are decoded on the DynamicCache path, stop checks still keyed by the prompt."""

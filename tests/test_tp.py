@@ -159,6 +159,9 @@ def _check_against_one_process(ranks: list[dict], atol: float) -> None:
     # the schemes really differ from fp, far above that tolerance: a shard mix-up could not hide
     assert all(float((logits[n] - logits["fp"]).abs().max()) > 1e-3 for n in models if n != "fp")
     for r in ranks:
+        if len(ranks) == 1:  # a mesh of one slices nothing: the transposed weight is whole, and right
+            assert "TransposedLinear" not in r["refused"]
+            continue
         assert "TransposedLinear" in r["refused"]
         assert "does not reproduce its unsharded output" in r["refused"]["TransposedLinear"]
 
