@@ -65,6 +65,17 @@ def test_batches_are_length_sorted_within_budgets():
     assert sorted(i for b in tight for i in b) == list(range(5))
 
 
+def assert_reference_texts(model, tok, prompts, kwargs, got):
+    """Each generation equals the no-cache reference's text, cut at its first stop string or EOS."""
+    for prompt, kw, out in zip(prompts, kwargs, got):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        (ref,) = greedy_decode_uncached(model, [ids], [kw["max_gen_toks"]], eos_token_id=tok.eos_token_id)
+        text = tok.decode(ref)
+        for stop in kw["until"] + [tok.decode([tok.eos_token_id])]:
+            text = text.split(stop)[0]
+        assert out == text
+
+
 def _instances(args_list):
     from lm_eval.api.instance import Instance
 
@@ -78,13 +89,7 @@ def test_adapter_generation_honours_stop_strings_limits_and_matches_the_referenc
               {"until": ["Question:"], "max_gen_toks": 3, "do_sample": False}]
     lm = TorchLM(smollm2.model, tok, device="cpu", batch_size=2)
     got = lm.generate_until(_instances(list(zip(prompts, kwargs))))
-    for prompt, kw, out in zip(prompts, kwargs, got):
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        (ref,) = greedy_decode_uncached(smollm2.model, [ids], [kw["max_gen_toks"]], eos_token_id=tok.eos_token_id)
-        text = tok.decode(ref)
-        for s in kw["until"] + [tok.decode([tok.eos_token_id])]:
-            text = text.split(s)[0]
-        assert out == text
+    assert_reference_texts(smollm2.model, tok, prompts, kwargs, got)
     assert got[1].startswith(" 5, 6") and " 7" not in got[1]
     assert not lm.generation_notes
 
@@ -251,13 +256,7 @@ def test_adapter_generation_through_the_static_path_equals_the_reference(smollm2
     lm.generation_path = "static"
     got = lm.generate_until(_instances(list(zip(prompts, kwargs))))
     assert lm.generation_info["path"] == "static"
-    for prompt, kw, out in zip(prompts, kwargs, got):
-        ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        (ref,) = greedy_decode_uncached(smollm2.model, [ids], [kw["max_gen_toks"]], eos_token_id=tok.eos_token_id)
-        text = tok.decode(ref)
-        for s in kw["until"] + [tok.decode([tok.eos_token_id])]:
-            text = text.split(s)[0]
-        assert out == text
+    assert_reference_texts(smollm2.model, tok, prompts, kwargs, got)
     assert got[1].startswith(" 5, 6") and " 7" not in got[1]
 
 
