@@ -66,3 +66,26 @@ def test_one_off_glitch_is_not_confirmed_and_is_reported(tmp_path, smollm2, data
     printed = " ".join(capsys.readouterr().out.split())  # the summary wraps at the terminal's width
     assert "--confirm: re-measuring ppl" in printed and "1 failure not confirmed by the re-measurement" in printed
 
+
+
+def test_a_failure_the_remeasurement_did_not_judge_stands():
+    """A re-measurement that lost the record (a stage error, a missing task) gives no second opinion:
+    the failure keeps failing the run instead of passing unchecked; a judged non-failure is not
+    confirmed (WORSE)."""
+    from evalsuite.judge.checks import FAIL, PASS, SKIPPED, Check
+    from evalsuite.judge.confirm import confirm
+    from evalsuite.results import Results
+
+    def failing(name):
+        return Check(name, "limit", FAIL, "kld beyond the limit", stage="ppl", variant="int8-wo", gated=True,
+                     failing=True)
+
+    first = [failing("ppl/w/int8-wo/kld_mean"), failing("ppl/w/int8-wo/ppl_ratio"), failing("ppl/w/int8-wo/kld_p99")]
+    second = [Check("ppl/w/int8-wo/kld_mean", "limit", PASS, "fine", stage="ppl", variant="int8-wo", gated=True),
+              Check("ppl/w/int8-wo/ppl_ratio", "limit", SKIPPED, "no record", stage="ppl", variant="int8-wo")]
+    checks = confirm(Results(run={}), first, lambda stages, variants: (Results(run={}), "--ppl-batch 2"),
+                     lambda again: second)
+    by = {c.check: c for c in checks}
+    assert by["ppl/w/int8-wo/kld_mean"].verdict == "WORSE" and not by["ppl/w/int8-wo/kld_mean"].failing
+    for lost in ("ppl/w/int8-wo/ppl_ratio", "ppl/w/int8-wo/kld_p99"):  # SKIPPED there, and absent there
+        assert by[lost].verdict == FAIL and by[lost].failing and "so it stands" in by[lost].reason

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from evalsuite.errors import first_line
-from evalsuite.judge.checks import WORSE, Check, fmt
+from evalsuite.judge.checks import INCOMPLETE, SKIPPED, WORSE, Check, fmt
 from evalsuite.results import Results
 
 MEASURED_STAGES = ("ppl", "tasks", "gen", "layers", "speed")  # the run order
@@ -57,7 +57,14 @@ def confirm(results: Results, checks: list[Check], remeasure: Callable[[list[str
             continue
         d = second.get(c.check)
         there = f"{d.verdict}, value {fmt(d.value)}" if d is not None else "no such check"
-        if d is not None and d.failing:
+        if d is None or d.verdict in (SKIPPED, INCOMPLETE):
+            # the re-measurement did not measure it (a stage error, a missing record): not a second
+            # opinion, so the failure stands rather than passing unchecked
+            c.extra["confirmed"] = None
+            c.reason += f"; --confirm: the re-measurement did not judge it ({there}), so it stands"
+            record["not_remeasurable"].append(c.check)
+            continue
+        if d.failing:
             c.extra["confirmed"] = True
             c.reason += f"; confirmed by a re-measurement with {plan} (there: {there})"
             record["confirmed"].append(c.check)
