@@ -46,6 +46,23 @@ class Reference:
         return name[:100]
 
 
+@dataclass(frozen=True)
+class ReferencedScheme:
+    """A scheme the user named by reference (a handler or a torchao config): its variant name is
+    the label, its spec the reference as written."""
+
+    ref: Reference
+    label: str
+
+    @property
+    def name(self) -> str:
+        return self.label
+
+    @property
+    def spec(self) -> str:
+        return self.ref.text
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "", text.replace(" ", "")).strip(".-") or "variant"
 

@@ -18,24 +18,14 @@ from torch import nn
 
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.quantize.policy import LayerPolicy
-from evalsuite.quantize.spec import Reference
+from evalsuite.quantize.spec import Reference, ReferencedScheme
 
 INSTALL_HINT = 'pip install "evalsuite[torchao]"'
 
 
 @dataclass(frozen=True)
-class TorchaoConfig:
-    ref: Reference
-    label: str
+class TorchaoConfig(ReferencedScheme):
     config: Any  # the torchao config object
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    @property
-    def spec(self) -> str:
-        return self.ref.text
 
     @property
     def include_head(self) -> bool:

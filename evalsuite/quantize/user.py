@@ -38,28 +38,18 @@ from torch import nn
 
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.quantize.policy import LayerPolicy
-from evalsuite.quantize.spec import Reference
+from evalsuite.quantize.spec import Reference, ReferencedScheme
 
 HANDLER_METHODS = ("create_quantized_state_dict", "convert_for_runtime")
 _IMPORTED: dict[str, Any] = {}  # file or module → imported module: importing runs user code, once
 
 
 @dataclass(frozen=True)
-class UserHandlerConfig:
+class UserHandlerConfig(ReferencedScheme):
     """A handler by reference; ``kind`` is ``"class"`` (gpt-fast protocol) or ``"function"``."""
 
-    ref: Reference
-    label: str
     kind: str
     takes_filter: bool
-
-    @property
-    def name(self) -> str:
-        return self.label
-
-    @property
-    def spec(self) -> str:
-        return self.ref.text
 
     @property
     def include_head(self) -> bool | None:
