@@ -62,12 +62,18 @@ def test_restoring_a_layer_equals_quantizing_with_it_skipped():
     assert not torch.equal(got, q(ids).logits)
 
 
-def test_sensitivity_names_the_planted_layer_first_and_greedy_restores_it():
+def planted_counterfactuals(rows: int):
+    """The planted model, its int8-wo quantization, their counterfactuals on ``rows`` random
+    64-token windows, and the quantized layers as units."""
     fp = planted_model()
     q = quantize_(copy.deepcopy(fp), parse_scheme("int8-wo"))
-    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 512, (rows, 64), generator=torch.Generator().manual_seed(0))
     cf = Counterfactuals(fp, q, ids, torch.device("cpu"), paired_token_stats)
-    units = make_units(fp, quantized_layer_names(q))
+    return fp, q, cf, make_units(fp, quantized_layer_names(q))
+
+
+def test_sensitivity_names_the_planted_layer_first_and_greedy_restores_it():
+    fp, q, cf, units = planted_counterfactuals(rows=2)
     assert len(units) == 14
     search = greedy_restore(cf, units, lambda m: m.kld_mean <= 0.008, budget_params=10**9, rerank=4)
     ranked = sorted(search.sensitivity, key=search.sensitivity.get, reverse=True)
@@ -108,11 +114,7 @@ def test_greedy_re_measures_interactions_instead_of_adding_leave_one_out_drops()
 
 
 def test_budget_too_small_says_so_and_keeps_the_best_found():
-    fp = planted_model()
-    q = quantize_(copy.deepcopy(fp), parse_scheme("int8-wo"))
-    ids = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(0))
-    cf = Counterfactuals(fp, q, ids, torch.device("cpu"), paired_token_stats)
-    units = make_units(fp, quantized_layer_names(q))
+    fp, q, cf, units = planted_counterfactuals(rows=1)
     down = next(u for u in units if u.name == BAD)
     search = greedy_restore(cf, units, lambda m: m.kld_mean <= 0.008, budget_params=down.params - 1)
     assert not search.met and BAD not in [u.name for u in search.chosen]

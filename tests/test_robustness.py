@@ -476,6 +476,15 @@ def _start_matrix(tmp_path: Path, timeout_s: int = 60) -> tuple[subprocess.Popen
     return matrix, [int(x) for x in pids_file.read_text().split()], out
 
 
+def _kill_all(pids: list[int]) -> None:
+    """Clean-up after a test: whatever of ``pids`` still runs is killed."""
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _all_ended(pids: list[int], within: float) -> bool:
     from evalsuite.nightly import _process_alive
 
@@ -498,11 +507,7 @@ def test_a_signalled_matrix_ends_its_entrys_process_group(tmp_path, sig):
         entry = json.loads((out / "summary.json").read_text())["entries"][0]
         assert entry["status"] == "ERROR" and entry["message"] == f"matrix interrupted by {sig.name}"
     finally:
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(pids)
         matrix.kill()
 
 
@@ -513,11 +518,7 @@ def test_the_entry_of_a_killed_matrix_is_ended_by_its_watchdog(tmp_path):
         matrix.wait()
         assert _all_ended(pids, 5), f"entry processes {pids} were orphaned"
     finally:
-        for p in pids:
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill_all(pids)
 
 
 def test_an_entry_past_its_deadline_is_ended_by_its_watchdog(tmp_path):
