@@ -15,8 +15,6 @@ from pathlib import Path
 
 from evalsuite.results import Results
 
-CPU_TASK_BATCH, GPU_TASK_BATCH = 32, 4096  # the tasks stage's defaults (evalsuite.measure.tasks)
-
 
 def perturbed_args(args, results: Results, stages: list[str], device_type: str):
     """A copy of the run's options with another batch plan, and that plan in words."""
@@ -28,7 +26,9 @@ def perturbed_args(args, results: Results, stages: list[str], device_type: str):
         plan.append(f"--ppl-batch {args.ppl_batch} (was {was})")
         args.ppl_noise_floor = "off"  # fp@noise is reported, never gated: not worth re-measuring
     if "tasks" in stages or "gen" in stages:
-        was = args.task_batch_size or (GPU_TASK_BATCH if device_type == "cuda" else CPU_TASK_BATCH)
+        from evalsuite.measure.lm_adapter import BATCH_SIZE_CPU, BATCH_SIZE_GPU
+
+        was = args.task_batch_size or (BATCH_SIZE_GPU if device_type == "cuda" else BATCH_SIZE_CPU)
         args.task_batch_size = max(1, int(was) // 2) if int(was) > 1 else 2
         plan.append(f"--task-batch-size {args.task_batch_size} (was {was})")
     if "speed" in stages:

@@ -45,6 +45,7 @@ DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256  # as HFLM
 # rows decoded together on a GPU; free memory caps them too (the static KV cache's, or the token budget)
 GENERATION_ROWS_GPU = 4096
+BATCH_SIZE_GPU, BATCH_SIZE_CPU = 4096, 32  # sequences per forward when --task-batch-size is not given
 ACTIVATION_BYTES = 2 << 30  # the largest activation of one forward (tokens x MLP width, bf16) on a GPU
 SCORED_LOGITS_BYTES = 4 << 30  # the float32 logits of the scored positions of one forward
 # strings on which a fast tokenizer's backend must encode exactly as the tokenizer before it is used
@@ -140,7 +141,7 @@ class TorchLM(TemplateLM):
         self._device = torch.device(device) if device is not None else next(model.parameters()).device
         on_gpu = self._device.type == "cuda"
         cfg = getattr(model, "config", None)
-        self.batch_size = int(batch_size or (4096 if on_gpu else 32))
+        self.batch_size = int(batch_size or (BATCH_SIZE_GPU if on_gpu else BATCH_SIZE_CPU))
         if self.batch_size < 1:
             raise EvalsuiteError("batch size must be at least 1")
         from evalsuite.measure.memory import free_bytes
