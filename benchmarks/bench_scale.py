@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["fp_cache"] = run.get("fp_cache")
                 row["noise_floor"] = results.get("details", {}).get("ppl", {}).get("protocol", {}).get("noise_floor")
                 row["ppl_seconds"] = results.get("details", {}).get("ppl", {}).get("seconds")  # the stage's phases
+                row["load_seconds"] = run.get("load_seconds")
                 row["ppl_batch"] = results.get("details", {}).get("ppl", {}).get("protocol", {}).get("batch_size")
                 row["errors"] = results.get("errors", [])
                 flops = model_flops(results, built["config"])

@@ -57,6 +57,23 @@ def test_hf_directory_hash_changes_with_weights(tmp_path):
     assert sha256_of(tmp_path / "a") != sha256_of(tmp_path / "b")
 
 
+def test_hf_directory_hash_is_of_names_and_file_hashes_and_load_says_where_time_went(tmp_path):
+    """The folder's hash (its files hashed in parallel) is the sha256 of 'name NUL sha256' lines in
+    name order: renaming a file changes it as changing its bytes does. The load's phases are recorded."""
+    import hashlib
+
+    make_tiny_llama(seed=1).save_pretrained(tmp_path / "m")
+    files = sorted(p for p in (tmp_path / "m").iterdir() if p.suffix in (".json", ".safetensors"))
+    want = hashlib.sha256(b"".join(f"{f.name}\0{hashlib.sha256(f.read_bytes()).hexdigest()}\n".encode()
+                                   for f in files)).hexdigest()
+    loaded = load_model(tmp_path / "m")
+    assert loaded.info.sha256 == sha256_of(tmp_path / "m") == want
+    assert set(loaded.info.extra["seconds"]) == {"read", "hash", "hash_wait", "to_device"}
+    assert all(v >= 0 for v in loaded.info.extra["seconds"].values())
+    (tmp_path / "m" / "config.json").rename(tmp_path / "m" / "config2.json")
+    assert sha256_of(tmp_path / "m") != want
+
+
 def test_gptfast_checkpoint_loads_with_weights_only(tmp_path, monkeypatch):
     model, folder = _tiny_gptfast(tmp_path)
     seen = {}

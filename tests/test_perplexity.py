@@ -275,6 +275,20 @@ def test_bf16_run_measures_the_noise_floor_against_float32(tmp_path):
     assert ctx.results.details["ppl"]["paired"][P.NOISE]["reference"] == "fp in float32"
 
 
+def test_stage_says_where_its_device_time_went(tmp_path):
+    """details.ppl.seconds splits the paired pass into each variant's forwards, the float32
+    reference's and the statistics; a variant's forwards are timed under its own label."""
+    model32 = make_tiny_llama()
+    quant = copy.deepcopy(model32).bfloat16()
+    ctx = make_ctx({"fp": copy.deepcopy(model32).bfloat16(), "int8-wo": quant}, tmp_path, dtype=torch.bfloat16,
+                   reload=lambda dtype: copy.deepcopy(model32).to(dtype))
+    P.run(ctx)
+    phases = ctx.results.details["ppl"]["seconds"]["paired_pass_device"]
+    assert set(phases) == {"forward fp", "forward int8-wo", "forward fp32 reference", "statistics"}
+    assert all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= ctx.results.details["ppl"]["seconds"]["paired_pass"] + 1e-3
+
+
 def test_nonfinite_logits_are_counted_and_reported_not_averaged(tmp_path):
     model = make_tiny_llama()
     broken, dead = copy.deepcopy(model), copy.deepcopy(model)

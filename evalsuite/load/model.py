@@ -89,17 +89,19 @@ def default_model_path() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    """Content hash of a file, or of a directory's weight and config files in name order."""
+    """Content hash of a file (its sha256), or of a directory: the sha256 of its weight and config
+    files' names and sha256s in name order, the files hashed in parallel (a 7B's shards are 13 GB,
+    and hashlib and file reads release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if path.is_file():
+        return _file_sha256(path)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".pth", ".model"))
+    with ThreadPoolExecutor(max(1, min(8, len(files), os.cpu_count() or 1))) as pool:
+        digests = list(pool.map(_file_sha256, files))
     h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".pth", ".model")
-    )
-    for f in files:
-        if path.is_dir():
-            h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+    for f, d in zip(files, digests):
+        h.update(f"{f.name}\0{d}\n".encode())
     return h.hexdigest()
 
 
@@ -131,23 +133,43 @@ def load_model(
     tokenizer_path: str | os.PathLike | None = None,
     cache: bool = True,
 ) -> LoadedModel:
-    """Load a model for evaluation (eval mode, no grad) on ``device`` in ``dtype``."""
+    """Load a model for evaluation (eval mode, no grad) on ``device`` in ``dtype``. A Hugging Face
+    folder is read straight onto a CUDA device (no host copy of the weights). ``info.extra["seconds"]``
+    says where the time went: ``read`` (the weights and tokenizer), ``hash`` (the content hash, in a
+    thread beside the read), ``hash_wait`` (what the read left of it) and ``to_device``."""
+    import time
     from concurrent.futures import ThreadPoolExecutor
 
     path = Path(path) if path is not None else default_model_path()
     fmt = detect_format(path)
+    device = torch.device(device)
+    seconds: dict[str, float] = {}
+
+    def timed_hash() -> str:
+        t = time.perf_counter()
+        digest = sha256_of(path)
+        seconds["hash"] = round(time.perf_counter() - t, 3)
+        return digest
+
     with ThreadPoolExecutor(1) as pool:
-        # the content hash (13 GB for a 7B) runs beside the load: file reads and hashlib release the GIL
-        hashing = pool.submit(sha256_of, path)
+        t0 = time.perf_counter()
+        hashing = pool.submit(timed_hash)
         if fmt == "hf":
-            model, tokenizer = _load_hf(path, path, None, tokenizer_path, dtype)
+            model, tokenizer = _load_hf(path, path, None, tokenizer_path, dtype, device=device)
         elif fmt == "gguf":
-            model, tokenizer = _load_gguf(path, hashing.result(), tokenizer_path, cache, dtype)
+            model, tokenizer = _load_gguf(path, hashing.result(), tokenizer_path, cache, dtype, device=device)
         else:
             model, tokenizer = _load_gptfast(path, arch, tokenizer_path)
+        seconds["read"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
         digest = hashing.result()
+        seconds["hash_wait"] = round(time.perf_counter() - t0, 3)
     check_vocab(model, tokenizer, tokenizer_path or path)
+    t0 = time.perf_counter()
     model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds["to_device"] = round(time.perf_counter() - t0, 3)
     cfg = model.config
     info = ModelInfo(
         path=str(path.resolve()),
@@ -158,15 +180,17 @@ def load_model(
         arch=getattr(cfg, "model_type", None) or arch or "gpt-fast",
         vocab_size=int(getattr(cfg, "vocab_size")),
         max_seq_len=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "block_size", None),
+        extra={"seconds": seconds},
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
 
 def _load_hf(model_dir: Path, tok_dir: Path, gguf_file: str | None, tokenizer_path,
-             dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+             dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> tuple[nn.Module, Any]:
     """A Hugging Face folder (or GGUF file) read straight into ``dtype``: one rounding from the stored
     values, the same as through float32 (which holds every bf16/fp16 value exactly), at a quarter of
-    the host memory and copy time for a bf16 run. A GGUF file is dequantized in float32."""
+    the host memory and copy time for a bf16 run. A folder is read straight onto a CUDA ``device``
+    (safetensors to device memory, no host copy). A GGUF file is dequantized in float32 on the host."""
     from transformers import AutoModelForCausalLM
 
     where = model_dir / gguf_file if gguf_file else model_dir
@@ -174,9 +198,10 @@ def _load_hf(model_dir: Path, tok_dir: Path, gguf_file: str | None, tokenizer_pa
         with _quiet_transformers():
             # mismatched shapes are reported in the loading info (and refused below) rather than
             # raised with a pointer to a report we keep off stderr
+            on_device = {"device_map": {"": device}} if device is not None and device.type == "cuda" and not gguf_file else {}
             model, loading = AutoModelForCausalLM.from_pretrained(
                 model_dir, gguf_file=gguf_file, dtype=torch.float32 if gguf_file else dtype, output_loading_info=True,
-                ignore_mismatched_sizes=True)
+                ignore_mismatched_sizes=True, **on_device)
     except Exception as e:
         mapped = user_error(e, str(where))
         if mapped is not None:
@@ -284,7 +309,7 @@ def _cache_root() -> Path:
 
 
 def _load_gguf(path: Path, digest: str, tokenizer_path, cache: bool,
-               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+               dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> tuple[nn.Module, Any]:
     import transformers
 
     cached = _cache_root() / f"gguf-{digest[:16]}-tf{transformers.__version__.split('.')[0]}"
@@ -292,7 +317,7 @@ def _load_gguf(path: Path, digest: str, tokenizer_path, cache: bool,
         problem = _cache_problem(cached)
         if problem is None:
             try:
-                return _load_hf(cached, cached, None, tokenizer_path, dtype)
+                return _load_hf(cached, cached, None, tokenizer_path, dtype, device=device)
             except EvalsuiteError as e:
                 problem = str(e)
         # our own file, not the user's: say so once and rebuild it from the GGUF

@@ -54,6 +54,7 @@ from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load.model import forward_logits
 from evalsuite.kernels import kld as kld_kernel
 from evalsuite.measure import Stage, fp_cache, noise_floor
+from evalsuite.measure.phase_timer import PhaseTimer
 
 NOISE = "fp@noise"
 PERCENTILES = (100, 99.9, 99, 95, 90, 50, 10, 5, 1, 0.1, 0)
@@ -238,14 +239,18 @@ class PassResult:
 def measure_pass(variants: dict[str, nn.Module], windows: Windows, device: torch.device, batch_size: int = 1,
                  reference32: nn.Module | None = None, progress: Callable[[Iterable], Iterable] = lambda it: it,
                  rank: int = 0, world_size: int = 1, stats_fn: Callable = paired_token_stats,
-                 nll_fn: Callable = token_nll, noise_windows: Iterable[int] | None = None) -> PassResult:
+                 nll_fn: Callable = token_nll, noise_windows: Iterable[int] | None = None,
+                 timer: PhaseTimer | None = None) -> PassResult:
     """Run every variant over every window once; ``variants`` starts with ``"fp"``, the reference of
     each scheme's pair; ``reference32`` (fp in float32) adds the ``fp@noise`` pair. Windows are split
     round-robin across ranks and gathered back in order. ``stats_fn`` / ``nll_fn`` may be a compiled
     :func:`paired_token_stats` or the fused kernels of :func:`select_stats`; functions marked
     ``row_independent`` get all windows of a batch in one call when they score the same positions
     (the same values as per window, fewer launches). ``noise_windows`` (window indices) limits the
-    ``fp@noise`` pair to those windows (None: every window); ``reference32`` runs on them only."""
+    ``fp@noise`` pair to those windows (None: every window); ``reference32`` runs on them only.
+    ``timer`` gets each variant's forwards (``forward <name>``, ``forward fp32 reference``) and the
+    statistics (``statistics``) as phases."""
+    timer = timer or PhaseTimer("cpu")
     names = list(variants)
     noise_set = None if noise_windows is None else {int(w) for w in noise_windows}
     if not names or names[0] != "fp":
@@ -275,26 +280,35 @@ def measure_pass(variants: dict[str, nn.Module], windows: Windows, device: torch
                 return list(got.view(len(sel), -1).unbind(0))
             return [fn(*(z[i, fs[i] - 1: -1] for z in logits), targets[b, fs[i] - 1:]) for i, b in enumerate(sel)]
 
-        fp_logits = forward_logits(variants["fp"], x)
+        with timer("forward fp"):
+            fp_logits = forward_logits(variants["fp"], x)
         sel = [b for b, w in enumerate(idx) if noise_set is None or w in noise_set] if reference32 is not None else []
         if sel:
             whole = len(sel) == len(idx)
-            ref_logits = forward_logits(reference32, x if whole else x[sel])
+            with timer("forward fp32 reference"):
+                ref_logits = forward_logits(reference32, x if whole else x[sel])
             fp_sel = fp_logits if whole else fp_logits[sel]
-            for b, s in zip(sel, by_window(stats_fn, ref_logits, fp_sel, sel=sel)):
+            with timer("statistics"):
+                noise_stats = by_window(stats_fn, ref_logits, fp_sel, sel=sel)
+            for b, s in zip(sel, noise_stats):
                 del s["own_nll_ref"], s["own_nll"]  # fp's own NLL comes from the pass over all windows
                 out[b]["pairs"][NOISE] = s
             del ref_logits, fp_sel
         for name in names[1:]:
-            q_logits = forward_logits(variants[name], x)
-            for b, s in enumerate(by_window(stats_fn, fp_logits, q_logits)):
+            with timer(f"forward {name}"):
+                q_logits = forward_logits(variants[name], x)
+            with timer("statistics"):
+                q_stats = by_window(stats_fn, fp_logits, q_logits)
+            for b, s in enumerate(q_stats):
                 out[b]["nll"][name] = s.pop("own_nll")
                 out[b]["nll"].setdefault("fp", s["own_nll_ref"])
                 del s["own_nll_ref"]
                 out[b]["pairs"][name] = s
             del q_logits
         if "fp" not in out[0]["nll"]:
-            for b, nll in enumerate(by_window(nll_fn, fp_logits)):
+            with timer("statistics"):
+                fp_nll = by_window(nll_fn, fp_logits)
+            for b, nll in enumerate(fp_nll):
                 out[b]["nll"]["fp"] = nll
         del fp_logits
         per_window += list(zip(idx, out))
@@ -624,14 +638,16 @@ def run(ctx) -> None:
     ctx.results.run["partial"] = ctx.results.run.get("partial", False) or protocol.max_windows is not None
     ctx.checkpoint()
     t0 = time.perf_counter()
+    timer = PhaseTimer(ctx.device)
     with ctx.fused_forwards(*ctx.variants.values(), reference32) as fused_modules:
         details["protocol"]["fused_modules"] = fused_modules
         result = measure_pass(ctx.variants, windows, ctx.device, batch_size, reference32,
                               progress=lambda it: ctx.progress(it, "ppl", unit="batch"),
                               rank=ctx.rank, world_size=ctx.world_size, stats_fn=stats_fn, nll_fn=nll_fn,
-                              noise_windows=noise_windows)
+                              noise_windows=noise_windows, timer=timer)
     del reference32
     seconds["paired_pass"] = round(time.perf_counter() - t0, 3)  # every variant's forwards and statistics
+    seconds["paired_pass_device"] = timer.totals()  # its device time per forward and for the statistics
     t0 = time.perf_counter()
     if cached is not None:  # fp's own values as the run that stored them measured them
         result.nll["fp"] = [np.asarray(a, dtype=np.float32) for a in cached["fp_nll"]]
