@@ -19,6 +19,10 @@ included, attention term left out: task sequences are short).
 
 ACCURACY NUMBERS OF RANDOM WEIGHTS MEAN NOTHING: the benchmark is about time and memory only.
 
+``--warm`` runs each shape a second time with ``--fp-cache off`` after the first: the whole stage
+again, with the compile caches (Inductor, Triton) the first run left, as on a nightly machine. The
+caches are the benchmark's own (fresh at its start), shared by its shapes.
+
 The whole default run is held under ``--budget-s`` (570 s): a run that would not finish in the time
 left is skipped and said so. Writes ``$OUT/scale.json`` (benchmarks/benchutil.py).
 """
@@ -154,9 +158,10 @@ def model_flops(results: dict, cfg: dict) -> dict:
     return out
 
 
-def run_evalsuite(model: Path, out: Path, args, env: dict, timeout: float) -> tuple[dict | None, float, str]:
+def run_evalsuite(model: Path, out: Path, args, env: dict, timeout: float,
+                  more: list[str] = ()) -> tuple[dict | None, float, str]:
     cmd = [sys.executable, "-m", "evalsuite", "run", "--model", str(model), "--quant", args.schemes,
-           "--stages", args.stages, "--out", str(out), "--no-progress", *args.extra]
+           "--stages", args.stages, "--out", str(out), "--no-progress", *more, *args.extra]
     if args.tasks:
         cmd += ["--tasks", args.tasks]
     if args.quick:
@@ -174,6 +179,28 @@ def run_evalsuite(model: Path, out: Path, args, env: dict, timeout: float) -> tu
     return (json.loads(path.read_text()) if path.is_file() else None), wall, note
 
 
+def run_row(results: dict | None, built: dict, peak: float | None) -> dict:
+    """One run's stage seconds, phases, peak memory, caches and MFU from its results.json."""
+    if results is None:
+        return {}
+    run, details = results["run"], results.get("details", {})
+    ppl = details.get("ppl", {})
+    row = {"stage_seconds": run.get("stage_seconds", {}),
+           "stage_peak_gpu_gib": {k: round(v / 2**30, 2) for k, v in run.get("stage_peak_gpu_bytes", {}).items()},
+           "fp_cache": {k: v.get("status") for k, v in (run.get("fp_cache") or {}).items()},
+           "noise_floor": ppl.get("protocol", {}).get("noise_floor"),
+           "noise_floor_windows": (ppl.get("paired", {}).get("fp@noise") or {}).get("noise_floor"),
+           "ppl_seconds": ppl.get("seconds"),  # the stage's phases
+           "load_seconds": run.get("load_seconds"), "ppl_batch": ppl.get("protocol", {}).get("batch_size"),
+           "errors": results.get("errors", [])}
+    flops = model_flops(results, built["config"])
+    row["model_tflop"] = {k: round(v / 1e12, 1) for k, v in flops.items()}
+    if peak:
+        row["mfu"] = {k: round(v / 1e12 / row["stage_seconds"][k] / peak, 3)
+                      for k, v in flops.items() if row["stage_seconds"].get(k)}
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default="llama2-7b,llama3-8b")
@@ -182,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", help="lm-eval tasks (default: the stage's own, the eight standard tasks)")
     p.add_argument("--work", help="folder for the built models (default: a temporary folder, removed)")
     p.add_argument("--budget-s", type=float, default=570.0, help="the whole benchmark's wall-clock budget")
+    p.add_argument("--warm", action="store_true",
+                   help="run each shape a second time with the compile caches of the first and --fp-cache off: the "
+                        "whole stage again, without compiling (a nightly machine's steady state)")
     p.add_argument("--quick", action="store_true", help="the tiny shape on the CPU, 2 items/windows (checks the script)")
     p.add_argument("extra", nargs="*", help="more evalsuite run arguments (after --)")
     args = p.parse_args(argv)
@@ -207,26 +237,17 @@ def main(argv: list[str] | None = None) -> int:
             folder = work / shape
             built = build_folder(folder, shape, tokenizer, device)
             print(f"built {shape}: {built['n_params'] / 1e9:.2f}B parameters in {built['build_s']} s", flush=True)
-            left = args.budget_s - (time.perf_counter() - t_start)
-            results, wall, note = run_evalsuite(folder, work / f"run-{shape}", args, env, max(30.0, left - 5))
-            row = {**built, "wall_s": round(wall, 1), "exit": note}
-            if results is not None:
-                run = results["run"]
-                row["stage_seconds"] = run.get("stage_seconds", {})
-                row["stage_peak_gpu_gib"] = {k: round(v / 2**30, 2) for k, v in run.get("stage_peak_gpu_bytes", {}).items()}
-                row["fp_cache"] = run.get("fp_cache")
-                row["noise_floor"] = results.get("details", {}).get("ppl", {}).get("protocol", {}).get("noise_floor")
-                row["ppl_seconds"] = results.get("details", {}).get("ppl", {}).get("seconds")  # the stage's phases
-                row["load_seconds"] = run.get("load_seconds")
-                row["ppl_batch"] = results.get("details", {}).get("ppl", {}).get("protocol", {}).get("batch_size")
-                row["errors"] = results.get("errors", [])
-                flops = model_flops(results, built["config"])
-                row["model_tflop"] = {k: round(v / 1e12, 1) for k, v in flops.items()}
-                if peak:
-                    row["mfu"] = {k: round(v / 1e12 / row["stage_seconds"][k] / peak, 3)
-                                  for k, v in flops.items() if row["stage_seconds"].get(k)}
-            report["runs"].append(row)
-            print(json.dumps(row, indent=1, default=str), flush=True)
+            passes = [("cold", [])] + ([("warm", ["--fp-cache", "off"])] if args.warm else [])
+            for caches, more in passes:
+                left = args.budget_s - (time.perf_counter() - t_start)
+                if caches == "warm" and left < 60:
+                    report["runs"].append({"shape": shape, "caches": caches, "skipped": f"{left:.0f} s of the budget left"})
+                    continue
+                results, wall, note = run_evalsuite(folder, work / f"run-{shape}-{caches}", args, env, max(30.0, left - 5),
+                                                    more)
+                row = {**built, "caches": caches, **run_row(results, built, peak), "wall_s": round(wall, 1), "exit": note}
+                report["runs"].append(row)
+                print(json.dumps(row, indent=1, default=str), flush=True)
             shutil.rmtree(folder, ignore_errors=True)  # 13-16 GB each: the disk holds one at a time
     finally:
         if not args.work:
@@ -244,12 +265,12 @@ def print_table(report: dict) -> None:
     print("|" + "---|" * (len(stages) + 7))
     for r in report["runs"]:
         if "skipped" in r:
-            print(f"| {r['shape']} | skipped: {r['skipped']} |")
+            print(f"| {r['shape']} {r.get('caches', '')} | skipped: {r['skipped']} |")
             continue
         secs = r.get("stage_seconds", {})
         peak = max(r.get("stage_peak_gpu_gib", {}).values(), default=math.nan)
         mfu = r.get("mfu", {})
-        print(f"| {r['shape']} | {r['n_params'] / 1e9:.2f}B | {r['build_s']} | "
+        print(f"| {r['shape']}{' (' + r['caches'] + ')' if r.get('caches') else ''} | {r['n_params'] / 1e9:.2f}B | {r['build_s']} | "
               + " | ".join(str(secs.get(s, "–")) for s in stages)
               + f" | {r['wall_s']} | {peak} | {mfu.get('ppl', '–')} | {mfu.get('tasks', '–')} |")
 

@@ -42,6 +42,22 @@ def bootstrap_ratio_of_sums(num, den, n_boot: int = DEFAULT_BOOTSTRAP, seed: int
     return num[idx].sum(axis=1) / d[:, None]
 
 
+def ratio_t_interval(num, den, level: float = 0.95) -> list[float] | None:
+    """Interval of sum(num)/sum(den) over few clusters: the ratio estimator R with its linearised
+    standard error (residuals num_i - R den_i over the mean den, sample std / sqrt(n)) and Student's
+    t with n - 1 degrees of freedom. For a handful of clusters, where a percentile bootstrap (few
+    distinct resamples) is too narrow. None below two clusters or without a denominator."""
+    num = np.asarray(num, dtype=np.float64)
+    den = np.asarray(den, dtype=np.float64)
+    n = num.size
+    if n < 2 or den.sum() <= 0:
+        return None
+    r = num.sum() / den.sum()
+    resid = (num - r * den) / den.mean()
+    half = float(sps.t.ppf(0.5 + level / 2, n - 1) * resid.std(ddof=1) / math.sqrt(n))
+    return [float(r - half), float(r + half)]
+
+
 def _resampled_rows(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
     """[n_boot, n] row indices drawn with replacement (32-bit where they fit: ~5x faster to draw
     and to gather with than 64-bit ones)."""

@@ -33,11 +33,14 @@ def test_quick_run_writes_the_table_and_says_accuracy_is_meaningless(tmp_path, m
                                                                        smollm2_path):
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     monkeypatch.setenv("EVALSUITE_DATA_DIR", str(data_dir))
-    assert bench_scale.main(["--quick", "--work", str(tmp_path / "work")]) == 0
+    assert bench_scale.main(["--quick", "--warm", "--work", str(tmp_path / "work")]) == 0
     report = json.loads((tmp_path / "out" / "scale.json").read_text())
-    (row,) = report["runs"]
+    row, warm = report["runs"]
     assert "MEAN NOTHING" in report["warning"] and "MEAN NOTHING" in capsys.readouterr().out
     assert row["exit"] == "exit 0" and set(row["stage_seconds"]) >= {"load", "ppl", "tasks"}
-    assert row["fp_cache"]["ppl"]["status"] == "miss, stored"
+    assert row["fp_cache"]["ppl"] == "miss, stored" and row["caches"] == "cold"
+    # the second pass reruns the whole stage (no fp cache) on the first one's compile caches
+    assert warm["caches"] == "warm" and warm["fp_cache"]["ppl"] == "off" and warm["exit"] == "exit 0"
+    assert set(row["load_seconds"]) >= {"read", "hash", "to_device"} and "paired_pass_device" in row["ppl_seconds"]
     assert row["model_tflop"]["ppl"] >= 0 and not row["errors"]
     assert not (tmp_path / "work" / "tiny").exists()  # the built model is removed after its run

@@ -421,16 +421,20 @@ def test_gpu_batch_keeps_one_models_logits_near_the_budget(context, vocab, fused
 def test_noise_floor_subsample_is_seeded_spread_and_sized_by_its_rule():
     from evalsuite.measure import noise_floor as NF
 
+    from scipy import stats as sps
+
     n = NF.sample_size(152)  # WikiText-2 at 2048 for SmolLM2
-    n0 = math.ceil((1.96 * NF.PLAN_CV / NF.TARGET_REL_HALF_WIDTH) ** 2)
-    assert n == max(NF.MIN_WINDOWS, math.ceil(n0 / (1 + (n0 - 1) / 152))) and n < 152 / 10
+    half = lambda k: sps.t.ppf(0.975, k - 1) * NF.PLAN_CV / math.sqrt(k)  # the planned relative half-width
+    assert n >= NF.MIN_WINDOWS and half(n) <= NF.TARGET_REL_HALF_WIDTH and n < 152 / 10
+    assert n == NF.MIN_WINDOWS or half(n - 1) > NF.TARGET_REL_HALF_WIDTH  # the smallest such n
+    assert NF.sample_size(152, cv=0.3) > n and half(NF.sample_size(152, cv=0.3)) <= NF.TARGET_REL_HALF_WIDTH
     picked = NF.sample_windows(152, seed=3)
     assert len(picked) == n and len(set(picked.tolist())) == n and np.all(np.diff(picked) > 0)
     edges = np.linspace(0, 152, n + 1).round()
     assert np.all((picked >= edges[:-1]) & (picked < edges[1:]))  # one window per stratum: spread
     assert np.array_equal(picked, NF.sample_windows(152, seed=3))
     assert not np.array_equal(picked, NF.sample_windows(152, seed=4))
-    assert NF.sample_windows(5, seed=0).tolist() == [0, 1, 2, 3, 4]  # small corpora: every window
+    assert NF.sample_windows(NF.MIN_WINDOWS, seed=0).tolist() == list(range(NF.MIN_WINDOWS))  # small corpora: every window
     assert NF.sample_size(0) == 0
 
 
@@ -438,6 +442,9 @@ def _long_text(n_words: int = 1400, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
     words = TEXT.split()
     return " ".join(rng.choice(words, n_words))
+
+
+NF_TARGET = P.noise_floor.TARGET_REL_HALF_WIDTH
 
 
 def test_noise_floor_subsample_ci_contains_the_full_floor_and_changes_nothing_else(tmp_path):
@@ -458,7 +465,8 @@ def test_noise_floor_subsample_ci_contains_the_full_floor_and_changes_nothing_el
     assert s.ci95[0] <= f.value <= s.ci95[1] and s.ci95[0] < s.ci95[1]
     about = s.extra["noise_floor"]
     assert about["mode"] == "sample" and "stratum" in about["rule"] and about["ci_rel_half_width"] is not None
-    assert about["target_met"] == (about["ci_rel_half_width"] <= 0.10)
+    assert about["target_met"] == (about["ci_rel_half_width"] <= NF_TARGET)
+    assert "Student's t" in s.definition  # a handful of windows: not the bootstrap's interval
     assert sample.results.details["ppl"]["paired"][P.NOISE]["windows"] == \
         P.noise_floor.sample_windows(n_windows, 0).tolist()
     assert "seeded subsample of" in s.definition and "seeded subsample of" not in f.definition
