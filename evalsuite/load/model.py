@@ -324,10 +324,17 @@ def _load_gguf(path: Path, digest: str, tokenizer_path, cache: bool,
         log.warning("evalsuite model cache %s is corrupt (%s); rebuilding it", cached, problem)
         shutil.rmtree(cached, ignore_errors=True)
     try:
-        _check_gguf(path)
         model, tokenizer = _load_hf(path.parent, path.parent, path.name, tokenizer_path)
-    except EvalsuiteError as e:
-        raise EvalsuiteError(f"{path}: not a readable GGUF model ({str(e).split(': ', 1)[-1]})") from None
+    except Exception as e:
+        # the file's own damage (a truncation) where its header and tensor table say it; checked only
+        # on failure: parsing them once more costs seconds (transformers parses them three times)
+        try:
+            _check_gguf(path)
+        except EvalsuiteError as damage:
+            raise EvalsuiteError(f"{path}: not a readable GGUF model ({str(damage).split(': ', 1)[-1]})") from None
+        if isinstance(e, EvalsuiteError):
+            raise EvalsuiteError(f"{path}: not a readable GGUF model ({str(e).split(': ', 1)[-1]})") from None
+        raise
     if cache:
         _write_cache(model, tokenizer, cached)
     return model, tokenizer
