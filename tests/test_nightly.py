@@ -290,3 +290,18 @@ entries:
     assert "kld_mean" in (out / "summary.md").read_text()
     junit = ET.parse(out / "junit.xml").getroot()
     assert junit.find("testcase[@name='ppl/wikitext2/int8-wo/kld_mean']/failure") is not None
+
+
+def test_shipped_nightly_gates_loosen_int8_dq_only():
+    """The shipped matrix's gates file: int8-dq (W8A8, measured KLD ~0.026 on SmolLM2) at the generic
+    tier, every other scheme at exactly the defaults' limits (int8-wo stays at 99% of fp)."""
+    from evalsuite.judge.config import load_gate_config
+
+    data = nightly.load_config(REPO / "configs" / "nightly.yaml")
+    (gates,) = {e.options["gates"] for e in nightly.expand_entries(data, "nightly.yaml")
+                if str(e.options.get("gates", "")).endswith(".yaml")}
+    shipped, defaults = load_gate_config(REPO / gates), load_gate_config(None)
+    for scheme in ("int8-wo", "int4-wo-g128", "int4-wo-g32", "fp8-x"):
+        assert shipped.scheme(scheme)[1] == defaults.scheme(scheme)[1], scheme
+    dq, generic = shipped.scheme("int8-dq")[1], defaults.scheme("some-new-scheme")[1]
+    assert dq == generic and dq["kld_mean_max"] > defaults.scheme("int8-dq")[1]["kld_mean_max"]
