@@ -22,12 +22,13 @@ only (``RunContext.rank``/``world_size``): the TP ranks of a replica take the sa
 from __future__ import annotations
 
 import copy
+import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor.parallel.style import ParallelStyle
 
 from evalsuite.errors import EvalsuiteError
 
@@ -165,38 +166,53 @@ def _tensor_dims(mod: nn.Module, kind: str, tp: int) -> dict[str, int] | None:
     return {"weight": 1}
 
 
-class LocalShard(ParallelStyle):
-    """A ``ParallelStyle`` for quantized modules: slices the tensors in place (plain tensors, no
-    DTensor) and, row-parallel, all-reduces the partial outputs over the TP group. The bias of a
-    row-parallel layer stays on TP rank 0 only (zeros elsewhere), so the sum adds it once."""
+@functools.cache
+def local_shard_style() -> type:
+    """The :class:`LocalShard` class, built on first use: torch.distributed.tensor costs ~0.5 s to
+    import, which a run without --tp should not pay."""
+    from torch.distributed.tensor.parallel.style import ParallelStyle
 
-    def __init__(self, kind: str):
-        super().__init__()
-        self.kind = kind
+    class LocalShard(ParallelStyle):
+        """A ``ParallelStyle`` for quantized modules: slices the tensors in place (plain tensors, no
+        DTensor) and, row-parallel, all-reduces the partial outputs over the TP group. The bias of a
+        row-parallel layer stays on TP rank 0 only (zeros elsewhere), so the sum adds it once."""
 
-    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        rank, n = device_mesh.get_local_rank(), device_mesh.size()
-        dims = _tensor_dims(module, self.kind, n)
-        if dims is None:
-            raise EvalsuiteError(f"{type(module).__name__} is not linear-like (a [out, in] weight with per-row "
-                                 "scales and bias, or an int4 layout whose groups split evenly over the ranks)")
-        for name, dim in dims.items():
-            piece = getattr(module, name).chunk(n, dim=dim)[rank].contiguous().clone()
-            if name in module._parameters:
-                module._parameters[name] = nn.Parameter(piece, requires_grad=False)
-            else:
-                module._buffers[name] = piece
-        if self.kind == "row":
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor) and rank:
-                bias.zero_()
-            group = device_mesh.get_group()
-            module.register_forward_hook(lambda mod, args, out: _all_reduce(out, group))
-        for attr, kind in (("out_features", "col"), ("in_features", "row")):
-            if self.kind == kind and isinstance(getattr(module, attr, None), int):
-                setattr(module, attr, getattr(module, attr) // n)
-        module._evalsuite_tp = (self.kind, dims, device_mesh)
-        return module
+        def __init__(self, kind: str):
+            super().__init__()
+            self.kind = kind
+
+        def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+            rank, n = device_mesh.get_local_rank(), device_mesh.size()
+            dims = _tensor_dims(module, self.kind, n)
+            if dims is None:
+                raise EvalsuiteError(f"{type(module).__name__} is not linear-like (a [out, in] weight with per-row "
+                                     "scales and bias, or an int4 layout whose groups split evenly over the ranks)")
+            for name, dim in dims.items():
+                piece = getattr(module, name).chunk(n, dim=dim)[rank].contiguous().clone()
+                if name in module._parameters:
+                    module._parameters[name] = nn.Parameter(piece, requires_grad=False)
+                else:
+                    module._buffers[name] = piece
+            if self.kind == "row":
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, torch.Tensor) and rank:
+                    bias.zero_()
+                group = device_mesh.get_group()
+                module.register_forward_hook(lambda mod, args, out: _all_reduce(out, group))
+            for attr, kind in (("out_features", "col"), ("in_features", "row")):
+                if self.kind == kind and isinstance(getattr(module, attr, None), int):
+                    setattr(module, attr, getattr(module, attr) // n)
+            module._evalsuite_tp = (self.kind, dims, device_mesh)
+            return module
+
+    return LocalShard
+
+
+def _dtensor_type() -> type | None:
+    """DTensor's class where torch.distributed.tensor is loaded, else None: no DTensor can exist
+    before it is, so a run without --tp never imports it to check."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
 
 
 def _all_reduce(out: torch.Tensor, group) -> torch.Tensor:
@@ -226,7 +242,7 @@ def shard(model: nn.Module, layout: Layout, device: torch.device, variant: str =
             style = ColwiseParallel() if kind == "col" else RowwiseParallel()
             style.src_data_rank = None  # every rank holds the full weight: slice locally, no scatter
         else:
-            style = LocalShard(kind)
+            style = local_shard_style()(kind)
         styles[name] = style
     try:
         parallelize_module(model, layout.tp_mesh, styles)
@@ -317,9 +333,8 @@ def _check_probes(model: nn.Module, probes: dict[str, tuple], layout: Layout) ->
 
 def local(t: Any) -> Any:
     """A DTensor's local part (the input a sharded layer's hook sees), anything else unchanged."""
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
+    dtensor = _dtensor_type()
+    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t
 
 
 def full_output(mod: nn.Module, out: torch.Tensor) -> torch.Tensor:
@@ -341,22 +356,19 @@ def _all_gather(t: torch.Tensor, dim: int, mesh) -> torch.Tensor:
 
 def full_weight(mod: nn.Module) -> torch.Tensor:
     """The whole weight of a (possibly DTensor-sharded) float layer."""
-    from torch.distributed.tensor import DTensor
-
-    w = mod.weight
-    return w.full_tensor() if isinstance(w, DTensor) else w
+    dtensor, w = _dtensor_type(), mod.weight
+    return w.full_tensor() if dtensor is not None and isinstance(w, dtensor) else w
 
 
 def unsharded(mod: nn.Module) -> nn.Module:
     """A whole copy of a :class:`LocalShard` layer (its slices gathered from the TP ranks), so weight
     metrics are computed exactly as on one process; any other module is returned as it is."""
-    import torch.distributed as dist
-
-    from torch.distributed.tensor import DTensor
-
     spec = getattr(mod, "_evalsuite_tp", None)
     if spec is None:
         return mod
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
     kind, dims, mesh = spec
     whole = copy.copy(mod)
     whole._buffers, whole._parameters = dict(mod._buffers), dict(mod._parameters)

@@ -343,3 +343,17 @@ def test_torchrun_tp2_run_matches_one_process(tmp_path, tiny_model_dir, data_dir
     assert single[("ppl", "wikitext2", "int4-wo-g32", "kld_mean")] > 1e-4
     assert sum(line.startswith("reports: ") for line in two.stdout.splitlines()) == 1
     assert not list((tmp_path / "two").glob("*.tmp"))
+
+
+def test_a_run_without_tp_does_not_import_dtensor():
+    """evalsuite.tp's helpers that every run calls (the layers stage's local/full_weight/unsharded)
+    and the pipeline's Layout work on plain modules without importing torch.distributed.tensor."""
+    code = ("import sys, torch\n"
+            "from evalsuite import tp\n"
+            "lin = torch.nn.Linear(4, 4)\n"
+            "assert tp.local(torch.ones(2)).shape == (2,) and tp.full_weight(lin) is lin.weight\n"
+            "assert tp.unsharded(lin) is lin and tp.Layout().tp == 1\n"
+            "assert 'torch.distributed.tensor' not in sys.modules\n"
+            "assert tp.local_shard_style().__name__ == 'LocalShard'\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-2000:]
