@@ -53,8 +53,8 @@ def ratio_t_interval(num, den, level: float = 0.95) -> list[float] | None:
     if n < 2 or den.sum() <= 0:
         return None
     r = num.sum() / den.sum()
-    resid = (num - r * den) / den.mean()
-    half = float(sps.t.ppf(0.5 + level / 2, n - 1) * resid.std(ddof=1) / math.sqrt(n))
+    _, se = mean_stderr((num - r * den) / den.mean())
+    half = float(sps.t.ppf(0.5 + level / 2, n - 1) * se)
     return [float(r - half), float(r + half)]
 
 

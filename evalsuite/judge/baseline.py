@@ -283,10 +283,9 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
             check.verdict = WORSE
         kind = "an extreme or a statistic without uncertainty" if metric_stderr(b) is None and \
             metric_stderr(c) is None else "a secondary statistic"
-        if b.stage == "speed" and device != "cuda" and not config.gate_cpu_speed:
-            kind = "CPU timing (gate it with --gate-cpu-speed)"
-        elif b.stage == "speed" and any(d.startswith("kernels ") for d in differences):
-            kind = "timed with other kernels (" + "; ".join(d for d in differences if d.startswith("kernels ")) + ")"
+        why_not = _speed_gate_allowed(results, config, differences) if b.stage == "speed" else None
+        if why_not is not None:
+            kind = why_not
         elif b.variant.endswith("@noise"):
             kind = "the harness's own noise floor"
         check.reason = f"reported, not gated ({kind}): {reason}"

@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load.model import forward_logits
 
 # (row indices into the prompts, their generated tokens so far) -> which of them are done
@@ -136,7 +137,7 @@ def greedy_decode(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_to
             except torch.cuda.OutOfMemoryError as e:  # sized from free memory, but others share the device
                 decoder.release()
                 torch.cuda.empty_cache()
-                info["static_fallback"] = f"out of memory in a batch of {len(rows)} rows: {str(e).splitlines()[0]}"
+                info["static_fallback"] = f"out of memory in a batch of {len(rows)} rows: {first_line(e)}"
                 rest = [i for r in batches[b:] for i in r]
                 again = greedy_decode(model, [prompts[i] for i in rest], [max_new_tokens[i] for i in rest],
                                       eos_token_id, _renumbered(stop, rest), device, max_rows, caller_max_tokens,
@@ -242,7 +243,6 @@ def _decode_batch_uncached(model, prompts, limits, rows, eos_token_id, stop, dev
 def _static_decoder(model: nn.Module, prompts: Sequence[Sequence[int]], device: torch.device):
     """(StaticCacheDecoder, None) if the model can decode through it and its logits match the model's
     own forward on a probe (a prompt's first tokens, left-padded), else (None, why not)."""
-    from evalsuite.errors import EvalsuiteError
     from evalsuite.load.static_cache import StaticCacheDecoder
 
     if not supports_kv_cache(model):
@@ -253,7 +253,7 @@ def _static_decoder(model: nn.Module, prompts: Sequence[Sequence[int]], device: 
     except EvalsuiteError as e:
         return None, str(e)
     except Exception as e:  # a model the mapping or the probe trips over: decoded the ordinary way
-        return None, f"static-cache decoder failed on a probe: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return None, f"static-cache decoder failed on a probe: {type(e).__name__}: {first_line(e)}"
 
 
 def _probed(decoder, model: nn.Module, prompts: Sequence[Sequence[int]], device: torch.device):
@@ -385,7 +385,7 @@ def _captured(decoder, decode_steps, token, slot, start, info):
             decode_steps()
     except Exception as e:  # an op that cannot be captured: run the same steps eagerly
         torch.cuda.synchronize()
-        info["cuda_graph_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        info["cuda_graph_error"] = f"{type(e).__name__}: {first_line(e)}"
         warnings.warn(f"static decoding runs without a CUDA graph: {info['cuda_graph_error']}")
         return decode_steps
     info["cuda_graph"] = True

@@ -42,7 +42,6 @@ MODES = ("sample", "full", "off")
 PLAN_CV = 0.10
 TARGET_REL_HALF_WIDTH = 0.20  # 95% CI of kld_mean within +-20% of the floor: a scale, not a gate
 MIN_WINDOWS = 4
-Z95 = 1.96
 # float32 tensors stored per safetensors dtype name
 _SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
