@@ -13,6 +13,8 @@ Verdicts:
                     window or one item, or the baseline holds no per-item data to pair with;
 - ``WORSE``         a reported (not gated) number moved beyond its tolerance in the bad direction;
 - ``SKIPPED``       the stage was not run, or the data to judge are missing or not comparable;
+- ``INVALID``       the results file contradicts itself (a record outside its own interval, a
+                    record that its details re-derive otherwise): nothing in it is judged, exit 5;
 - ``INCOMPLETE``    the run did not check what it was asked to (interrupted, killed, a stage or task
                     without records, a baseline with nothing comparable): no verdict, exit 2 (1 under
                     ``--strict``); see ``completeness``.
@@ -30,9 +32,11 @@ from typing import Any
 
 PASS, FAIL, IMPROVED, WITHIN_NOISE, SKIPPED = "PASS", "FAIL", "IMPROVED", "WITHIN-NOISE", "SKIPPED"
 INCOMPLETE = "INCOMPLETE"
+INVALID = "INVALID"
 INCONCLUSIVE, WORSE = "INCONCLUSIVE", "WORSE"
-VERDICTS = (FAIL, INCOMPLETE, IMPROVED, INCONCLUSIVE, WORSE, WITHIN_NOISE, SKIPPED, PASS)
+VERDICTS = (INVALID, FAIL, INCOMPLETE, IMPROVED, INCONCLUSIVE, WORSE, WITHIN_NOISE, SKIPPED, PASS)
 EXIT_INCOMPLETE = 2  # as a usage error: the run cannot give a verdict
+EXIT_INVALID = 5  # the results file contradicts itself or its details: nothing in it is judged
 DEFAULT_ALPHA = 0.01  # per-run family-wise false-alarm budget of the gated checks
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
@@ -101,8 +105,11 @@ def finalize(checks: list[Check], strict: bool, alpha: float = DEFAULT_ALPHA) ->
 
 
 def exit_code(verdicts: list[dict[str, Any]]) -> int:
-    """1 when any check fails the run; else 2 when any is INCOMPLETE (no verdict); else 0. A
-    regression wins over incompleteness: it must block a release whatever else is missing."""
+    """5 when the results are INVALID (evidence that contradicts itself: no verdict in it can be
+    trusted); else 1 when any check fails the run; else 2 when any is INCOMPLETE (no verdict); else 0.
+    A regression wins over incompleteness: it must block a release whatever else is missing."""
+    if any(v.get("verdict") == INVALID for v in verdicts):
+        return EXIT_INVALID
     if any(v.get("failing", v.get("verdict") == FAIL) for v in verdicts):
         return 1
     return EXIT_INCOMPLETE if any(v.get("verdict") == INCOMPLETE for v in verdicts) else 0
