@@ -231,7 +231,7 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     import torch
 
     from evalsuite import run_dir
-    from evalsuite.quantize.registry import check_runs_on
+    from evalsuite.quantize.registry import check_runs_on, packing_note
 
     show_progress = sys.stderr.isatty() and not args.no_progress
     if not show_progress:  # libraries' own bars (GGUF conversion, weight loading) clutter CI logs
@@ -256,7 +256,11 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     device = distributed.device_for(device, dist_env)
     layout = _tp_layout(args, device, dist_env)
     dtype_name, dtype = resolve_dtype(args.dtype, device)
-    check_runs_on(configs, device, dtype)  # a torchao config without a kernel here: one line, before the load
+    # a torchao config without a kernel here: one line, before the load (int4: a packing that has one)
+    configs = check_runs_on(configs, device, dtype)
+    if dist_env.is_writer:
+        for note in filter(None, map(packing_note, configs)):
+            print(note, file=sys.stderr)
     out_dir = Path(args.out) if args.out else default_out_dir(
         preloaded.info.name if preloaded else model_path.stem if model_path.is_file() else model_path.name)
     out_dir = distributed.broadcast(out_dir, dist_env.world_size)  # ranks' clocks may straddle a second
@@ -312,6 +316,7 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
     from evalsuite.measure.layers import paired_layers
     from evalsuite.quantize import quantize_
     from evalsuite.quantize.policy import parse_skip
+    from evalsuite.quantize.registry import describe as describe_scheme
     from evalsuite.quantize.validate import check_variant
 
     results_path = out_dir / "results.json"
@@ -437,6 +442,9 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                 if hasattr(cfg, "spec"):  # not one of evalsuite's own schemes: check what it made
                     check_variant(cfg.name, variants[cfg.name], info.vocab_size, load_device, cfg.spec)
                 quantized_layers[cfg.name] = len(paired_layers(loaded.model, variants[cfg.name]))
+                details = describe_scheme(cfg, variants[cfg.name], device, dtype)  # packing, fp8 forward path
+                if details:
+                    results.run.setdefault("quant_details", {})[cfg.name] = details
                 # under --tp each variant keeps its shards at once: one whole copy at a time on the CPU
                 variants[cfg.name] = shard(variants[cfg.name], cfg.name)
             variants["fp"] = shard(loaded.model, "fp")  # last: every variant was copied from its whole weights

@@ -66,11 +66,12 @@ def validate(tp: int, world_size: int, configs: list, stages: list[str], stages_
     if world_size % tp:
         raise EvalsuiteError(f"--tp {tp} does not divide the {world_size} torchrun processes; "
                              f"--nproc-per-node must be a multiple of {tp}")
+    from evalsuite.quantize.fp8_dq import Float8DynamicActivationFloat8WeightConfig
     from evalsuite.quantize.int8_dq import Int8DynamicActivationInt8WeightConfig
     from evalsuite.quantize.torchao_config import TorchaoConfig
 
     for cfg in configs:
-        if isinstance(cfg, Int8DynamicActivationInt8WeightConfig):
+        if isinstance(cfg, (Int8DynamicActivationInt8WeightConfig, Float8DynamicActivationFloat8WeightConfig)):
             # its per-token activation scale would be taken over a row-parallel rank's slice only
             raise EvalsuiteError(f"--tp {tp}: scheme {cfg.name} (dynamic activation quantization) cannot be "
                                  "sharded exactly; run it without --tp")

@@ -1,6 +1,12 @@
 """Stage 2 of the pipeline: quantize. One file per scheme, a registry maps configs to handlers."""
 
 from evalsuite.quantize.base import QuantHandler, QuantizedLinear
+from evalsuite.quantize.fp8_dq import (
+    Float8DynActFloat8WeightLinear,
+    Float8DynActFloat8WeightQuantHandler,
+    Float8DynamicActivationFloat8WeightConfig,
+)
+from evalsuite.quantize.fp8_wo import Float8WeightOnlyConfig, WeightOnlyFloat8Linear, WeightOnlyFloat8QuantHandler
 from evalsuite.quantize.int4_wo import Int4WeightOnlyConfig, WeightOnlyInt4Linear, WeightOnlyInt4QuantHandler
 from evalsuite.quantize.int8_dq import (
     Int8DynActInt8WeightLinear,
@@ -12,6 +18,9 @@ from evalsuite.quantize.policy import LayerPolicy, output_head_name
 from evalsuite.quantize.registry import known_schemes, make_handler, parse_scheme, parse_schemes, quantize_, register
 
 __all__ = [
+    "Float8DynActFloat8WeightLinear", "Float8DynActFloat8WeightQuantHandler",
+    "Float8DynamicActivationFloat8WeightConfig", "Float8WeightOnlyConfig", "WeightOnlyFloat8Linear",
+    "WeightOnlyFloat8QuantHandler",
     "Int4WeightOnlyConfig", "Int8DynActInt8WeightLinear", "Int8DynActInt8WeightQuantHandler",
     "Int8DynamicActivationInt8WeightConfig", "Int8WeightOnlyConfig", "LayerPolicy", "QuantHandler",
     "QuantizedLinear", "WeightOnlyInt4Linear", "WeightOnlyInt4QuantHandler", "WeightOnlyInt8Linear",

@@ -19,6 +19,12 @@ from torch import nn
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.quantize.base import QuantHandler
+from evalsuite.quantize.fp8_dq import (
+    Float8DynActFloat8WeightQuantHandler,
+    Float8DynamicActivationFloat8WeightConfig,
+    forward_paths,
+)
+from evalsuite.quantize.fp8_wo import Float8WeightOnlyConfig, WeightOnlyFloat8QuantHandler
 from evalsuite.quantize.int4_wo import GROUP_SIZES, Int4WeightOnlyConfig, WeightOnlyInt4QuantHandler
 from evalsuite.quantize.int8_dq import Int8DynActInt8WeightQuantHandler, Int8DynamicActivationInt8WeightConfig
 from evalsuite.quantize.int8_wo import Int8WeightOnlyConfig, WeightOnlyInt8QuantHandler
@@ -34,6 +40,7 @@ class Scheme:
     make_config: Callable[[re.Match, bool], object]
     make_handler: Callable[[nn.Module, object, LayerPolicy], QuantHandler]
     description: str
+    names: tuple[str, ...] = ()  # the concrete names the pattern accepts, where it has alternatives
 
 
 _SCHEMES: dict[type, Scheme] = {}
@@ -71,12 +78,28 @@ register(Int8DynamicActivationInt8WeightConfig, Scheme(
     lambda mod, cfg, pol: Int8DynActInt8WeightQuantHandler(mod, pol),
     "dynamic per-token int8 activations x per-channel int8 weights",
 ))
+register(Float8WeightOnlyConfig, Scheme(
+    r"fp8-wo", "fp8-wo",
+    lambda m, head: Float8WeightOnlyConfig(include_head=head),
+    lambda mod, cfg, pol: WeightOnlyFloat8QuantHandler(mod, pol),
+    "weight-only float8 e4m3, symmetric per output channel",
+))
+register(Float8DynamicActivationFloat8WeightConfig, Scheme(
+    r"fp8-dq(?:-(tensor))?", "fp8-dq",
+    lambda m, head: Float8DynamicActivationFloat8WeightConfig(granularity=m.group(1) or "row", include_head=head),
+    lambda mod, cfg, pol: Float8DynActFloat8WeightQuantHandler(mod, cfg.granularity, pol),
+    "dynamic per-token float8 e4m3 activations x per-channel e4m3 weights (fp8-dq-tensor: per tensor); "
+    "torch._scaled_mm on CUDA >= sm89, else emulated",
+    names=("fp8-dq", "fp8-dq-tensor"),
+))
 
 
 def known_schemes() -> list[str]:
     names = []
     for s in _SCHEMES.values():
-        if "(\\d+)" in s.pattern:
+        if s.names:
+            names += s.names
+        elif "(\\d+)" in s.pattern:
             names += [s.pattern.replace("(\\d+)", str(g)) for g in GROUP_SIZES]
         else:
             names.append(s.pattern)
@@ -129,11 +152,28 @@ def parse_schemes(spec: str, skip: tuple[str, ...] = ()) -> list[object]:
     return configs
 
 
-def check_runs_on(configs: list[object], device: torch.device, dtype: torch.dtype) -> None:
-    """Before the model loads: each torchao config quantizes and runs a small layer on ``device``."""
-    for c in configs:
-        if isinstance(c, torchao_config.TorchaoConfig):
-            torchao_config.check_runs_on(c, device, dtype)
+def check_runs_on(configs: list[object], device: torch.device, dtype: torch.dtype) -> list[object]:
+    """Before the model loads: each torchao config quantizes and runs a small layer on ``device``.
+    Returns the configs to use: a torchao int4 config left at torchao's default packing comes back
+    with the packing that runs here (``torchao_config.note`` says which)."""
+    return [torchao_config.check_runs_on(c, device, dtype) if isinstance(c, torchao_config.TorchaoConfig) else c
+            for c in configs]
+
+
+def packing_note(config: object) -> str | None:
+    """The one line saying which packing ``check_runs_on`` chose for ``config``, or None."""
+    return torchao_config.note(config) if isinstance(config, torchao_config.TorchaoConfig) else None
+
+
+def describe(config: object, model: nn.Module, device: torch.device, dtype: torch.dtype) -> dict:
+    """What the results should record about how ``config``'s variant ``model`` runs on ``device``:
+    the packing a torchao config was given, which forward fp8 layers take. Empty when nothing."""
+    details = dict(getattr(config, "details", None) or {})
+    if isinstance(config, Float8DynamicActivationFloat8WeightConfig):
+        details["forward"] = forward_paths(model, device, dtype)
+    elif isinstance(config, Float8WeightOnlyConfig):
+        details["forward"] = "F.linear on the e4m3 weights cast to the compute dtype (no fp8 x bf16 kernel)"
+    return details
 
 
 def make_handler(model: nn.Module, config: object, skip: tuple[str, ...] = ()) -> QuantHandler:

@@ -6,12 +6,21 @@ tiny linear layer is quantized and run on the run's device and dtype before the 
 config without a kernel there (torchao's int4 needs ``mslk``/CUDA) is one line, not a crash.
 evalsuite's layer policy is torchao's ``filter_fn``: the head stays float unless ``+head``, and
 ``--skip-layers`` applies.
+
+``Int4WeightOnlyConfig`` without an ``int4_packing_format``: torchao 0.18's default packing
+(``plain``) has its kernel in ``mslk``, which no package index carries, so where the default's probe
+fails the packing that has a kernel on the run's device is tried instead: ``tile_packed_to_4d``
+(tinygemm; CUDA, bfloat16) on a GPU, and on a CPU the same tinygemm layout for the CPU kernel, torchao's
+``Int4OpaqueTensor`` (``torchao.prototype.quantization.int4.PrototypeInt4WeightOnlyConfig``, packing
+``opaque``). The choice is printed once and recorded with the variant. A packing format the user
+gives is never overridden.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -26,10 +35,16 @@ INSTALL_HINT = 'pip install "evalsuite[torchao]"'
 @dataclass(frozen=True)
 class TorchaoConfig(ReferencedScheme):
     config: Any  # the torchao config object
+    # what check_runs_on chose where the spec left it open, e.g. (("int4_packing_format", "tile_packed_to_4d"), ...)
+    chosen: tuple[tuple[str, Any], ...] = ()
 
     @property
     def include_head(self) -> bool:
         return self.ref.include_head
+
+    @property
+    def details(self) -> dict[str, Any]:
+        return dict(self.chosen)
 
 
 def _torchao_quantization():
@@ -63,17 +78,76 @@ def _quantize(model: nn.Module, cfg: TorchaoConfig, filter_fn) -> None:
     quantize_(model, cfg.config, filter_fn=filter_fn)
 
 
-def check_runs_on(cfg: TorchaoConfig, device: torch.device, dtype: torch.dtype) -> None:
-    """Quantize and run one 256x256 linear layer where the model will run: no kernel → one line."""
+def _probe(cfg: TorchaoConfig, device: torch.device, dtype: torch.dtype) -> Exception | None:
+    """Quantize and run one 256x256 linear layer where the model will run; the failure, if any."""
     probe = nn.Sequential(nn.Linear(256, 256, bias=False)).to(device=device, dtype=dtype)
     try:
         with torch.no_grad():
             _quantize(probe, cfg, None)
             probe(torch.randn(4, 256, device=device, dtype=dtype))
-    except Exception as e:
-        raise EvalsuiteError(f"--quant {cfg.spec}: torchao's {cfg.ref.attr} cannot run on {device.type} in "
-                             f"{str(dtype).removeprefix('torch.')} with this torchao ({type(e).__name__}: "
-                             f"{first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - any failure means no kernel here; its message is shown
+        return e
+    return None
+
+
+def _int4_cpu_config(config) -> Any:
+    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+    return PrototypeInt4WeightOnlyConfig(group_size=config.group_size,
+                                         int4_choose_qparams_algorithm=config.int4_choose_qparams_algorithm,
+                                         set_inductor_config=config.set_inductor_config)
+
+
+# device type → (packing format, fn(torchao config) -> the config that packs so), tried in order
+INT4_FALLBACKS: dict[str, list[tuple[str, Callable[[Any], Any]]]] = {
+    "cuda": [("tile_packed_to_4d", lambda c: dataclasses.replace(c, int4_packing_format="tile_packed_to_4d"))],
+    "cpu": [("opaque", _int4_cpu_config)],
+}
+
+
+def _fallbacks(cfg: TorchaoConfig, device: torch.device) -> list[tuple[str, Callable[[Any], Any]]]:
+    """Other packings worth trying for ``cfg`` on ``device``: only for an Int4WeightOnlyConfig whose
+    spec names no packing format."""
+    if cfg.ref.attr != "Int4WeightOnlyConfig" or "int4_packing_format" in dict(cfg.ref.kwargs):
+        return []
+    return INT4_FALLBACKS.get(device.type, [])
+
+
+def check_runs_on(cfg: TorchaoConfig, device: torch.device, dtype: torch.dtype) -> TorchaoConfig:
+    """``cfg`` if it runs on ``device`` in ``dtype``; else, for an int4 config left at torchao's
+    default packing, the first packing that does (its choice in ``chosen`` and ``note``); else one
+    line saying why not."""
+    where = f"{device.type} in {str(dtype).removeprefix('torch.')}"
+    error = _probe(cfg, device, dtype)
+    if error is None:
+        return cfg
+    tried = []
+    for fmt, make in _fallbacks(cfg, device):
+        try:
+            candidate = dataclasses.replace(cfg, config=make(cfg.config))
+        except Exception as e:  # noqa: BLE001 - this torchao lacks the fallback: say so, try the next
+            tried.append(f"{fmt}: {type(e).__name__}: {first_line(e)}")
+            continue
+        fallback_error = _probe(candidate, device, dtype)
+        if fallback_error is None:
+            default = getattr(cfg.config, "int4_packing_format", "default")
+            reason = f"{type(error).__name__}: {first_line(error)}"
+            return dataclasses.replace(candidate, chosen=(
+                ("int4_packing_format", fmt), ("torchao_config", type(candidate.config).__qualname__),
+                ("why", f"the default packing {getattr(default, 'value', default)!r} cannot run on {where} "
+                        f"({reason})")))
+        tried.append(f"{fmt}: {type(fallback_error).__name__}: {first_line(fallback_error)}")
+    also = f"; tried int4_packing_format {'; '.join(tried)}" if tried else ""
+    raise EvalsuiteError(f"--quant {cfg.spec}: torchao's {cfg.ref.attr} cannot run on {where} with this torchao "
+                         f"({type(error).__name__}: {first_line(error)}){also}")
+
+
+def note(cfg: TorchaoConfig) -> str | None:
+    """The one line that says what ``check_runs_on`` chose, or None when it chose nothing."""
+    d = cfg.details
+    if not d:
+        return None
+    return f"--quant {cfg.spec}: int4_packing_format={d['int4_packing_format']} ({d['why']})"
 
 
 def apply(model: nn.Module, cfg: TorchaoConfig, policy: LayerPolicy) -> nn.Module:
