@@ -352,3 +352,60 @@ def test_fp8_scheme_names_and_what_the_results_record():
     assert describe(parse_scheme("fp8-dq"), model, cpu, torch.float32) == {"forward": {fp8_dq.EMULATED: 2}}
     assert "F.linear" in describe(parse_scheme("fp8-wo"), model, cpu, torch.float32)["forward"]
     assert describe(parse_scheme("int8-wo"), model, cpu, torch.float32) == {}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(smollm2, tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a Hugging Face folder."""
+    from safetensors.torch import save_model
+
+    from tests.conftest import make_tiny_llama
+
+    folder = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_llama(vocab_size=len(smollm2.tokenizer), layers=2)
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"))
+    smollm2.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_fp8_schemes_run_end_to_end_through_ppl_and_layers(tiny_dir, data_dir, tmp_path):
+    from evalsuite.cli import main
+    from evalsuite.quantize import fp8_dq
+    from evalsuite.results import Results
+
+    out = tmp_path / "run"
+    code = main(["run", "--model", str(tiny_dir), "--device", "cpu", "--data-dir", str(data_dir), "--out", str(out),
+                 "--no-progress", "--no-history", "--limit", "2", "--ppl-context", "128", "--layer-tokens", "128",
+                 "--layer-seq-len", "64", "--quant", "fp8-wo,fp8-dq", "--stages", "ppl,layers"])
+    assert code in (0, 1)
+    results = Results.load(out / "results.json")
+    assert results.run["stages_finished"] == ["ppl", "layers"]
+    assert results.run["quantized_layers"] == {"fp8-wo": 14, "fp8-dq": 14}
+    assert results.run["quant_details"]["fp8-dq"] == {"forward": {fp8_dq.EMULATED: 14}}
+    for variant in ("fp8-wo", "fp8-dq"):
+        [kld] = results.find("ppl", "wikitext2", variant, "kld_mean")
+        assert 0 < kld.value < 0.01
+        weight = [r.value for r in results.find("layers", None, variant, "weight_sqnr_db")
+                  if r.task.startswith("model.layers.")]
+        assert len(weight) == 14 and all(28 < v < 34 for v in weight), weight
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scheme", ["fp8-dq", "fp8-dq-tensor"])
+def test_gpu_fp8_dq_takes_scaled_mm_on_sm89_and_equals_its_emulation(scheme, monkeypatch):
+    from evalsuite.quantize import fp8_dq
+
+    dev = torch.device("cuda")
+    if torch.cuda.get_device_capability(dev) < (8, 9):
+        pytest.skip("no fp8 tensor cores before sm89")
+    layer = gaussian_linear(512, 1024, seed=9).to(dev, torch.bfloat16)
+    model = quantize_(nn.Sequential(copy.deepcopy(layer)), parse_scheme(scheme))
+    x = torch.randn(4, 33, 1024, device=dev, dtype=torch.bfloat16)
+    assert model[0].forward_path(dev, torch.bfloat16) == fp8_dq.SCALED_MM
+    fast = model(x)
+    monkeypatch.setattr(fp8_dq, "has_fp8_mm", lambda device: False)
+    emulated = model(x)
+    torch.testing.assert_close(fast.float(), emulated.float(), rtol=2 ** -7, atol=1e-3)
+    assert sqnr(layer(x), fast) > 20

@@ -259,12 +259,88 @@ def test_torchao_config_without_a_cpu_kernel_is_one_line_before_the_model_loads(
     if importlib.util.find_spec("mslk") is not None:
         pytest.skip("mslk is installed: torchao's int4 may have a kernel here")
     out = tmp_path / "run"
-    code = main(["run", "--model", str(tiny_dir), "--device", "cpu", "--quant", "torchao:Int4WeightOnlyConfig(group_size=128)",
+    # a packing format given is never replaced by one that runs: its failure is the answer
+    code = main(["run", "--model", str(tiny_dir), "--device", "cpu", "--quant",
+                 "torchao:Int4WeightOnlyConfig(group_size=128, int4_packing_format='plain')",
                  "--stages", "none", "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
-    assert "Int4WeightOnlyConfig cannot run on cpu" in err[0]
+    assert "Int4WeightOnlyConfig cannot run on cpu" in err[0] and "mslk" in err[0]
     assert not (out / "results.json").exists()
+
+
+def _fake_probe(runs: set[str]):
+    """A probe that passes only for the packing formats in ``runs`` (as where mslk is missing)."""
+    def probe(cfg, device, dtype):
+        fmt = getattr(cfg.config, "int4_packing_format", "opaque")
+        return None if getattr(fmt, "value", fmt) in runs else ImportError("Requires mslk >= 1.0.0")
+    return probe
+
+
+@needs_torchao
+def test_torchao_int4_without_a_packing_format_takes_the_one_that_runs_on_the_device(monkeypatch):
+    from evalsuite.quantize import torchao_config
+    from evalsuite.quantize.registry import check_runs_on, packing_note
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torchao_config, "_probe", _fake_probe({"tile_packed_to_4d"}))
+    [cfg] = check_runs_on([parse_scheme("torchao:Int4WeightOnlyConfig(group_size=128)")], cuda, torch.bfloat16)
+    assert cfg.config.int4_packing_format == "tile_packed_to_4d" and cfg.config.group_size == 128
+    assert cfg.details["int4_packing_format"] == "tile_packed_to_4d"
+    assert "Requires mslk" in cfg.details["why"]
+    assert packing_note(cfg).startswith("--quant torchao:Int4WeightOnlyConfig(group_size=128): "
+                                        "int4_packing_format=tile_packed_to_4d (the default packing 'plain'")
+    # a default that runs is kept, and nothing is noted
+    monkeypatch.setattr(torchao_config, "_probe", _fake_probe({"plain", "tile_packed_to_4d"}))
+    [kept] = check_runs_on([parse_scheme("torchao:Int4WeightOnlyConfig")], cuda, torch.bfloat16)
+    assert kept.config.int4_packing_format == "plain" and kept.details == {} and packing_note(kept) is None
+    # an explicit packing format is never overridden
+    monkeypatch.setattr(torchao_config, "_probe", _fake_probe({"tile_packed_to_4d"}))
+    with pytest.raises(EvalsuiteError, match="cannot run on cuda in bfloat16") as e:
+        check_runs_on([parse_scheme("torchao:Int4WeightOnlyConfig(int4_packing_format='preshuffled')")], cuda,
+                      torch.bfloat16)
+    assert "tried" not in str(e.value)
+    # nothing runs: one line naming the default's failure and each packing tried
+    monkeypatch.setattr(torchao_config, "_probe", _fake_probe(set()))
+    with pytest.raises(EvalsuiteError, match="Requires mslk.*tried int4_packing_format tile_packed_to_4d"):
+        check_runs_on([parse_scheme("torchao:Int4WeightOnlyConfig")], cuda, torch.bfloat16)
+    # another config is never given a packing
+    with pytest.raises(EvalsuiteError, match="Int8WeightOnlyConfig cannot run") as e:
+        check_runs_on([parse_scheme("torchao:Int8WeightOnlyConfig")], cuda, torch.bfloat16)
+    assert "tried" not in str(e.value)
+
+
+@needs_torchao
+@pytest.mark.gpu
+def test_gpu_torchao_int4_readme_example_runs_as_written():
+    """The README's torchao int4 example on a GPU without mslk: tile_packed_to_4d, in bfloat16."""
+    from evalsuite.quantize.registry import check_runs_on
+
+    [cfg] = check_runs_on([parse_scheme("torchao:Int4WeightOnlyConfig(group_size=128)")], torch.device("cuda"),
+                          torch.bfloat16)
+    if importlib.util.find_spec("mslk") is None:
+        assert cfg.details["int4_packing_format"] == "tile_packed_to_4d"
+
+
+@needs_torchao
+@pytest.mark.slow
+def test_torchao_int4_runs_on_cpu_through_the_opaque_packing_and_says_so(tiny_dir, data_dir, tmp_path, capsys):
+    """torchao 0.18 has no CPU kernel for Int4WeightOnlyConfig's packings; its CPU tinygemm layout
+    (Int4OpaqueTensor) does: the README's int4 example runs here as written, noted and recorded."""
+    if importlib.util.find_spec("mslk") is not None:
+        pytest.skip("mslk is installed: the default packing may run here")
+    out = tmp_path / "run"
+    code = run(tiny_dir, out, data_dir, "--quant", "ao=torchao:Int4WeightOnlyConfig(group_size=32)", "--stages", "ppl")
+    assert code in (0, 1)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "int4_packing_format=" in line]
+    assert len(notes) == 1 and "int4_packing_format=opaque" in notes[0]
+    results = Results.load(out / "results.json")
+    details = results.run["quant_details"]["ao"]
+    assert details["int4_packing_format"] == "opaque"
+    assert details["torchao_config"].endswith("PrototypeInt4WeightOnlyConfig")
+    assert results.run["quantized_layers"]["ao"] == 14
+    # int4 at group 32 on a random model: close to fp, but not fp
+    assert 0 < value(results, "ppl", "ao", "kld_mean", "wikitext2") < 0.05
 
 
 @needs_torchao
