@@ -131,9 +131,10 @@ def check_runs_on(cfg: TorchaoConfig, device: torch.device, dtype: torch.dtype) 
         fallback_error = _probe(candidate, device, dtype)
         if fallback_error is None:
             default = getattr(cfg.config, "int4_packing_format", "default")
+            made = type(candidate.config)
             reason = f"{type(error).__name__}: {first_line(error)}"
             return dataclasses.replace(candidate, chosen=(
-                ("int4_packing_format", fmt), ("torchao_config", f"{type(candidate.config).__module__}.{type(candidate.config).__qualname__}"),
+                ("int4_packing_format", fmt), ("torchao_config", f"{made.__module__}.{made.__qualname__}"),
                 ("why", f"the default packing {getattr(default, 'value', default)!r} cannot run on {where} "
                         f"({reason})")))
         tried.append(f"{fmt}: {type(fallback_error).__name__}: {first_line(fallback_error)}")
