@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import json
 import os
 import platform
 import re
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from evalsuite import __version__, distributed
-from evalsuite.errors import EvalsuiteError, raise_interrupted, signal_name, user_error
+from evalsuite.errors import EvalsuiteError, first_line, raise_interrupted, signal_name, user_error
 from evalsuite.measure import STAGE_MODULES, get_stage, parse_stages
 from evalsuite.results import Results
 
@@ -41,7 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--variant-model", action="append", metavar="NAME=PATH",
                    help="a model quantized elsewhere (HF folder, .gguf, gpt-fast .pth) judged as variant NAME against "
                         "--model; repeatable")
-    g.add_argument("--skip-layers", default="", help="fnmatch patterns of linear layers to keep in float, comma separated")
+    g.add_argument("--skip-layers", default="", help="fnmatch patterns of linear layers to keep in float, comma "
+                                                       "separated; each must match a layer")
+    g.add_argument("--handler-timeout", type=float, metavar="SECONDS",
+                   help="stop a --quant FILE.py:Name or module:Name handler (its import and its run, both in this "
+                        "process) after SECONDS: one line, exit 2")
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available")
     g.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
     g = p.add_argument_group("run")
@@ -150,21 +155,62 @@ def validate_user_files(args: argparse.Namespace, stages: list[str]) -> None:
         raise EvalsuiteError("--resume and --force contradict each other; give one")
 
 
-RESUME_KEYS = ("schemes", "dtype", "kernels", "seed", "limit")
+# what the run records resolved (the device type too, and the model's sha256 once it is loaded)
+RESUME_KEYS = ("schemes", "quant_specs", "dtype", "kernels", "seed", "limit", "suite", "data_dir", "tp")
+# options that change no kept measurement: where the output goes, how fast or how loudly it runs, what
+# happens after the judge, or compared resolved through RESUME_KEYS and the model's sha256
+NOT_MEASURING = frozenset({"command", "stages", "out", "resume", "force", "threads", "no_progress", "fp_cache",
+                           "handler_timeout", "model", "device", "dtype", "data_dir", "seed", "limit", "kernels",
+                           "tp", "suite", "baseline", "baselines", "history", "no_history", "verbose", "confirm",
+                           "suggest_fix", "ppl_batch", "ppl_compile", "task_batch_size", "task_batch_tokens",
+                           "layer_batch_tokens"})
+
+
+def stage_options(stage_name: str) -> set[str]:
+    """The option names (argparse dests) that stage ``stage_name`` adds."""
+    stage = get_stage(stage_name)
+    if stage.add_arguments is None:
+        return set()
+    p = argparse.ArgumentParser(add_help=False)
+    stage.add_arguments(p)
+    return set(vars(p.parse_known_args([])[0]))
+
+
+def quant_spec(args: argparse.Namespace) -> str:
+    """``--quant`` as given, or its default: int8-wo, or none beside --variant-model."""
+    return args.quant if args.quant is not None else ("none" if args.variant_model else "int8-wo")
+
+
+def measurement_options(args: argparse.Namespace) -> dict:
+    """Every option that can change a measurement, as JSON values; a resumed run must match them."""
+    options = {k: json.loads(json.dumps(v, default=str)) for k, v in sorted(vars(args).items())
+               if k not in NOT_MEASURING and not k.startswith("fix_")}
+    return {**options, "quant": quant_spec(args)}
 
 
 def resumable(previous: Results, run: dict, path: Path) -> list[str]:
-    """The stages of ``previous`` a resumed run keeps; refuses one measured otherwise than this run."""
+    """The stages of ``previous`` a resumed run keeps; refuses one measured otherwise than this run:
+    the resolved run settings, then every measuring option except those of stages it does not keep."""
     from evalsuite.judge.completeness import stages_finished
 
-    differs = [k for k in RESUME_KEYS if previous.run.get(k) != run.get(k)]
+    kept = stages_finished(previous)
+    differs = {k: (previous.run.get(k), run.get(k)) for k in RESUME_KEYS if previous.run.get(k) != run.get(k)}
     if (previous.run.get("device") or {}).get("type") != run["device"]["type"]:
-        differs.append("device")
+        differs["device"] = ((previous.run.get("device") or {}).get("type"), run["device"]["type"])
+    before = previous.run.get("options")
+    if before is None:
+        raise EvalsuiteError(f"--resume {path}: the previous run does not record its options (an older evalsuite), "
+                             "so resuming cannot check that it was measured as this run would be; use --force")
+    others = set().union(*(stage_options(s) for s in STAGE_MODULES if s not in kept))
+    now_opts = run.get("options") or {}
+    for k in sorted((set(before) | set(now_opts)) - others):
+        if before.get(k) != now_opts.get(k):
+            differs["--" + k.replace("_", "-")] = (before.get(k), now_opts.get(k))
     if differs:
         raise EvalsuiteError(f"--resume {path}: the previous run differs in {', '.join(differs)} "
-                             f"({', '.join(f'{k}={previous.run.get(k)!r}' for k in differs if k != 'device')}); "
+                             f"({'; '.join(f'{k} was {a!r}, now {b!r}' for k, (a, b) in differs.items())}); "
                              "resume with the same options or use --force")
-    return stages_finished(previous)
+    return kept
 
 
 def use_smoke_suite(args: argparse.Namespace) -> bool:
@@ -197,9 +243,16 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     if not stages and args.stages.strip().lower() != "none":
         raise EvalsuiteError(f"--stages {args.stages!r}: nothing to run; give stage names, 'all', or 'none' "
                              "(load and quantize only, nothing judged)")
-    quant = args.quant if args.quant is not None else ("none" if args.variant_model else "int8-wo")
-    configs = parse_schemes(quant, parse_skip(args.skip_layers))  # imports (runs) a user's handler file
-    variant_specs = parse_variant_models(args.variant_model, {c.name for c in configs})
+    quant = quant_spec(args)
+    timeout = getattr(args, "handler_timeout", None)
+    if timeout is not None and not timeout > 0:
+        raise EvalsuiteError(f"--handler-timeout {timeout:g}: must be a positive number of seconds")
+    configs = parse_schemes(quant, parse_skip(args.skip_layers), timeout)  # imports (runs) a user's handler file
+    if timeout is not None and not any(hasattr(c, "timeout_s") for c in configs):
+        raise EvalsuiteError("--handler-timeout bounds a --quant FILE.py:Name or package.module:Name handler, and "
+                             f"--quant {quant} names none")
+    model_path = Path(preloaded.info.path) if preloaded else Path(args.model) if args.model else default_model_path()
+    variant_specs = parse_variant_models(args.variant_model, {c.name for c in configs}, reference=model_path)
     if getattr(args, "tp", 1) != 1:
         from evalsuite import tp
 
@@ -210,7 +263,6 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
         # the fused Triton MLP would bypass the sharded projections; the fp cache is keyed per process
         args.kernels, args.fp_cache = "eager", "off"
     smoke = use_smoke_suite(args)
-    model_path = Path(preloaded.info.path) if preloaded else Path(args.model) if args.model else default_model_path()
     if preloaded is None:
         detect_format(model_path)
     data_dir = Path(args.data_dir) if args.data_dir else None
@@ -283,6 +335,14 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
             lock.release()
 
 
+def refuse_unchanged(variant: str, changed_layers: int, spec: str) -> None:
+    """A variant whose every layer is bit-identical to fp's quantized nothing: measuring it would pass
+    every check and report the quantizer as perfect."""
+    if changed_layers == 0:
+        raise EvalsuiteError(f"variant {variant} ({spec}): no layer differs from fp (0 layers changed, weights "
+                             "bit-identical): it quantized nothing, so there is nothing to measure")
+
+
 def _tp_layout(args, device, dist_env):
     """The (dp, tp) mesh under --tp N; without it every rank is a data-parallel replica."""
     if getattr(args, "tp", 1) == 1:
@@ -315,7 +375,7 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
     from evalsuite.measure.context import RunContext
     from evalsuite.measure.layers import paired_layers
     from evalsuite.quantize import quantize_
-    from evalsuite.quantize.policy import parse_skip
+    from evalsuite.quantize.policy import LayerPolicy, parse_skip
     from evalsuite.quantize.registry import describe as describe_scheme
     from evalsuite.quantize.validate import check_variant
 
@@ -343,6 +403,7 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         "stage_seconds": {},
         "world_size": dist_env.world_size,
         "tp": layout.tp if layout is not None else 1,
+        "options": measurement_options(args),
     })
     previous = Results.load(previous_path) if previous_path is not None else None
     to_run = list(stages)
@@ -362,9 +423,24 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         print(f"resuming {previous_path}: keeping {', '.join(kept) or 'no stage'}; running {', '.join(to_run) or 'nothing'}",
               file=sys.stderr)
 
+    rescued: list[Path] = []  # where the results went once --out could not take them
+
     def checkpoint() -> None:
-        if dist_env.is_writer:
+        nonlocal results_path
+        if not dist_env.is_writer:
+            return
+        try:
             results.save(results_path)
+        except OSError as e:
+            if rescued:
+                raise
+            # the folder vanished, became a file, or refuses writes: save elsewhere, then stop
+            from evalsuite.run_dir import rescue_dir
+
+            results_path = rescue_dir(out_dir) / "results.json"
+            rescued.append(results_path)
+            raise EvalsuiteError(f"--out {out_dir}: cannot write {e.filename or out_dir} any more "
+                                 f"({e.strerror or first_line(e)})") from None
 
     def timed(name: str, measure: bool = False):
         class _T:
@@ -395,11 +471,15 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
     def save_stopped(extra: dict) -> str:
         """Save what a stopped run has; says where it is, in words for the one error line."""
         results.run.update(extra)
-        try:
-            checkpoint()
-        except OSError as e:  # a full disk: the last good checkpoint stays, whole
-            return f"could not save the results ({e.strerror}); {results_path} holds the last checkpoint"
-        return f"results so far saved to {results_path}"
+        for _ in range(2):  # a second try goes to the rescue folder where --out failed
+            try:
+                checkpoint()
+            except EvalsuiteError:
+                continue
+            except OSError as e:  # even the rescue folder is full: the last good checkpoint stays, whole
+                return f"could not save the results ({e.strerror}); {results_path} holds the last checkpoint"
+            return f"results so far saved to {results_path}"
+        return f"could not save the results; {results_path} holds the last checkpoint"
 
     if smoke and dist_env.is_writer:
         from evalsuite.data import SMOKE_PPL_CONTEXT, smoke_notice
@@ -417,6 +497,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
             if previous is not None and (previous.run.get("model") or {}).get("sha256") != info.sha256:
                 raise EvalsuiteError(f"--resume {previous_path}: the previous run measured another model "
                                      f"({(previous.run.get('model') or {}).get('name')}); use --force to replace it")
+            if skip:  # a pattern that matches nothing is a typo, whatever --quant is
+                LayerPolicy(skip=skip).select(loaded.model)
             if getattr(args, "baseline", None):  # another model's or dtype's baseline: say so before the stages
                 from evalsuite.judge.baseline import check_identity, load_baselines
 
@@ -425,14 +507,24 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
             variants = {"fp": loaded.model}
             for spec in variant_specs:
                 var = load_variant_model(spec, loaded, load_device, dtype, arch=args.arch)
+                if var.info.sha256 == info.sha256:
+                    raise EvalsuiteError(f"--variant-model {spec.spec}: the same weights as --model {model_path} "
+                                         f"(sha256 {info.sha256[:12]}); a model compared with itself proves nothing")
                 check_variant(spec.name, var.model, info.vocab_size, load_device, f"--variant-model {spec.path}")
                 variants[spec.name] = var.model
                 results.run.setdefault("variant_models", {})[spec.name] = {
                     "path": var.info.path, "format": var.info.format, "sha256": var.info.sha256, "arch": var.info.arch}
+                before = ((previous.run.get("variant_models") or {}).get(spec.name) or {}) if previous else {}
+                if before.get("sha256") not in (None, var.info.sha256):
+                    raise EvalsuiteError(f"--resume {previous_path}: --variant-model {spec.name} holds other weights "
+                                         f"than the previous run's (sha256 {before['sha256'][:12]}, now "
+                                         f"{var.info.sha256[:12]}); use --force to replace it")
         with timed("quantize"):
             # modules paired by name with the fp model whose type or weight changed (see measure.layers)
             quantized_layers = results.run["quantized_layers"] = {
                 name: len(paired_layers(loaded.model, mod)) for name, mod in variants.items() if name != "fp"}
+            for name, n in quantized_layers.items():
+                refuse_unchanged(name, n, f"--variant-model {name}")
             shard = _sharder(layout, device) if sharded else (lambda model, name: model)
             variants.update({name: shard(mod, name) for name, mod in variants.items() if name != "fp"})
             for cfg in configs:
@@ -442,6 +534,7 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                 if hasattr(cfg, "spec"):  # not one of evalsuite's own schemes: check what it made
                     check_variant(cfg.name, variants[cfg.name], info.vocab_size, load_device, cfg.spec)
                 quantized_layers[cfg.name] = len(paired_layers(loaded.model, variants[cfg.name]))
+                refuse_unchanged(cfg.name, quantized_layers[cfg.name], getattr(cfg, "spec", cfg.name))
                 details = describe_scheme(cfg, variants[cfg.name], device, dtype)  # packing, fp8 forward path
                 if details:
                     results.run.setdefault("quant_details", {})[cfg.name] = details
@@ -487,14 +580,24 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         from evalsuite.measure.compile_cache import cache_counters
 
         results.run["compile_cache"] = cache_counters()
-    checkpoint()
+    try:
+        checkpoint()
+    except EvalsuiteError as e:  # --out went away after the last stage: the rescue folder takes them
+        raise EvalsuiteError(f"{e} ({save_stopped({})})") from None
     remeasure = None
     if getattr(args, "confirm", False) and dist_env.world_size == 1:
         from evalsuite.confirm import remeasure as remeasure_stages
 
         def remeasure(stages, variants):
             return remeasure_stages(ctx, results, stages, variants, out_dir)
-    code = finish(results, out_dir, args, remeasure) if dist_env.is_writer else 0
+    try:
+        code = finish(results, out_dir, args, remeasure) if dist_env.is_writer else 0
+    except OSError as e:  # the reports could not be written into --out: the results go elsewhere, whole
+        from evalsuite.run_dir import rescue_dir
+
+        rescue = results.save(rescue_dir(out_dir) / "results.json")
+        raise EvalsuiteError(f"--out {out_dir}: cannot write {e.filename or out_dir} "
+                             f"({e.strerror or first_line(e)}); the results are saved to {rescue}") from None
     if not stages:  # asked for load and quantize only: they worked; the verdict says INCOMPLETE
         print("--stages none: loaded and quantized only; nothing was measured, so 'evalsuite gate' on these "
               "results exits 2 (INCOMPLETE)")

@@ -4,6 +4,9 @@
   whole run: a second ``evalsuite run`` on the same folder is refused with the owner's PID. The
   kernel drops the lock when its process dies, so a lock left by a killed run is stale by
   construction and is taken over (the PID in it is only for the message).
+- An ``--out`` that cannot be created or written is one line, exit 2; one that goes away or refuses
+  writes mid-run stops the run, and the results so far are saved under the system temp dir
+  (``rescue_dir``), the error line saying where.
 - A folder that holds a previous run's measurements (``results.json`` with records) is refused unless ``--resume`` (finish the
   stages it did not finish, keeping its records) or ``--force`` (replace it: its results and reports
   are removed first, so no old figure stays beside a new report).
@@ -18,9 +21,11 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
+import time
 from pathlib import Path
 
-from evalsuite.errors import EvalsuiteError, user_error
+from evalsuite.errors import EvalsuiteError
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +79,17 @@ class OutDirLock:
             return
         try:
             self.path.unlink(missing_ok=True)
+        except OSError:  # its folder went away or became a file: nothing left to unlink
+            pass
         finally:
             os.close(self.fd)
             self.fd = None
+
+
+def rescue_dir(out_dir: Path) -> Path:
+    """A fresh folder under the system temp dir for a run's results once ``out_dir`` cannot take them."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(tempfile.mkdtemp(prefix=f"evalsuite-rescued-{stamp}-{Path(out_dir).name or 'run'}-"))
 
 
 def _read_owner(fd: int) -> str:
@@ -109,11 +122,8 @@ def claim(out_dir: Path, resume: bool = False, force: bool = False) -> tuple[Out
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = OutDirLock(out_dir).acquire()
-    except OSError as e:
-        mapped = user_error(e, f"--out {out_dir}")
-        if mapped is None:
-            raise
-        raise EvalsuiteError(f"--out {out_dir}: cannot write there ({e.strerror})") from None
+    except OSError as e:  # read-only, full, or a place no folder can be made (/proc/x): nothing ran yet
+        raise EvalsuiteError(f"--out {out_dir}: cannot write there ({e.strerror or e})") from None
     try:
         previous = out_dir / "results.json"
         if not previous.is_file():

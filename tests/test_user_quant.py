@@ -375,7 +375,7 @@ NOT_CALLABLE = "X = 3\n"
     ("{tmp}/h.py:NotAHandler", {"h.py": NOT_A_HANDLER}, [],
      "class NotAHandler lacks create_quantized_state_dict() and convert_for_runtime()"),
     ("{tmp}/h.py:X", {"h.py": NOT_CALLABLE}, [], "X is of type 'int', not a handler class or function"),
-    ("{tmp}/h.py:X", {"h.py": RAISES_AT_IMPORT}, [], "failed (RuntimeError: boom at import)"),
+    ("{tmp}/h.py:X", {"h.py": RAISES_AT_IMPORT}, [], "raised RuntimeError: boom at import"),
     ("no_such_pkg.quant:Handler", {}, [], "no module named 'no_such_pkg.quant'"),
     (f"{HANDLER}(groupsize=64)", {}, [], "does not accept these arguments"),
     (f"{HANDLER}(filter_fn=print)", {}, [], "not a Python literal"),

@@ -178,14 +178,17 @@ def check_identity(baseline: Baseline, results: Results, where: str) -> None:
 
 
 def update_command(results_path: str | Path | None, variant: str, directory: Path | None,
-                   partial: bool = False) -> str:
+                   partial: bool = False, accept: bool = False) -> str:
     """The command that makes this run the variant's baseline, exactly as it must be typed (a
-    partial run needs --allow-partial; ``baseline update`` refuses it otherwise)."""
+    partial run needs --allow-partial, a failing one --accept-regression; ``baseline update``
+    refuses them otherwise)."""
     parts = ["evalsuite", "baseline", "update", str(results_path or "RESULTS.json"), "--variant", variant]
     if directory is not None and Path(directory) != DEFAULT_DIR:
         parts += ["--baselines", str(directory)]
     if partial:
         parts.append("--allow-partial")
+    if accept:
+        parts.append("--accept-regression")
     return shlex.join(parts)
 
 
@@ -230,6 +233,8 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
     gated, see ``evalsuite.judge.speed``)."""
     check_identity(baseline, results, str(baseline.path or "baseline"))
     command = update_command(results_path, baseline.variant, directory, results.partial)
+    # a failing check's command accepts a failing run: it needs --accept-regression
+    accept = update_command(results_path, baseline.variant, directory, results.partial, accept=True)
     stages = results.run.get("stages")
     device = (results.run.get("device") or {}).get("type")
     device_name = (results.run.get("device") or {}).get("name")
@@ -292,6 +297,9 @@ def baseline_checks(results: Results, baseline: Baseline, config: GateConfig,
         if check.verdict in (FAIL, IMPROVED):
             check.command = command
         checks.append(check)
+    for c in checks:
+        if c.command == command and (c.verdict == FAIL or (config.strict and c.verdict == IMPROVED)):
+            c.command = accept
     return checks
 
 

@@ -4,7 +4,7 @@ PATH is anything ``load_model`` reads: a Hugging Face folder (including GPTQ/AWQ
 folders that transformers loads), a ``.gguf`` of another quant type (dequantized to float by
 transformers), a gpt-fast ``.pth`` (int8 when it holds ``.scales``; ``--arch`` as for ``--model``).
 It must speak the reference's vocabulary: a different tokenizer makes every paired statistic
-meaningless, so it is refused.
+meaningless, so it is refused; so is the reference itself (the same path, or the same weights).
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ class VariantModelSpec:
         return f"{self.name}={self.path}"
 
 
-def parse_variant_models(specs: list[str] | None, taken: set[str]) -> list[VariantModelSpec]:
-    """Validate every ``NAME=PATH`` before anything loads; names must not clash with ``taken``."""
+def parse_variant_models(specs: list[str] | None, taken: set[str],
+                         reference: Path | None = None) -> list[VariantModelSpec]:
+    """Validate every ``NAME=PATH`` before anything loads; names must not clash with ``taken``, and
+    PATH must not be ``reference`` (the ``--model`` itself; the same weights elsewhere are refused once
+    loaded, by their sha256)."""
     out: list[VariantModelSpec] = []
     for spec in specs or []:
         name, sep, path = spec.partition("=")
@@ -45,6 +48,9 @@ def parse_variant_models(specs: list[str] | None, taken: set[str]) -> list[Varia
             fmt = detect_format(p)
         except EvalsuiteError as e:
             raise EvalsuiteError(f"--variant-model {name}: {e}") from None
+        if reference is not None and p.resolve() == Path(reference).resolve():
+            raise EvalsuiteError(f"--variant-model {spec}: is --model itself; a model compared with itself proves "
+                                 "nothing")
         out.append(VariantModelSpec(name, p, fmt))
     return out
 

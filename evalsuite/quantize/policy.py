@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from evalsuite.errors import EvalsuiteError
+
 
 def output_head_name(model: nn.Module) -> str | None:
     """The qualified name of the module that produces the logits, or None if not found."""
@@ -37,18 +39,23 @@ class LayerPolicy:
     """Selects the ``nn.Linear`` modules to quantize.
 
     include_head: also quantize the output head.
-    skip: fnmatch patterns of qualified module names to leave in floating point.
+    skip: fnmatch patterns of qualified module names to leave in floating point; a pattern that
+    matches no linear layer of the model is a usage error (a typo must not quantize everything).
     """
 
     include_head: bool = False
     skip: tuple[str, ...] = ()
 
     def select(self, model: nn.Module) -> list[str]:
+        linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+        unmatched = [pat for pat in self.skip if not any(fnmatch.fnmatchcase(n, pat) for n in linears)]
+        if unmatched:
+            raise EvalsuiteError(f"--skip-layers {','.join(unmatched)}: matches no linear layer of the model "
+                                 f"(its {len(linears)} are named like {', '.join(linears[:3]) or 'nothing'}); "
+                                 "fnmatch patterns of qualified names, e.g. 'model.layers.0.*'")
         head = output_head_name(model)
         names = []
-        for name, mod in model.named_modules():
-            if not isinstance(mod, nn.Linear):
-                continue
+        for name in linears:
             if name == head and not self.include_head:
                 continue
             if any(fnmatch.fnmatchcase(name, pat) for pat in self.skip):

@@ -106,17 +106,17 @@ def known_schemes() -> list[str]:
     return names
 
 
-def parse_scheme(spec: str, skip: tuple[str, ...] = ()) -> object:
+def parse_scheme(spec: str, skip: tuple[str, ...] = (), handler_timeout: float | None = None) -> object:
     """One ``--quant`` entry → its config. ``int8-wo`` → Int8WeightOnlyConfig(); ``+head`` also
     quantizes the output head; ``NAME=`` names the variant; ``FILE.py:X`` / ``module:X`` import the
-    user's code (see ``user``), ``torchao:Config`` builds torchao's config."""
+    user's code (see ``user``; ``handler_timeout`` bounds it), ``torchao:Config`` builds torchao's config."""
     label, body = split_name(spec)
     ref = parse_reference(body)
     if ref is not None:
         label = label or ref.default_name()
         if ref.source == "torchao":
             return torchao_config.make_config(ref, label)
-        return user.make_config(ref, label, skip)
+        return user.make_config(ref, label, skip, handler_timeout)
     config = _parse_builtin(body)
     return dataclasses.replace(config, label=label) if label else config
 
@@ -136,14 +136,14 @@ def _parse_builtin(name: str) -> object:
     )
 
 
-def parse_schemes(spec: str, skip: tuple[str, ...] = ()) -> list[object]:
+def parse_schemes(spec: str, skip: tuple[str, ...] = (), handler_timeout: float | None = None) -> list[object]:
     """``--quant``: entries separated by commas outside brackets; ``none`` → no quantized variant."""
     names = split_top_level(spec)
     if names == ["none"]:
         return []
     if not names:
         raise EvalsuiteError("--quant needs at least one scheme name (or 'none')")
-    configs = [parse_scheme(n, skip) for n in names]
+    configs = [parse_scheme(n, skip, handler_timeout) for n in names]
     seen = set()
     for c in configs:
         if c.name in seen:
