@@ -72,7 +72,19 @@ def judge(results: Results, config: GateConfig, baselines: list[Baseline] | None
     checks += completeness_checks(results, checks, baseline_requested=baseline_requested)
     finalize(checks, config.strict, config.alpha)
     state_power(checks, config.alpha)
+    mark_not_requested(results, checks)
     return checks
+
+
+def mark_not_requested(results: Results, checks: list[Check]) -> None:
+    """Tag the SKIPPED checks of stages the run was not asked for (``extra.stage_not_requested``):
+    the terminal counts them in one line; results.json and the reports keep each."""
+    stages = results.run.get("stages")
+    if stages is None:
+        return
+    for c in checks:
+        if c.verdict == SKIPPED and c.stage and c.stage not in stages:
+            c.extra["stage_not_requested"] = True
 
 
 def known_lossy(checks: list[Check], baselines: list[Baseline]) -> None:
@@ -211,7 +223,8 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace, 
     verbose = bool(getattr(args, "verbose", False))
     print(render_table(results, verbose=verbose))
     print()
-    print(render_verdicts(results.verdicts, color=colour_enabled(), verbose=verbose, summary=False))
+    print(render_verdicts(results.verdicts, color=colour_enabled(), verbose=verbose, summary=False,
+                          results_path=str(results_path)))
     hist = history_path(args, out_dir)
     if hist is not None:
         from evalsuite.judge.history import append_run
