@@ -400,8 +400,10 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
 
     if smoke and dist_env.is_writer:
         from evalsuite.data import SMOKE_PPL_CONTEXT, smoke_notice
+        from evalsuite.report.table import fill, terminal_width
 
-        print(smoke_notice(args.limit, getattr(args, "ppl_context", SMOKE_PPL_CONTEXT)), file=sys.stderr)
+        print(fill(smoke_notice(args.limit, getattr(args, "ppl_context", SMOKE_PPL_CONTEXT)), terminal_width()),
+              file=sys.stderr)
     skip = parse_skip(args.skip_layers)
     try:
         with timed("load"):

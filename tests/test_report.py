@@ -350,3 +350,18 @@ def test_no_progress_silences_every_progress_bar_lm_evals_included():
     with progress_bars_off():
         assert drawn() == ""
     assert "\r" in drawn()  # and again after the run
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_the_smoke_runs_verdict_fits_in_60_lines(columns):
+    """The verdicts of a real ``evalsuite run --suite smoke --device cpu`` (stored: the run takes
+    minutes on a CPU): 18 checks, whose table printed ~200 lines at 80 columns before."""
+    import json
+
+    from evalsuite.report.table import render_verdicts
+
+    verdicts = json.loads((Path(__file__).parent / "smoke_verdicts.json").read_text())
+    lines = render_verdicts(verdicts, width=columns).splitlines()
+    assert len(lines) <= 60, "\n".join(lines)
+    assert all(len(ln) <= columns for ln in lines)
+    assert all(v["check"] in "\n".join(lines) for v in verdicts if v.get("gated"))
