@@ -6,6 +6,7 @@ Each stage's output is saved before the next starts, so a failure late in a run 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
 import json
@@ -285,10 +286,9 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     from evalsuite import run_dir
     from evalsuite.quantize.registry import check_runs_on, packing_note
 
+    from evalsuite.measure.context import progress_bars_off
+
     show_progress = sys.stderr.isatty() and not args.no_progress
-    if not show_progress:  # libraries' own bars (GGUF conversion, weight loading) clutter CI logs
-        os.environ["TQDM_DISABLE"] = "1"
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if args.threads:
         torch.set_num_threads(args.threads)
     elif hasattr(os, "sched_getaffinity"):
@@ -325,9 +325,11 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     if threading.current_thread() is threading.main_thread():
         handlers = {sig: signal.signal(sig, raise_interrupted) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device,
-                           dtype_name, dtype, dist_env, out_dir, previous_path, show_progress, preloaded, smoke,
-                           layout)
+        # libraries' own bars (GGUF conversion, weight loading, lm-eval's request building) clutter CI logs
+        with contextlib.nullcontext() if show_progress else progress_bars_off():
+            return _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device,
+                               dtype_name, dtype, dist_env, out_dir, previous_path, show_progress, preloaded, smoke,
+                               layout)
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -483,8 +485,10 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
 
     if smoke and dist_env.is_writer:
         from evalsuite.data import SMOKE_PPL_CONTEXT, smoke_notice
+        from evalsuite.report.table import fill, terminal_width
 
-        print(smoke_notice(args.limit, getattr(args, "ppl_context", SMOKE_PPL_CONTEXT)), file=sys.stderr)
+        print(fill(smoke_notice(args.limit, getattr(args, "ppl_context", SMOKE_PPL_CONTEXT)), terminal_width()),
+              file=sys.stderr)
     skip = parse_skip(args.skip_layers)
     try:
         with timed("load"):

@@ -132,3 +132,92 @@ def test_the_stage_is_registered_opt_in_and_selectable_by_name():
     assert "gen" not in parse_stages("all") and parse_stages("all") == ["ppl", "tasks", "layers", "speed"]
     assert parse_stages("gen") == ["gen"]
     assert parse_stages("speed,gen,ppl") == ["ppl", "gen", "speed"]  # pipeline order
+
+
+# ------------------------------------------------------------------------------ judged against the noise floor
+def synthetic_gen_run(identical: dict[str, list[int]], kld: float = 1e-3, seed: int = 0):
+    """A judged-ready gen run: per variant (fp@noise included) its per-prompt identical flags, a
+    teacher-forced KLD ``kld`` with a tight interval and a perfect decode agreement."""
+    import numpy as np
+
+    from evalsuite.results import Results
+    from evalsuite.stats import wilson_interval
+
+    rng = np.random.default_rng(seed)
+    res = Results(run={"stages": ["gen"], "schemes": [v for v in identical if v != G.NOISE], "dtype": "bf16",
+                       "finished": "now"})
+    res.details["gen"] = {"noise_floor": "measured: fp in the run's dtype vs fp in float32", "paired": {}}
+    for variant, flags in identical.items():
+        n = len(flags)
+        div = [64.0 if f else float(rng.integers(0, 64)) for f in flags]
+        res.details["gen"]["paired"][variant] = {"identical": list(flags), "divergence": div}
+        res.add(stage="gen", task="generation", variant=variant, metric="identical_fraction", value=sum(flags) / n,
+                unit="fraction", n=n, ci95=wilson_interval(sum(flags), n), higher_is_better=True)
+        res.add(stage="gen", task="generation", variant=variant, metric="tf_kld_generated", value=kld, unit="nats",
+                n=n * 64, ci95=[kld * 0.8, kld * 1.2], higher_is_better=False)
+        res.add(stage="gen", task="generation", variant=variant, metric="decode_agreement", value=0.999,
+                unit="fraction", n=n * 64, ci95=[0.995, 1.0], higher_is_better=True)
+    return res
+
+
+def _noise_level(n: int, rate: float, rng) -> list[int]:
+    return [int(x) for x in rng.random(n) < rate]
+
+
+def test_a_variant_that_ruins_generation_fails_while_its_kld_passes():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    noise = _noise_level(64, 0.66, rng)
+    ruined = [1 if i < 3 else 0 for i in range(64)]  # 3 of 64 generations equal fp's; KLD stays tiny
+    res = synthetic_gen_run({G.NOISE: noise, "int8-wo": ruined})
+    judged = finalize(within_run_checks(res, GateConfig(copy.deepcopy(DEFAULTS))), strict=False)
+    by_name = {c.check: c for c in judged}
+    check = by_name["gen/int8-wo/identical_vs_noise"]
+    assert check.verdict == FAIL and check.failing and check.gated and check.p_value < 1e-6, check.reason
+    assert "Holm over" in check.extra["family"]  # in the run's one family of primary checks
+    assert check.limit == pytest.approx(0.5 * sum(noise) / 64)  # int8's 0.5 × the measured floor
+    assert by_name["gen/int8-wo/tf_kld_generated"].verdict == PASS
+    assert by_name["gen/int8-wo/decode_agreement"].verdict == PASS
+    assert "fp@noise" in check.reason and "median tokens to the first divergence" in check.reason
+
+
+def test_no_false_alarm_for_fp_itself_or_a_variant_at_the_noise_level():
+    import numpy as np
+
+    pattern, limits = _limits("int8-wo")
+    rng = np.random.default_rng(2)
+    # fp against itself: every generation identical; with a floor of all-identical too (every d_i
+    # alike: the unpaired Wilson fallback, not a zero-width interval)
+    for noise in (_noise_level(64, 0.66, rng), [1] * 64):
+        res = synthetic_gen_run({G.NOISE: noise, "int8-wo": [1] * 64})
+        (check,) = [c for c in generation_checks(res, "int8-wo", limits, pattern) if c.check.endswith("vs_noise")]
+        assert check.verdict == PASS, check.reason
+    # a variant whose generations diverge at the rate rounding alone gives: no FAIL over 300 runs
+    verdicts = []
+    for seed in range(300):
+        rng = np.random.default_rng(100 + seed)
+        res = synthetic_gen_run({G.NOISE: _noise_level(64, 0.66, rng), "int8-wo": _noise_level(64, 0.66, rng)})
+        (check,) = [c for c in generation_checks(res, "int8-wo", limits, pattern) if c.check.endswith("vs_noise")]
+        verdicts.append(check.verdict)
+    assert FAIL not in verdicts and verdicts.count(PASS) > 250
+
+
+def test_without_a_measured_floor_the_identical_fraction_is_not_judged():
+    pattern, limits = _limits("int8-wo")
+    res = synthetic_gen_run({"int8-wo": [0] * 64})
+    res.details["gen"]["noise_floor"] = "trivial: the run's dtype is float32, the reference precision itself"
+    (check,) = [c for c in generation_checks(res, "int8-wo", limits, pattern) if c.check.endswith("vs_noise")]
+    assert check.verdict == "SKIPPED" and "gen_identical_min" in check.reason and not check.gated
+
+
+def test_gen_limits_are_known_keys_of_a_gates_file(tmp_path):
+    from evalsuite.errors import EvalsuiteError
+    from evalsuite.judge.config import load_gate_config
+
+    f = tmp_path / "g.yaml"
+    f.write_text('schemes:\n  "int4-*": {gen_identical_vs_noise_min: 0.1, gen_kld_max: 0.2, gen_identical_min: 0.05}\n')
+    assert load_gate_config(f).scheme("int4-wo")[1]["gen_identical_vs_noise_min"] == 0.1
+    f.write_text('schemes:\n  "int4-*": {gen_identical_vs_noise_min: "low"}\n')
+    with pytest.raises(EvalsuiteError, match="gen_identical_vs_noise_min"):
+        load_gate_config(f)

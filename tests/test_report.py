@@ -169,18 +169,24 @@ def test_run_output_fits_the_terminal_and_ends_with_the_summary(tmp_path, capsys
     code = judge_and_report(res, tmp_path / "run", args)
     lines = capsys.readouterr().out.splitlines()
     assert code == 1 and summary_of(lines).startswith("gate FAILED")
-    # every line fits, except the commands printed to be copied (never cut) and the paths
-    wide = [ln for ln in lines if len(ln) > columns and not ln.startswith(("  evalsuite ", "reports: "))]
+    # every line fits, except the commands printed to be copied (never cut) and the paths (a path
+    # longer than the room has a line of its own, whole)
+    wide = [ln for ln in lines if len(ln) > columns and not ln.startswith(("  evalsuite ", "reports: "))
+            and len(ln.split()) > 1]
     assert wide == []
-    # check names are whole: each appears on one line
+    # the names of the checks that decided the run are whole: each appears on one line
+    from evalsuite.report.table import decides
+
+    assert [v for v in res.verdicts if decides(v)]
     for v in res.verdicts:
-        assert any(v["check"] in ln for ln in lines), v["check"]
-    # the full table is one --verbose away, with the intervals the fitted one drops
+        assert not decides(v) or any(v["check"] in ln for ln in lines), v["check"]
+    # the full table is one --verbose away, with every row and the intervals the fitted one drops
     capsys.readouterr()
     args.verbose = True
     judge_and_report(res, tmp_path / "run", args)
     full = capsys.readouterr().out
     assert max(len(ln) for ln in full.splitlines()) > columns and " ± " in full
+    assert all(v["check"] in full for v in res.verdicts)
 
 
 def test_long_check_names_put_their_reasons_underneath_never_cut():
@@ -193,7 +199,8 @@ def test_long_check_names_put_their_reasons_underneath_never_cut():
     text = render_verdicts(verdicts, width=80)
     lines = text.splitlines()
     assert f"FAIL  {name}" in lines and all(len(ln) <= 80 for ln in lines if name not in ln)
-    assert " ".join(ln.strip() for ln in lines[1:-3]).split() == reason.split()
+    under = lines[1:next(i for i, ln in enumerate(lines) if i and not ln.startswith("    "))]
+    assert " ".join(ln.strip() for ln in under).split() == reason.split()
 
 
 def test_wrapped_reasons_keep_every_word():
@@ -201,7 +208,7 @@ def test_wrapped_reasons_keep_every_word():
 
     reason = " ".join(f"word{i}" for i in range(60))
     text = render_verdicts([{"check": "tasks/arc_easy/int8-wo/delta_acc", "verdict": "WITHIN-NOISE",
-                             "reason": reason}], width=80, summary=False)
+                             "reason": reason, "gated": True}], width=80, summary=False)
     assert max(len(ln) for ln in text.splitlines()) <= 80
     assert [w for ln in text.splitlines()[2:] for w in ln.split()[2 if ln.startswith("WITHIN") else 0:]] == reason.split()
 
@@ -233,3 +240,128 @@ def test_summary_says_how_many_gated_checks_passed_and_what_was_not_judged():
     assert failed == ("gate FAILED: 1 gated check failed, 1 passed, 1 WITHIN-NOISE (gated, not failing); "
                       "reported, not gated: 1 PASS")
     assert summary_line([v("SKIPPED", None)]) == "gate PASSED: no gated check was judged; 1 SKIPPED was not judged"
+
+
+# ------------------------------------------------------------------------------ what a log shows
+def run_and_print(tmp_path, capsys, res: Results, *extra: str) -> tuple[int, list[str]]:
+    from evalsuite.judge import judge_and_report
+
+    args = build_parser("run").parse_args(["run", "--out", str(tmp_path / "run"), "--no-history",
+                                           "--baselines", str(tmp_path / "none"), *extra])
+    code = judge_and_report(res, tmp_path / "run", args)
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_stages_not_asked_for_are_one_line_and_every_check_stays_in_the_results(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    full = two_scheme_results(seed=11)
+    base = save(full, tmp_path / "base" / "results.json")  # its tasks/layers/speed metrics: SKIPPED here
+    res = two_scheme_results(seed=11)
+    res.records = [m for m in res.records if m.stage == "ppl"]
+    res.details = {k: v for k, v in res.details.items() if k == "ppl"}
+    res.run["stages"] = ["ppl"]
+    code, lines = run_and_print(tmp_path, capsys, res, "--baseline", base)
+    skipped = [v for v in res.verdicts if v["verdict"] == "SKIPPED" and v.get("stage") in ("tasks", "layers", "speed")]
+    assert len(skipped) >= 6 and all(v["extra"]["stage_not_requested"] for v in skipped)
+    assert not [ln for ln in lines if "SKIPPED" in ln and ("tasks" in ln or "layers" in ln or "speed" in ln)
+                and not ln.startswith("stages not asked for")], lines
+    (line,) = [ln for ln in lines if ln.startswith("stages not asked for")]
+    assert line.startswith(f"stages not asked for (tasks, layers, speed): {len(skipped)} SKIPPED")
+    # results.json and the reports keep every one
+    saved = Results.load(tmp_path / "run" / "results.json").verdicts
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert all(v["check"] in md for v in skipped) and len(saved) == len(res.verdicts)
+
+
+def test_a_log_is_laid_out_at_120_columns_with_paths_whole(tmp_path, capsys, monkeypatch):
+    from evalsuite.report.table import render_verdicts, terminal_width
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert terminal_width() == 120  # stdout is captured: not a terminal
+    monkeypatch.setenv("COLUMNS", "24")  # a CI runner's narrow pseudo-terminal size: never below 80
+    assert terminal_width() == 80
+    monkeypatch.delenv("COLUMNS")
+    path = "/builds/ci/runner-0123456789/reports/runs/SmolLM2-135M-20261201-010203/baselines/int8-wo.json"
+    reason = f"no comparable record in {path}: " + "the baseline was measured on another card " * 4
+    verdicts = [{"check": "baseline:ppl/wikitext2/int8-wo/kld_mean_rel", "verdict": "FAIL", "failing": True,
+                 "gated": True, "reason": reason},
+                {"check": "ppl/wikitext2/int8-wo/kld_mean", "verdict": "PASS", "gated": True, "reason": "fine " * 40}]
+    lines = render_verdicts(verdicts).splitlines()
+    assert all(len(ln) <= 120 for ln in lines), [ln for ln in lines if len(ln) > 120]
+    assert any(path in ln for ln in lines)  # whole, on one line
+    assert " ".join(" ".join(lines).split()).count(" ".join(reason.split())) == 1
+    # a whole run piped to a file: 120 columns, not the 80 of a missing terminal
+    code, out = run_and_print(tmp_path, capsys, two_scheme_results(kld=0.03, limit=20))
+    assert max(len(ln) for ln in out if not ln.startswith(("  evalsuite ", "reports: "))) > 80
+    assert all(len(ln) <= 120 or len(ln.split()) == 1 or ln.startswith(("  evalsuite ", "reports: ")) for ln in out)
+
+
+def test_the_verdict_leads_with_what_decided_the_run_and_counts_the_rest(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)
+    res = two_scheme_results(kld=0.03, limit=20)
+    code, lines = run_and_print(tmp_path, capsys, res)
+    text = "\n".join(lines)
+    assert code == 1
+    for v in res.verdicts:
+        if v.get("failing"):  # every failure with its reason's start
+            assert v["check"] in text and v["reason"].split()[0] in text
+        elif v.get("gated") is False:  # a reported check is counted, not listed
+            assert v["check"] not in text
+    ungated = [v for v in res.verdicts if v.get("gated") is False]
+    counted = next(ln for ln in lines if ln.startswith("not gated: "))
+    assert sum(int(n) for n in re.findall(r"(\d+) [A-Z]", counted)) == len(ungated)
+    # a failing within-run limit names the next command
+    assert f"  evalsuite fix {tmp_path / 'run' / 'results.json'}" in lines
+
+
+def test_evalsuite_fix_is_named_only_for_what_it_can_fix():
+    from evalsuite import fix
+    from evalsuite.report.table import FIXABLE_STAGES, render_verdicts
+
+    assert FIXABLE_STAGES == fix.FIXABLE_STAGES
+
+    def check(stage, kind="limit"):
+        return {"check": f"{stage}/x/int4-wo/m", "verdict": "FAIL", "failing": True, "gated": True, "kind": kind,
+                "stage": stage, "variant": "int4-wo", "reason": "beyond its limit"}
+
+    assert "evalsuite fix r.json" in render_verdicts([check("ppl")], width=120, results_path="r.json")
+    assert "evalsuite fix" not in render_verdicts([check("speed")], width=120, results_path="r.json")
+    assert "evalsuite fix" not in render_verdicts([check("ppl", kind="baseline")], width=120)
+
+
+def test_no_progress_silences_every_progress_bar_lm_evals_included():
+    import io
+
+    from lm_eval.api import task as lm_task
+    from tqdm import tqdm
+    from tqdm.auto import tqdm as auto_tqdm
+
+    from evalsuite.measure.context import progress_bars_off
+
+    def drawn() -> str:
+        buf = io.StringIO()
+        for bar in (lm_task.tqdm(range(50), file=buf, mininterval=0), tqdm(range(50), file=buf, disable=False),
+                    auto_tqdm(range(50), file=buf, mininterval=0)):
+            for _ in bar:
+                pass
+        return buf.getvalue()
+
+    assert "\r" in drawn()  # the bars draw when not told otherwise
+    with progress_bars_off():
+        assert drawn() == ""
+    assert "\r" in drawn()  # and again after the run
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_the_smoke_runs_verdict_fits_in_60_lines(columns):
+    """The verdicts of a real ``evalsuite run --suite smoke --device cpu`` (stored: the run takes
+    minutes on a CPU): 18 checks, whose table printed ~200 lines at 80 columns before."""
+    import json
+
+    from evalsuite.report.table import render_verdicts
+
+    verdicts = json.loads((Path(__file__).parent / "smoke_verdicts.json").read_text())
+    lines = render_verdicts(verdicts, width=columns).splitlines()
+    assert len(lines) <= 60, "\n".join(lines)
+    assert all(len(ln) <= columns for ln in lines)
+    assert all(v["check"] in "\n".join(lines) for v in verdicts if v.get("gated"))

@@ -72,7 +72,23 @@ def judge(results: Results, config: GateConfig, baselines: list[Baseline] | None
     checks += completeness_checks(results, checks, baseline_requested=baseline_requested)
     finalize(checks, config.strict, config.alpha)
     state_power(checks, config.alpha)
+    mark_not_requested(results, checks)
     return checks
+
+
+def mark_not_requested(results: Results, checks: list[Check]) -> None:
+    """Tag the SKIPPED checks of stages the run was not asked for (``extra.stage_not_requested``):
+    the terminal counts them in one line; results.json and the reports keep each."""
+    stages = results.run.get("stages")
+    if stages is None:
+        return
+    for c in checks:
+        if c.verdict == SKIPPED and c.stage and c.stage not in stages:
+            c.extra["stage_not_requested"] = True
+
+
+# metrics whose within-run limit is a minimum (the others' is a maximum)
+LOWER_LIMITS = ("delta_acc", "speedup", "decode_agreement", "identical_fraction")
 
 
 def known_lossy(checks: list[Check], baselines: list[Baseline]) -> None:
@@ -94,7 +110,7 @@ def known_lossy(checks: list[Check], baselines: list[Baseline]) -> None:
             value = m.value if m is not None else None
         if value is None:
             continue
-        upper = c.metric not in ("delta_acc", "speedup")
+        upper = c.metric not in LOWER_LIMITS
         beyond = value > c.limit if upper else value < c.limit
         if beyond:
             c.gated, c.p_value = False, None
@@ -211,7 +227,8 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace, 
     verbose = bool(getattr(args, "verbose", False))
     print(render_table(results, verbose=verbose))
     print()
-    print(render_verdicts(results.verdicts, color=colour_enabled(), verbose=verbose, summary=False))
+    print(render_verdicts(results.verdicts, color=colour_enabled(), verbose=verbose, summary=False,
+                          results_path=str(results_path)))
     hist = history_path(args, out_dir)
     if hist is not None:
         from evalsuite.judge.history import append_run

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,32 @@ from torch import nn
 from evalsuite.errors import EvalsuiteError
 from evalsuite.load import LoadedModel
 from evalsuite.results import Results
+
+
+@contextlib.contextmanager
+def progress_bars_off():
+    """Every tqdm progress bar off inside the block (``--no-progress``, or stderr not a terminal), the
+    libraries' included: lm-eval's request building, datasets', huggingface_hub's and transformers'.
+    ``TQDM_DISABLE`` alone does not do it: tqdm reads its environment once, when it is imported
+    (``import torch`` imports it), and an explicit ``disable=False`` wins over it anyway; so
+    ``tqdm.std.tqdm.__init__`` (which every tqdm class ends in) is made to disable each bar, and
+    restored after."""
+    from tqdm import std
+
+    os.environ["TQDM_DISABLE"] = "1"  # a tqdm imported later in a subprocess reads it
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    original = std.tqdm.__init__
+
+    @functools.wraps(original)
+    def disabled(self, *args, **kwargs):
+        kwargs["disable"] = True
+        original(self, *args, **kwargs)
+
+    std.tqdm.__init__ = disabled
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = original
 
 
 @dataclass

@@ -20,6 +20,9 @@ at EOS), through :func:`evalsuite.measure.generate.greedy_decode` (the same cach
   the model's teacher-forced error. ci95 the hull of a bootstrap over prompts and the Wilson
   interval over tokens (the bootstrap alone collapses to [1, 1] when every token agrees).
 
+Per prompt, ``details.gen.paired.<variant>`` keeps ``identical`` (0/1) and ``divergence`` (tokens),
+in prompt order, for the judge's paired test against the noise floor.
+
 Noise floor, variant ``fp@noise``: the same paired records for fp in the run's dtype against fp in
 float32 (greedy generations diverge under rounding alone); trivial, and not recorded, when the run
 is in float32.
@@ -296,6 +299,9 @@ def run(ctx) -> None:
             cand = "fp" if name == NOISE else name
             stats = pair_statistics(prompts, gens[ref], gens[cand], models[ref], models[cand], ctx.device)
             _add(ctx, name, paired_records(stats, ref_desc, new_tokens, seed), protocol, noise=noise)
+            # per prompt, in prompt order: the judge pairs a variant with fp@noise prompt by prompt
+            details.setdefault("paired", {})[name] = {"identical": [int(x) for x in stats["identical"]],
+                                                      "divergence": [float(x) for x in stats["divergence"]]}
             ctx.checkpoint()
     if noise.startswith("unavailable"):
         ctx.results.add_error("gen", f"noise floor {noise}", variant=NOISE)

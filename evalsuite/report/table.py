@@ -1,9 +1,10 @@
 """The terminal tables: metrics (one row per metric, one column per variant) and verdicts.
 
-Printed tables fit the terminal (``shutil.get_terminal_size``: ``$COLUMNS``, else the terminal, else
-80 columns): free text (reasons, notes) is wrapped, values lose their intervals, and variants are
-split over several tables; check names and metric names are never cut. ``verbose`` prints the full
-table. The reports (md, html) always have everything.
+Printed tables fit the terminal (``terminal_width``): free text (reasons, notes) is wrapped at
+spaces only, values lose their intervals, and variants are split over several tables; check names,
+metric names, words and paths are never cut. The verdicts lead with what decided the run (the gated
+checks, every failure with its reason) and count the rest in one line per class. ``verbose`` prints
+the full tables, every row. The reports (md, html) always have everything.
 """
 
 from __future__ import annotations
@@ -35,9 +36,31 @@ def colour(verdict: str, enabled: bool) -> str:
     return f"\033[{code}m{verdict}\033[0m" if enabled and code else verdict
 
 
+LOG_WIDTH = 120  # columns of output that is not a terminal (a CI log, a file), unless $COLUMNS says otherwise
+MIN_LOG_WIDTH = 80
+
+
 def terminal_width() -> int:
-    """Columns to fit: $COLUMNS, else the terminal's, else 80 (not a terminal)."""
-    return shutil.get_terminal_size((80, 24)).columns
+    """Columns to fit. On a terminal: $COLUMNS, else the terminal's. Otherwise (a pipe, a CI log):
+    $COLUMNS, else 120, never fewer than 80: a log is read in an editor or a browser, and a narrow
+    layout there only multiplies the lines."""
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size((LOG_WIDTH, 24)).columns
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = LOG_WIDTH
+    return max(MIN_LOG_WIDTH, columns if columns > 0 else LOG_WIDTH)
+
+
+def fill(text: str, width: int, **kw: Any) -> str:
+    """``textwrap.fill`` at spaces only: a word, a path or a command longer than ``width`` stays whole
+    on a line of its own (copying a path out of a log must work)."""
+    return textwrap.fill(text, max(width, 1), break_long_words=False, break_on_hyphens=False, **kw)
+
+
+def longest_word(texts: Sequence[str]) -> int:
+    return max((len(w) for t in texts for w in _ANSI.sub("", t or "").split()), default=0)
 
 
 _ANSI = re.compile(r"\033\[[0-9;]*m")
@@ -60,10 +83,9 @@ def fit_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], width: int 
     cols = len(headers)
     natural = [max([len(_ANSI.sub("", headers[i]))] + [len(_ANSI.sub("", r[i])) for r in rows]) for i in range(cols)]
     room = max(min_wrap, (width - sum(natural[i] for i in range(cols) if i not in wrap) - 2 * cols) // len(wrap))
-    while True:  # tabulate pads some columns beyond their text: narrow until it fits, or the floor
-        maxw = [room if i in wrap else None for i in range(cols)]
-        wrapped = [[textwrap.fill(c, room) if i in wrap and c else c for i, c in enumerate(r)] for r in rows]
-        text = tabulate(wrapped, headers=headers, tablefmt=tablefmt, disable_numparse=True, maxcolwidths=maxw)
+    while True:  # narrow until it fits, or the floor; cells wrap at spaces only (a long path stays whole)
+        wrapped = [[fill(c, room) if i in wrap and c else c for i, c in enumerate(r)] for r in rows]
+        text = tabulate(wrapped, headers=headers, tablefmt=tablefmt, disable_numparse=True)
         excess = visible_width(text) - width
         if excess <= 0 or room <= min_wrap:
             return text
@@ -115,7 +137,7 @@ def render_table(results: Results, tablefmt: str = "simple", width: int | None =
     Too wide with intervals: values only (said so); still too wide: the variants in groups."""
     width = None if verbose else (width or terminal_width())
     banner = partial_banner(results)
-    title = (textwrap.fill(banner, width) if width else banner) + "\n" if banner else ""
+    title = (fill(banner, width) if width else banner) + "\n" if banner else ""
     header, table = metric_rows(results)
     if not table:
         return title + "(no metrics recorded)"
@@ -126,7 +148,7 @@ def render_table(results: Results, tablefmt: str = "simple", width: int | None =
     note = "(values without their intervals to fit the terminal; --verbose or the report for them)"
     text = tabulate(table, headers=header, tablefmt=tablefmt, disable_numparse=True)
     if visible_width(text) <= width:
-        return title + text + "\n" + textwrap.fill(note, width)
+        return title + text + "\n" + fill(note, width)
     keys, variants = 4, header[4:]
 
     def sub_table(cols: list[int]) -> str:
@@ -140,7 +162,7 @@ def render_table(results: Results, tablefmt: str = "simple", width: int | None =
             groups.append([])
         groups[-1].append(i)
     parts = [sub_table(g) for g in groups]
-    return title + "\n\n".join(parts) + "\n" + textwrap.fill(note, width)
+    return title + "\n\n".join(parts) + "\n" + fill(note, width)
 
 
 def sorted_verdicts(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -186,34 +208,103 @@ def summary_line(verdicts: list[dict[str, Any]], width: int | None = None) -> st
                          break_on_hyphens=False)
 
 
-def render_verdicts(verdicts: list[dict[str, Any]], color: bool = False, tablefmt: str = "simple",
-                    width: int | None = None, verbose: bool = False, summary: bool = True) -> str:
-    """One row per check, worst first, then the update commands of failing/improved checks, then
-    the summary line. Within ``width`` columns (default the terminal's; ``verbose``: no limit) the
-    reasons are wrapped, whatever their text; check names are never cut. Where the names leave too
-    little room for a reason beside them, each reason goes on the lines under its check."""
-    if not verdicts:
-        return "(no checks)"
-    width = None if verbose else (width or terminal_width())
-    ordered = sorted_verdicts(verdicts)
+# the stages whose within-run limits `evalsuite fix` can bring a scheme back within (as
+# evalsuite.fix.FIXABLE_STAGES: report sits below the app layer and does not import it)
+FIXABLE_STAGES = ("ppl", "tasks", "layers")
+
+
+def decides(v: dict[str, Any]) -> bool:
+    """Whether a check decided the run: a gated (primary) check, anything failing it, and a run that
+    is INCOMPLETE or INVALID."""
+    return bool(v.get("gated")) or bool(v.get("failing")) or v.get("verdict") in ("FAIL", "INCOMPLETE", "INVALID")
+
+
+def stage_not_requested(v: dict[str, Any]) -> bool:
+    return v.get("verdict") == "SKIPPED" and bool((v.get("extra") or {}).get("stage_not_requested"))
+
+
+def fix_command(verdicts: list[dict[str, Any]], results_path: str | None = None) -> str | None:
+    """``evalsuite fix RESULTS`` when a failing check is a scheme's within-run limit that keeping
+    layers in fp can bring back (a limit of ppl, tasks or layers; not speed, not a baseline)."""
+    fixable = [v for v in verdicts if v.get("failing") and v.get("kind") == "limit" and v.get("variant")
+               and v.get("stage") in FIXABLE_STAGES]
+    if not fixable:
+        return None
+    import shlex
+
+    return f"evalsuite fix {shlex.quote(str(results_path)) if results_path else '<results.json>'}"
+
+
+def _counts(vs: list[dict[str, Any]]) -> str:
+    counts = {k: n for k in VERDICT_ORDER if (n := sum(1 for v in vs if v.get("verdict") == k))}
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
+def _rows_text(ordered: list[dict[str, Any]], color: bool, tablefmt: str, width: int | None) -> str:
+    """The rows' table; where the check names leave a reason too little room beside them (or a word
+    of a reason, a path, would not fit there), each reason goes on the lines under its check."""
     rows = [[colour(v["verdict"], color), v["check"], v.get("reason", "")] for v in ordered]
     name_width = max(len(v["check"]) for v in ordered)
-    if width is not None and width - name_width - len("WITHIN-NOISE") - 4 < 24:
+    room = None if width is None else width - name_width - len("WITHIN-NOISE") - 4
+    if room is not None and (room < 24 or longest_word([r[2] for r in rows]) > room):
         out = []
         for row in rows:
             out.append(f"{row[0]}  {row[1]}")
             if row[2]:
-                out.append(textwrap.fill(row[2], width, initial_indent="    ", subsequent_indent="    "))
-        out = ["\n".join(out)]
+                out.append(fill(row[2], width, initial_indent="    ", subsequent_indent="    "))
+        return "\n".join(out)
+    return fit_table(rows, ["verdict", "check", "reason"], width, wrap=(2,), tablefmt=tablefmt)
+
+
+def render_verdicts(verdicts: list[dict[str, Any]], color: bool = False, tablefmt: str = "simple",
+                    width: int | None = None, verbose: bool = False, summary: bool = True,
+                    results_path: str | None = None) -> str:
+    """The checks that decided the run (gated ones, every failure, with their reasons), worst first;
+    one line per class of the rest (reported only; skipped because their stage was not asked for;
+    others), which ``verbose`` lists row by row instead; then the update commands of failing/improved
+    checks, ``evalsuite fix`` where a failing limit is one it can address, and the summary line.
+    Within ``width`` columns (default the terminal's; ``verbose``: no limit) the reasons are wrapped
+    at spaces; check names, words and paths are never cut."""
+    if not verdicts:
+        return "(no checks)"
+    width = None if verbose else (width or terminal_width())
+    ordered = sorted_verdicts(verdicts)
+    if verbose:
+        out = [_rows_text(ordered, color, tablefmt, width)]
     else:
-        out = [fit_table(rows, ["verdict", "check", "reason"], width, wrap=(2,), tablefmt=tablefmt)]
+        lead = [v for v in ordered if decides(v)]
+        rest = [v for v in ordered if not decides(v)]
+        out = [_rows_text(lead, color, tablefmt, width)] if lead else ["no check decided the run"]
+        lines = []
+        not_asked = [v for v in rest if stage_not_requested(v)]
+        if not_asked:
+            stages = ", ".join(dict.fromkeys(str(v.get("stage")) for v in not_asked))
+            lines.append(f"stages not asked for ({stages}): {len(not_asked)} SKIPPED")
+        reported = [v for v in rest if v.get("gated") is False]
+        if reported:
+            lines.append(f"not gated: {_counts(reported)}")
+        other = [v for v in rest if v.get("gated") is not False and not stage_not_requested(v)]
+        if other:
+            lines.append(f"other checks: {_counts(other)}")
+        if lines:
+            lines[-1] += " (see report.md or --verbose)"
+            out += [fill(ln, width, subsequent_indent="  ") for ln in lines]
     commands = list(dict.fromkeys(v["command"] for v in verdicts
                                   if v.get("command") and v.get("verdict") in ("FAIL", "IMPROVED")))
     if commands:
         out.append("to accept the new values as the baseline:\n" + "\n".join(f"  {c}" for c in commands))
-    create = list(dict.fromkeys(v["command"] for v in verdicts if v.get("command") and v.get("verdict") == "SKIPPED"))
+    fix = fix_command(verdicts, results_path)
+    if fix:
+        schemes = ", ".join(dict.fromkeys(v["variant"] for v in verdicts if v.get("failing") and v.get("variant")
+                                          and v.get("kind") == "limit" and v.get("stage") in FIXABLE_STAGES))
+        out.append(f"to find the fewest layers to keep in fp so that {schemes} passes its limits:\n  {fix}")
+    missing = [v for v in verdicts if v.get("command") and v.get("verdict") == "SKIPPED"]
+    create = list(dict.fromkeys(v["command"] for v in missing))
     if create:
-        out.append("to create the missing baselines:\n" + "\n".join(f"  {c}" for c in create))
+        why = "; ".join(dict.fromkeys(v.get("reason", "").split(";")[0] for v in missing if v.get("reason")))
+        head = f"to create the missing baselines ({why}):" if why else "to create the missing baselines:"
+        out.append((fill(head, width, subsequent_indent="  ") if width else head) + "\n"
+                   + "\n".join(f"  {c}" for c in create))
     if summary:
         out.append(summary_line(verdicts, width))
     return "\n".join(out)
