@@ -82,7 +82,8 @@ def _ppl(res: Results, rng, variants: dict[str, float], windows: int, noise: flo
         top = np.sort(kld_tok, axis=1)[:, -k:].sum(axis=1)
         res.details["ppl"]["paired"][variant] = {
             "kld_hist": {"edges": KLD_EDGES, "counts": counts.tolist()}, "kld_sum": kld_sum.tolist(),
-            "n": n.astype(int).tolist(), "kld_top1pct_sum": top.tolist(), "kld_top1pct_n": [k] * windows}
+            "n": n.astype(int).tolist(), "kld_top1pct_sum": top.tolist(), "kld_top1pct_n": [k] * windows,
+            "nll_ref_sum": nll_fp.tolist(), "nll_sum": nll.tolist()}
 
 
 def _aa_flips(rng, correct: np.ndarray, rate: float) -> np.ndarray:

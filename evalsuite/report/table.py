@@ -152,7 +152,7 @@ def summary_line(verdicts: list[dict[str, Any]], width: int | None = None) -> st
     (INCONCLUSIVE, SKIPPED, INCOMPLETE: a PASS is only for what was checked), and what was reported
     without gating. Wrapped to ``width`` columns (None: one line), continuation lines indented."""
     failing = sum(1 for v in verdicts if v.get("failing"))
-    overall = "FAILED" if failing else ("INCOMPLETE" if any(v.get("verdict") == "INCOMPLETE" for v in verdicts)
+    overall = "INVALID" if any(v.get("verdict") == "INVALID" for v in verdicts) else "FAILED" if failing else ("INCOMPLETE" if any(v.get("verdict") == "INCOMPLETE" for v in verdicts)
                                         else "PASSED")
     unjudged = ("INCONCLUSIVE", "SKIPPED", "INCOMPLETE")
 
