@@ -314,7 +314,9 @@ def test_full_disk_is_one_line_and_the_last_checkpoint_stays_whole(tiny_dir, tmp
 
 
 @pytest.mark.parametrize("gates,match", [
-    ("schemes:\n  int8-*: {kld_mean_max: '0.1'}\n", "kld_mean_max = '0.1': expected a number"),
+    ("schemes:\n  int8-*: {kld_mean_max: 'tiny'}\n", "kld_mean_max = 'tiny': expected a finite number"),
+    ("schemes:\n  int8-*: {kld_mean_max: .nan}\n", "kld_mean_max = nan: expected a finite number"),
+    ("schemes:\n  int8-*: {ppl_ratio_max: .inf}\n", "ppl_ratio_max = inf: expected a finite number"),
     ("schemes:\n  int8-*: {kld_mean_maximum: 0.1}\n", "unknown limits kld_mean_maximum"),
     ("baseline: {sigma: -1}\n", "baseline.sigma = -1"),
     ("strict: 'yes'\n", "strict = 'yes'"),
@@ -328,7 +330,9 @@ def test_bad_gates_file_fails_before_the_model_loads(tiny_dir, tmp_path, capsys,
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--sigma", "-2"], "--sigma must be positive"),
+    (["--sigma", "-2"], "--sigma -2.0: must be a positive finite number"),
+    (["--sigma", "inf"], "--sigma inf: must be a positive finite number"),
+    (["--alpha", "nan"], "--alpha nan: must be between 0 and 1"),
     (["--baseline", "/no/such/baseline.json"], "no such baseline file"),
     (["--stages", "layers", "--layer-thresholds", "/no/such.yaml"], "no such file"),
     (["--resume", "--force"], "contradict"),

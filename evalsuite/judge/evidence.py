@@ -143,8 +143,10 @@ def _ppl_expect(results: Results, seed: int, exp: _Expect) -> None:
     task = det.get("task")
     windows = det.get("windows") if isinstance(det.get("windows"), dict) else {}
     for m in results.find(stage="ppl"):
-        paired = m.variant != "fp"
-        if m.metric not in (PPL_PAIRED_METRICS if paired else PPL_VARIANT_METRICS):
+        # a scheme has both: its own token_ppl (details.variants) and its pair with fp (details.paired);
+        # nonfinite_tokens of both has one key, and the pair's, written last, is the one kept
+        paired = m.variant != "fp" and m.metric in PPL_PAIRED_METRICS
+        if not paired and m.metric not in PPL_VARIANT_METRICS:
             continue
         if m.extra.get("trivial"):
             continue  # fp@noise in float32: zero by construction, no details
@@ -269,13 +271,19 @@ def _tasks_expect(results: Results, exp: _Expect) -> None:
         exp.add(m.key, next(v for k, v in value.items() if m.metric.startswith(k)), int(a.size))
 
 
+def rederive(results: Results) -> _Expect:
+    """What the details say each record they back must be (``by_key``: value, n, ci, stderr), and
+    the records whose details are missing (``missing``)."""
+    exp = _Expect()
+    _ppl_expect(results, int(results.run.get("seed") or 0), exp)
+    _tasks_expect(results, exp)
+    return exp
+
+
 def derivation_problems(results: Results) -> tuple[list[str], int]:
     """Lines naming each record that its details contradict or that lacks them; and how many
     records were re-derived."""
-    seed = int(results.run.get("seed") or 0)
-    exp = _Expect()
-    _ppl_expect(results, seed, exp)
-    _tasks_expect(results, exp)
+    exp = rederive(results)
     out = [f"{'/'.join(k)}: recorded, but its details ({where}) are missing: not evidence"
            for k, where in exp.missing.items()]
     for m in results.records:
