@@ -216,7 +216,7 @@ def gate(tmp_path: Path, baseline: Results, candidate: Results, *extra: str, cap
     """``evalsuite gate`` in-process; returns (exit code, verdicts by check, stdout)."""
     b, c = save(baseline, tmp_path / "base.json"), save(candidate, tmp_path / "cand.json")
     out = tmp_path / "gate-out"
-    code = main(["gate", "--baseline", b, "--candidate", c, "--out", str(out), "--formats", "json", *extra])
+    code = main(["gate", "--baseline", b, "--candidate", c, "--out", str(out), "--formats", "json", "--force", *extra])
     text = capsys.readouterr().out if capsys else ""
     verdicts = {v["check"]: v for v in json.loads((out / "results.json").read_text())["verdicts"]}
     return code, verdicts, text
