@@ -14,7 +14,7 @@ KLD = ("ppl", "wikitext2", "int8-wo", "kld_mean")
 
 def plant_kld_regression(monkeypatch, times: int) -> list[int]:
     """The ppl stage's first ``times`` measurements report int8-wo's mean KLD 1000x too large (with
-    its interval): a regression when every measurement has it, a one-off glitch when only the first."""
+    its interval and the per-window sums it is computed from): a regression when every measurement has it, a one-off glitch when only the first."""
     calls = [0]
     real = perplexity.STAGE.run
 
@@ -25,6 +25,8 @@ def plant_kld_regression(monkeypatch, times: int) -> list[int]:
             m = ctx.results.get(*KLD)
             m.value *= 1000
             m.ci95 = [x * 1000 for x in m.ci95]
+            paired = ctx.results.details["ppl"]["paired"]["int8-wo"]  # and the per-window sums behind it
+            paired["kld_sum"] = [x * 1000 for x in paired["kld_sum"]]
 
     monkeypatch.setattr(perplexity, "STAGE", dataclasses.replace(perplexity.STAGE, run=run))
     return calls

@@ -82,7 +82,8 @@ def _ppl(res: Results, rng, variants: dict[str, float], windows: int, noise: flo
         top = np.sort(kld_tok, axis=1)[:, -k:].sum(axis=1)
         res.details["ppl"]["paired"][variant] = {
             "kld_hist": {"edges": KLD_EDGES, "counts": counts.tolist()}, "kld_sum": kld_sum.tolist(),
-            "n": n.astype(int).tolist(), "kld_top1pct_sum": top.tolist(), "kld_top1pct_n": [k] * windows}
+            "n": n.astype(int).tolist(), "kld_top1pct_sum": top.tolist(), "kld_top1pct_n": [k] * windows,
+            "nll_ref_sum": nll_fp.tolist(), "nll_sum": nll.tolist()}
 
 
 def _aa_flips(rng, correct: np.ndarray, rate: float) -> np.ndarray:
@@ -215,7 +216,7 @@ def gate(tmp_path: Path, baseline: Results, candidate: Results, *extra: str, cap
     """``evalsuite gate`` in-process; returns (exit code, verdicts by check, stdout)."""
     b, c = save(baseline, tmp_path / "base.json"), save(candidate, tmp_path / "cand.json")
     out = tmp_path / "gate-out"
-    code = main(["gate", "--baseline", b, "--candidate", c, "--out", str(out), "--formats", "json", *extra])
+    code = main(["gate", "--baseline", b, "--candidate", c, "--out", str(out), "--formats", "json", "--force", *extra])
     text = capsys.readouterr().out if capsys else ""
     verdicts = {v["check"]: v for v in json.loads((out / "results.json").read_text())["verdicts"]}
     return code, verdicts, text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import pickle
 import signal
@@ -19,10 +20,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import REPO, make_tiny_llama
+from evalsuite import stats
 from evalsuite.cli import main
 from evalsuite.errors import user_error
 from evalsuite.results import Results, write_text_atomic
@@ -179,13 +182,37 @@ def _synthetic(stages=("ppl", "tasks"), finished=("ppl", "tasks"), tasks=("piqa"
                        "partial": limit is not None, "model": {"name": "m", "sha256": "a" * 64},
                        "device": {"type": "cpu"}, "dtype": "fp32"})
     if ppl:
-        res.add(stage="ppl", task="wikitext2", variant="int8-wo", metric="kld_mean", value=1e-3, unit="nats", n=4000,
-                higher_is_better=False, ci95=[0.9e-3, 1.1e-3])
+        _synthetic_ppl(res, 1e-3)
+    res.details["tasks"] = {}
     for t in recorded_tasks:
-        for v, acc in (("fp", 0.6), ("int8-wo", 0.6)):
+        right = np.arange(1000) < 600
+        res.details["tasks"][t] = {"values": {v: {"acc": right.astype(float).tolist()} for v in ("fp", "int8-wo")}}
+        for v in ("fp", "int8-wo"):
+            acc, se = stats.mean_stderr(right)
             res.add(stage="tasks", task=t, variant=v, metric="acc", value=acc, unit="fraction", n=1000,
-                    higher_is_better=True, stderr=0.015)
+                    higher_is_better=True, stderr=se)
+        res.add(stage="tasks", task=t, variant="int8-wo", metric="delta_acc", value=0.0, unit="fraction", n=1000,
+                higher_is_better=True, ci95=stats.paired_proportion_diff_ci(right, right))
     return res
+
+
+def _synthetic_ppl(res: Results, kld: float) -> None:
+    """ppl records of int8-wo (mean KLD ``kld``) and the per-window sums they are computed from, as the stage
+    writes them (judge.evidence re-derives the records from them)."""
+    rng = np.random.default_rng(0)
+    n = np.full(40, 100.0)
+    kld_sum = kld * n * rng.uniform(0.8, 1.2, 40)
+    nll_ref = 3.0 * n * rng.uniform(0.9, 1.1, 40)
+    nll = nll_ref + kld_sum
+    res.details["ppl"] = {"task": "wikitext2", "variants": {}, "paired": {"int8-wo": {
+        "n": n.astype(int).tolist(), "kld_sum": kld_sum.tolist(), "nll_ref_sum": nll_ref.tolist(), "nll_sum": nll.tolist()}}}
+    reps = stats.bootstrap_ratio_of_sums(np.stack([nll_ref, nll], axis=1), n, seed=0)
+    common = dict(stage="ppl", task="wikitext2", variant="int8-wo", n=4000, higher_is_better=False)
+    res.add(**common, metric="kld_mean", value=float(kld_sum.sum()) / 4000, unit="nats",
+            ci95=stats.percentile_ci(stats.bootstrap_ratio_of_sums(kld_sum, n, seed=0)))
+    res.add(**common, metric="ppl_ratio", value=math.exp((float(nll.sum()) - float(nll_ref.sum())) / 4000), unit="ratio",
+            ci95=stats.percentile_ci(np.exp(reps[:, 1] - reps[:, 0])))
+    res.add(**common, metric="nonfinite_tokens", value=0.0, unit="tokens")
 
 
 @pytest.mark.parametrize("candidate,check", [
@@ -215,8 +242,7 @@ def test_a_regression_outranks_incompleteness(tmp_path):
     base, cand = tmp_path / "base.json", tmp_path / "cand.json"
     _synthetic().save(base)
     bad = _synthetic(finished=("ppl",))
-    bad.add(stage="ppl", task="wikitext2", variant="int8-wo", metric="kld_mean", value=0.5, unit="nats", n=4000,
-            higher_is_better=False, ci95=[0.45, 0.55])
+    _synthetic_ppl(bad, 0.5)
     bad.save(cand)
     assert main(["gate", "--candidate", str(cand), "--baseline", str(base), "--no-history"]) == 1
 
@@ -314,7 +340,9 @@ def test_full_disk_is_one_line_and_the_last_checkpoint_stays_whole(tiny_dir, tmp
 
 
 @pytest.mark.parametrize("gates,match", [
-    ("schemes:\n  int8-*: {kld_mean_max: '0.1'}\n", "kld_mean_max = '0.1': expected a number"),
+    ("schemes:\n  int8-*: {kld_mean_max: 'tiny'}\n", "kld_mean_max = 'tiny': expected a finite number"),
+    ("schemes:\n  int8-*: {kld_mean_max: .nan}\n", "kld_mean_max = nan: expected a finite number"),
+    ("schemes:\n  int8-*: {ppl_ratio_max: .inf}\n", "ppl_ratio_max = inf: expected a finite number"),
     ("schemes:\n  int8-*: {kld_mean_maximum: 0.1}\n", "unknown limits kld_mean_maximum"),
     ("baseline: {sigma: -1}\n", "baseline.sigma = -1"),
     ("strict: 'yes'\n", "strict = 'yes'"),
@@ -328,7 +356,9 @@ def test_bad_gates_file_fails_before_the_model_loads(tiny_dir, tmp_path, capsys,
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--sigma", "-2"], "--sigma must be positive"),
+    (["--sigma", "-2"], "--sigma -2.0: must be a positive finite number"),
+    (["--sigma", "inf"], "--sigma inf: must be a positive finite number"),
+    (["--alpha", "nan"], "--alpha nan: must be between 0 and 1"),
     (["--baseline", "/no/such/baseline.json"], "no such baseline file"),
     (["--stages", "layers", "--layer-thresholds", "/no/such.yaml"], "no such file"),
     (["--resume", "--force"], "contradict"),

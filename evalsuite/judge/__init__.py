@@ -25,9 +25,10 @@ import os
 from pathlib import Path
 
 from evalsuite.judge.baseline import DEFAULT_DIR, Baseline, baseline_checks, find_baselines, load_baselines
-from evalsuite.judge.checks import SKIPPED, Check, exit_code, finalize
+from evalsuite.judge.checks import PASS, SKIPPED, Check, exit_code, finalize
 from evalsuite.judge.completeness import completeness_checks
 from evalsuite.judge.config import GateConfig, load_gate_config
+from evalsuite.judge.evidence import evidence_checks, invalid
 from evalsuite.judge.within import within_run_checks
 from evalsuite.results import Results
 
@@ -63,13 +64,18 @@ def judge(results: Results, config: GateConfig, baselines: list[Baseline] | None
           results_path: str | Path | None = None, baseline_dir: Path | None = None,
           extra_checks: list[Check] | None = None, baseline_requested: bool = False) -> list[Check]:
     """All checks of one results file: within-run limits, then each baseline's metrics, then
-    whether the run checked all it was asked to (``completeness``)."""
-    checks = within_run_checks(results, config)
+    whether the run checked all it was asked to (``completeness``). A file that fails as evidence
+    (``evidence``: it contradicts itself or its details) is not judged: its INVALID checks alone."""
+    evidence = evidence_checks(results)
+    if invalid(evidence):
+        return finalize(evidence, config.strict, config.alpha)
+    checks = [c for c in evidence if c.verdict != PASS] + within_run_checks(results, config)
     known_lossy(checks, baselines or [])
     for b in baselines or []:
         checks += baseline_checks(results, b, config, results_path=results_path, directory=baseline_dir)
     checks += extra_checks or []
     checks += completeness_checks(results, checks, baseline_requested=baseline_requested)
+    checks += [c for c in evidence if c.verdict == PASS]
     finalize(checks, config.strict, config.alpha)
     state_power(checks, config.alpha)
     mark_not_requested(results, checks)

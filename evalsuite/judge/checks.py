@@ -98,7 +98,7 @@ def finalize(checks: list[Check], strict: bool, alpha: float = DEFAULT_ALPHA) ->
             c.reason += f"; not significant after Holm over {len(family)} gated checks (alpha {alpha:g}){tail}"
     for c in checks:
         if c.gated is None:
-            c.failing = c.verdict == FAIL or (strict and c.verdict in (IMPROVED, INCOMPLETE))
+            c.failing = c.verdict in (FAIL, INVALID) or (strict and c.verdict in (IMPROVED, INCOMPLETE))
         else:
             c.failing = c.gated and (c.verdict == FAIL or (strict and c.verdict == IMPROVED))
     return checks
@@ -161,7 +161,7 @@ def limit_test(value: float, interval: list[float] | None, limit: float, upper: 
     excess = (value - limit) if upper else (limit - value)
     p = one_sided_p(excess, se)
     ci = f"95% CI [{fmt(lo)}, {fmt(hi)}]"
-    if good(lo) and good(hi):
+    if good(lo) and good(hi) and good(value):  # a value beyond its own interval is no PASS either
         return PASS, f"{fmt(value)}, {ci} entirely {op} limit {fmt(limit)}", p, se
     if p < alpha:
         return FAIL, f"{fmt(value)}, {ci}: {bad_op} limit {fmt(limit)} (one-sided p {fmt(p, 2)})", p, se

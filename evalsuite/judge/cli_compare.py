@@ -2,7 +2,9 @@
 
 A is the reference (the baseline), B the candidate. Each metric with a direction gets a verdict with
 the same tolerances as ``gate``; metrics the gate excludes are shown too (``--all`` also shows
-descriptive ones). Exit 1 when a metric got worse beyond its tolerance.
+descriptive ones). Exit 1 when a metric got worse beyond its tolerance; 5 when either file fails as
+evidence (``evidence``: it contradicts itself or its details); 2 when nothing was compared (no shared
+metric) or a --stage / --variant names what neither file holds.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import sys
 
 from evalsuite.judge import config_from_args
 from evalsuite.judge.baseline import check_identity, compare_metric, from_results, metric_key, variant_group
-from evalsuite.judge.checks import FAIL, IMPROVED, VERDICTS, fmt
+from evalsuite.errors import EvalsuiteError
+from evalsuite.judge.checks import EXIT_INCOMPLETE, EXIT_INVALID, FAIL, IMPROVED, INVALID, VERDICTS, fmt
+from evalsuite.judge.evidence import evidence_checks
 from evalsuite.report.table import colour, colour_enabled, fit_table, terminal_width, visible_width
 from evalsuite.results import Results
 
@@ -37,6 +41,18 @@ def main(args: argparse.Namespace) -> int:
 
     a, b = Results.load(args.a), Results.load(args.b)
     config = config_from_args(args)
+    for name, wanted, held in (("--stage", args.stage, "stage"), ("--variant", args.variant, "variant")):
+        have = {getattr(m, held) for m in (*a.records, *b.records)}
+        unknown = [x for x in wanted or [] if x not in have]
+        if unknown:
+            raise EvalsuiteError(f"{name} {','.join(unknown)}: neither results file holds it (they hold "
+                                 f"{', '.join(sorted(have)) or 'no records'})")
+    bad = [(path, c) for path, res in ((args.a, a), (args.b, b)) for c in evidence_checks(res) if c.verdict == INVALID]
+    if bad:
+        for path, c in bad:
+            print(f"INVALID  {path}: {c.reason}")
+        print(f"compare INVALID: {len(bad)} contradiction check(s); nothing compared")
+        return EXIT_INVALID
     warning = mismatch_warning(results_protocol(a), results_protocol(b), "A and B")
     if warning:
         print(warning, file=sys.stderr)
@@ -78,4 +94,6 @@ def main(args: argparse.Namespace) -> int:
     if width is not None and visible_width(text) > width:  # long metric names: each its own line, values under it
         text = "\n".join(f"{r[0]}\n    {r[1]} → {r[2]}  {r[3]} {r[4]}  {r[5]}  {r[6]}".rstrip() for r in rows)
     print(text)
+    if not rows:
+        return EXIT_INCOMPLETE  # nothing compared is no verdict
     return 1 if failing else 0

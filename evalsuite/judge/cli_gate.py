@@ -1,7 +1,8 @@
 """``evalsuite gate RESULTS [--baseline FILE | --baselines DIR]``: judge a results file against a baseline
 (by default the stored ones in reports/baselines).
 
-Runs the within-run limits and the baseline comparison, prints the verdict table, optionally writes
+Checks the file as evidence first (``evidence``: INVALID, exit 5, when it contradicts itself or
+its details), then runs the within-run limits and the baseline comparison, prints the verdict table, optionally writes
 the reports (``--out``) and a JUnit file (``--junit``). Exit 1 when any check fails, 2 when the
 candidate is INCOMPLETE (interrupted, a stage or task without records, nothing comparable).
 """
@@ -25,6 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     hidden_alias(p, "--candidate", "candidate_option")  # the positional, when given, is consumed last
     p.add_argument("--variant", action=CommaList, help="only these baseline variants (comma list or repeated)")
     p.add_argument("--out", metavar="DIR", help="write results.json (with verdicts), report.md/html and junit.xml here")
+    p.add_argument("--force", action="store_true",
+                   help="let --out replace a results.json already there (a run's verdicts)")
     p.add_argument("--format", default="json,md,html,junit", help="what --out gets (default json,md,html,junit)")
     hidden_alias(p, "--formats", "format")
     p.add_argument("--junit", metavar="FILE", help="write a JUnit XML file with one test case per check")
@@ -41,6 +44,9 @@ def main(args: argparse.Namespace) -> int:
     args.candidate = args.candidate or getattr(args, "candidate_option", None)
     if not args.candidate:
         raise EvalsuiteError("gate needs the results file to judge: evalsuite gate RESULTS")
+    if args.out and (Path(args.out) / "results.json").exists() and not args.force:
+        raise EvalsuiteError(f"--out {args.out} holds a results.json (a run's verdicts); pass --force to replace it, "
+                             f"or another --out")
     candidate = Results.load(args.candidate)
     baselines, missing, directory = resolve_baselines(candidate, args, args.candidate)
     if args.baseline and not baselines:

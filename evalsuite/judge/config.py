@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,11 +167,11 @@ def load_gate_config(path: str | Path | None = None, strict: bool | None = None,
     if strict is not None and strict:
         data["strict"] = True
     if sigma is not None:
-        if sigma <= 0:
-            raise EvalsuiteError("--sigma must be positive")
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise EvalsuiteError(f"--sigma {sigma}: must be a positive finite number")
         data["baseline"]["sigma"] = sigma
     if alpha is not None:
-        if not 0 < alpha < 1:
+        if not 0 < alpha < 1:  # NaN fails this too
             raise EvalsuiteError(f"--alpha {alpha}: must be between 0 and 1")
         data["alpha"] = alpha
     if gate_cpu_speed:
@@ -198,16 +199,41 @@ LIMIT_KEYS += ("gen_decode_agreement_min", "gen_kld_max", "gen_identical_min", "
 BASELINE_KEYS = ("sigma", "abs_floor", "rel_floor", "exclude")
 
 
+def _as_number(x: Any) -> float | None:
+    """``x`` as a finite float, or None. A numeric string counts (PyYAML reads ``1.0e9`` as a string:
+    YAML 1.1 wants a dot and a signed exponent); NaN and infinity never do: no limit is met by them."""
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, str):
+        try:
+            x = float(x.strip())
+        except ValueError:
+            return None
+    if not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return x
+
+
 def _number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return _as_number(x) is not None
+
+
+def _numbers(d: dict[str, Any], keys=None) -> None:
+    """Replace the numeric strings among ``d``'s values (of ``keys``) by their numbers, in place."""
+    for k in list(d):
+        if (keys is None or k in keys) and isinstance(d[k], str) and _as_number(d[k]) is not None:
+            d[k] = _as_number(d[k])
 
 
 def check_gate_types(user: dict[str, Any], where: str) -> None:
-    """Every key and value type of a gates file, so that ``kld_mean_max: "0.1"`` or a misspelt
+    """Every key and value type of a gates file, so that ``kld_mean_max: .nan`` or a misspelt
     limit is a one-line error before the model loads, not a crash or a limit silently ignored."""
     def bad(key: str, value: Any, want: str) -> EvalsuiteError:
         return EvalsuiteError(f"{where}: {key} = {value!r}: expected {want}")
 
+    _numbers(user, ("alpha",))
+    if "alpha" in user and not _number(user["alpha"]):
+        raise bad("alpha", user["alpha"], "a number between 0 and 1")
     if "strict" in user and not isinstance(user["strict"], bool):
         raise bad("strict", user["strict"], "true or false")
     for key in ("layer_metric", "speed_devices"):
@@ -224,12 +250,15 @@ def check_gate_types(user: dict[str, Any], where: str) -> None:
         if unknown:
             raise EvalsuiteError(f"{where}: schemes.{pattern}: unknown limits {', '.join(sorted(map(str, unknown)))}; "
                                  f"known: {', '.join(LIMIT_KEYS)}")
+        _numbers(limits, set(LIMIT_KEYS) - {"speedup_min"})
+        if isinstance(limits.get("speedup_min"), dict):
+            _numbers(limits["speedup_min"])
         for key, v in limits.items():
             if key == "speedup_min":
                 if not isinstance(v, dict) or not all(_number(x) for x in v.values()):
                     raise bad(f"schemes.{pattern}.{key}", v, "a mapping of speed tasks to ratios")
             elif v is not None and not _number(v):
-                raise bad(f"schemes.{pattern}.{key}", v, "a number")
+                raise bad(f"schemes.{pattern}.{key}", v, "a finite number")
     base = user.get("baseline", {})
     if not isinstance(base, dict):
         raise bad("baseline", base, "a mapping")
@@ -237,6 +266,9 @@ def check_gate_types(user: dict[str, Any], where: str) -> None:
     if unknown:
         raise EvalsuiteError(f"{where}: baseline: unknown keys {', '.join(sorted(map(str, unknown)))}; "
                              f"known: {', '.join(BASELINE_KEYS)}")
+    _numbers(base, ("sigma", "abs_floor"))
+    if isinstance(base.get("rel_floor"), dict):
+        _numbers(base["rel_floor"])
     for key in ("sigma", "abs_floor"):
         if key in base and (not _number(base[key]) or base[key] < 0 or (key == "sigma" and base[key] == 0)):
             raise bad(f"baseline.{key}", base[key], "a positive number" if key == "sigma" else "a number ≥ 0")

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from evalsuite import stats
-from evalsuite.judge.checks import FAIL, INCONCLUSIVE, PASS, SKIPPED, WORSE, Z95, Check, fmt, limit_test
+from evalsuite.judge.checks import FAIL, INCOMPLETE, INCONCLUSIVE, PASS, SKIPPED, WORSE, Z95, Check, fmt, limit_test
 from evalsuite.judge.config import GateConfig
 from evalsuite.judge.generation import generation_checks
 from evalsuite.judge.layers import block_sqnr, layer_summary
@@ -246,12 +246,12 @@ def speed_checks(results: Results, variant: str, limits: dict, pattern: str, dev
 
 def run_checks(results: Results) -> list[Check]:
     """The run itself: errors the stages recorded mean partial data (the checks they affect say so;
-    non-finite logits fail their own check), so they are listed here as SKIPPED, not hidden."""
+    non-finite logits fail their own check), so the run is INCOMPLETE, never PASSED."""
     if not results.errors:
         return [Check("run/errors", "run", PASS, "no stage recorded an error")]
     msgs = "; ".join(f"{e.get('stage')}{'/' + e['variant'] if e.get('variant') else ''}: {e.get('message')}"
                      for e in results.errors[:5])
-    return [Check("run/errors", "run", SKIPPED, f"{len(results.errors)} stage error(s), data partial: {msgs}")]
+    return [Check("run/errors", "run", INCOMPLETE, f"{len(results.errors)} stage error(s), data partial: {msgs}")]
 
 
 def within_run_checks(results: Results, config: GateConfig) -> list[Check]:

@@ -174,6 +174,12 @@ def summary_line(verdicts: list[dict[str, Any]], width: int | None = None) -> st
     (INCONCLUSIVE, SKIPPED, INCOMPLETE: a PASS is only for what was checked), and what was reported
     without gating. Wrapped to ``width`` columns (None: one line), continuation lines indented."""
     failing = sum(1 for v in verdicts if v.get("failing"))
+    invalid = sum(1 for v in verdicts if v.get("verdict") == "INVALID")
+    if invalid:  # evidence that contradicts itself: no verdict in it is given (judge.evidence)
+        text = (f"gate INVALID: the results file contradicts itself or its details ({invalid} check"
+                f"{'s' * (invalid != 1)}); nothing in it was judged")
+        return text if width is None else textwrap.fill(text, max(width, 40), subsequent_indent="  ",
+                                                        break_long_words=False, break_on_hyphens=False)
     overall = "FAILED" if failing else ("INCOMPLETE" if any(v.get("verdict") == "INCOMPLETE" for v in verdicts)
                                         else "PASSED")
     unjudged = ("INCONCLUSIVE", "SKIPPED", "INCOMPLETE")
