@@ -53,8 +53,9 @@ from evalsuite.distributed import gather, shard
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load.model import forward_logits
 from evalsuite.kernels import kld as kld_kernel
-from evalsuite.measure import Stage, fp_cache, noise_floor
+from evalsuite.measure import Stage, fp_cache, noise_floor, tokenization
 from evalsuite.measure.phase_timer import PhaseTimer
+from evalsuite.measure.tokenization import bos_rule
 
 NOISE = "fp@noise"
 PERCENTILES = (100, 99.9, 99, 95, 90, 50, 10, 5, 1, 0.1, 0)
@@ -126,12 +127,8 @@ def tokenize_corpus(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray | None
 
 
 def tokenizer_bos(tokenizer) -> int | None:
-    """The BOS id when the tokenizer prepends one by itself (SmolLM2's does not), else None."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return int(bos) if len(ids) and ids[0] == bos else None
+    """The BOS id each window starts with: the run's rule (:mod:`evalsuite.measure.tokenization`)."""
+    return bos_rule(tokenizer).bos_id
 
 
 def make_windows(ids: np.ndarray, text: str, char_ends: np.ndarray | None, protocol: Protocol,
@@ -597,7 +594,9 @@ def run(ctx) -> None:
     text, source, task = load_corpus(ctx.option("ppl_corpus", "wikitext2"), ctx.data_dir)
     tokenizer = ctx.tokenizer
     ids, ends = tokenize_corpus(tokenizer, text)
-    windows = make_windows(ids, text, ends, protocol, tokenizer_bos(tokenizer), source, decode=tokenizer.decode)
+    rule = bos_rule(tokenizer)
+    tokenization.note(ctx.results.run, rule)
+    windows = make_windows(ids, text, ends, protocol, rule.bos_id, source, decode=tokenizer.decode)
     stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")), ctx.fused_kernels)
     noise_mode = noise_floor.parse_mode(ctx.option("ppl_noise_floor", "sample"))
     if noise_mode not in noise_floor.MODES:
