@@ -79,3 +79,31 @@ def make_tiny_llama(seed: int = 0, vocab_size: int = 256, hidden: int = 64, laye
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+def make_byte_tokenizer(bos: bool = True):
+    """A byte-level tokenizer (one token per UTF-8 byte, no merges; ids 0-255, then <s> 256 and
+    </s> 257) built in memory. ``bos``: its default encoding puts <s> first (as Llama's and Gemma's do);
+    else it adds nothing (as GPT-2's, SmolLM2's and Qwen2's)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_char = {b: c for b, c in zip(range(256), sorted(alphabet, key=lambda c: _byte_of(c)))}
+    vocab = {c: b for b, c in byte_char.items()} | {"<s>": 256, "</s>": 257}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", 256)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def _byte_of(char: str) -> int:
+    """The byte GPT-2's byte-level alphabet writes as ``char``."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    if ord(char) in printable:
+        return ord(char)
+    rest = [b for b in range(256) if b not in printable]
+    return rest[ord(char) - 256]

@@ -19,7 +19,7 @@ from torch import nn
 from evalsuite.errors import EvalsuiteError
 from evalsuite.load import LoadedModel
 from evalsuite.load.model import ModelInfo
-from evalsuite.measure import layers as L
+from evalsuite.measure import layers as L, tokenization
 from evalsuite.measure.context import RunContext
 from evalsuite.measure.layer_thresholds import load_thresholds
 from evalsuite.quantize import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -438,3 +438,27 @@ def test_float_weights_of_a_checkpoint_are_their_own_dequantization():
     ref = fp.get_submodule(name).weight
     assert L.weight_errors(ref, variant.get_submodule(name))["weight_sqnr_db"] == pytest.approx(
         L.weight_errors(ref, q)["weight_sqnr_db"], abs=1e-6)
+
+
+def test_calibration_starts_with_bos_as_the_ppl_windows_do(data_dir):
+    """With a tokenizer that puts BOS first by default, each calibration sequence is BOS and the text's
+    next tokens, exactly as the ppl stage's windows of the same text and length; the rule is recorded."""
+    from evalsuite.measure import perplexity as P
+    from evalsuite.measure.corpus import wikitext
+    from tests.conftest import make_byte_tokenizer
+
+    tok = make_byte_tokenizer(bos=True)
+    fp = make_tiny_llama(vocab_size=260, layers=2)
+    q = quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig())
+    ctx = make_ctx(fp, {"int8-wo": q}, {"int8-wo": Int8WeightOnlyConfig()}, data_dir, tokenizer=tok, tokens=128,
+                   seq_len=32)
+    calib = L.load_calibration(ctx, L.options(ctx))
+    text, source = wikitext("valid", data_dir)
+    text = text[:20_000]
+    ids, ends = P.tokenize_corpus(tok, text)
+    windows = P.make_windows(ids, text, ends, P.Protocol(context=32, max_windows=4), P.tokenizer_bos(tok), source)
+    got = torch.cat(calib.batches)
+    assert calib.bos and got.shape == (4, 32)
+    assert torch.equal(got, windows.input_ids) and bool((got[:, 0] == 256).all())
+    assert ctx.results.run["tokenization"] == {"bos": True, "bos_id": 256, "rule": tokenization.bos_rule(tok).rule}
+    assert run_stage(ctx).details["layers"]["calibration"]["bos"] is True

@@ -470,3 +470,30 @@ def test_plan_cache_batches_a_tasks_requests_once_across_variants(smollm2):
     adapter(q8, batch_size=1).loglikelihood(insts)  # other settings: planned again
     adapter(q8).loglikelihood(_instances("loglikelihood", REQUESTS))  # other instances: planned again
     assert len(made) == 3
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos_tokenizer", "no_bos_tokenizer"])
+def test_tokenization_follows_lm_eval_hflm(bos):
+    """With a tokenizer that puts BOS first by default (Llama's, Gemma's) HFLM's contexts start with
+    it; ours must too: the same per-request log-likelihoods, rolling log-likelihoods and greedy
+    generations as HFLM's on the same model; and with one that adds nothing, nothing added."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from tests.conftest import make_byte_tokenizer
+
+    tok = make_byte_tokenizer(bos=bos)
+    model = make_tiny_llama(vocab_size=260)
+    pairs = [("Question: 2 + 2?\nAnswer:", " four"), ("The cat sat on the", " mat"), ("", "Empty context"),
+             ("<s>Already has BOS,", " so none added"), ("trailing space ", "moves")]
+    ll = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    rolling = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(["A whole text.", "x"])]
+    gen = [Instance("generate_until", {}, ("Once upon a", {"until": ["\n"], "max_gen_toks": 4}), 0)]
+    ours = TorchLM(model, tok, device="cpu")
+    hf = HFLM(pretrained=model, tokenizer=tok, batch_size=4, device="cpu")
+    got, ref = ours.loglikelihood(ll), hf.loglikelihood(ll)
+    for (a, ga), (b, gb) in zip(got, ref):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-4) and ga == gb
+    assert ours.loglikelihood_rolling(rolling) == pytest.approx(hf.loglikelihood_rolling(rolling), rel=1e-5, abs=1e-4)
+    assert ours.generate_until(gen) == hf.generate_until(gen)
+    assert ours.tok_encode("Hi") == hf.tok_encode("Hi") == ([256] if bos else []) + [72, 105]

@@ -46,6 +46,10 @@ class ModelArgs:
         self.head_dim = self.dim // self.n_head
 
 
+# the families whose blocks this decoder computes exactly (RMSNorm, SwiGLU, rotate-half rotary; Qwen2's
+# q/k/v biases run in their projections)
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+
 # Shapes by name; random weights of these shapes are what the speed stage times.
 SHAPES: dict[str, dict] = {
     "llama-2-7b": dict(n_layer=32, n_head=32, dim=4096, vocab_size=32000),
@@ -324,6 +328,14 @@ def from_hf(hf_model: nn.Module) -> Transformer:
     name = type(hf_model).__name__
     if layers is None or head is None or rotary is None:
         raise EvalsuiteError(f"the speed stage needs a Llama-style model; {name} is not one (use --speed-model SHAPE)")
+    kind = getattr(cfg, "model_type", None)
+    if kind not in LLAMA_TYPES:  # e.g. Gemma (scaled embeddings, (1 + w) norms, GELU) or Phi-3 (fused qkv)
+        raise EvalsuiteError(f"{name}: model type {kind!r} is not one the gpt-fast decoder computes exactly "
+                             f"({', '.join(LLAMA_TYPES)})")
+    if any(not all(isinstance(getattr(layer.self_attn, n, None), nn.Module) for n in ("q_proj", "k_proj", "v_proj"))
+           for layer in layers):
+        raise EvalsuiteError(f"{name}: attention without separate q/k/v projections is not supported by the "
+                             f"speed stage's decoder")
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head

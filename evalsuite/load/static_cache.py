@@ -20,8 +20,7 @@ from torch import Tensor, nn
 from evalsuite.errors import EvalsuiteError
 from evalsuite.load import gptfast
 
-# the families whose blocks the gpt-fast decoder computes exactly (RMSNorm, SwiGLU, rotate-half rotary)
-LLAMA_TYPES = ("llama", "mistral", "qwen2")
+LLAMA_TYPES = gptfast.LLAMA_TYPES  # the families whose blocks the gpt-fast decoder computes exactly
 SLOT_MULTIPLE = 16  # cache length rounded up: the memory-efficient attention kernel wants aligned masks
 
 

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from evalsuite.errors import EvalsuiteError, first_line
-from evalsuite.measure import Stage
+from evalsuite.measure import Stage, tokenization
+from evalsuite.measure.tokenization import bos_rule, encode_many
 
 NOISE = "fp@noise"
 DEFAULT_PROMPTS = 32  # per source
@@ -97,15 +98,18 @@ def gsm8k_prompts(data_dir: Path | None, n: int) -> list[str]:
 
 def wikitext_prefixes(tokenizer, data_dir: Path | None, n: int, length: int) -> list[list[int]]:
     """``n`` prefixes of ``length`` tokens at evenly spaced offsets of the WikiText-2 test text's
-    first 400,000 characters (about a fifth of it: enough room, a fraction of the tokenizing)."""
+    first 400,000 characters (about a fifth of it: enough room, a fraction of the tokenizing); BOS
+    and ``length - 1`` tokens of text where the tokenization rule puts BOS first."""
     from evalsuite.measure.corpus import wikitext
 
     text, _ = wikitext("test", data_dir)
+    rule = bos_rule(tokenizer)
+    body = length - int(rule.bos)
     ids = tokenizer(text[:400_000], add_special_tokens=False)["input_ids"]
-    if len(ids) < length + n:
+    if len(ids) < body + n or body < 1:
         raise EvalsuiteError(f"WikiText-2 is too short for {n} prefixes of {length} tokens")
-    starts = np.linspace(0, len(ids) - length, n).astype(np.int64)
-    return [list(ids[s:s + length]) for s in starts]
+    starts = np.linspace(0, len(ids) - body, n).astype(np.int64)
+    return [rule.prefix(ids[s:s + body]) for s in starts]
 
 
 def prompt_set(ctx) -> tuple[list[str], list[list[int]]]:
@@ -115,10 +119,12 @@ def prompt_set(ctx) -> tuple[list[str], list[list[int]]]:
         n = min(n, ctx.limit)
     sources = [s.strip() for s in (ctx.option("gen_sources") or ",".join(SOURCES)).split(",") if s.strip()]
     tok = ctx.tokenizer
+    rule = bos_rule(tok)
+    tokenization.note(ctx.results.run, rule)
     names, prompts = [], []
     if "gsm8k" in sources:
         texts = gsm8k_prompts(ctx.data_dir, n)
-        prompts += [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+        prompts += encode_many(tok, texts, rule)
         names += ["gsm8k"] * len(texts)
     if "wikitext2" in sources:
         wiki = wikitext_prefixes(tok, ctx.data_dir, n, ctx.option("gen_prefix_tokens") or DEFAULT_PREFIX_TOKENS)

@@ -44,8 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from evalsuite.errors import EvalsuiteError
-from evalsuite.measure import Stage
+from evalsuite.measure import Stage, tokenization
 from evalsuite.results import json_number
+from evalsuite.measure.tokenization import bos_rule
 from evalsuite.measure.layer_thresholds import FLOAT_LAYER, Floors, Thresholds, load_thresholds
 from evalsuite.quantize.base import QuantizedLinear
 from evalsuite.results import Metric, Results
@@ -209,18 +210,27 @@ class Calibration:
     batches: list[torch.Tensor]
     source: str
     seq_len: int
+    bos: bool = False  # each sequence starts with BOS (the tokenization rule's)
 
     @property
     def n_tokens(self) -> int:
         return sum(b.numel() for b in self.batches)
 
 
-def calibration_batches(token_ids: list[int], n_tokens: int, seq_len: int, batch_tokens: int) -> list[torch.Tensor]:
-    """The first ``n_tokens`` tokens cut into sequences of ``seq_len``, grouped ``batch_tokens`` at a time."""
-    n_seq = min(n_tokens, len(token_ids)) // seq_len
+def calibration_batches(token_ids: list[int], n_tokens: int, seq_len: int, batch_tokens: int,
+                        bos_id: int | None = None) -> list[torch.Tensor]:
+    """Sequences of ``seq_len`` positions, ``n_tokens`` positions at most, grouped ``batch_tokens`` at a
+    time: each is ``bos_id`` (where the run's tokenization rule puts BOS first, as the ppl stage's
+    windows) then the next ``seq_len - 1`` tokens of the text, else ``seq_len`` tokens of the text."""
+    body = seq_len - int(bos_id is not None)
+    if body < 1:
+        raise EvalsuiteError(f"a calibration sequence of {seq_len} tokens leaves no room for text after BOS")
+    n_seq = min(n_tokens // seq_len, len(token_ids) // body)
     if n_seq == 0:
         raise EvalsuiteError(f"the calibration text has {len(token_ids)} tokens, fewer than one sequence of {seq_len}")
-    ids = torch.tensor(token_ids[: n_seq * seq_len], dtype=torch.long).view(n_seq, seq_len)
+    ids = torch.tensor(token_ids[: n_seq * body], dtype=torch.long).view(n_seq, body)
+    if bos_id is not None:
+        ids = torch.cat([torch.full((n_seq, 1), bos_id, dtype=torch.long), ids], dim=1)
     per_batch = max(1, batch_tokens // seq_len)
     return list(ids.split(per_batch))
 
@@ -521,9 +531,12 @@ def load_calibration(ctx, opts: Options) -> Calibration:
     from evalsuite.measure.corpus import wikitext
 
     text, source = wikitext("valid", ctx.data_dir)
+    rule = bos_rule(ctx.tokenizer)
+    tokenization.note(ctx.results.run, rule)
     ids = calibration_tokens(ctx.tokenizer, text, opts.tokens)
     seq_len = min(opts.seq_len, opts.tokens)
-    return Calibration(calibration_batches(ids, opts.tokens, seq_len, opts.batch_tokens), source, seq_len)
+    return Calibration(calibration_batches(ids, opts.tokens, seq_len, opts.batch_tokens, rule.bos_id), source,
+                       seq_len, rule.bos)
 
 
 def run(ctx) -> None:
@@ -545,7 +558,8 @@ def run(ctx) -> None:
 
     details = ctx.results.details.setdefault(STAGE_NAME, {})
     details["calibration"] = {"source": calib.source, "split": "valid", "tokens": calib.n_tokens,
-                              "seq_len": calib.seq_len, "thresholds": opts.thresholds.source}
+                              "seq_len": calib.seq_len, "bos": calib.bos,
+                              "thresholds": opts.thresholds.source}
     for variant, qmodel in ctx.quantized.items():
         layers = {n: PowerSums.merge([p[variant][0][n] for p in parts]) for n in layer_sums[variant]}
         blocks = [PowerSums.merge([p[variant][1][i] for p in parts]) for i in range(len(block_sums[variant]))]

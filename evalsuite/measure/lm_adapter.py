@@ -13,6 +13,8 @@ projection at every position; this adapter is the same computation, faster:
   the packed logits matched the model's own forward on a probe input; ``packed=False`` turns it off;
 - the vocabulary projection runs only on the hidden states of the positions that are scored
   (a pre-hook on the model's head), and the normaliser (logsumexp) runs in float32 on those rows only;
+- tokens are lm-eval's: a context is encoded as HFLM's ``tok_encode`` does, BOS first where the
+  tokenizer adds it by default (:mod:`evalsuite.measure.tokenization`, the rule of every stage);
 - tokenization is batched and can be shared between the adapters of several variants (tokens do
   not depend on the model; lm-eval's request cache does not depend on it either, which is why we
   never use that cache).
@@ -40,6 +42,7 @@ from torch import nn
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.load.model import forward_logits
+from evalsuite.measure.tokenization import bos_rule
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_MAX_GEN_TOKS = 256  # as HFLM
@@ -159,6 +162,7 @@ class TorchLM(TemplateLM):
         self.show_progress = show_progress
         self._head = vocabulary_head(model)
         self._direct: Any = None  # the tokenizer's Rust backend once checked (False: not usable)
+        self.rule = bos_rule(tokenizer)  # BOS first or not: HFLM's tok_encode, as every stage
         hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "dim", None) or 4096
         self.attention_width = ATTENTION_WIDTH_PER_HIDDEN * int(hidden)
         self.packed = packed
@@ -180,7 +184,10 @@ class TorchLM(TemplateLM):
         return self._device
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
-        return self.encode_many([string], add_special_tokens=bool(add_special_tokens))[0]
+        """As HFLM's: None follows the tokenization rule (the tokenizer's default BOS), True/False as given."""
+        if add_special_tokens is None:
+            return self.rule.prefix(self.encode_many([string])[0], string)
+        return self.encode_many([string], add_special_tokens=add_special_tokens)[0]
 
     def tok_decode(self, tokens: Iterable[int], **kwargs: Any) -> str:
         return self.tokenizer.decode(list(tokens), skip_special_tokens=False)
@@ -235,16 +242,17 @@ class TorchLM(TemplateLM):
     def _plan_key(self, requests: list) -> tuple:
         """The same instances (by identity; the cache keeps them alive) under the same settings."""
         return (tuple(map(id, requests)), self.batch_size, self.batch_tokens, self.scored_rows, self.max_length,
-                self.attention_width, self.prefix_token_id, self._packed_forward() is not None)
+                self.attention_width, self.prefix_token_id, self.rule.bos_id, self._packed_forward() is not None)
 
     def _token_requests(self, requests: list) -> list[tuple[tuple, list[int], list[int]]]:
         pairs = _split_pairs(r.args for r in requests)
         self.encode_many(_pair_strings(pairs))
         new_reqs = []
         for (orig, (context, continuation)) in zip((r.args for r in requests), pairs):
-            if context:
-                context_enc = self.encode_cache[context]
-                continuation_enc = self.encode_cache[context + continuation][len(context_enc):]
+            if context:  # HFLM's tok_encode puts the same BOS (or none) before both encodings
+                raw_context = self.encode_cache[context]
+                continuation_enc = self.encode_cache[context + continuation][len(raw_context):]
+                context_enc = self.rule.prefix(raw_context, context)
             else:
                 continuation_enc = self.encode_cache[continuation]
                 if continuation_enc and continuation_enc[0] == self.prefix_token_id:
@@ -462,7 +470,7 @@ class TorchLM(TemplateLM):
         token conditioned on the prefix token), summed per string; lm-eval's definition."""
         texts = [r.args[0] for r in requests]
         windows, owner = [], []
-        for k, tokens in enumerate(self.encode_many(texts)):
+        for k, tokens in enumerate(map(self.rule.prefix, self.encode_many(texts), texts)):
             for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
                     token_list=tokens, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
                 windows.append(((None, None), list(ctx), list(cont)))
@@ -488,7 +496,8 @@ class TorchLM(TemplateLM):
         requests = list(requests)
         if not requests:
             return []
-        contexts = self.encode_many([r.args[0] for r in requests])
+        texts = [r.args[0] for r in requests]
+        contexts = list(map(self.rule.prefix, self.encode_many(texts), texts))
         eos_text = self.tok_decode([self.eot_token_id])
         stops, limits, prompts = [], [], []
         for context, r in zip(contexts, requests):

@@ -53,8 +53,9 @@ from evalsuite.distributed import gather, shard
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.load.model import forward_logits
 from evalsuite.kernels import kld as kld_kernel
-from evalsuite.measure import Stage, fp_cache, noise_floor
+from evalsuite.measure import Stage, families, fp_cache, noise_floor, tokenization
 from evalsuite.measure.phase_timer import PhaseTimer
+from evalsuite.measure.tokenization import bos_rule
 
 NOISE = "fp@noise"
 PERCENTILES = (100, 99.9, 99, 95, 90, 50, 10, 5, 1, 0.1, 0)
@@ -126,12 +127,8 @@ def tokenize_corpus(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray | None
 
 
 def tokenizer_bos(tokenizer) -> int | None:
-    """The BOS id when the tokenizer prepends one by itself (SmolLM2's does not), else None."""
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        return None
-    ids = tokenizer("a")["input_ids"]
-    return int(bos) if len(ids) and ids[0] == bos else None
+    """The BOS id each window starts with: the run's rule (:mod:`evalsuite.measure.tokenization`)."""
+    return bos_rule(tokenizer).bos_id
 
 
 def make_windows(ids: np.ndarray, text: str, char_ends: np.ndarray | None, protocol: Protocol,
@@ -183,8 +180,24 @@ def make_windows(ids: np.ndarray, text: str, char_ends: np.ndarray | None, proto
                    n_corpus_tokens=n, n_tail_unscored=tail, bos=bos, protocol=protocol, source=source)
 
 
+# logits per chunk of the torch statistics (float32: 64 MiB a [rows, V] tensor)
+STATS_CHUNK_ELEMENTS = 1 << 24
+
+
+def _row_chunks(n_rows: int, vocab: int) -> list[slice]:
+    """Row ranges of at most STATS_CHUNK_ELEMENTS // vocab rows (one at least)."""
+    step = max(1, STATS_CHUNK_ELEMENTS // max(1, vocab))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)] or [slice(0, 0)]
+
+
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """NLL of each target under its row of logits [N, V], float32; NaN where the row is not finite."""
+    """NLL of each target under its row of logits [N, V], float32; NaN where the row is not finite.
+    Computed STATS_CHUNK_ELEMENTS at a time (see :func:`paired_token_stats`)."""
+    parts = [_token_nll_rows(logits[s], targets[s]) for s in _row_chunks(logits.shape[0], logits.shape[-1])]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _token_nll_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     nll = -logp.gather(-1, targets[:, None])[:, 0]
     return nll.masked_fill(~torch.isfinite(nll), torch.nan)
@@ -197,7 +210,17 @@ def paired_token_stats(ref_logits: torch.Tensor, logits: torch.Tensor, targets: 
     Q(target) - P(target), ``same_top1`` (1.0 / 0.0), ``nll_ref`` and ``nll``; every one of them is NaN
     for a token whose logits (either side) are not finite. ``own_nll_ref`` and ``own_nll`` are each
     side's NLL, NaN only where that side's own logits are not finite.
+
+    Rows go STATS_CHUNK_ELEMENTS logits at a time: the float32 log-softmax of both sides and their
+    temporaries are ~4 x rows x V x 4 bytes: 8.6 GB for a 2,048-token window of a 262k vocabulary
+    (Gemma-3) at once, 256 MiB a chunk.
     """
+    parts = [_paired_rows(ref_logits[s], logits[s], targets[s])
+             for s in _row_chunks(ref_logits.shape[0], ref_logits.shape[-1])]
+    return parts[0] if len(parts) == 1 else {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _paired_rows(ref_logits: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     lp = torch.log_softmax(ref_logits, dim=-1, dtype=torch.float32)
     lq = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     kld = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0)
@@ -597,7 +620,10 @@ def run(ctx) -> None:
     text, source, task = load_corpus(ctx.option("ppl_corpus", "wikitext2"), ctx.data_dir)
     tokenizer = ctx.tokenizer
     ids, ends = tokenize_corpus(tokenizer, text)
-    windows = make_windows(ids, text, ends, protocol, tokenizer_bos(tokenizer), source, decode=tokenizer.decode)
+    rule = bos_rule(tokenizer)
+    tokenization.note(ctx.results.run, rule)
+    families.note(ctx.results.run, ctx.fp)
+    windows = make_windows(ids, text, ends, protocol, rule.bos_id, source, decode=tokenizer.decode)
     stats_fn, nll_fn, stats_name = select_stats(ctx.device, bool(ctx.option("ppl_compile")), ctx.fused_kernels)
     noise_mode = noise_floor.parse_mode(ctx.option("ppl_noise_floor", "sample"))
     if noise_mode not in noise_floor.MODES:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from evalsuite.errors import EvalsuiteError, first_line
-from evalsuite.measure import Stage
+from evalsuite.measure import Stage, families, tokenization
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 DEFAULT_SUITE = "standard"
@@ -440,6 +440,8 @@ def run(ctx) -> None:
     if limit is not None:
         ctx.results.run["partial"] = True
     details = ctx.results.details.setdefault("tasks", {})
+    tokenization.note(ctx.results.run, tokenization.bos_rule(ctx.tokenizer))
+    families.note(ctx.results.run, ctx.fp)
     scoring = _Scoring()
     with lm_eval_session(), _host_tuned(), ThreadPoolExecutor(1, thread_name_prefix="evalsuite-tokenize") as pool:
         tm, names = _selected_tasks(ctx.args, ctx.data_dir)
