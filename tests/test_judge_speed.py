@@ -154,7 +154,7 @@ def test_bench_aa_speed_only_keeps_the_paired_calibration_and_the_gate_uses_it(t
     folder = tmp_path / "baselines"
     assert gate_speed(tmp_path, speed_run(H200_FP, H200_Q, seed=1), speed_run(H200_FP, H200_Q, 2), {
         "schema": "evalsuite.noise/1", "source": "earlier ppl/tasks A/A",
-        "statistics": {"ppl/wikitext2/fp/nll_shift": {"same_path": 0.0, "cross_path": 2e-5}}})[0] == 2  # no speed spread yet
+        "statistics": {"ppl/wikitext2/fp/nll_shift": {"same_path": 0.0, "cross_path": 2e-5}}})[0] == 4  # no speed spread yet: INCOMPLETE
     where = folder / "SmolLM2-135M" / "cuda-bf16"
     runs = []
     for i, f in enumerate((1.0, 0.95, 1.03)):
