@@ -3,7 +3,7 @@
     import evalsuite
     res = evalsuite.evaluate("path/to/model", schemes=["int8-wo"], stages=["ppl"], suite="smoke")
     print(res.table())
-    res.gate("reports/baselines").passed
+    res.gate("reports/baselines").status   # "passed", "failed", "incomplete" or "invalid"
 
 ``evaluate`` runs the same pipeline as the command line (the options are the run's, in Python
 spelling) and returns the :class:`~evalsuite.results.Results` it wrote. An in-memory ``nn.Module``

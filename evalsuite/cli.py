@@ -1,9 +1,7 @@
 """The ``evalsuite`` command. Subcommands live in their stage's module and are imported only when
 called, so ``evalsuite --help`` is instant and lists them all.
 
-Exit codes: 0 every check passed, 1 a regression was flagged, 2 a usage or input error (one line on
-stderr, no traceback) or an INCOMPLETE run (no verdict), 3 an internal error (a bug: traceback on
-stderr, results so far kept), 128 + N ended by signal N (130 Ctrl-C, 143 SIGTERM).
+Exit codes (``EXIT_CODES``, the constants in ``evalsuite.judge.checks``): see ``--help``.
 """
 
 from __future__ import annotations
@@ -15,7 +13,18 @@ import sys
 from evalsuite import __version__
 from evalsuite.errors import EvalsuiteError, Interrupted, user_error
 
-EXIT_USAGE, EXIT_INTERNAL = 2, 3  # 0 and 1 are the commands' own: pass, regression
+from evalsuite.judge.checks import EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_INVALID, EXIT_USAGE
+
+EXIT_CODES = f"""exit codes:
+  0    passed: every check that gates passed
+  1    a regression: a gated check failed
+  {EXIT_USAGE}    a usage or input error (one line on stderr, no traceback)
+  {EXIT_INTERNAL}    an internal error (a bug: traceback on stderr, the results so far are kept)
+  {EXIT_INCOMPLETE}    INCOMPLETE: the run could not judge everything it was asked to (interrupted, a stage
+       or task without records, nothing comparable in the baseline, no gated check judged, a NaN in
+       the data a check needs)
+  {EXIT_INVALID}    INVALID: the results file contradicts itself; nothing in it is judged
+  128+N  ended by signal N (130 Ctrl-C, 143 SIGTERM)"""
 
 # name → (module, help); the module defines add_arguments(parser) and main(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -65,11 +74,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = _Parser(prog="evalsuite", description="Quantization accuracy and regression suite for causal LMs.")
+    parser = _Parser(prog="evalsuite", description="Quantization accuracy and regression suite for causal LMs.",
+                     epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"evalsuite {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == command:
             importlib.import_module(module).add_arguments(p)
     return parser

@@ -11,11 +11,12 @@ Entry status:
   FAIL   the run finished and a gate failed: a regression (the run's exit code 1 with a failing
          verdict in its results.json).
   ERROR  the run could not give a verdict: a usage or input error (exit 2, e.g. a missing model),
-         a crash (a traceback, an OOM), a timeout, or no readable results.json.
+         a crash (exit 3, a traceback, an OOM), an INCOMPLETE run (exit 4) or INVALID results
+         (exit 5), a timeout, or no readable results.json.
   NOT-RUN  (``--report-only``) no outcome recorded for the entry in OUT.
 
-Exit code of the matrix: 1 when any entry FAILed; otherwise 2 when any entry is ERROR or NOT-RUN;
-otherwise 0. A regression takes precedence over an error: it is a finding about the models that
+Exit code of the matrix (the codes of ``evalsuite.judge.checks``): 1 when any entry FAILed; otherwise
+4 (INCOMPLETE) when any entry is ERROR or NOT-RUN; otherwise 0. A regression takes precedence over an error: it is a finding about the models that
 must block a release whatever else broke, while an error says the matrix is incomplete. A config
 file that does not validate exits 2 before anything runs.
 
@@ -421,6 +422,7 @@ def classify(rc: int | None, results_path: Path, log_path: Path, timeout: float 
 
     A regression is exit code 1 *and* a failing verdict in the results; exit code 1 without one is
     a crash (Python exits 1 on an uncaught exception, e.g. a CUDA OOM)."""
+    from evalsuite.judge.checks import EXIT_INCOMPLETE, EXIT_INVALID
     from evalsuite.judge.checks import exit_code as verdicts_exit_code
     from evalsuite.results import Results
 
@@ -448,6 +450,10 @@ def classify(rc: int | None, results_path: Path, log_path: Path, timeout: float 
         return Outcome(status=FAIL, message="; ".join(f["check"] for f in failing), **base)
     if rc == 0:
         return Outcome(status=ERROR, message="exited 0 but wrote no finished results.json", **base)
+    if rc in (EXIT_INCOMPLETE, EXIT_INVALID) and results is not None:
+        word = "INCOMPLETE" if rc == EXIT_INCOMPLETE else "INVALID"
+        why = [f"{v.get('check')}: {v.get('reason')}" for v in results.verdicts if v.get("verdict") == word]
+        return Outcome(status=ERROR, message=f"{word}: " + ("; ".join(why[:3]) or f"exit code {rc}"), **base)
     return Outcome(status=ERROR, message=_last_error_line(log_path) or f"exit code {rc}", **base)
 
 
@@ -468,13 +474,15 @@ def _last_error_line(log_path: Path) -> str:
 # the matrix
 
 def matrix_exit_code(outcomes: list[Outcome]) -> int:
-    """1 if any entry regressed (FAIL), else 2 if any could not give a verdict, else 0."""
+    """1 if any entry regressed (FAIL), else 4 (INCOMPLETE) if any could not give a verdict, else 0."""
+    from evalsuite.judge.checks import EXIT_INCOMPLETE, EXIT_PASSED, EXIT_REGRESSION
+
     statuses = {o.status for o in outcomes}
     if FAIL in statuses:
-        return 1
+        return EXIT_REGRESSION
     if statuses & {ERROR, NOT_RUN}:
-        return 2
-    return 0
+        return EXIT_INCOMPLETE
+    return EXIT_PASSED
 
 
 def default_out_dir(config: Path) -> Path:
@@ -638,7 +646,8 @@ def render_summary(outcomes: list[Outcome], tablefmt: str = "simple") -> str:
 
 
 def render_markdown(outcomes: list[Outcome], summary: dict[str, Any]) -> str:
-    verdict = {0: "PASS", 1: "FAIL (regression)", 2: "INCOMPLETE (an entry could not give a verdict)"}[summary["exit_code"]]
+    verdict = {0: "PASS", 1: "FAIL (regression)", 4: "INCOMPLETE (an entry could not give a verdict)"}.get(
+        summary["exit_code"], f"exit code {summary['exit_code']}")
     lines = [f"# Nightly matrix: {verdict}", "", f"config `{summary['config']}`, started {summary['started']}, "
              f"updated {summary['updated']}", "", render_summary(outcomes, "github"), ""]
     failing = [(o.name, c) for o in outcomes for c in o.failing_checks]

@@ -480,6 +480,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                 continue
             except OSError as e:  # even the rescue folder is full: the last good checkpoint stays, whole
                 return f"could not save the results ({e.strerror}); {results_path} holds the last checkpoint"
+            except Exception as e:  # noqa: BLE001 - content never fails a save (Results.to_json); anything else must not hide the error
+                return f"could not save the results ({type(e).__name__}: {e}); {results_path} holds the last checkpoint"
             return f"results so far saved to {results_path}"
         return f"could not save the results; {results_path} holds the last checkpoint"
 
@@ -603,9 +605,11 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         raise EvalsuiteError(f"--out {out_dir}: cannot write {e.filename or out_dir} "
                              f"({e.strerror or first_line(e)}); the results are saved to {rescue}") from None
     if not stages:  # asked for load and quantize only: they worked; the verdict says INCOMPLETE
+        from evalsuite.judge.checks import EXIT_INCOMPLETE
+
         print("--stages none: loaded and quantized only; nothing was measured, so 'evalsuite gate' on these "
-              "results exits 2 (INCOMPLETE)")
-        code = 0 if code == 2 else code
+              f"results exits {EXIT_INCOMPLETE} (INCOMPLETE)")
+        code = 0 if code == EXIT_INCOMPLETE else code
     if code in (0, 1) and getattr(args, "suggest_fix", False) and dist_env.world_size == 1:
         suggest_fix(ctx, results, out_dir, args)
     return distributed.broadcast(code, dist_env.world_size)  # every rank exits as rank 0 does

@@ -9,8 +9,25 @@ A results file is JSON with this shape (schema ``evalsuite.results/1``)::
                     stderr, ci95, definition, extra}, ...],
       "details":  {stage: {...per-item / per-window data for histograms and significance}},
       "errors":   [{stage, variant, message}, ...],
-      "verdicts": [{check, verdict, reason, ...}, ...]
+      "verdicts": [{check, verdict, reason, ...}, ...],
+      "nonfinite":   {"<path>": count, ...},        (only when there were some)
+      "unencodable": {"<path>": "<type name>", ...}  (only when there were some)
     }
+
+JSON has no NaN or infinity, and no value may make a save fail (a checkpoint that raises loses the
+run). So:
+
+- a non-finite number (NaN, inf, -inf) anywhere is written as ``null``, and ``nonfinite`` counts
+  them per path (``"details/tasks/copa/values/int8-wo/acc": 1``; list indices are not part of the
+  path, so a list of 500 windows with 3 NaNs counts 3); a record's own ``value``, ``stderr`` and
+  ``ci95`` entries also say what they were in ``extra.nonfinite`` (``{"value": "nan", "ci95": [null,
+  "inf"]}``), and reading restores them, so a record reads back as it was written;
+- a value JSON cannot hold at all (an object of unknown type, a key that is not a string or a number)
+  is written as ``null`` (the key as its ``str``), and ``unencodable`` names its path and type;
+- a value that cannot exist is not stored at all: a generated answer has no log-likelihood, so a
+  generative task's details have no ``loglikelihoods`` entry (``"loglikelihoods": "not applicable"``).
+
+Older files wrote non-finite numbers as the strings ``"nan"``, ``"inf"``, ``"-inf"``; they still read.
 
 This module never imports torch: reporters and the judge read results files only.
 """
@@ -62,11 +79,20 @@ class Metric:
         return (self.stage, self.task, self.variant, self.metric)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: a non-finite value, stderr or ci95 entry becomes None, and ``extra.nonfinite``
+        says what it was (read back by ``from_dict``)."""
         d = asdict(self)
-        d["value"] = json_number(d["value"])
-        d["stderr"] = json_number(d["stderr"])
+        kinds: dict[str, Any] = {}
+        for k in ("value", "stderr"):
+            if _nonfinite_kind(d[k]) is not None:
+                kinds[k], d[k] = _nonfinite_kind(d[k]), None
         if d["ci95"] is not None:
-            d["ci95"] = [json_number(x) for x in d["ci95"]]
+            ci = [_nonfinite_kind(x) for x in d["ci95"]]
+            if any(c is not None for c in ci):
+                kinds["ci95"] = ci
+                d["ci95"] = [None if c is not None else x for x, c in zip(d["ci95"], ci)]
+        if kinds:
+            d["extra"] = {**d["extra"], "nonfinite": kinds}
         if not d["extra"]:
             del d["extra"]
         return d
@@ -78,12 +104,28 @@ class Metric:
             raise ValueError(f"record lacks {', '.join(missing)}")
         known = {f for f in cls.__dataclass_fields__}
         kwargs = {k: v for k, v in d.items() if k in known}
+        kinds = (kwargs.get("extra") or {}).get("nonfinite")
+        if isinstance(kinds, dict):  # written by to_dict: restore what the nulls were
+            kwargs["extra"] = {k: v for k, v in kwargs["extra"].items() if k != "nonfinite"}
+            for k in ("value", "stderr"):
+                if kwargs.get(k) is None and isinstance(kinds.get(k), str):
+                    kwargs[k] = float(kinds[k])
+            ci = kinds.get("ci95")
+            if isinstance(kwargs.get("ci95"), list) and isinstance(ci, list) and len(ci) == len(kwargs["ci95"]):
+                kwargs["ci95"] = [float(c) if x is None and isinstance(c, str) else x for x, c in zip(kwargs["ci95"], ci)]
         for k in ("value", "stderr"):
             if kwargs.get(k) is not None:
-                kwargs[k] = float(kwargs[k])
+                kwargs[k] = float(kwargs[k])  # also the strings "nan", "inf" of older files
         if kwargs.get("ci95") is not None:
-            kwargs["ci95"] = [float(x) for x in kwargs["ci95"]]
+            kwargs["ci95"] = [math.nan if x is None else float(x) for x in kwargs["ci95"]]
         return cls(**kwargs)
+
+
+def _nonfinite_kind(x: Any) -> str | None:
+    """"nan", "inf" or "-inf" for a non-finite float, else None."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "nan" if math.isnan(x) else "inf" if x > 0 else "-inf"
+    return None
 
 
 def json_number(x: float | None) -> float | str | None:
@@ -160,17 +202,84 @@ def _json_key(key: Any) -> str:
     raise TypeError(f"keys must be str, int, float, bool or None, not {type(key).__name__}")
 
 
-def _encode(value: Any, sealed: dict[int, list]) -> str:
+class _Report:
+    """Where a save met values JSON cannot hold: non-finite numbers (counted per path) and values of
+    other types (named per path)."""
+
+    def __init__(self) -> None:
+        self.nonfinite: dict[str, int] = {}
+        self.unencodable: dict[str, str] = {}
+
+    def merge(self, other: "_Report") -> None:
+        for k, n in other.nonfinite.items():
+            self.nonfinite[k] = self.nonfinite.get(k, 0) + n
+        self.unencodable.update(other.unencodable)
+
+
+def _clean(value: Any, path: str, report: _Report) -> Any:
+    """``value`` with every non-finite float as None and every value JSON cannot hold as None (a
+    key as its ``str``), each noted in ``report`` under ``path``. Numpy (and torch) scalars and
+    arrays become numbers and lists through their ``tolist``."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        report.nonfinite[path] = report.nonfinite.get(path, 0) + 1
+        return None
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            try:
+                key = _json_key(k)
+            except TypeError:
+                key = str(k)
+                report.unencodable[f"{path}/{key}(key)"] = type(k).__name__
+            out[key] = _clean(v, f"{path}/{key}", report)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_clean(v, path, report) for v in value]
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        try:
+            return _clean(tolist(), path, report)
+        except Exception:  # noqa: BLE001 - whatever it is, it must not fail the save
+            pass
+    if isinstance(value, (int, float)):  # a subclass such as numpy's float64
+        return _clean(float(value) if isinstance(value, float) else int(value), path, report)
+    report.unencodable[path] = type(value).__name__
+    return None
+
+
+def _dumps(value: Any, path: str, report: _Report) -> str:
+    """Strict JSON text of ``value`` through the C encoder; what it cannot hold, cleaned (``_clean``)."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return json.dumps(_clean(value, path, report), allow_nan=False)
+
+
+def _encode(value: Any, sealed: dict[int, list], path: str, report: _Report) -> str:
     """Strict JSON text of ``value`` through the C encoder, where a sealed value (reached through
-    dicts) is encoded once and its text reused."""
+    dicts) is encoded once and its text reused (with what cleaning it needed)."""
     entry = sealed.get(id(value))
     if entry is not None and entry[0] is value:
         if entry[1] is None:
-            entry[1] = json.dumps(value, allow_nan=False)
+            own = _Report()
+            entry[1], entry[2] = _dumps(value, path, own), own
+        report.merge(entry[2])
         return entry[1]
     if isinstance(value, dict) and sealed:
-        return "{" + ", ".join(f"{json.dumps(_json_key(k))}: {_encode(v, sealed)}" for k, v in value.items()) + "}"
-    return json.dumps(value, allow_nan=False)
+        parts = []
+        for k, v in value.items():
+            try:
+                key = _json_key(k)
+            except TypeError:
+                key = str(k)
+                report.unencodable[f"{path}/{key}(key)"] = type(k).__name__
+            parts.append(f"{json.dumps(key)}: {_encode(v, sealed, f'{path}/{key}', report)}")
+        return "{" + ", ".join(parts) + "}"
+    return _dumps(value, path, report)
 
 
 @dataclass
@@ -181,7 +290,9 @@ class Results:
     errors: list[dict[str, Any]] = field(default_factory=list)
     verdicts: list[dict[str, Any]] = field(default_factory=list)
     schema: str = SCHEMA
-    # id -> [value, its JSON text once encoded]: per-item data that will not change again
+    # where earlier saves wrote null for a non-finite number (as read from a file; see the module doc)
+    nonfinite: dict[str, int] = field(default_factory=dict)
+    # id -> [value, its JSON text once encoded, its _Report]: per-item data that will not change again
     _sealed: dict[int, list] = field(default_factory=dict, repr=False, compare=False)
 
     def seal(self, value: Any) -> Any:
@@ -189,7 +300,7 @@ class Results:
         each save then reuses its JSON text instead of encoding it anew. A stage checkpoints after
         every variant, and re-encoding the per-item data of the earlier ones made each checkpoint
         slower than the last (1.5 s over the eight tasks' 16 checkpoints on an H200 host)."""
-        self._sealed[id(value)] = [value, None]
+        self._sealed[id(value)] = [value, None, None]
         return value
 
     def add(self, **kwargs: Any) -> Metric:
@@ -255,14 +366,17 @@ class Results:
         return text + ("\n\n" + render_verdicts(self.verdicts, width=width, verbose=verbose) if self.verdicts else "")
 
     def gate(self, baselines: "str | os.PathLike | Results | None" = None, *, gates: str | None = None,
-             strict: bool = False, sigma: float | None = None) -> "Results":
+             strict: bool = False, sigma: float | None = None):
         """Judge this run again: the within-run limits, and ``baselines`` (a baseline folder as
-        ``--baselines``, a baseline or results file as ``--baseline``, or another Results). Sets
-        ``verdicts`` and returns self; ``passed`` says whether no check failed."""
+        ``--baselines``, a baseline or results file as ``--baseline``, or another Results), as
+        ``evalsuite gate`` does. Sets ``verdicts`` and returns a ``GateResult``: ``.status``
+        (passed / failed / incomplete / invalid), ``.passed``, ``.failed``, ``.judged``, ``.exit_code``.
+        Baselines that nothing could be compared with (a smoke run's, say) leave the gate incomplete."""
         import argparse
 
         from evalsuite.judge import annotate, judge, load_gate_config, resolve_baselines, smoke_skip
         from evalsuite.judge.baseline import from_results, variant_group
+        from evalsuite.judge.checks import GateResult
 
         config = load_gate_config(gates, strict=strict, sigma=sigma)
         found, missing, directory = [], [], None
@@ -275,13 +389,16 @@ class Results:
             ns = argparse.Namespace(baseline=None if path.is_dir() else str(path),
                                     baselines=str(path) if path.is_dir() else None)
             found, missing, directory = resolve_baselines(self, ns)
-        annotate(self, judge(self, config, found, baseline_dir=directory, extra_checks=missing))
-        return self
+        annotate(self, judge(self, config, found, baseline_dir=directory, extra_checks=missing,
+                             baseline_requested=baselines is not None))
+        return GateResult(self.verdicts, self)
 
     @property
     def passed(self) -> bool:
-        """Judged, and no check failing (exit code 0 of ``evalsuite gate``)."""
-        return bool(self.verdicts) and not any(v.get("failing") for v in self.verdicts)
+        """The last gate passed: judged, nothing failing, nothing incomplete or invalid (exit code 0)."""
+        from evalsuite.judge.checks import GateResult
+
+        return GateResult(self.verdicts).passed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -309,6 +426,7 @@ class Results:
                 records.append(Metric.from_dict(r))
             except (ValueError, TypeError) as e:
                 raise EvalsuiteError(f"{source}: record {i} is malformed: {e}") from None
+        nonfinite = d.get("nonfinite")
         return cls(
             run=d.get("run", {}),
             records=records,
@@ -316,15 +434,25 @@ class Results:
             errors=d.get("errors", []),
             verdicts=d.get("verdicts", []),
             schema=schema,
+            nonfinite=dict(nonfinite) if isinstance(nonfinite, dict) else {},
         )
 
     def to_json(self) -> str:
         """The results file's text: strict JSON (no NaN or inf), one line per top-level key and per
-        record, through the C encoder (``json``'s indenting encoder is pure Python, ~3x slower)."""
+        record, through the C encoder (``json``'s indenting encoder is pure Python, ~3x slower).
+        Never raises on content: what JSON cannot hold is written as null and listed (module doc)."""
+        report = _Report()
         d = self.to_dict()
-        records = ",\n  ".join(json.dumps(r, allow_nan=False) for r in d.pop("records"))
-        parts = [f'{json.dumps(k)}: {_encode(v, self._sealed)}' for k, v in d.items()]
+        records = ",\n  ".join(
+            _dumps(r, "records/" + "/".join(str(r.get(k)) for k in ("stage", "task", "variant", "metric")), report)
+            for r in d.pop("records"))
+        parts = [f'{json.dumps(k)}: {_encode(v, self._sealed, k, report)}' for k, v in d.items()]
         parts.insert(2, f'"records": [\n  {records}\n ]' if records else '"records": []')
+        nonfinite = {**self.nonfinite, **report.nonfinite}
+        if nonfinite:
+            parts.append(f'"nonfinite": {json.dumps(nonfinite)}')
+        if report.unencodable:
+            parts.append(f'"unencodable": {json.dumps(report.unencodable)}')
         return "{\n " + ",\n ".join(parts) + "\n}\n"
 
     def save(self, path: str | os.PathLike) -> Path:

@@ -166,10 +166,10 @@ def test_torchrun_two_ranks_match_one_process_end_to_end(tmp_path, smollm2_path,
                          env=env, capture_output=True, text=True, timeout=300)
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert b["run"]["world_size"] == 2 and b["run"]["finished"], two.stderr[-2000:]
-    # the toy stage gates nothing, so the run has no verdict (INCOMPLETE, exit 2, which torchrun
+    # the toy stage gates nothing, so the run has no verdict (INCOMPLETE, exit 4, which torchrun
     # reports as its own 1); nothing else may be amiss
     assert [v["check"] for v in b["verdicts"] if v["verdict"] not in ("PASS", "SKIPPED")] == ["complete/gate"]
-    assert two.returncode == 1 and "exitcode  : 2" in two.stderr, two.stderr[-2000:]
+    assert two.returncode == 1 and "exitcode  : 4" in two.stderr, two.stderr[-2000:]
 
     windows = torch.randint(0, smollm2.info.vocab_size, (N_WINDOWS, WINDOW), generator=torch.Generator().manual_seed(0))
     models = {"fp": smollm2.model, "int8-wo": quantize_(copy.deepcopy(smollm2.model), parse_scheme("int8-wo"))}

@@ -94,11 +94,11 @@ def test_without_speed_calibration_absolute_tokens_per_s_is_not_gated_nor_passed
     same = v["baseline:speed/decode_bs1/int8-wo/speedup"]
     # the speed-up moves between processes too (22% sd for a 135M prefill on an H200): not gated either
     assert not same.get("gated") and NO_CALIBRATION in same["reason"], same
-    assert v["complete/gate"]["verdict"] == "INCOMPLETE" and code == 2  # nothing gated could be judged
+    assert v["complete/gate"]["verdict"] == "INCOMPLETE" and code == 4  # nothing gated could be judged
     # an unchanged absolute number without calibration is not judged either: never a PASS
     code, v = gate_speed(tmp_path / "same", speed_run(H200_FP, H200_Q, seed=1), speed_run(H200_FP, H200_Q, 3), None)
     assert v["baseline:speed/decode_bs1/fp/tokens_per_s"]["verdict"] == "INCONCLUSIVE"
-    assert v["complete/baseline"]["verdict"] == "INCOMPLETE" and code == 2  # nothing was checked: no PASS
+    assert v["complete/baseline"]["verdict"] == "INCOMPLETE" and code == 4  # nothing was checked: no PASS
 
 
 def test_variant_decode_twice_as_slow_fails_on_the_speedup(tmp_path):
@@ -154,7 +154,7 @@ def test_bench_aa_speed_only_keeps_the_paired_calibration_and_the_gate_uses_it(t
     folder = tmp_path / "baselines"
     assert gate_speed(tmp_path, speed_run(H200_FP, H200_Q, seed=1), speed_run(H200_FP, H200_Q, 2), {
         "schema": "evalsuite.noise/1", "source": "earlier ppl/tasks A/A",
-        "statistics": {"ppl/wikitext2/fp/nll_shift": {"same_path": 0.0, "cross_path": 2e-5}}})[0] == 2  # no speed spread yet
+        "statistics": {"ppl/wikitext2/fp/nll_shift": {"same_path": 0.0, "cross_path": 2e-5}}})[0] == 4  # no speed spread yet: INCOMPLETE
     where = folder / "SmolLM2-135M" / "cuda-bf16"
     runs = []
     for i, f in enumerate((1.0, 0.95, 1.03)):

@@ -348,7 +348,7 @@ def test_cli_run_stage_layers_writes_records_and_shows_worst(smollm2, data_dir, 
     code = main(["run", "--model", str(model_dir), "--stages", "layers", "--quant", "int8-wo,int4-wo-g32",
                  "--device", "cpu", "--data-dir", str(data_dir), "--out", str(out), "--layer-tokens", "128",
                  "--layer-seq-len", "64", "--layer-top", "3", "--no-progress", "--threads", "1"])
-    assert code == 2  # layer SQNRs are reported, not gated: a layers-only run gives no verdict (INCOMPLETE)
+    assert code == 4  # layer SQNRs are reported, not gated: a layers-only run gives no verdict (INCOMPLETE)
     results = Results.load(out / "results.json")
     assert [v["check"] for v in results.verdicts if v["verdict"] == "INCOMPLETE"] == ["complete/gate"]
     for variant in ("int8-wo", "int4-wo-g32"):

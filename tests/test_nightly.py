@@ -180,8 +180,8 @@ def test_classify_entry(tmp_path, rc, verdicts, finished, status):
 
 @pytest.mark.parametrize("statuses,code", [
     (["PASS", "PASS"], 0),
-    (["PASS", "ERROR"], 2),
-    (["PASS", "NOT-RUN"], 2),
+    (["PASS", "ERROR"], 4),  # an incomplete matrix: INCOMPLETE, not a usage error
+    (["PASS", "NOT-RUN"], 4),
     (["FAIL", "PASS"], 1),
     (["ERROR", "FAIL"], 1),  # a regression outranks an incomplete matrix
     ([], 0),
@@ -214,14 +214,14 @@ def _summary(out: Path) -> dict:
 def test_broken_entry_does_not_stop_the_matrix_and_resume_skips_finished(tmp_path, smollm2_path, capsys):
     config = write(tmp_path / "m.yaml", MATRIX.format(model=smollm2_path, missing=tmp_path / "no-such-model.gguf"))
     out, history = tmp_path / "out", tmp_path / "history.sqlite"
-    assert nightly_cli("--config", str(config), "--out", str(out), "--history", str(history)) == 2
+    assert nightly_cli("--config", str(config), "--out", str(out), "--history", str(history)) == 4
     printed = capsys.readouterr().out
     summary = _summary(out)
     by = {e["name"]: e for e in summary["entries"]}
     assert [e["name"] for e in summary["entries"]] == ["smollm2-int8", "broken"]
     assert by["smollm2-int8"]["status"] == "PASS" and by["broken"]["status"] == "ERROR"
     assert "no-such-model.gguf: no such file or directory" in by["broken"]["message"]
-    assert summary["exit_code"] == 2 and summary["pending"] == []
+    assert summary["exit_code"] == 4 and summary["pending"] == []
     ok = Results.load(by["smollm2-int8"]["results"])
     assert ok.run["model"]["sha256"] and ok.run["schemes"] == ["int8-wo"] and ok.run["world_size"] == 1
     for name in ("smollm2-int8", "broken"):
@@ -237,7 +237,7 @@ def test_broken_entry_does_not_stop_the_matrix_and_resume_skips_finished(tmp_pat
     # resume: the finished entry is not run again, the broken one is
     entry_json = out / "entries" / "smollm2-int8" / "entry.json"
     before = (entry_json.stat().st_mtime_ns, Path(by["smollm2-int8"]["results"]).stat().st_mtime_ns)
-    assert nightly_cli("--config", str(config), "--out", str(out), "--history", str(history)) == 2
+    assert nightly_cli("--config", str(config), "--out", str(out), "--history", str(history)) == 4
     assert "smollm2-int8: PASS (finished earlier" in capsys.readouterr().out
     after = (entry_json.stat().st_mtime_ns, Path(by["smollm2-int8"]["results"]).stat().st_mtime_ns)
     assert after == before
@@ -246,13 +246,13 @@ def test_broken_entry_does_not_stop_the_matrix_and_resume_skips_finished(tmp_pat
 
     # the release gate reads the outcomes without running anything
     (out / "entries" / "broken" / "run.log").unlink()
-    assert nightly_cli("--config", str(config), "--out", str(out), "--history", str(history), "--report-only") == 2
+    assert nightly_cli("--config", str(config), "--out", str(out), "--history", str(history), "--report-only") == 4
     gate = {e["name"]: e["status"] for e in _summary(out)["entries"]}
     assert gate == {"smollm2-int8": "PASS", "broken": "NOT-RUN"}
     assert not (out / "entries" / "broken" / "run.log").exists()
 
     # --only runs just the named entry; the summary keeps the other's recorded outcome
-    assert nightly_cli("--config", str(config), "--out", str(out), "--history", str(history), "--only", "broken") == 2
+    assert nightly_cli("--config", str(config), "--out", str(out), "--history", str(history), "--only", "broken") == 4
     assert (out / "entries" / "broken" / "run.log").exists()
     assert (entry_json.stat().st_mtime_ns, Path(by["smollm2-int8"]["results"]).stat().st_mtime_ns) == before
     assert {e["name"]: e["status"] for e in _summary(out)["entries"]} == {"smollm2-int8": "PASS", "broken": "ERROR"}

@@ -519,3 +519,32 @@ def test_gpu_bf16_folder_floor_is_upcast_sampled_and_contains_the_full_floor(tmp
     f, s = (c.results.get("ppl", "corpus", P.NOISE, "kld_mean") for c in (full, sample))
     assert "no reload" in sample.results.details["ppl"]["protocol"]["noise_floor"]
     assert f.value > 0 and s.ci95[0] <= f.value <= s.ci95[1] and s.n < f.n
+
+
+def test_a_nan_window_leaves_a_valid_results_file_and_a_verdict_naming_it(tmp_path, monkeypatch):
+    """A NaN in a per-window sum (the measuring function planted to return one) used to make the
+    save raise; now the file is whole, the window's sum is null and counted, and the gated checks
+    on it are not PASS and say why."""
+    from evalsuite.judge.checks import PASS
+    from evalsuite.judge.config import DEFAULTS, GateConfig
+    from evalsuite.judge.within import ppl_checks
+
+    model = make_tiny_llama()
+    ctx = make_ctx({"fp": model, "int8-wo": copy.deepcopy(model)}, tmp_path, ppl_noise_floor=False)
+    real_sums = P._sums
+
+    def planted(per_window, *args):
+        out = real_sums(per_window, *args)
+        out[0] = math.nan
+        return out
+
+    monkeypatch.setattr(P, "_sums", planted)
+    P.run(ctx)
+    ctx.results.save(tmp_path / "results.json")
+    saved = Results.load(tmp_path / "results.json")
+    assert saved.get("ppl", "corpus", "fp", "token_ppl") is not None and saved.get("ppl", "corpus", "int8-wo", "kld_mean")
+    assert saved.details["ppl"]["variants"]["fp"]["nll_sum"][0] is None
+    assert saved.nonfinite["details/ppl/variants/fp/nll_sum"] == 1
+    checks = ppl_checks(saved, "int8-wo", GateConfig(copy.deepcopy(DEFAULTS)).scheme("int8-wo")[1], "int8-wo*")
+    kld = next(c for c in checks if c.metric == "kld_mean")
+    assert kld.verdict != PASS and "not finite" in kld.reason, kld.reason

@@ -28,6 +28,7 @@ from conftest import REPO, make_tiny_llama
 from evalsuite import stats
 from evalsuite.cli import main
 from evalsuite.errors import user_error
+from evalsuite.judge.checks import EXIT_INCOMPLETE
 from evalsuite.results import Results, write_text_atomic
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "NO_COLOR": "1", "TQDM_DISABLE": "1"}
@@ -167,7 +168,7 @@ def test_a_run_stopped_by_a_signal_is_incomplete_not_passed(tiny_dir, tmp_path, 
     results = str(out / "results.json")
     none = str(tmp_path / "no-baselines")  # no baseline found: nothing comparable, INCOMPLETE too
     capsys.readouterr()
-    assert main(["gate", "--candidate", results, "--baselines", none, "--no-history"]) == 2
+    assert main(["gate", "--candidate", results, "--baselines", none, "--no-history"]) == EXIT_INCOMPLETE
     printed = capsys.readouterr().out
     assert "gate INCOMPLETE" in printed and "PASSED" not in printed
     assert "complete/stage/ppl" in printed and "complete/stage/layers" in printed
@@ -233,7 +234,7 @@ def test_gaps_in_a_run_are_incomplete_and_a_complete_run_passes(tmp_path, capsys
     if check is None:
         assert code == 0 and verdicts["complete/run"] == "PASS" and "INCOMPLETE" not in verdicts.values()
     else:
-        assert code == 2 and verdicts[check] == "INCOMPLETE", verdicts
+        assert code == EXIT_INCOMPLETE and verdicts[check] == "INCOMPLETE", verdicts
         assert 'type="INCOMPLETE"' in (tmp_path / "g" / "junit.xml").read_text()
         assert "gate INCOMPLETE" in capsys.readouterr().out
 

@@ -400,3 +400,69 @@ def test_generative_tasks_record_exact_match_and_paired_statistics(smollm2, data
     checks = task_checks(res, "int8-wo", GateConfig(copy.deepcopy(DEFAULTS)).scheme("int8-wo")[1], "int8-wo*")
     assert {c.check for c in checks} >= {"tasks/gsm8k_short/int8-wo/delta_exact_match_strict_match",
                                          "tasks/my_gen/int8-wo/delta_exact_match"}
+
+
+# ------------------------------------------------------------------------------- sound saving
+def _saving_checkpoint(ctx, path):
+    """The run's real checkpoint: save the results file, read it back (each must be whole)."""
+    seen = []
+
+    def checkpoint():
+        ctx.results.save(path)
+        seen.append(Results.load(path))
+
+    ctx.checkpoint = checkpoint
+    return seen
+
+
+def test_generative_answers_survive_every_checkpoint(smollm2, data_dir, tmp_path):
+    """A generated answer has no log-likelihood: GSM8K's first checkpoint used to raise on the NaN
+    written for it ('Out of range float values are not JSON compliant'), losing the stage."""
+    _generative_user_tasks(tmp_path)
+    ctx = _context(smollm2, data_dir, tasks="gsm8k_short", task_limit=2, tasks_dir=[str(tmp_path / "tasks")])
+    seen = _saving_checkpoint(ctx, tmp_path / "results.json")
+    stage.run(ctx)
+    assert len(seen) == 2  # one checkpoint per variant
+    for i, saved in enumerate(seen):
+        entry = saved.details["tasks"]["gsm8k_short"]
+        assert entry["loglikelihoods"] == "not applicable" and not saved.nonfinite
+        for variant in ("fp", "int8-wo")[: i + 1]:
+            assert len(entry["responses"][variant]) == 2 and all(isinstance(t, str) for t in entry["responses"][variant])
+            for metric in ("exact_match_strict_match", "exact_match_flexible_extract"):
+                assert len(entry["values"][variant][metric]) == 2
+                assert saved.get("tasks", "gsm8k_short", variant, metric) is not None
+    assert seen[-1].get("tasks", "gsm8k_short", "int8-wo", "delta_exact_match_strict_match") is not None
+
+
+@pytest.mark.parametrize("task, metric", [("copa", "acc"), ("my_gen", "exact_match")])
+def test_a_nan_per_item_score_is_saved_and_judged_incomplete(smollm2, data_dir, tmp_path, monkeypatch, task, metric):
+    """A NaN in one item's score (multiple choice, generative) leaves a valid results file with the
+    stage's records, and the task's accuracy is INCOMPLETE naming the cause, never a silent skip."""
+    from evalsuite.judge.checks import INCOMPLETE, PASS
+    from evalsuite.judge.config import DEFAULTS, GateConfig
+    from evalsuite.judge.within import task_checks
+
+    _generative_user_tasks(tmp_path)
+    (tmp_path / "tasks" / "my_gen.yaml").write_text((tmp_path / "tasks" / "my_gen.yaml").read_text().replace(
+        "mirror: mine.jsonl", f"mirror: {tmp_path / 'data' / 'mine.jsonl'}"))
+    ctx = _context(smollm2, data_dir, tasks=task, task_limit=2, tasks_dir=[str(tmp_path / "tasks")])
+    seen = _saving_checkpoint(ctx, tmp_path / "results.json")
+    real_score, calls = stage.score, []
+
+    def planted(task_obj, by_doc, answers):
+        out = real_score(task_obj, by_doc, answers)
+        calls.append(1)
+        if len(calls) == 2:  # the quantized variant's first item
+            out[next(iter(out))][metric] = math.nan
+        return out
+
+    monkeypatch.setattr(stage, "score", planted)
+    stage.run(ctx)
+    saved = seen[-1]
+    assert saved.get("tasks", task, "fp", metric) is not None and saved.get("tasks", task, "int8-wo", metric) is not None
+    assert saved.details["tasks"][task]["values"]["int8-wo"][metric][0] is None
+    assert saved.nonfinite == {f"details/tasks/{task}/values/int8-wo/{metric}": 1}
+    checks = task_checks(saved, "int8-wo", GateConfig(copy.deepcopy(DEFAULTS)).scheme("int8-wo")[1], "int8-wo*")
+    bad = [c for c in checks if c.check == f"tasks/{task}/int8-wo/nonfinite_items"]
+    assert bad and bad[0].verdict == INCOMPLETE and f"1 of 2 per-item {metric} values of int8-wo" in bad[0].reason
+    assert "not finite" in bad[0].reason and not any(c.verdict == PASS for c in checks if c.task == task)

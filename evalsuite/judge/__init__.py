@@ -210,7 +210,7 @@ def judge_and_report(results: Results, out_dir: Path, args: argparse.Namespace, 
     a failing run's failing stages are measured again and only reproduced failures fail it
     (``evalsuite.judge.confirm``).
 
-    Returns the run's exit code: 1 when any gate failed, else 2 when the run is INCOMPLETE, else 0.
+    Returns the run's exit code: 5 INVALID, else 1 when any gate failed, else 4 when the run is INCOMPLETE, else 0.
     """
     from evalsuite.report import write_reports
     from evalsuite.report.table import colour_enabled, render_table, render_verdicts, summary_line, terminal_width

@@ -16,8 +16,11 @@ Verdicts:
 - ``INVALID``       the results file contradicts itself (a record outside its own interval, a
                     record that its details re-derive otherwise): nothing in it is judged, exit 5;
 - ``INCOMPLETE``    the run did not check what it was asked to (interrupted, killed, a stage or task
-                    without records, a baseline with nothing comparable): no verdict, exit 2 (1 under
-                    ``--strict``); see ``completeness``.
+                    without records, a baseline with nothing comparable, a NaN in the data a check
+                    needs): no verdict, exit 4 (1 under ``--strict``); see ``completeness``.
+
+Exit codes of every command: 0 passed, 1 a regression, 2 a usage or input error, 3 an internal
+error, 4 INCOMPLETE, 5 INVALID (and 128+N when ended by signal N).
 
 Only *gated* checks fail a run: a small, stated set of primary statistics that each have an
 uncertainty (``p_value``), held together to a family-wise false-alarm budget (``alpha``, default 1%)
@@ -35,7 +38,11 @@ INCOMPLETE = "INCOMPLETE"
 INVALID = "INVALID"
 INCONCLUSIVE, WORSE = "INCONCLUSIVE", "WORSE"
 VERDICTS = (INVALID, FAIL, INCOMPLETE, IMPROVED, INCONCLUSIVE, WORSE, WITHIN_NOISE, SKIPPED, PASS)
-EXIT_INCOMPLETE = 2  # as a usage error: the run cannot give a verdict
+EXIT_PASSED = 0
+EXIT_REGRESSION = 1
+EXIT_USAGE = 2  # a usage or input error (one line on stderr)
+EXIT_INTERNAL = 3  # a bug: the traceback is printed, the results so far are kept
+EXIT_INCOMPLETE = 4  # the run could not judge everything it was asked to: no verdict
 EXIT_INVALID = 5  # the results file contradicts itself or its details: nothing in it is judged
 DEFAULT_ALPHA = 0.01  # per-run family-wise false-alarm budget of the gated checks
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
@@ -106,13 +113,50 @@ def finalize(checks: list[Check], strict: bool, alpha: float = DEFAULT_ALPHA) ->
 
 def exit_code(verdicts: list[dict[str, Any]]) -> int:
     """5 when the results are INVALID (evidence that contradicts itself: no verdict in it can be
-    trusted); else 1 when any check fails the run; else 2 when any is INCOMPLETE (no verdict); else 0.
+    trusted); else 1 when any check fails the run; else 4 when any is INCOMPLETE (no verdict); else 0.
     A regression wins over incompleteness: it must block a release whatever else is missing."""
     if any(v.get("verdict") == INVALID for v in verdicts):
         return EXIT_INVALID
     if any(v.get("failing", v.get("verdict") == FAIL) for v in verdicts):
-        return 1
-    return EXIT_INCOMPLETE if any(v.get("verdict") == INCOMPLETE for v in verdicts) else 0
+        return EXIT_REGRESSION
+    return EXIT_INCOMPLETE if any(v.get("verdict") == INCOMPLETE for v in verdicts) else EXIT_PASSED
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """What a gate decided, for the Python API: ``status`` is ``passed``, ``failed``, ``incomplete``
+    or ``invalid``, as ``exit_code`` says (0, 1, 4, 5). ``judged``: at least one gated check reached
+    a verdict (not SKIPPED, INCONCLUSIVE or INCOMPLETE); ``passed`` is True only when judged and
+    nothing failed or was left incomplete, so a run that checked nothing never passes."""
+
+    verdicts: list[dict[str, Any]]
+    results: Any = None  # the Results judged (its tables: ``results.table()``)
+
+    @property
+    def exit_code(self) -> int:
+        code = exit_code(self.verdicts)
+        return EXIT_INCOMPLETE if code == EXIT_PASSED and not self.judged else code
+
+    @property
+    def judged(self) -> bool:
+        return any(v.get("gated") and v.get("verdict") not in (SKIPPED, INCONCLUSIVE, INCOMPLETE, INVALID)
+                   for v in self.verdicts)
+
+    @property
+    def status(self) -> str:
+        return {EXIT_PASSED: "passed", EXIT_REGRESSION: "failed", EXIT_INVALID: "invalid"}.get(self.exit_code,
+                                                                                               "incomplete")
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    def __bool__(self) -> bool:
+        return self.passed
 
 
 def fmt(x: float | None, digits: int = 4) -> str:
@@ -148,8 +192,11 @@ def limit_test(value: float, interval: list[float] | None, limit: float, upper: 
         return x <= limit if upper else x >= limit
 
     if not math.isfinite(value):
-        return FAIL, f"value {fmt(value)} is not finite", 0.0, None
-    if interval is None or not all(math.isfinite(x) for x in interval):
+        return FAIL, f"value {fmt(value)} is not finite (a NaN or inf in its per-window or per-item data)", 0.0, None
+    if interval is not None and not all(x is not None and math.isfinite(x) for x in interval):
+        return INCOMPLETE, (f"{fmt(value)}, but its 95% interval [{', '.join(fmt(x) for x in interval)}] is not "
+                            f"finite (a NaN or inf in its per-window or per-item data): not judged"), None, None
+    if interval is None:
         side = op if good(value) else bad_op
         return INCONCLUSIVE, f"{fmt(value)} {side} limit {fmt(limit)}, but no interval recorded: no uncertainty, no verdict", None, None
     lo, hi = sorted(interval)

@@ -2,7 +2,7 @@
 
 A run records what it was asked for (``run.stages``, ``run.tasks_requested``) and what finished
 (``run.stages_finished``, ``run.finished``, ``run.interrupted``, ``run.running``). Each gap below is
-one ``INCOMPLETE`` check (exit 2, or 1 under ``--strict``), so that PASS can never stand for
+one ``INCOMPLETE`` check (exit 4, or 1 under ``--strict``), so that PASS can never stand for
 "nothing was checked":
 
 - the run was interrupted (SIGINT, SIGTERM, SIGHUP) or never finished (killed, still running);

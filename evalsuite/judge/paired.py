@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from evalsuite.errors import EvalsuiteError
-from evalsuite.judge.checks import (FAIL, IMPROVED, INCONCLUSIVE, PASS, SKIPPED, WITHIN_NOISE, WORSE, Z95, Check,
+from evalsuite.judge.checks import (FAIL, IMPROVED, INCOMPLETE, INCONCLUSIVE, PASS, SKIPPED, WITHIN_NOISE, WORSE, Z95, Check,
                                     fmt)
 from evalsuite.judge.noise import NoiseModel
 from evalsuite.results import Results
@@ -78,7 +78,8 @@ def paired_arrays(results: Results, group: str) -> dict[str, np.ndarray]:
             for metric in ("acc", "acc_norm"):
                 if metric in vals and all(isinstance(x, (int, float, bool)) for x in vals[metric]):
                     out[f"tasks/{name}/{v}/{metric}"] = np.asarray(vals[metric], dtype=np.float64) > 0.5
-            ll = (entry.get("loglikelihoods") or {}).get(v)
+            lls = entry.get("loglikelihoods")  # "not applicable" for a generative task
+            ll = lls.get(v) if isinstance(lls, dict) else None
             if ll:
                 out[f"tasks/{name}/{v}/ll"] = np.asarray([x for doc in ll for x in doc], dtype=np.float32)
                 out[f"tasks/{name}/{v}/ll_count"] = np.asarray([len(doc) for doc in ll], dtype=np.int32)
@@ -175,6 +176,10 @@ def drift_check(name: str, key: str, statistic: str, unit: str, estimate: float,
     info = dict(statistic=statistic, unit=unit, se=se, margin=margin, clusters=clusters, df=df,
                 noise=noise.source, **(extra or {}))
     head = f"{common.get('metric', key.rsplit('/', 1)[-1])}, the {statistic}: {fmt(estimate)} {unit}"
+    if clusters >= 2 and not (math.isfinite(estimate) and math.isfinite(se)):
+        reason = (f"{head}, se {fmt(se)} over {clusters} {what}: not finite (a NaN or inf in the per-window or "
+                  f"per-item data of this run or its baseline): not judged [margin ±{fmt(margin)} = {margin_src}]")
+        return Check(name, "baseline", INCOMPLETE, reason, gated=None if gated else False, extra=info, **common)
     if not (math.isfinite(estimate) and math.isfinite(se)) or clusters < 2:
         reason = (f"{head} over {clusters} {what}: no uncertainty from fewer than 2 {what}, so no verdict "
                   f"[margin ±{fmt(margin)} = {margin_src}]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -88,13 +89,40 @@ def ppl_checks(results: Results, variant: str, limits: dict, pattern: str, alpha
     return out
 
 
+def _nonfinite_items(values: Any) -> int:
+    """How many per-item values are not finite numbers (NaN or inf; null in a results file)."""
+    if not isinstance(values, list):
+        return 0
+    return sum(1 for x in values if x is None or x in ("nan", "inf", "-inf")  # the strings: older files
+               or (isinstance(x, float) and not math.isfinite(x)))
+
+
+def nonfinite_item_checks(results: Results, variant: str) -> list[Check]:
+    """A task whose per-item scores (fp's or the variant's) hold a NaN or inf cannot be judged on
+    accuracy: INCOMPLETE, naming the task, the metric and the count (never a silent skip)."""
+    out = []
+    for task, entry in (results.details.get("tasks") or {}).items():
+        vals = entry.get("values") if isinstance(entry, dict) else None
+        if not isinstance(vals, dict):
+            continue
+        bad = [f"{k} of {len(items)} per-item {metric} values of {v}"
+               for v in ("fp", variant) for metric, items in (vals.get(v) or {}).items()
+               if (k := _nonfinite_items(items))]
+        if bad:
+            out.append(Check(f"tasks/{task}/{variant}/nonfinite_items", "limit", INCOMPLETE,
+                             f"{task}: {'; '.join(bad)} are not finite (NaN or inf, null in the results file): "
+                             f"its accuracy is not judged", stage="tasks", task=task, variant=variant))
+    return out
+
+
 def pooled_accuracy(results: Results, variant: str, reference: str = "fp") -> tuple[np.ndarray, np.ndarray] | None:
     """Per-item correctness (acc) of ``reference`` and ``variant`` over all tasks' items, in order."""
     a, b = [], []
     for entry in (results.details.get("tasks") or {}).values():
         vals = (entry or {}).get("values") or {} if isinstance(entry, dict) else {}
         ra, rb = (vals.get(reference) or {}).get("acc"), (vals.get(variant) or {}).get("acc")
-        if ra is not None and rb is not None and len(ra) == len(rb):
+        if ra is not None and rb is not None and len(ra) == len(rb) \
+                and not _nonfinite_items(ra) and not _nonfinite_items(rb):  # those: nonfinite_item_checks
             a.append(np.asarray(ra, dtype=np.float64) > 0.5)
             b.append(np.asarray(rb, dtype=np.float64) > 0.5)
     if not a:
@@ -126,9 +154,9 @@ def task_checks(results: Results, variant: str, limits: dict, pattern: str, alph
     # accuracy, and a generative task's exact match (one per answer filter): the same paired records
     deltas = [m for m in results.find(stage="tasks", variant=variant)
               if m.metric == "delta_acc" or m.metric.startswith("delta_exact_match")]
+    out = nonfinite_item_checks(results, variant)
     if not deltas:
-        return [_skipped(results, "tasks", variant, "delta_acc", "delta_acc")]
-    out = []
+        return out or [_skipped(results, "tasks", variant, "delta_acc", "delta_acc")]
     pooled = pooled_task_check(results, variant, limits, pattern, alpha)
     if pooled is not None:
         out.append(pooled)

@@ -205,14 +205,20 @@ def base_metric(metric: str, known) -> str:
     return max((k for k in known if metric.startswith(k + "_")), key=len, default=metric)
 
 
-def loglikelihoods(by_doc: dict[int, list]) -> list[list[float]]:
-    """Each doc's log-likelihoods in nats (one per choice / continuation), from the last run."""
+def loglikelihoods(by_doc: dict[int, list]) -> list[list[float]] | None:
+    """Each doc's log-likelihoods in nats (one per choice / continuation), from the last run; None
+    when the task generates its answers (a generated text has no log-likelihood: not applicable,
+    not a missing value)."""
     out = []
     for group in by_doc.values():
         vals = []
         for inst in group:
             r = inst.resps[0] if inst.resps else None
-            vals.append(float(r[0]) if isinstance(r, tuple) else float(r) if isinstance(r, (int, float)) else math.nan)
+            if isinstance(r, tuple):
+                r = r[0]
+            if not isinstance(r, (int, float)) or isinstance(r, bool):
+                return None
+            vals.append(float(r))
         out.append(vals)
     return out
 
@@ -341,8 +347,7 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, (int, float, np.integer, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else str(f)
+        return float(v)  # a non-finite one is saved as null and counted (see evalsuite.results)
     return str(v)
 
 
@@ -630,7 +635,11 @@ def _record_variant(ctx, name: str, task, by_doc: dict[int, list], limit: int | 
     entry["seconds"][variant] = seconds
     # per-item data is final once computed: each checkpoint reuses its JSON text
     entry["values"][variant] = ctx.results.seal({m: [_jsonable(d[m]) for d in per_doc] for m in per_doc[0]})
-    entry["loglikelihoods"][variant] = ctx.results.seal(loglikelihoods(by_doc))
+    lls = loglikelihoods(by_doc)
+    if lls is not None and isinstance(entry["loglikelihoods"], dict):
+        entry["loglikelihoods"][variant] = ctx.results.seal(lls)
+    else:  # a generative task: its items are judged by exact match (values), never by likelihood
+        entry["loglikelihoods"] = "not applicable"
     if answers and all(isinstance(a, str) for a in answers):  # a generative task: the generated texts
         entry.setdefault("responses", {})[variant] = ctx.results.seal(list(answers))
     per_variant[variant] = per_doc
