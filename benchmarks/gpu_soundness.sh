@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Issues 27 and 31 on one GPU, after `source .gpu/env.sh` (model and data from its variables):
+#
+#   bash benchmarks/gpu_soundness.sh gsm8k     the GSM8K tasks stage (all 1319 questions), fp + int8-wo, one
+#                                              full `evalsuite run`: its exit code, the answers kept per
+#                                              variant in results.json, the exact-match and paired records
+#   bash benchmarks/gpu_soundness.sh formats   ppl, tasks and layers for fp8-wo, fp8-dq, int8-wo,
+#                                              int4-wo-g128 and torchao's Int4WeightOnlyConfig (the packing
+#                                              is picked for the card), then the speed stage for them
+#
+# Logs and results go to $OUT (default /tmp/evalsuite-soundness).
+set -u
+phase=${1:?usage: gpu_soundness.sh gsm8k|formats}
+OUT=${OUT:-/tmp/evalsuite-soundness}
+mkdir -p "$OUT"
+run() {  # name, then evalsuite run options
+  local name=$1; shift
+  local t0=$(date +%s.%N)
+  python3 -m evalsuite run --no-progress --no-history --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc in $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
+  tail -n "${TAIL:-40}" "$OUT/$name.log"
+}
+case $phase in
+gsm8k)
+  run gsm8k --stages tasks --tasks gsm8k --quant int8-wo
+  python3 - "$OUT/gsm8k/results.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+t = r["details"]["tasks"]["gsm8k"]
+print("answers kept:", {v: len(a) for v, a in t.get("responses", {}).items()},
+      "| loglikelihoods:", t.get("loglikelihoods") if isinstance(t.get("loglikelihoods"), str) else "present")
+for m in r["records"]:
+    if m["task"] == "gsm8k":
+        print(f"  {m['variant']:8} {m['metric']:40} {m['value']} {m.get('ci95') or ''}")
+print("stage seconds:", r["run"].get("stage_seconds"), "| nonfinite:", r.get("nonfinite"), "| errors:", r.get("errors"))
+PY
+  ;;
+formats)
+  schemes='fp8-wo,fp8-dq,int8-wo,int4-wo-g128,ao-int4=torchao:Int4WeightOnlyConfig(group_size=128)'
+  TAIL=70 run formats --quant "$schemes" --stages ppl,tasks,layers
+  TAIL=50 run formats-speed --quant "$schemes" --stages speed
+  ;;
+esac
