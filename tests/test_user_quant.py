@@ -246,7 +246,7 @@ def test_torchao_config_runs_through_quantize_with_the_head_policy(tiny_dir, dat
     out = tmp_path / "run"
     code = run(tiny_dir, out, data_dir, "--quant", "torchao:Int8WeightOnlyConfig,head=torchao:Int8WeightOnlyConfig+head",
                "--stages", "layers")
-    assert code == 2  # a layers-only run gates nothing (INCOMPLETE, no verdict); its records are the point here
+    assert code == 4  # a layers-only run gates nothing (INCOMPLETE, no verdict); its records are the point here
     results = Results.load(out / "results.json")
     assert results.run["quantized_layers"] == {"torchao.Int8WeightOnlyConfig": 14, "head": 15}
     # weight SQNR through the tensor subclass's dequantize(): int8 per channel sits near 40 dB
