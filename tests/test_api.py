@@ -91,8 +91,8 @@ def test_evaluate_validates_before_loading():
 
 
 def test_options_in_python_spelling_become_run_options():
-    from evalsuite.api import _flag
-    from evalsuite.cli import build_parser
+    from evalsuite.commands.api import _flag
+    from evalsuite.commands.cli import build_parser
 
     known = build_parser("run")._subparsers._group_actions[0].choices["run"]._option_string_actions
     assert _flag("ppl_noise_floor", False, known) == ["--no-ppl-noise-floor"]

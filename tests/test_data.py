@@ -165,7 +165,7 @@ def test_a_non_editable_install_ships_the_smoke_suite_and_the_tasks(tmp_path):
 
 @pytest.mark.slow
 def test_smoke_run_is_chosen_by_name_marked_and_says_where_the_real_data_is(tmp_path, capsys, smollm2_path):
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
     from evalsuite.results import Results
 
     out = tmp_path / "run"

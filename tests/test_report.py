@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from evalsuite.cli import build_parser, main
+from evalsuite.commands.cli import build_parser, main
 from evalsuite.results import Results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,7 +105,7 @@ def test_terminal_verdict_table_colours_only_on_request(judged):
 
 
 def test_run_pipeline_judge_writes_reports_and_history(tmp_path, capsys):
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
     from evalsuite.judge.history import load_series
 
     db = tmp_path / "h.sqlite"
@@ -160,7 +160,7 @@ def two_scheme_results(seed: int = 7, **kw) -> Results:
 
 @pytest.mark.parametrize("columns", [80, 120])
 def test_run_output_fits_the_terminal_and_ends_with_the_summary(tmp_path, capsys, monkeypatch, columns):
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
 
     monkeypatch.setenv("COLUMNS", str(columns))
     args = build_parser("run").parse_args(["run", "--out", str(tmp_path / "run"), "--no-history",

@@ -30,11 +30,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-PASS, FAIL, IMPROVED, WITHIN_NOISE, SKIPPED = "PASS", "FAIL", "IMPROVED", "WITHIN-NOISE", "SKIPPED"
-INCOMPLETE = "INCOMPLETE"
-INVALID = "INVALID"
-INCONCLUSIVE, WORSE = "INCONCLUSIVE", "WORSE"
-VERDICTS = (INVALID, FAIL, INCOMPLETE, IMPROVED, INCONCLUSIVE, WORSE, WITHIN_NOISE, SKIPPED, PASS)
+from evalsuite.results.verdicts import (  # noqa: F401  (the vocabulary, re-exported)
+    FAIL, IMPROVED, INCOMPLETE, INCONCLUSIVE, INVALID, PASS, SKIPPED, VERDICTS, WITHIN_NOISE, WORSE, fmt,
+)
+
 EXIT_INCOMPLETE = 2  # as a usage error: the run cannot give a verdict
 EXIT_INVALID = 5  # the results file contradicts itself or its details: nothing in it is judged
 DEFAULT_ALPHA = 0.01  # per-run family-wise false-alarm budget of the gated checks
@@ -113,16 +112,6 @@ def exit_code(verdicts: list[dict[str, Any]]) -> int:
     if any(v.get("failing", v.get("verdict") == FAIL) for v in verdicts):
         return 1
     return EXIT_INCOMPLETE if any(v.get("verdict") == INCOMPLETE for v in verdicts) else 0
-
-
-def fmt(x: float | None, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    if not math.isfinite(x):
-        return str(x)
-    if x != 0 and (abs(x) < 1e-3 or abs(x) >= 1e5):
-        return f"{x:.{max(digits - 1, 1)}e}"
-    return f"{x:.{digits}g}"
 
 
 def limit_verdict(value: float, interval: list[float] | None, limit: float, upper: bool,

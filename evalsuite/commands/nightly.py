@@ -659,7 +659,7 @@ def render_junit(outcomes: list[Outcome]) -> str:
     check, so a CI system lists the matrix natively."""
     import xml.etree.ElementTree as ET
 
-    suite = ET.Element("testsuite", name="evalsuite.nightly", tests="0", failures="0", errors="0", skipped="0")
+    suite = ET.Element("testsuite", name="evalsuite.commands.nightly", tests="0", failures="0", errors="0", skipped="0")
     n = {"tests": 0, "failures": 0, "errors": 0}
     for o in outcomes:
         case = ET.SubElement(suite, "testcase", classname="nightly", name=o.name, time=str(o.seconds or 0))
