@@ -413,7 +413,7 @@ def _watch(matrix_pid: int, deadline: float, every: float = 0.5) -> None:
 
 def _package_root() -> Path:
     """The folder holding the ``evalsuite`` package, so ``python3 -m evalsuite`` works uninstalled."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def classify(rc: int | None, results_path: Path, log_path: Path, timeout: float | None) -> Outcome:
