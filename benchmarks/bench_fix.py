@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.benchutil import write_out  # noqa: E402
-from evalsuite import fix  # noqa: E402
-from evalsuite.cli import build_parser  # noqa: E402
+from evalsuite.app import fix  # noqa: E402
+from evalsuite.commands.cli import build_parser  # noqa: E402
 from evalsuite.judge.config import load_gate_config  # noqa: E402
 from evalsuite.load import load_model  # noqa: E402
 from evalsuite.load.model import default_model_path  # noqa: E402

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evalsuite.cli import build_parser, main
+from evalsuite.commands.cli import build_parser, main
 from evalsuite.results import Results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,7 +40,7 @@ def run_printed(command: str, monkeypatch, tmp_path) -> int:
 # ------------------------------------------------------------------------------ printed suggestions
 @pytest.mark.parametrize("limit", [None, 4])
 def test_missing_baseline_command_works_as_printed(tmp_path, capsys, monkeypatch, limit):
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
 
     res = make_results(seed=11, limit=limit)
     run_dir = tmp_path / "run"

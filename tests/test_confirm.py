@@ -34,7 +34,7 @@ def plant_kld_regression(monkeypatch, times: int) -> list[int]:
 
 def run_confirmed(tmp_path, smollm2, data_dir, confirm: bool = True) -> tuple[int, dict, dict]:
     """SmolLM2 (loaded once a session) through the whole pipeline, ppl only on two short windows."""
-    from evalsuite.api import evaluate
+    from evalsuite.commands.api import evaluate
     from evalsuite.judge.checks import exit_code
 
     out = tmp_path / "run"
@@ -75,7 +75,7 @@ def test_a_failure_the_remeasurement_did_not_judge_stands():
     the failure keeps failing the run instead of passing unchecked; a judged non-failure is not
     confirmed (WORSE)."""
     from evalsuite.judge.checks import FAIL, PASS, SKIPPED, Check
-    from evalsuite.judge.confirm import confirm
+    from evalsuite.app.confirm import confirm
     from evalsuite.results import Results
 
     def failing(name):

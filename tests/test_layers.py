@@ -337,7 +337,7 @@ def test_cli_run_stage_layers_writes_records_and_shows_worst(smollm2, data_dir, 
     """``evalsuite run --stages layers`` end to end, on a tiny Llama that shares SmolLM2's tokenizer."""
     from safetensors.torch import save_model
 
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
 
     model_dir = tmp_path / "tiny"
     model = make_tiny_llama(vocab_size=len(smollm2.tokenizer), layers=2)

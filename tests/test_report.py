@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from evalsuite.cli import build_parser, main
+from evalsuite.commands.cli import build_parser, main
 from evalsuite.results import Results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,7 +105,7 @@ def test_terminal_verdict_table_colours_only_on_request(judged):
 
 
 def test_run_pipeline_judge_writes_reports_and_history(tmp_path, capsys):
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
     from evalsuite.judge.history import load_series
 
     db = tmp_path / "h.sqlite"
@@ -163,7 +163,7 @@ def two_scheme_results(seed: int = 7, **kw) -> Results:
 
 @pytest.mark.parametrize("columns", [80, 120])
 def test_run_output_fits_the_terminal_and_ends_with_the_summary(tmp_path, capsys, monkeypatch, columns):
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
 
     monkeypatch.setenv("COLUMNS", str(columns))
     args = build_parser("run").parse_args(["run", "--out", str(tmp_path / "run"), "--no-history",
@@ -247,7 +247,7 @@ def test_summary_says_how_many_gated_checks_passed_and_what_was_not_judged():
 
 # ------------------------------------------------------------------------------ what a log shows
 def run_and_print(tmp_path, capsys, res: Results, *extra: str) -> tuple[int, list[str]]:
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
 
     args = build_parser("run").parse_args(["run", "--out", str(tmp_path / "run"), "--no-history",
                                            "--baselines", str(tmp_path / "none"), *extra])
@@ -318,7 +318,7 @@ def test_the_verdict_leads_with_what_decided_the_run_and_counts_the_rest(tmp_pat
 
 
 def test_evalsuite_fix_is_named_only_for_what_it_can_fix():
-    from evalsuite import fix
+    from evalsuite.app import fix
     from evalsuite.report.table import FIXABLE_STAGES, render_verdicts
 
     assert FIXABLE_STAGES == fix.FIXABLE_STAGES

@@ -263,7 +263,7 @@ def test_an_error_while_scoring_surfaces_and_earlier_tasks_stay_recorded(smollm2
 def test_cli_bad_data_exits_2_and_keeps_earlier_tasks(smollm2_path, data_dir, tmp_path, capsys):
     """copa is evaluated, then a user task whose data has an out-of-range label: exit 2 with one line
     naming the file and line, and copa's records are in the saved results."""
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
 
     _user_task(tmp_path, [{"query": "Q", "choices": ["a", "b"], "gold": 0}, {"query": "Q", "choices": ["a"], "gold": 0}])
     (tmp_path / "data" / "downstream").mkdir()

@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from evalsuite.data import TASKS_DIR
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.measure import Stage, families, tokenization
 
-TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 DEFAULT_SUITE = "standard"
 PAIRED_METRIC = "acc"
 # binary per-item metrics paired like acc (generative tasks: exact match after each answer filter)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from tabulate import tabulate
 
-from evalsuite.judge.checks import VERDICTS
+from evalsuite.results.verdicts import VERDICTS
 from evalsuite.results import Metric, Results
 
 COLOURS = {"PASS": "32", "FAIL": "31;1", "IMPROVED": "35;1", "WITHIN-NOISE": "33", "SKIPPED": "90", "INCOMPLETE": "31",

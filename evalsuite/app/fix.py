@@ -35,31 +35,6 @@ FIXABLE_STAGES = ("ppl", "tasks", "layers")
 DEFAULT_BUDGET = "25%"
 
 
-def add_fix_options(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--fix-budget", default=DEFAULT_BUDGET,
-                   help="most of the quantized linear weights to keep in fp, as a percentage or fraction (default 25%%)")
-    g.add_argument("--fix-granularity", choices=["layer", "block"], default="layer",
-                   help="restore single linear layers (default) or whole blocks")
-    g.add_argument("--fix-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
-    g.add_argument("--fix-corpus",
-                   help="calibration corpus, disjoint from --ppl-corpus (default: the other WikiText-2 split; "
-                        "wikitext2, wikitext2-valid or a .txt/.jsonl file)")
-    g.add_argument("--fix-margin", type=float, default=0.8,
-                   help="predicted KLD and ln(ppl ratio) must be below this fraction of their limits (default 0.8)")
-    g.add_argument("--fix-rerank", type=int, default=8,
-                   help="most candidates re-measured on top of the chosen set at each greedy step (default 8)")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results", help="results.json of a run (its model, schemes and data are reused)")
-    add_fix_options(p.add_argument_group("fix"))
-    p.add_argument("--gates", metavar="FILE", help="YAML file overriding the default gate limits (default: the run's --gates)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: the run's device")
-    p.add_argument("--model", help="the model, where it moved since the run (default: the run's model path)")
-    p.add_argument("--data-dir", help="evaluation data (default: the run's --data-dir)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
-
-
 def parse_budget(spec: str | float) -> float:
     s = str(spec).strip()
     try:
@@ -344,19 +319,16 @@ def exit_code(details: dict[str, dict]) -> int:
     return 0 if all(e.get("status") == "verified" for e in details.values()) else 1
 
 
-def main(args: argparse.Namespace) -> int:
-    """``evalsuite fix RESULTS.json``: re-judge the run's within-run limits; fix each failing scheme."""
+def main(args: argparse.Namespace, results: Results, run_args: argparse.Namespace) -> int:
+    """``evalsuite fix RESULTS.json``: re-judge the run's within-run limits; fix each failing scheme.
+    ``results``: the run's, read from ``args.results``; ``run_args``: the run's options."""
     import torch
 
-    from evalsuite.cli import build_parser
     from evalsuite.judge.checks import finalize
     from evalsuite.judge.config import load_gate_config
     from evalsuite.judge.within import within_run_checks
 
     path = Path(args.results)
-    results = Results.load(path)
-    argv = results.run.get("argv") or []
-    run_args = build_parser("run").parse_args(argv if argv[:1] == ["run"] else ["run"])
     config = load_gate_config(args.gates or run_args.gates, strict=run_args.strict)  # the run's limits by default
     checks = finalize(within_run_checks(results, config), config.strict)
     fails = failing_checks([c.to_dict() for c in checks])
@@ -378,7 +350,7 @@ def main(args: argparse.Namespace) -> int:
 
     from evalsuite.load import load_model
     from evalsuite.measure.context import RunContext
-    from evalsuite.pipeline import resolve_device
+    from evalsuite.app.session import resolve_device
     from evalsuite.quantize import parse_scheme, quantize_
     from evalsuite.quantize.policy import parse_skip
 
