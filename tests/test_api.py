@@ -92,14 +92,19 @@ def test_evaluate_validates_before_loading():
         evalsuite.evaluate("/no/such/model.gguf", stages=["ppl"])
 
 
-def test_options_in_python_spelling_become_run_options():
-    from evalsuite.commands.api import _flag
-    from evalsuite.commands.cli import build_parser
+def test_options_in_python_spelling_become_run_options(tmp_path):
+    """evaluate()'s options land in the RunConfig it builds (no argv, no argparse namespace)."""
+    from evalsuite.commands.api import run_config
 
-    known = build_parser("run")._subparsers._group_actions[0].choices["run"]._option_string_actions
-    assert _flag("ppl_noise_floor", False, known) == ["--no-ppl-noise-floor"]
-    assert _flag("tasks", ["arc_easy", "copa"], known) == ["--tasks", "arc_easy,copa"]
-    assert _flag("speed_compile", True, known) == ["--speed-compile"] and _flag("seed", None, known) == []
+    config = run_config(model="m.gguf", schemes=["int8-wo", "int4-wo-g128"], stages=["ppl", "tasks"], data_dir=None,
+                        limit=3, out=tmp_path, baselines=None, history=None,
+                        options={"ppl_noise_floor": "off", "tasks": ["arc_easy", "copa"], "speed_compile": True,
+                                 "seed": 7, "gates": "g.yaml", "suggest_fix": True})
+    assert config.option("ppl_noise_floor") == "off" and config.option("tasks") == "arc_easy,copa"
+    assert config.option("speed_compile") is True and config.runtime.seed == 7 and config.option("seed") == 7
+    assert config.model.quant_spec == "int8-wo,int4-wo-g128" and config.stages.spec == "ppl,tasks"
+    assert config.judge.gates == "g.yaml" and config.fix.suggest and config.data.limit == 3
+    assert config.judge.no_history and config.output.out == str(tmp_path)
     with pytest.raises(EvalsuiteError, match="unknown option 'ppl_windowz'"):
         evalsuite.evaluate(stages=["ppl"], ppl_windowz=2)
 

@@ -20,11 +20,14 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from evalsuite import results
 from evalsuite.errors import EvalsuiteError
 from evalsuite.results.verdicts import GateResult
+
+if TYPE_CHECKING:
+    from evalsuite.app.config import RunConfig
 
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -66,19 +69,55 @@ class Results(results.Results):
         return GateResult(self.verdicts, self)
 
 
-def _flag(name: str, value: Any, known: dict | None = None) -> list[str]:
-    flag = "--" + name.replace("_", "-")
-    if known is not None and flag not in known:
-        raise EvalsuiteError(f"evaluate: unknown option {name!r} (evalsuite run has no {flag})")
-    if value is False and known is not None and "--no-" + flag[2:] in known:  # an on-by-default option
-        return ["--no-" + flag[2:]]
-    if value is None or value is False:
-        return []
-    if value is True:
-        return [flag]
-    if isinstance(value, (list, tuple)):
-        return [flag, ",".join(str(v) for v in value)]
-    return [flag, str(value)]
+# evaluate()'s keyword options that are not a stage's: the RunConfig field each sets
+_RUN_OPTIONS = {
+    "arch": ("model", "arch"), "tokenizer_path": ("model", "tokenizer"), "variant_model": ("model", "variant_models"),
+    "skip_layers": ("model", "skip_layers"), "handler_timeout": ("model", "handler_timeout"),
+    "device": ("model", "device"), "dtype": ("model", "dtype"), "seed": ("runtime", "seed"), "tp": ("runtime", "tp"),
+    "threads": ("runtime", "threads"), "no_progress": ("runtime", "no_progress"), "kernels": ("runtime", "kernels"),
+    "fp_cache": ("runtime", "fp_cache"), "gates": ("judge", "gates"), "strict": ("judge", "strict"),
+    "sigma": ("judge", "sigma"), "alpha": ("judge", "alpha"), "gate_cpu_speed": ("judge", "gate_cpu_speed"),
+    "baseline": ("judge", "baseline"), "verbose": ("judge", "verbose"), "confirm": ("judge", "confirm"),
+    "suggest_fix": ("fix", "suggest"), "fix_budget": ("fix", "budget"), "fix_granularity": ("fix", "granularity"),
+    "fix_tokens": ("fix", "tokens"), "fix_corpus": ("fix", "corpus"), "fix_margin": ("fix", "margin"),
+    "fix_rerank": ("fix", "rerank"), "resume": ("output", "resume"), "force": ("output", "force"),
+}
+
+
+def _option_value(value: Any) -> Any:
+    """A Python value as the command line's option holds it: a list as its comma-separated string."""
+    return ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def run_config(*, model: str | None, schemes: Sequence[str], stages: Sequence[str], data_dir, limit, out: Path,
+               baselines, history, options: dict[str, Any]) -> "RunConfig":
+    """``evaluate()``'s arguments as the run's RunConfig: the run's defaults, each option in its place
+    (a stage's options by name, as ``--ppl-context`` is ``ppl_context``); an unknown name is refused."""
+    import dataclasses
+
+    from evalsuite.app.config import DataConfig, JudgeConfig, ModelConfig, OutputConfig, RunConfig, StageOptions, StagesConfig
+    from evalsuite.commands.run import stage_option_defaults
+
+    defaults, owners = stage_option_defaults()
+    stage_values, sections = dict(defaults), {}
+    for name, value in options.items():
+        if name in defaults:
+            stage_values[name] = _option_value(value)
+        elif name in _RUN_OPTIONS:
+            section, attr = _RUN_OPTIONS[name]
+            sections.setdefault(section, {})[attr] = tuple(value) if attr == "variant_models" else value
+        else:
+            raise EvalsuiteError(f"evaluate: unknown option {name!r} (evalsuite run has no --{name.replace('_', '-')})")
+    config = RunConfig(
+        model=ModelConfig(path=model, quant=",".join(schemes)),
+        stages=StagesConfig(spec=",".join(stages) or "none", options=StageOptions(stage_values, owners)),
+        data=DataConfig(data_dir=None if data_dir is None else str(data_dir), limit=limit),
+        judge=JudgeConfig(baselines=str(baselines or out / "no-baselines"),
+                          history=None if history is None else str(history), no_history=history is None),
+        output=OutputConfig(out=str(out)),
+        argv=("run", "--quant", ",".join(schemes), "--stages", ",".join(stages) or "none", "--out", str(out)),
+    )
+    return dataclasses.replace(config, **{s: dataclasses.replace(getattr(config, s), **kw) for s, kw in sections.items()})
 
 
 def _state_sha256(model) -> str:
@@ -126,28 +165,27 @@ def evaluate(model_or_path=None, *, tokenizer=None, schemes: Sequence[str] = ("i
     spelling (``ppl_context=512``, ``tasks=["arc_easy"]``, ``speed_tokens=8``). ``quiet``: do not
     print the tables. A usage error raises :class:`evalsuite.errors.EvalsuiteError`.
     """
-    from evalsuite.commands.cli import build_parser
     from evalsuite.app.session import run
 
-    preloaded = None
-    argv = ["run", "--quant", ",".join(schemes), "--stages", ",".join(stages) or "none"]
+    if data_dir is None:
+        data_dir = os.environ.get("EVALSUITE_DATA_DIR")
+    preloaded, path = None, None
     if isinstance(model_or_path, (str, os.PathLike)):
-        argv += ["--model", str(model_or_path)]
+        path = str(model_or_path)
     elif model_or_path is not None:
         preloaded, device, dtype = _preloaded(model_or_path, tokenizer)
-        argv += ["--device", device, "--dtype", dtype]
+        options = {**options, "device": device, "dtype": dtype}
     elif tokenizer is not None:
         raise EvalsuiteError("evaluate: a tokenizer without a model")
+    else:
+        path = os.environ.get("EVALSUITE_MODEL")
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="evalsuite-"))
-    argv += ["--out", str(out), "--baselines", str(baselines or out / "no-baselines")]
-    argv += _flag("history", history) if history else ["--no-history"]
-    parser = build_parser("run")
-    known = parser._subparsers._group_actions[0].choices["run"]._option_string_actions
-    for name, value in (("data_dir", data_dir), ("suite", suite), ("limit", limit), *options.items()):
-        argv += _flag(name, value, known)
-    args = parser.parse_args(argv)
+    if suite is not None:
+        options = {**options, "suite": suite}
+    config = run_config(model=path, schemes=schemes, stages=stages, data_dir=data_dir, limit=limit, out=out,
+                        baselines=baselines, history=history, options=options)
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-        run(args, preloaded=preloaded)
+        run(config, preloaded=preloaded)
     return Results.load(out / "results.json")
 
 

@@ -35,10 +35,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from evalsuite.app import fix
+    import dataclasses
+    from pathlib import Path
+
+    from evalsuite.app.config import FixConfig
+    from evalsuite.app.session import fix_results
     from evalsuite.commands.cli import build_parser
+    from evalsuite.commands.run import config_from_args
 
     results = Results.load(args.results)
     argv = results.run.get("argv") or []
     run_args = build_parser("run").parse_args(argv if argv[:1] == ["run"] else ["run"])
-    return fix.main(args, results, run_args)
+    # the run's own config, with this command's fix options
+    config = dataclasses.replace(config_from_args(run_args, argv), fix=FixConfig(
+        suggest=True, budget=args.fix_budget, granularity=args.fix_granularity, tokens=args.fix_tokens,
+        corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank))
+    return fix_results(config, results, Path(args.results), gates=args.gates, device=args.device, model=args.model,
+                       data_dir=args.data_dir, threads=args.threads)

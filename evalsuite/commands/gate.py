@@ -15,11 +15,22 @@ import sys
 from pathlib import Path
 
 from evalsuite.errors import EvalsuiteError
-from evalsuite.app.judge_report import config_from_args, history_path
+from evalsuite.app.config import JudgeConfig
+from evalsuite.app.judge_report import gate_config, history_path
 from evalsuite.judge import DEFAULT_HISTORY, annotate, judge, resolve_baselines
 from evalsuite.judge.baseline import DEFAULT_DIR
 from evalsuite.judge.checks import exit_code
 from evalsuite.results import Results
+
+
+def judge_config(args: argparse.Namespace) -> JudgeConfig:
+    """The judge options of ``evalsuite gate``, ``compare`` (those it has) as a JudgeConfig."""
+    a = vars(args)
+    variants = a.get("variant")
+    return JudgeConfig(gates=a.get("gates"), strict=bool(a.get("strict")), sigma=a.get("sigma"), alpha=a.get("alpha"),
+                       gate_cpu_speed=bool(a.get("gate_cpu_speed")), baseline=a.get("baseline"),
+                       baselines=a.get("baselines"), variants=tuple(variants) if variants else None,
+                       history=a.get("history"), no_history=bool(a.get("no_history")), verbose=bool(a.get("verbose")))
 
 
 def add_gate_arguments(g: argparse._ArgumentGroup) -> None:
@@ -79,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
                                               "the baseline and the candidate") for b in baselines)
     for w in filter(None, warnings):
         print(w, file=sys.stderr)
-    checks = judge(candidate, config_from_args(args), baselines, results_path=args.candidate,
+    checks = judge(candidate, gate_config(judge_config(args)), baselines, results_path=args.candidate,
                    baseline_dir=directory, extra_checks=missing, baseline_requested=True)
     annotate(candidate, checks)
     print(render_verdicts(candidate.verdicts, color=colour_enabled(), verbose=args.verbose, summary=False))
@@ -93,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
         print("reports: " + ", ".join(str(p) for p in written))
     if args.junit:
         write_junit(candidate, Path(args.junit))
-    hist = history_path(args, None)
+    hist = history_path(judge_config(args), None)
     if hist is not None:
         from evalsuite.judge.history import append_run
 

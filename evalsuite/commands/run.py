@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from evalsuite.app.session import DEFAULT_SEED, DTYPES, run
+from evalsuite.app.config import (
+    DEFAULT_SEED, DTYPES, DataConfig, FixConfig, JudgeConfig, ModelConfig, OutputConfig, RunConfig, RuntimeConfig,
+    StageOptions, StagesConfig,
+)
+from evalsuite.app.session import run
 from evalsuite.commands.fix import add_fix_options
 from evalsuite.commands.gate import add_gate_arguments
 from evalsuite.measure import STAGE_MODULES, get_stage
@@ -70,5 +74,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_fix_options(g)
 
 
+def stage_option_defaults() -> tuple[dict, dict[str, str]]:
+    """Every stage's options with their defaults, and the stage that declares each."""
+    values, owners = {}, {}
+    for name in STAGE_MODULES:
+        stage = get_stage(name)
+        if stage.add_arguments is None:
+            continue
+        p = argparse.ArgumentParser(add_help=False)
+        stage.add_arguments(p)
+        for k, v in vars(p.parse_args([])).items():
+            values[k], owners[k] = v, name
+    return values, owners
+
+
+def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) -> RunConfig:
+    """The run's RunConfig from ``evalsuite run``'s parsed options (also ``evalsuite fix``'s reading of
+    a run's recorded command line)."""
+    import sys
+
+    defaults, owners = stage_option_defaults()
+    a = vars(args)
+    options = StageOptions({k: a.get(k, v) for k, v in defaults.items()}, owners)
+    return RunConfig(
+        model=ModelConfig(path=args.model, arch=args.arch, tokenizer=args.tokenizer, quant=args.quant,
+                          variant_models=tuple(args.variant_model or ()), skip_layers=args.skip_layers,
+                          handler_timeout=args.handler_timeout, device=args.device, dtype=args.dtype),
+        stages=StagesConfig(spec=args.stages, options=options),
+        data=DataConfig(data_dir=args.data_dir, limit=args.limit),
+        runtime=RuntimeConfig(seed=args.seed, tp=args.tp, threads=args.threads, no_progress=args.no_progress,
+                              kernels=args.kernels, fp_cache=args.fp_cache),
+        judge=JudgeConfig(gates=args.gates, strict=args.strict, sigma=args.sigma, alpha=args.alpha,
+                          gate_cpu_speed=args.gate_cpu_speed, baseline=args.baseline, baselines=args.baselines,
+                          history=args.history, no_history=args.no_history, verbose=args.verbose,
+                          confirm=args.confirm),
+        fix=FixConfig(suggest=args.suggest_fix, budget=args.fix_budget, granularity=args.fix_granularity,
+                      tokens=args.fix_tokens, corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank),
+        output=OutputConfig(out=args.out, resume=args.resume, force=args.force),
+        argv=tuple(sys.argv[1:] if argv is None else argv),
+    )
+
+
 def main(args: argparse.Namespace) -> int:
-    return run(args)
+    return run(config_from_args(args))
