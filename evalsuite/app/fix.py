@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import math
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any

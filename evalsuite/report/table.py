@@ -215,7 +215,7 @@ def summary_line(verdicts: list[dict[str, Any]], width: int | None = None) -> st
 
 
 # the stages whose within-run limits `evalsuite fix` can bring a scheme back within (as
-# evalsuite.fix.FIXABLE_STAGES: report sits below the app layer and does not import it)
+# evalsuite.app.fix.FIXABLE_STAGES: report sits below the app layer and does not import it)
 FIXABLE_STAGES = ("ppl", "tasks", "layers")
 
 
