@@ -35,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.benchutil import write_out  # noqa: E402
-from evalsuite import fix  # noqa: E402
-from evalsuite.cli import build_parser  # noqa: E402
+from evalsuite.app import fix  # noqa: E402
+from evalsuite.app.session import measure_stages  # noqa: E402
+from evalsuite.commands.cli import build_parser  # noqa: E402
+from evalsuite.commands.run import config_from_args  # noqa: E402
 from evalsuite.judge.config import load_gate_config  # noqa: E402
 from evalsuite.load import load_model  # noqa: E402
 from evalsuite.load.model import default_model_path  # noqa: E402
@@ -94,8 +96,8 @@ def main(argv=None) -> int:
                 "--fix-granularity", a.fix_granularity, "--fix-rerank", str(a.fix_rerank)]
     if a.limit:
         argv_run += ["--ppl-windows", str(a.limit)]
-    args = build_parser("run").parse_args(argv_run)
-    fix.validate(args)
+    args = config_from_args(build_parser("run").parse_args(argv_run), argv_run)
+    fix.validate(args.fix, args.option("ppl_corpus"))
     config = load_gate_config()
     out: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "dtype": dtype_name,
                  "load_s": load_s, "args": vars(a), "schemes": {}}
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
             return load_model(model_path, device=device, dtype=new_dtype).model
 
         ctx = RunContext(loaded=loaded, variants={"fp": fp, name: q}, configs={name: cfg}, device=device, dtype=dtype,
-                         args=args, results=results, data_dir=data_dir, limit=a.limit, reload=reload,
+                         config=args, results=results, data_dir=data_dir, limit=a.limit, reload=reload,
                          show_progress=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -138,7 +140,7 @@ def main(argv=None) -> int:
             continue
         out_dir = Path(os.environ.get("OUT", "/tmp")) / "bench_fix"
         t = time.perf_counter()
-        details = fix.suggest(ctx, results, config, fails, out_dir)[name]
+        details = fix.suggest(ctx, results, config, fails, out_dir, measure_stages)[name]
         fix_s = time.perf_counter() - t
         entry.update({"fix_s": fix_s, "fix_over_ppl_stage": fix_s / ppl_s, "fix": {
             k: details[k] for k in ("status", "set", "params_fraction", "params_restored", "bytes_extra", "predicted",
@@ -168,7 +170,8 @@ def main(argv=None) -> int:
         entry["strategies"] = {}
         for sname, skip in strategies.items():
             t = time.perf_counter()
-            verified, _, _ = fix._verify(ctx, results, config, name, skip, ["ppl"], out_dir / sname / name)
+            verified, _, _ = fix._verify(ctx, results, config, name, skip, ["ppl"], out_dir / sname / name,
+                                         "evalsuite run", measure_stages)
             params = sum(units[n] for n in layers if any(fnmatch.fnmatchcase(n, p) for p in skip))
             vm = verified["metrics"]
             entry["strategies"][sname] = {"skip": skip, "params": params, "verified": verified,

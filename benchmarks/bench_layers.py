@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from evalsuite.app.config import RunConfig  # noqa: E402
 from evalsuite.load import load_model  # noqa: E402
 from evalsuite.measure import layers as L  # noqa: E402
 from evalsuite.measure.context import RunContext  # noqa: E402
@@ -51,10 +52,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def stage_args(a: argparse.Namespace) -> argparse.Namespace:
-    return argparse.Namespace(layer_tokens=a.tokens, layer_seq_len=a.seq_len, layer_batch_tokens=a.batch_tokens,
-                              layer_thresholds=None, layer_threshold_db=None, layer_jump_db=L.DEFAULT_JUMP_DB,
-                              layer_top=5, layer_peer_db=L.DEFAULT_PEER_DB, skip_layers="")
+def stage_config(a: argparse.Namespace) -> RunConfig:
+    return RunConfig.of_options(layer_tokens=a.tokens, layer_seq_len=a.seq_len, layer_batch_tokens=a.batch_tokens,
+                                layer_thresholds=None, layer_threshold_db=None, layer_jump_db=L.DEFAULT_JUMP_DB,
+                                layer_top=5, layer_peer_db=L.DEFAULT_PEER_DB, skip_layers="")
 
 
 def sync(device: torch.device) -> None:
@@ -64,7 +65,7 @@ def sync(device: torch.device) -> None:
 
 def run_once(loaded, variants, configs, device, dtype, args, data_dir) -> tuple[float, Results]:
     ctx = RunContext(loaded=loaded, variants={"fp": loaded.model, **variants}, configs=configs, device=device,
-                     dtype=dtype, args=stage_args(args), results=Results(), data_dir=data_dir, show_progress=False)
+                     dtype=dtype, config=stage_config(args), results=Results(), data_dir=data_dir, show_progress=False)
     sync(device)
     t0 = time.perf_counter()
     with torch.inference_mode():

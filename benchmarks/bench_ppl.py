@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from benchutil import write_out  # noqa: E402
 
+from evalsuite.app.config import RunConfig  # noqa: E402
 from evalsuite.load import load_model  # noqa: E402
 from evalsuite.load.fast_forward import fast_forward_all  # noqa: E402
 from evalsuite.load.model import default_model_path, prefer_expandable_segments  # noqa: E402
@@ -151,9 +152,9 @@ def main() -> int:
 
     # the end-to-end stage, noise floor included (reload in float32)
     results = Results(run={"schemes": schemes})
-    ns = argparse.Namespace(ppl_corpus="wikitext2", ppl_context=context, ppl_stride=None, ppl_score="all",
-                            ppl_windows=max_windows, ppl_batch=batch, ppl_noise_floor=True, seed=0)
-    ctx = RunContext(loaded=loaded, variants=variants, configs={}, device=device, dtype=dtype, args=ns, results=results,
+    ns = RunConfig.of_options(ppl_corpus="wikitext2", ppl_context=context, ppl_stride=None, ppl_score="all",
+                              ppl_windows=max_windows, ppl_batch=batch, ppl_noise_floor=True, seed=0)
+    ctx = RunContext(loaded=loaded, variants=variants, configs={}, device=device, dtype=dtype, config=ns, results=results,
                      data_dir=data_dir, reload=lambda d: load_model(model_path, device=device, dtype=d).model,
                      show_progress=False)
     if device.type == "cuda":

@@ -158,16 +158,17 @@ def main() -> int:
     report["total_stage_s"] = round(setup_s + total_build + total_fast, 3)
     # the stage itself, end to end (task manager, request building and tokenizing in a worker thread
     # while the device runs the previous task, both variants, records): the number the target is for
+    from evalsuite.app.config import RunConfig
     from evalsuite.measure.context import RunContext
     from evalsuite.results import Results
 
-    ns = argparse.Namespace(tasks=args.tasks, suite=None, tasks_dir=[], task_limit=limit, task_batch_size=args.batch_size,
+    ns = RunConfig.of_options(tasks=args.tasks, suite=None, tasks_dir=[], task_limit=limit, task_batch_size=args.batch_size,
                             task_batch_tokens=args.batch_tokens, lm_adapter="fast", kernels=args.kernels, seed=0,
                             task_packing=args.packing)
     results = Results(run={"schemes": [cfg.name]})
     with tempfile.TemporaryDirectory() as tmp:  # the results file saved after every variant, as evalsuite run does
         ctx = RunContext(loaded=loaded, variants=variants, configs={cfg.name: cfg}, device=device, dtype=dtype,
-                         args=ns, results=results, data_dir=data_dir, show_progress=False,
+                         config=ns, results=results, data_dir=data_dir, show_progress=False,
                          checkpoint=lambda: results.save(Path(tmp) / "results.json"))
         with torch.inference_mode():
             _, stage_s = timed(lambda: stage.run(ctx), device)

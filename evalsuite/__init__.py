@@ -5,13 +5,13 @@ Python API (imported on first use, so ``import evalsuite`` stays cheap): :func:`
 ``.gate(baselines)``). See the README's "Python API".
 """
 
-__version__ = "0.1.0"
+from evalsuite.versions import __version__  # noqa: E402
 __all__ = ["evaluate", "quantize", "Results", "EvalsuiteError"]
 
 
 def __getattr__(name: str):
     if name == "evaluate":
-        from evalsuite.api import evaluate
+        from evalsuite.commands.api import evaluate
 
         return evaluate
     if name == "quantize":  # the stage package, callable as the API function (see its __init__)
@@ -19,7 +19,7 @@ def __getattr__(name: str):
 
         return quantize
     if name == "Results":
-        from evalsuite.results import Results
+        from evalsuite.commands.api import Results
 
         return Results
     if name == "EvalsuiteError":

@@ -1,5 +1,5 @@
 import sys
 
-from evalsuite.cli import main
+from evalsuite.commands.cli import main
 
 sys.exit(main())

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# with --tp the stages gather over the data-parallel replicas only (evalsuite.tp sets it)
+# with --tp the stages gather over the data-parallel replicas only (evalsuite.load.tp sets it)
 _DATA_GROUP: Any = None
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 
+__version__ = "0.1.0"  # evalsuite's own (pyproject.toml's [project] version)
+
 
 def package_versions(packages: tuple[str, ...]) -> dict[str, str | None]:
     """Python's version and each package's installed version (None where it is not installed)."""

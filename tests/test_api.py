@@ -92,32 +92,33 @@ def test_evaluate_validates_before_loading():
         evalsuite.evaluate("/no/such/model.gguf", stages=["ppl"])
 
 
-def test_options_in_python_spelling_become_run_options():
-    from evalsuite.api import _flag
-    from evalsuite.cli import build_parser
+def test_options_in_python_spelling_become_run_options(tmp_path):
+    """evaluate()'s options land in the RunConfig it builds (no argv, no argparse namespace)."""
+    from evalsuite.commands.api import run_config
 
-    known = build_parser("run")._subparsers._group_actions[0].choices["run"]._option_string_actions
-    assert _flag("ppl_noise_floor", False, known) == ["--no-ppl-noise-floor"]
-    assert _flag("tasks", ["arc_easy", "copa"], known) == ["--tasks", "arc_easy,copa"]
-    assert _flag("speed_compile", True, known) == ["--speed-compile"] and _flag("seed", None, known) == []
+    config = run_config(model="m.gguf", schemes=["int8-wo", "int4-wo-g128"], stages=["ppl", "tasks"], data_dir=None,
+                        limit=3, out=tmp_path, baselines=None, history=None,
+                        options={"ppl_noise_floor": "off", "tasks": ["arc_easy", "copa"], "speed_compile": True,
+                                 "seed": 7, "gates": "g.yaml", "suggest_fix": True})
+    assert config.option("ppl_noise_floor") == "off" and config.option("tasks") == "arc_easy,copa"
+    assert config.option("speed_compile") is True and config.runtime.seed == 7 and config.option("seed") == 7
+    assert config.model.quant_spec == "int8-wo,int4-wo-g128" and config.stages.spec == "ppl,tasks"
+    assert config.judge.gates == "g.yaml" and config.fix.suggest and config.data.limit == 3
+    assert config.judge.no_history and config.output.out == str(tmp_path)
     with pytest.raises(EvalsuiteError, match="unknown option 'ppl_windowz'"):
         evalsuite.evaluate(stages=["ppl"], ppl_windowz=2)
 
 
 def _judged_smoke_run() -> "evalsuite.Results":
-    """A finished smoke run whose within-run KLD check passes clearly (a wide margin, many windows)."""
-    from evalsuite.results import Results
+    """A finished smoke run whose within-run KLD check passes clearly (a wide margin, many windows),
+    with the per-window details behind its records (the evidence check re-derives them)."""
+    from test_judge import make_results
 
-    r = Results(run={"suite": "smoke", "schemes": ["int8-wo"], "stages": ["ppl"], "stages_finished": ["ppl"],
-                     "finished": "now", "partial": True})
-    for variant in ("fp", "int8-wo"):
-        r.add(stage="ppl", task="wikitext2", variant=variant, metric="token_ppl", value=20.0, unit="ppl", n=1000,
-              higher_is_better=False, ci95=[19.0, 21.0])
-    r.add(stage="ppl", task="wikitext2", variant="int8-wo", metric="kld_mean", value=1e-4, unit="nats", n=1000,
-          higher_is_better=False, ci95=[0.9e-4, 1.1e-4], extra={"windows": 50})
-    r.add(stage="ppl", task="wikitext2", variant="int8-wo", metric="ppl_ratio", value=1.0001, unit="ratio", n=1000,
-          higher_is_better=False, ci95=[1.0, 1.0002], extra={"windows": 50})
-    return r
+    r = make_results(seed=3, device="cpu")
+    r.records = [m for m in r.records if m.stage == "ppl"]
+    r.details = {k: v for k, v in r.details.items() if k == "ppl"}
+    r.run.update(suite="smoke", stages=["ppl"], partial=True)
+    return evalsuite.Results.from_dict(r.to_dict())
 
 
 def test_gate_of_a_smoke_run_against_baselines_is_not_passed(tmp_path):

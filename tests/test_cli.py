@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evalsuite.cli import COMMANDS, main
+from evalsuite.commands.cli import COMMANDS, main
 from evalsuite.results import REQUIRED_RECORD_KEYS, SCHEMA, Results
 
 REPO = Path(__file__).resolve().parents[1]

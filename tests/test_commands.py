@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from evalsuite.cli import build_parser, main
+from evalsuite.commands.cli import build_parser, main
 from evalsuite.results import Results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,20 +40,21 @@ def run_printed(command: str, monkeypatch, tmp_path) -> int:
 # ------------------------------------------------------------------------------ printed suggestions
 @pytest.mark.parametrize("limit", [None, 4])
 def test_missing_baseline_command_works_as_printed(tmp_path, capsys, monkeypatch, limit):
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
+    from evalsuite.commands.run import config_from_args
 
     res = make_results(seed=11, limit=limit)
     run_dir = tmp_path / "run"
     res.save(run_dir / "results.json")
     args = build_parser("run").parse_args(["run", "--out", str(run_dir), "--no-history",
                                            "--baselines", str(tmp_path / "bl")])
-    judge_and_report(res, run_dir, args)
+    judge_and_report(res, run_dir, config_from_args(args).judge)
     commands = printed_commands(capsys.readouterr().out)
     assert len(commands) == 2 and all("--allow-partial" in c for c in commands) == (limit is not None)
     for c in commands:
         assert run_printed(c, monkeypatch, tmp_path) == 0, c
     # the baselines it made are found by the next run's judge: no "missing" left
-    judge_and_report(res, run_dir, args)
+    judge_and_report(res, run_dir, config_from_args(args).judge)
     out = capsys.readouterr().out
     assert "to create the missing baselines" not in out and "no baseline at" not in out
 

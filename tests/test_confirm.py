@@ -34,7 +34,7 @@ def plant_kld_regression(monkeypatch, times: int) -> list[int]:
 
 def run_confirmed(tmp_path, smollm2, data_dir, confirm: bool = True) -> tuple[int, dict, dict]:
     """SmolLM2 (loaded once a session) through the whole pipeline, ppl only on two short windows."""
-    from evalsuite.api import evaluate
+    from evalsuite.commands.api import evaluate
     from evalsuite.judge.checks import exit_code
 
     out = tmp_path / "run"
@@ -75,7 +75,7 @@ def test_a_failure_the_remeasurement_did_not_judge_stands():
     the failure keeps failing the run instead of passing unchecked; a judged non-failure is not
     confirmed (WORSE)."""
     from evalsuite.judge.checks import FAIL, PASS, SKIPPED, Check
-    from evalsuite.judge.confirm import confirm
+    from evalsuite.app.confirm import confirm
     from evalsuite.results import Results
 
     def failing(name):
@@ -85,8 +85,9 @@ def test_a_failure_the_remeasurement_did_not_judge_stands():
     first = [failing("ppl/w/int8-wo/kld_mean"), failing("ppl/w/int8-wo/ppl_ratio"), failing("ppl/w/int8-wo/kld_p99")]
     second = [Check("ppl/w/int8-wo/kld_mean", "limit", PASS, "fine", stage="ppl", variant="int8-wo", gated=True),
               Check("ppl/w/int8-wo/ppl_ratio", "limit", SKIPPED, "no record", stage="ppl", variant="int8-wo")]
-    checks = confirm(Results(run={}), first, lambda stages, variants: (Results(run={}), "--ppl-batch 2"),
-                     lambda again: second)
+    checks, fault = confirm(Results(run={}), first, lambda stages, variants: (Results(run={}), "--ppl-batch 2"),
+                            lambda again: second)
+    assert fault is None
     by = {c.check: c for c in checks}
     assert by["ppl/w/int8-wo/kld_mean"].verdict == "WORSE" and not by["ppl/w/int8-wo/kld_mean"].failing
     for lost in ("ppl/w/int8-wo/ppl_ratio", "ppl/w/int8-wo/kld_p99"):  # SKIPPED there, and absent there

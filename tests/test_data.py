@@ -153,19 +153,52 @@ def test_a_non_editable_install_ships_the_smoke_suite_and_the_tasks(tmp_path):
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(whl)],
                           capture_output=True, text=True, timeout=300)
     assert inst.returncode == 0, inst.stderr
-    code = ("from evalsuite.data import SMOKE_DIR, mirror; from evalsuite.measure.tasks import TASKS_DIR; "
-            "print(SMOKE_DIR, all(c.ok for c in mirror.check(SMOKE_DIR)), len(list(TASKS_DIR.glob('*.yaml'))))")
+    # tasks/ is package data of evalsuite, not a top-level module that another distribution's `tasks` could shadow
+    assert not (site / "tasks").exists() and not (site / "tasks.py").exists()
+    assert sorted(p.name for p in site.iterdir() if not p.name.endswith((".dist-info", "bin"))) == ["evalsuite"]
+    code = ("import importlib.util; from evalsuite.data import SMOKE_DIR, mirror; from evalsuite.measure.tasks import TASKS_DIR; "
+            "spec = importlib.util.spec_from_file_location('m', TASKS_DIR / 'mirror.py'); m = importlib.util.module_from_spec(spec); "
+            "spec.loader.exec_module(m); rows = m.load('multiple_choice', 'downstream/arc_easy.jsonl', data_dir=str(SMOKE_DIR)); "
+            "print(SMOKE_DIR, all(c.ok for c in mirror.check(SMOKE_DIR)), len(list(TASKS_DIR.glob('*.yaml'))), TASKS_DIR, "
+            "len(rows['test']))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                        env={**__import__("os").environ, "PYTHONPATH": str(site)})
     assert p.returncode == 0, p.stderr
-    smoke, ok, n_yaml = p.stdout.split()
+    smoke, ok, n_yaml, tasks_dir, n_rows = p.stdout.split()
     assert Path(smoke) == site / "evalsuite" / "data" / "smoke" and ok == "True"
     assert int(n_yaml) == len(list((REPO / "tasks").glob("*.yaml")))
+    assert Path(tasks_dir) == site / "evalsuite" / "_tasks" and int(n_rows) > 0
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject lists the packages explicitly (tasks/ is mapped to evalsuite._tasks): a new
+    evalsuite/ subpackage missing from the list would be missing from every non-editable install."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    listed = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert sorted(listed) == sorted(find_packages(str(REPO), include=["evalsuite*"]) + ["evalsuite._tasks"])
+
+
+def test_the_mirror_is_one_module():
+    """The task YAMLs' ``!function mirror.load`` is evalsuite.data.mirror's load (the same reader and Hub
+    converters that `evalsuite data fetch/check` use), reached through the tiny tasks/mirror.py."""
+    import importlib.util
+
+    from evalsuite.data import TASKS_DIR
+
+    spec = importlib.util.spec_from_file_location("tasks_mirror_by_path", TASKS_DIR / "mirror.py")
+    by_path = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(by_path)
+    assert by_path.load is mirror.load and by_path.DataError is mirror.DataError
+    rows = by_path.load("multiple_choice", "downstream/arc_easy.jsonl", data_dir=str(SMOKE_DIR))["test"]
+    assert len(rows) == len(mirror.read_mirror(SMOKE_DIR / "downstream" / "arc_easy.jsonl", "multiple_choice"))
 
 
 @pytest.mark.slow
 def test_smoke_run_is_chosen_by_name_marked_and_says_where_the_real_data_is(tmp_path, capsys, smollm2_path):
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
     from evalsuite.results import Results
 
     out = tmp_path / "run"

@@ -142,7 +142,7 @@ DRIVER = '''
 import sys
 import evalsuite.measure as m
 m.STAGE_MODULES["toy"] = "toy_stage"
-from evalsuite.cli import main
+from evalsuite.commands.cli import main
 sys.exit(main(sys.argv[1:]))
 '''
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_llama
-from evalsuite.cli import main
+from evalsuite.commands.cli import main
 from evalsuite.judge import judge
-from evalsuite.judge.checks import EXIT_INVALID, INVALID, exit_code
+from evalsuite.judge.checks import EXIT_INCOMPLETE, EXIT_INVALID, INVALID, exit_code
 from evalsuite.judge.config import load_gate_config
 from evalsuite.judge.evidence import rederive
 from evalsuite.results import Results
@@ -140,7 +140,7 @@ def test_a_scheme_without_its_gated_records_is_incomplete(tmp_path, run_file, da
     else:
         data["records"] = [r for r in data["records"] if not (r["variant"] == "int8-wo" and (r["stage"], r["metric"]) in GATED)]
     code, verdicts, out = _gate(tmp_path, run_file, data, capsys)
-    assert code == 2 and "gate INCOMPLETE" in out, out
+    assert code == EXIT_INCOMPLETE and "gate INCOMPLETE" in out, out
     reason = verdicts["evidence/gated"]["reason"]
     assert verdicts["evidence/gated"]["verdict"] == "INCOMPLETE"
     assert "ppl/int8-wo: no kld_mean record" in reason and "ppl/int8-wo: no ppl_ratio record" in reason
@@ -150,7 +150,7 @@ def test_a_scheme_without_its_gated_records_is_incomplete(tmp_path, run_file, da
 def test_a_recorded_stage_error_is_incomplete(tmp_path, run_file, data, capsys):
     data["errors"] = [{"stage": "ppl", "variant": "int8-wo", "message": "CUDA error: an illegal memory access"}]
     code, verdicts, out = _gate(tmp_path, run_file, data, capsys)
-    assert code == 2 and "gate INCOMPLETE" in out, out
+    assert code == EXIT_INCOMPLETE and "gate INCOMPLETE" in out, out
     assert verdicts["run/errors"]["verdict"] == "INCOMPLETE"
     assert "ppl/int8-wo: CUDA error: an illegal memory access" in verdicts["run/errors"]["reason"]
 
@@ -284,4 +284,4 @@ def test_fuzz_no_edit_turns_a_fail_into_a_pass_and_the_details_catch_every_edit_
         if detectable:
             assert on_pass == on_fail == EXIT_INVALID, f"edit {i} ({what}) went undetected: {on_pass}, {on_fail}"
         if gap:
-            assert on_pass in (2, EXIT_INVALID), f"edit {i} ({what}) removed a gated record and passed"
+            assert on_pass in (EXIT_INCOMPLETE, EXIT_INVALID), f"edit {i} ({what}) removed a gated record and passed"

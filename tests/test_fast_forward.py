@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from evalsuite.app.config import RunConfig
 from evalsuite.load import fast_forward as ff
 from evalsuite.quantize.int8_wo import WeightOnlyInt8Linear
 from tests.conftest import make_tiny_llama
@@ -398,13 +399,12 @@ def test_smollm2_bf16_logits_and_nll_match_on_cuda(smollm2_path, data_dir):
 def test_run_context_fuses_every_variant_unless_eager(tiny_llama, kernels, expected):
     """RunContext.fused_forwards: fast_forward over each model given (None skipped), or nothing
     under --kernels eager; all restored afterwards."""
-    import argparse
 
     from evalsuite.measure.context import RunContext
 
     other = copy.deepcopy(tiny_llama)
     ctx = RunContext(loaded=None, variants={}, configs={}, device=torch.device(DEVICE), dtype=torch.float32,
-                     args=argparse.Namespace(kernels=kernels), results=None)
+                     config=RunConfig.of_options(kernels=kernels), results=None)
     before = (_snapshot(tiny_llama), _snapshot(other))
     with ctx.fused_forwards(tiny_llama, None, other) as n:
         assert n == expected

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from evalsuite.fix import failing_checks, parse_budget, run_command
+from evalsuite.app.fix import failing_checks, parse_budget, run_command
 from evalsuite.measure.perplexity import paired_token_stats
 from evalsuite.measure.sensitivity import (
     Counterfactuals,
@@ -188,7 +188,7 @@ def _run_argv(model_dir, data_dir, out, *extra):
 
 
 def _main(argv, monkeypatch):
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
 
     monkeypatch.setattr("sys.argv", ["evalsuite", *argv])
     return main(argv)

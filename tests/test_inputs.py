@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import make_tiny_llama
-from evalsuite.cli import main
+from evalsuite.commands.cli import main
 from evalsuite.results import Results
 
 
@@ -187,7 +187,10 @@ def test_results_and_reports_are_written_with_the_users_umask(tiny_dir, tmp_path
 def judged(seed: int, kld: float, path: Path) -> str:
     from test_judge import make_results
 
-    res = make_results(seed=seed, kld=kld).gate()
+    import evalsuite
+
+    res = evalsuite.Results.from_dict(make_results(seed=seed, kld=kld).to_dict())
+    res.gate()  # sets its verdicts
     res.save(path)
     return str(path)
 

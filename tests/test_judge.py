@@ -2,7 +2,7 @@
 
 Results are synthetic but built the way the stages build them (per-window sums, per-item
 correctness, per-sample timings, run through evalsuite.stats), so intervals are real intervals.
-Gates are exercised through the real CLI (``evalsuite.cli.main`` and ``python3 -m evalsuite``).
+Gates are exercised through the real CLI (``evalsuite.commands.cli.main`` and ``python3 -m evalsuite``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from scipy import stats as sps
 
 from evalsuite import stats
-from evalsuite.cli import main
+from evalsuite.commands.cli import main
 from evalsuite.results import Results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -530,7 +530,7 @@ def test_history_survives_a_crash_mid_write(tmp_path):
 
 def test_head_quantized_against_policy_fails_on_its_inf_floor():
     """The layers stage writes floor_db "inf" (JSON has no infinity) for a layer the policy keeps in float."""
-    from evalsuite.judge.layers import layer_summary
+    from evalsuite.results.layers import layer_summary
 
     res = make_results(seed=1)
     res.add(stage="layers", task="lm_head", variant="int8-wo", metric="weight_sqnr_db", value=45.0, unit="dB", n=1,

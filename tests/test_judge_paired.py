@@ -265,7 +265,7 @@ def test_one_layer_with_fp8_cast_scales_fails_where_an_honest_rerun_passes():
 # ---- through the CLI: old baselines, provenance, what is gated ----
 
 def _gate(tmp_path, baseline_path, cand, *extra):
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
 
     c = tmp_path / "cand.json"
     cand.save(c)
@@ -302,7 +302,7 @@ def test_schema_1_baseline_loads_and_is_judged_unpaired_never_pass(tmp_path):
 def test_every_gated_check_has_an_uncertainty_and_says_what_it_is(tmp_path):
     from test_judge import make_results
 
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
 
     base = tmp_path / "base.json"
     make_results(seed=1).save(base)
@@ -339,7 +339,7 @@ def test_every_gated_check_has_an_uncertainty_and_says_what_it_is(tmp_path):
 
 
 def test_candidate_measured_another_way_is_told_and_gets_cross_path_noise(tmp_path):
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
     from test_judge import make_results
 
     folder = tmp_path / "baselines"
@@ -424,7 +424,7 @@ def test_bench_aa_calibrates_from_finished_runs_and_baseline_update_embeds_it(tm
     import subprocess
     import sys
 
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
     from test_judge import make_results
 
     runs = []
@@ -453,7 +453,7 @@ def test_bench_aa_calibrates_from_finished_runs_and_baseline_update_embeds_it(tm
 
 
 def test_nightly_splits_the_false_alarm_budget_across_its_entries(tmp_path):
-    from evalsuite.nightly import expand_entries
+    from evalsuite.commands.nightly import expand_entries
 
     entries = expand_entries({"matrix": {"model": ["/m/a.gguf", "/m/b.gguf"], "quant": ["int8-wo", "int4-wo-g128"]}},
                              "test")

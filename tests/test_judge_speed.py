@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evalsuite.cli import main
+from evalsuite.commands.cli import main
 from evalsuite.judge.noise import NoiseModel
 from evalsuite.judge.speed import NO_CALIBRATION, speed_check
 from evalsuite.results import Metric, Results

@@ -6,7 +6,6 @@ one named layer and must come out worst and under threshold, while an honest int
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -16,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from evalsuite.app.config import RunConfig
 from evalsuite.errors import EvalsuiteError
 from evalsuite.load import LoadedModel
 from evalsuite.load.model import ModelInfo
@@ -54,13 +54,11 @@ def make_ctx(fp: nn.Module, variants: dict[str, nn.Module], configs: dict[str, o
              tokens: int = 256, seq_len: int = 64, **options) -> RunContext:
     info = ModelInfo(path="tiny", format="hf", name="tiny", sha256="", n_params=0, arch="llama", vocab_size=256,
                      max_seq_len=512)
-    args = argparse.Namespace(layer_tokens=tokens, layer_seq_len=seq_len, layer_batch_tokens=2 * seq_len,
-                              layer_thresholds=None, layer_threshold_db=None, layer_jump_db=L.DEFAULT_JUMP_DB,
-                              layer_top=5, layer_peer_db=L.DEFAULT_PEER_DB, skip_layers="")
-    for k, v in options.items():
-        setattr(args, k, v)
+    args = RunConfig.of_options(**{**dict(layer_tokens=tokens, layer_seq_len=seq_len, layer_batch_tokens=2 * seq_len,
+                                          layer_thresholds=None, layer_threshold_db=None, layer_jump_db=L.DEFAULT_JUMP_DB,
+                                          layer_top=5, layer_peer_db=L.DEFAULT_PEER_DB, skip_layers=""), **options})
     return RunContext(loaded=LoadedModel(fp, tokenizer or ByteTokenizer(), info), variants={"fp": fp, **variants},
-                      configs=configs, device=torch.device("cpu"), dtype=torch.float32, args=args, results=Results(),
+                      configs=configs, device=torch.device("cpu"), dtype=torch.float32, config=args, results=Results(),
                       data_dir=data_dir)
 
 
@@ -337,7 +335,7 @@ def test_cli_run_stage_layers_writes_records_and_shows_worst(smollm2, data_dir, 
     """``evalsuite run --stages layers`` end to end, on a tiny Llama that shares SmolLM2's tokenizer."""
     from safetensors.torch import save_model
 
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
 
     model_dir = tmp_path / "tiny"
     model = make_tiny_llama(vocab_size=len(smollm2.tokenizer), layers=2)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from evalsuite import nightly
-from evalsuite.cli import main as cli
+from evalsuite.commands import nightly
+from evalsuite.commands.cli import main as cli
 from evalsuite.errors import EvalsuiteError
 from evalsuite.results import Results
 

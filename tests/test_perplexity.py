@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import re
@@ -13,6 +12,7 @@ import torch
 from scipy.special import log_softmax as np_log_softmax
 from scipy.special import rel_entr
 
+from evalsuite.app.config import RunConfig
 from evalsuite.errors import EvalsuiteError
 from evalsuite.load.model import LoadedModel, ModelInfo
 from evalsuite.measure import perplexity as P
@@ -57,7 +57,7 @@ def make_ctx(variants, tmp_path, text=TEXT, tokenizer=None, dtype=torch.float32,
     info = ModelInfo(path="tiny", format="hf", name="tiny", sha256="0", n_params=0, arch="llama",
                      vocab_size=fp.config.vocab_size, max_seq_len=fp.config.max_position_embeddings)
     return RunContext(loaded=LoadedModel(fp, tokenizer or ByteTokenizer(), info), variants=variants, configs={},
-                      device=torch.device("cpu"), dtype=dtype, args=argparse.Namespace(**opts),
+                      device=torch.device("cpu"), dtype=dtype, config=RunConfig.of_options(**opts),
                       results=Results(run={"schemes": [v for v in variants if v != "fp"]}), reload=reload,
                       show_progress=False)
 

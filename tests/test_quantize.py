@@ -371,7 +371,7 @@ def tiny_dir(smollm2, tmp_path_factory):
 
 @pytest.mark.slow
 def test_fp8_schemes_run_end_to_end_through_ppl_and_layers(tiny_dir, data_dir, tmp_path):
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
     from evalsuite.quantize import fp8_dq
     from evalsuite.results import Results
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from evalsuite.cli import build_parser, main
+from evalsuite.commands.cli import build_parser, main
 from evalsuite.results import Results
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -105,14 +105,15 @@ def test_terminal_verdict_table_colours_only_on_request(judged):
 
 
 def test_run_pipeline_judge_writes_reports_and_history(tmp_path, capsys):
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
+    from evalsuite.commands.run import config_from_args
     from evalsuite.judge.history import load_series
 
     db = tmp_path / "h.sqlite"
     args = build_parser("run").parse_args(["run", "--out", str(tmp_path / "run"), "--history", str(db),
                                            "--baselines", str(tmp_path / "none")])
     res = make_results(seed=5)
-    code = judge_and_report(res, tmp_path / "run", args)
+    code = judge_and_report(res, tmp_path / "run", config_from_args(args).judge)
     out = capsys.readouterr().out
     assert code == 0 and "gate PASSED" in out and "no baseline at" in out
     assert (tmp_path / "run" / "report.html").is_file()
@@ -163,13 +164,14 @@ def two_scheme_results(seed: int = 7, **kw) -> Results:
 
 @pytest.mark.parametrize("columns", [80, 120])
 def test_run_output_fits_the_terminal_and_ends_with_the_summary(tmp_path, capsys, monkeypatch, columns):
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
+    from evalsuite.commands.run import config_from_args
 
     monkeypatch.setenv("COLUMNS", str(columns))
     args = build_parser("run").parse_args(["run", "--out", str(tmp_path / "run"), "--no-history",
                                            "--baselines", str(tmp_path / "none")])
     res = two_scheme_results(kld=0.03, broken_layer=MODULES[9], limit=20)  # a gated KLD limit fails
-    code = judge_and_report(res, tmp_path / "run", args)
+    code = judge_and_report(res, tmp_path / "run", config_from_args(args).judge)
     lines = capsys.readouterr().out.splitlines()
     assert code == 1 and summary_of(lines).startswith("gate FAILED")
     # every line fits, except the commands printed to be copied (never cut) and the paths (a path
@@ -186,7 +188,7 @@ def test_run_output_fits_the_terminal_and_ends_with_the_summary(tmp_path, capsys
     # the full table is one --verbose away, with every row and the intervals the fitted one drops
     capsys.readouterr()
     args.verbose = True
-    judge_and_report(res, tmp_path / "run", args)
+    judge_and_report(res, tmp_path / "run", config_from_args(args).judge)
     full = capsys.readouterr().out
     assert max(len(ln) for ln in full.splitlines()) > columns and " ± " in full
     assert all(v["check"] in full for v in res.verdicts)
@@ -247,11 +249,12 @@ def test_summary_says_how_many_gated_checks_passed_and_what_was_not_judged():
 
 # ------------------------------------------------------------------------------ what a log shows
 def run_and_print(tmp_path, capsys, res: Results, *extra: str) -> tuple[int, list[str]]:
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
+    from evalsuite.commands.run import config_from_args
 
     args = build_parser("run").parse_args(["run", "--out", str(tmp_path / "run"), "--no-history",
                                            "--baselines", str(tmp_path / "none"), *extra])
-    code = judge_and_report(res, tmp_path / "run", args)
+    code = judge_and_report(res, tmp_path / "run", config_from_args(args).judge)
     return code, capsys.readouterr().out.splitlines()
 
 
@@ -318,7 +321,7 @@ def test_the_verdict_leads_with_what_decided_the_run_and_counts_the_rest(tmp_pat
 
 
 def test_evalsuite_fix_is_named_only_for_what_it_can_fix():
-    from evalsuite import fix
+    from evalsuite.app import fix
     from evalsuite.report.table import FIXABLE_STAGES, render_verdicts
 
     assert FIXABLE_STAGES == fix.FIXABLE_STAGES

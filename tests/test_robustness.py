@@ -26,7 +26,7 @@ import torch
 
 from conftest import REPO, make_tiny_llama
 from evalsuite import stats
-from evalsuite.cli import main
+from evalsuite.commands.cli import main
 from evalsuite.errors import user_error
 from evalsuite.judge.checks import EXIT_INCOMPLETE
 from evalsuite.results import Results, write_text_atomic
@@ -447,7 +447,7 @@ def test_out_holding_a_run_is_refused_then_forced_or_resumed(tiny_dir, tmp_path,
 
 LOCK_HOLDER = textwrap.dedent("""
     import sys, time
-    from evalsuite.run_dir import OutDirLock
+    from evalsuite.app.run_dir import OutDirLock
     OutDirLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(60)
@@ -477,7 +477,7 @@ def test_lock_keeps_a_second_process_out_and_a_dead_owners_lock_is_stale(tiny_di
 
 ENTRY = textwrap.dedent("""
     import os, subprocess, sys, time
-    from evalsuite.nightly import start_entry_watchdog
+    from evalsuite.commands.nightly import start_entry_watchdog
     start_entry_watchdog()
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     open(sys.argv[1], "w").write(f"{os.getpid()} {child.pid}")
@@ -486,8 +486,8 @@ ENTRY = textwrap.dedent("""
 
 MATRIX = textwrap.dedent("""
     import sys
-    from evalsuite import nightly
-    from evalsuite.cli import main
+    from evalsuite.commands import nightly
+    from evalsuite.commands.cli import main
     # the entry's real command is an 'evalsuite run' (seconds of imports); a light stand-in here
     nightly.Entry.command = lambda self, out_dir, history: [sys.executable, "-c", sys.argv[1], str(out_dir / "pids")]
     sys.exit(main(["nightly", "--config", sys.argv[2], "--out", sys.argv[3], "--no-history"]))
@@ -517,7 +517,7 @@ def _kill_all(pids: list[int]) -> None:
 
 
 def _all_ended(pids: list[int], within: float) -> bool:
-    from evalsuite.nightly import _process_alive
+    from evalsuite.commands.nightly import _process_alive
 
     deadline = time.time() + within
     while time.time() < deadline:

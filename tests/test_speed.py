@@ -3,7 +3,6 @@ excludes warm-up, dispersion and speedup statistics are right, compile failures 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -13,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from evalsuite.app.config import RunConfig
 from evalsuite.errors import EvalsuiteError
 from evalsuite.load import gptfast
 from evalsuite.load.model import LoadedModel, ModelInfo
@@ -243,7 +243,7 @@ def make_ctx(variants: dict[str, nn.Module], configs: dict, **options) -> RunCon
     info = ModelInfo(path="tiny", format="hf", name="tiny-llama", sha256="0", n_params=0, arch="llama",
                      vocab_size=256, max_seq_len=512)
     return RunContext(loaded=LoadedModel(model=variants.get("fp"), tokenizer=None, info=info), variants=variants,
-                      configs=configs, device=CPU, dtype=torch.float32, args=argparse.Namespace(**ns),
+                      configs=configs, device=CPU, dtype=torch.float32, config=RunConfig.of_options(**ns),
                       results=Results(run={"schemes": list(configs)}), show_progress=False)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -12,6 +11,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from evalsuite.app.config import RunConfig
 from evalsuite.errors import EvalsuiteError
 from evalsuite.measure import tasks as stage
 from evalsuite.results import Results
@@ -206,11 +206,11 @@ def _context(smollm2, data_dir, **options):
 
     (cfg,) = parse_schemes("int8-wo")
     variants = {"fp": smollm2.model, cfg.name: quantize_(copy.deepcopy(smollm2.model), cfg)}
-    args = argparse.Namespace(**{"tasks": None, "suite": None, "tasks_dir": [], "task_limit": None,
+    args = RunConfig.of_options(**{"tasks": None, "suite": None, "tasks_dir": [], "task_limit": None,
                                  "task_batch_size": 16, "task_batch_tokens": None, "lm_adapter": "fast",
                                  "seed": 0, **options})
     return RunContext(loaded=smollm2, variants=variants, configs={cfg.name: cfg}, device=torch.device("cpu"),
-                      dtype=torch.float32, args=args, results=Results(run={"schemes": [cfg.name]}),
+                      dtype=torch.float32, config=args, results=Results(run={"schemes": [cfg.name]}),
                       data_dir=data_dir, limit=None, show_progress=False)
 
 
@@ -263,7 +263,7 @@ def test_an_error_while_scoring_surfaces_and_earlier_tasks_stay_recorded(smollm2
 def test_cli_bad_data_exits_2_and_keeps_earlier_tasks(smollm2_path, data_dir, tmp_path, capsys):
     """copa is evaluated, then a user task whose data has an out-of-range label: exit 2 with one line
     naming the file and line, and copa's records are in the saved results."""
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
 
     _user_task(tmp_path, [{"query": "Q", "choices": ["a", "b"], "gold": 0}, {"query": "Q", "choices": ["a"], "gold": 0}])
     (tmp_path / "data" / "downstream").mkdir()

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evalsuite import distributed, tp
+from evalsuite import distributed
+from evalsuite.load import tp
 from evalsuite.errors import EvalsuiteError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -278,7 +279,7 @@ def test_module_layouts_that_cannot_be_sliced_are_not_linear_like():
 
 
 def test_tp_without_torchrun_exits_2_before_loading(monkeypatch, capsys, tmp_path):
-    from evalsuite.cli import main
+    from evalsuite.commands.cli import main
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
@@ -346,10 +347,10 @@ def test_torchrun_tp2_run_matches_one_process(tmp_path, tiny_model_dir, data_dir
 
 
 def test_a_run_without_tp_does_not_import_dtensor():
-    """evalsuite.tp's helpers that every run calls (the layers stage's local/full_weight/unsharded)
+    """evalsuite.load.tp's helpers that every run calls (the layers stage's local/full_weight/unsharded)
     and the pipeline's Layout work on plain modules without importing torch.distributed.tensor."""
     code = ("import sys, torch\n"
-            "from evalsuite import tp\n"
+            "from evalsuite.load import tp\n"
             "lin = torch.nn.Linear(4, 4)\n"
             "assert tp.local(torch.ones(2)).shape == (2,) and tp.full_weight(lin) is lin.weight\n"
             "assert tp.unsharded(lin) is lin and tp.Layout().tp == 1\n"

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from evalsuite.cli import main
+from evalsuite.commands.cli import main
 from evalsuite.errors import EvalsuiteError
 from evalsuite.quantize import parse_scheme, parse_schemes
 from evalsuite.quantize.spec import split_top_level

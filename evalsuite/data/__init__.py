@@ -20,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 SMOKE_DIR = Path(__file__).resolve().parent / "smoke"
+# the lm-eval task YAMLs and the small functions they name: tasks/ of a checkout, installed as
+# evalsuite/_tasks (package data; lm-eval loads mirror.py from this folder by its path)
+_INSTALLED_TASKS = Path(__file__).resolve().parents[1] / "_tasks"
+TASKS_DIR = _INSTALLED_TASKS if _INSTALLED_TASKS.is_dir() else Path(__file__).resolve().parents[2] / "tasks"
 SMOKE_SUITE = "smoke"
 # what a smoke run evaluates unless told otherwise (--limit N for more, up to the 100 items shipped):
 # minutes on a 2-core CPU, all four stages
@@ -29,8 +33,6 @@ WIKITEXT_HUB = {"path": "wikitext", "name": "wikitext-2-v1"}  # the variant corp
 
 
 def tasks_dir() -> Path:
-    from evalsuite.measure.tasks import TASKS_DIR
-
     return TASKS_DIR
 
 

@@ -11,7 +11,7 @@ from evalsuite import stats
 from evalsuite.judge.checks import FAIL, INCOMPLETE, INCONCLUSIVE, PASS, SKIPPED, WORSE, Z95, Check, fmt, limit_test
 from evalsuite.judge.config import GateConfig
 from evalsuite.judge.generation import generation_checks
-from evalsuite.judge.layers import block_sqnr, layer_summary
+from evalsuite.results.layers import block_sqnr, layer_summary
 from evalsuite.results import Metric, Results
 
 

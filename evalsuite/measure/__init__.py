@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from evalsuite.errors import EvalsuiteError
 
@@ -36,7 +36,8 @@ class Stage:
     help: str
     run: Callable[["RunContext"], None]
     add_arguments: Callable[[argparse._ArgumentGroup], None] | None = None
-    validate: Callable[[argparse.Namespace], None] | None = None  # cheap checks before the model loads
+    # cheap checks before the model loads, on the run's config (its options read through .option(name))
+    validate: Callable[[Any], None] | None = None
     needs_tokenizer: bool = True
 
 

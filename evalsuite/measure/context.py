@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import os
@@ -61,7 +60,7 @@ class RunContext:
     configs: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
-    args: argparse.Namespace
+    config: Any  # the run's configuration (evalsuite.app.config.RunConfig): read through option()
     results: Results
     data_dir: Path | None = None
     limit: int | None = None
@@ -119,4 +118,5 @@ class RunContext:
         return fast_forward_all(*models, enabled=self.fused_kernels)
 
     def option(self, name: str, default: Any = None) -> Any:
-        return getattr(self.args, name, default)
+        """A stage option (``--ppl-context`` as ``ppl_context``) or run setting of the run's config."""
+        return self.config.option(name, default)

@@ -59,12 +59,12 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--gen-sources", default=",".join(SOURCES), help="prompt sources: gsm8k, wikitext2 (comma separated)")
 
 
-def validate(args: argparse.Namespace) -> None:
+def validate(config) -> None:
     for name in ("gen_prompts", "gen_new_tokens", "gen_prefix_tokens"):
-        v = getattr(args, name, None)
+        v = config.option(name)
         if v is not None and v < 1:
             raise EvalsuiteError(f"--{name.replace('_', '-')} must be at least 1")
-    sources = [s.strip() for s in (getattr(args, "gen_sources", None) or ",".join(SOURCES)).split(",") if s.strip()]
+    sources = [s.strip() for s in (config.option("gen_sources") or ",".join(SOURCES)).split(",") if s.strip()]
     unknown = [s for s in sources if s not in SOURCES]
     if unknown or not sources:
         raise EvalsuiteError(f"--gen-sources: unknown {', '.join(unknown) or '(none given)'}; known: {', '.join(SOURCES)}")

@@ -300,7 +300,7 @@ def measure_activations(
     its block hooks compare against those records. Only one batch's block outputs are held.
     """
     from evalsuite.load.model import forward_logits, transformer_blocks
-    from evalsuite.tp import full_output, local
+    from evalsuite.load.tp import full_output, local
 
     forward = forward or forward_logits
     layer_mods = {v: paired_layers(fp, m) for v, m in variants.items()}
@@ -589,7 +589,7 @@ def run(ctx) -> None:
 
 def layer_rows(fp: nn.Module, qmodel: nn.Module, variant: str, sums: dict[str, tuple[float, float, float, int]],
                thresholds: Thresholds, expected_float: set[str] | None) -> list[LayerRow]:
-    from evalsuite.tp import full_weight, unsharded
+    from evalsuite.load.tp import full_weight, unsharded
 
     rows = []
     for name, qmod in paired_layers(fp, qmodel).items():

@@ -33,14 +33,14 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from evalsuite.data import TASKS_DIR
 from evalsuite.errors import EvalsuiteError, first_line
 from evalsuite.measure import Stage, families, tokenization
 
-TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
 DEFAULT_SUITE = "standard"
 PAIRED_METRIC = "acc"
 # binary per-item metrics paired like acc (generative tasks: exact match after each answer filter)
@@ -449,7 +449,7 @@ def run(ctx) -> None:
     families.note(ctx.results.run, ctx.fp)
     scoring = _Scoring()
     with lm_eval_session(), _host_tuned(), ThreadPoolExecutor(1, thread_name_prefix="evalsuite-tokenize") as pool:
-        tm, names = _selected_tasks(ctx.args, ctx.data_dir)
+        tm, names = _selected_tasks(ctx.option, ctx.data_dir)
         ctx.results.run["tasks_requested"] = list(names)  # the judge checks each has records
         encode_cache: dict[str, list[int]] = {}
         seed = int(ctx.option("seed", 0) or 0)
@@ -546,22 +546,24 @@ def _build(tm, name: str, limit: int | None) -> tuple[Any, dict[int, list]]:
     return task, by_doc
 
 
-def _selected_tasks(args: argparse.Namespace, data_dir: Path | None):
-    suite = getattr(args, "suite", None)
-    if suite == "smoke" and getattr(args, "tasks", None):  # smoke names the data there; --tasks picks from it
+def _selected_tasks(option: Callable[..., Any], data_dir: Path | None):
+    """The task manager and the task names of the run (``option``: the run's ``option(name)`` reader)."""
+    suite = option("suite")
+    if suite == "smoke" and option("tasks"):  # smoke names the data there; --tasks picks from it
         suite = None
-    spec = ",".join(s for s in (getattr(args, "tasks", None), suite) if s) or DEFAULT_SUITE
-    tm = task_manager(task_dirs(getattr(args, "tasks_dir", None) or []), data_dir)
+    spec = ",".join(s for s in (option("tasks"), suite) if s) or DEFAULT_SUITE
+    tm = task_manager(task_dirs(option("tasks_dir") or []), data_dir)
     return tm, resolve_task_names(tm, spec)
 
 
-def validate(args: argparse.Namespace) -> None:
+def validate(config) -> None:
     """Check task names and YAML files before the model loads, so a typo costs a second, not a load."""
-    if getattr(args, "task_limit", None) is not None and args.task_limit < 1:
+    limit = config.option("task_limit")
+    if limit is not None and limit < 1:
         raise EvalsuiteError("--task-limit must be at least 1")
-    data_dir = Path(args.data_dir) if getattr(args, "data_dir", None) else None
+    data_dir = Path(config.option("data_dir")) if config.option("data_dir") else None
     with lm_eval_session():
-        _selected_tasks(args, data_dir)
+        _selected_tasks(config.option, data_dir)
 
 
 def evaluate_task(ctx, name: str, task, by_doc: dict[int, list], limit: int | None, details: dict,

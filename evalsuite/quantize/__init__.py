@@ -34,9 +34,16 @@ class _CallableStage(__import__("types").ModuleType):
     (the name is both, whichever Python resolves first)."""
 
     def __call__(self, model, scheme: str, *, skip=(), inplace: bool = False):
-        from evalsuite.api import quantize
-
         return quantize(model, scheme, skip=skip, inplace=inplace)
+
+
+def quantize(model, scheme: str, *, skip=(), inplace: bool = False):
+    """``model`` quantized with ``scheme`` (a name as ``--quant`` takes, e.g. ``"int8-wo"``,
+    ``"int4-wo-g128"``); a copy unless ``inplace``, so the original stays the fp reference.
+    ``skip``: fnmatch patterns of linear layers kept in floating point."""
+    import copy
+
+    return quantize_(model if inplace else copy.deepcopy(model), parse_scheme(scheme), skip=tuple(skip))
 
 
 __import__("sys").modules[__name__].__class__ = _CallableStage

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from evalsuite.judge.checks import fmt
-from evalsuite.judge.layers import layer_summary
+from evalsuite.results.verdicts import fmt
+from evalsuite.results.layers import layer_summary
 from evalsuite.report.table import metric_rows, partial_banner, sorted_verdicts, summary_line
 from evalsuite.results import Results
 

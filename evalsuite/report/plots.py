@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import io
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
-from evalsuite.judge.layers import block_sqnr, depth_of, layer_summary
+from evalsuite.results.layers import block_sqnr, depth_of, layer_summary
 from evalsuite.results import Results
-
-if TYPE_CHECKING:
-    from evalsuite.judge.history import Series
 
 
 def _pyplot():
@@ -143,8 +140,9 @@ def speed_figure(results: Results) -> bytes | None:
     return _png(fig)
 
 
-def trend_figure(series: list["Series"], last: int = 20) -> bytes:
-    """History: each series' values by run, its rolling median, drifted points circled."""
+def trend_figure(series: list[Any], last: int = 20) -> bytes:
+    """History (``evalsuite.judge.history.Series``, read duck-typed: a reporter does not import the
+    judge): each series' values by run, its rolling median, drifted points circled."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for i, s in enumerate(series[:8]):

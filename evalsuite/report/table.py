@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 from tabulate import tabulate
 
-from evalsuite.judge.checks import VERDICTS
+from evalsuite.results.verdicts import VERDICTS
 from evalsuite.results import Metric, Results
 
 COLOURS = {"PASS": "32", "FAIL": "31;1", "IMPROVED": "35;1", "WITHIN-NOISE": "33", "SKIPPED": "90", "INCOMPLETE": "31",
@@ -215,7 +215,7 @@ def summary_line(verdicts: list[dict[str, Any]], width: int | None = None) -> st
 
 
 # the stages whose within-run limits `evalsuite fix` can bring a scheme back within (as
-# evalsuite.fix.FIXABLE_STAGES: report sits below the app layer and does not import it)
+# evalsuite.app.fix.FIXABLE_STAGES: report sits below the app layer and does not import it)
 FIXABLE_STAGES = ("ppl", "tasks", "layers")
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from evalsuite.errors import EvalsuiteError
+from evalsuite.results.verdicts import GateResult
 
 SCHEMA = "evalsuite.results/1"
 SCHEMA_FAMILY = "evalsuite.results/"
@@ -356,48 +357,11 @@ class Results:
     def partial(self) -> bool:
         return bool(self.run.get("partial"))
 
-    # -- the Python API's views; the judge and the renderer are imported on use (no torch either way)
-    def table(self, width: int | None = None, verbose: bool = False) -> str:
-        """The metric table and the verdicts, as ``evalsuite run`` prints them (fitted to ``width``
-        columns, default the terminal's; ``verbose``: the full tables)."""
-        from evalsuite.report.table import render_table, render_verdicts
-
-        text = render_table(self, width=width, verbose=verbose)
-        return text + ("\n\n" + render_verdicts(self.verdicts, width=width, verbose=verbose) if self.verdicts else "")
-
-    def gate(self, baselines: "str | os.PathLike | Results | None" = None, *, gates: str | None = None,
-             strict: bool = False, sigma: float | None = None):
-        """Judge this run again: the within-run limits, and ``baselines`` (a baseline folder as
-        ``--baselines``, a baseline or results file as ``--baseline``, or another Results), as
-        ``evalsuite gate`` does. Sets ``verdicts`` and returns a ``GateResult``: ``.status``
-        (passed / failed / incomplete / invalid), ``.passed``, ``.failed``, ``.judged``, ``.exit_code``.
-        Baselines that nothing could be compared with (a smoke run's, say) leave the gate incomplete."""
-        import argparse
-
-        from evalsuite.judge import annotate, judge, load_gate_config, resolve_baselines, smoke_skip
-        from evalsuite.judge.baseline import from_results, variant_group
-        from evalsuite.judge.checks import GateResult
-
-        config = load_gate_config(gates, strict=strict, sigma=sigma)
-        found, missing, directory = [], [], None
-        if isinstance(baselines, Results):
-            found = [from_results(baselines, g) for g in dict.fromkeys(map(variant_group, baselines.variants))]
-            if smoke_skip(self):
-                found, missing = [], smoke_skip(self)
-        elif baselines is not None:
-            path = Path(baselines)
-            ns = argparse.Namespace(baseline=None if path.is_dir() else str(path),
-                                    baselines=str(path) if path.is_dir() else None)
-            found, missing, directory = resolve_baselines(self, ns)
-        annotate(self, judge(self, config, found, baseline_dir=directory, extra_checks=missing,
-                             baseline_requested=baselines is not None))
-        return GateResult(self.verdicts, self)
-
     @property
     def passed(self) -> bool:
-        """The last gate passed: judged, nothing failing, nothing incomplete or invalid (exit code 0)."""
-        from evalsuite.judge.checks import GateResult
-
+        """The last gate passed: judged, nothing failing, nothing incomplete or invalid (exit code 0 of
+        ``evalsuite gate``). ``table()`` and ``gate()`` are the Python API's (``evalsuite.Results``, in
+        ``evalsuite.commands.api``): this schema imports neither the judge nor the reporters."""
         return GateResult(self.verdicts).passed
 
     def to_dict(self) -> dict[str, Any]:

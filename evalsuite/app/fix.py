@@ -19,11 +19,9 @@ A scheme that passes gets no fix. Speed checks are not fixable by restoring laye
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,31 +31,6 @@ from evalsuite.results import Results
 
 FIXABLE_STAGES = ("ppl", "tasks", "layers")
 DEFAULT_BUDGET = "25%"
-
-
-def add_fix_options(g: argparse._ArgumentGroup) -> None:
-    g.add_argument("--fix-budget", default=DEFAULT_BUDGET,
-                   help="most of the quantized linear weights to keep in fp, as a percentage or fraction (default 25%%)")
-    g.add_argument("--fix-granularity", choices=["layer", "block"], default="layer",
-                   help="restore single linear layers (default) or whole blocks")
-    g.add_argument("--fix-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
-    g.add_argument("--fix-corpus",
-                   help="calibration corpus, disjoint from --ppl-corpus (default: the other WikiText-2 split; "
-                        "wikitext2, wikitext2-valid or a .txt/.jsonl file)")
-    g.add_argument("--fix-margin", type=float, default=0.8,
-                   help="predicted KLD and ln(ppl ratio) must be below this fraction of their limits (default 0.8)")
-    g.add_argument("--fix-rerank", type=int, default=8,
-                   help="most candidates re-measured on top of the chosen set at each greedy step (default 8)")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("results", help="results.json of a run (its model, schemes and data are reused)")
-    add_fix_options(p.add_argument_group("fix"))
-    p.add_argument("--gates", metavar="FILE", help="YAML file overriding the default gate limits (default: the run's --gates)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: the run's device")
-    p.add_argument("--model", help="the model, where it moved since the run (default: the run's model path)")
-    p.add_argument("--data-dir", help="evaluation data (default: the run's --data-dir)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch")
 
 
 def parse_budget(spec: str | float) -> float:
@@ -71,18 +44,18 @@ def parse_budget(spec: str | float) -> float:
     return value
 
 
-def validate(args: argparse.Namespace) -> None:
-    """The fix options' cheap checks, before any model loads."""
+def validate(fix, ppl_corpus: str | None = None) -> None:
+    """The fix options' cheap checks (``fix``: the run's ``FixConfig``), before any model loads."""
     from evalsuite.measure.sensitivity import calibration_corpus
 
-    parse_budget(args.fix_budget)
-    if args.fix_tokens < 2:
+    parse_budget(fix.budget)
+    if fix.tokens < 2:
         raise EvalsuiteError("--fix-tokens must be at least 2")
-    if not 0 < args.fix_margin <= 1:
+    if not 0 < fix.margin <= 1:
         raise EvalsuiteError("--fix-margin must be above 0 and at most 1")
-    if args.fix_rerank < 1:
+    if fix.rerank < 1:
         raise EvalsuiteError("--fix-rerank must be at least 1")
-    calibration_corpus(getattr(args, "ppl_corpus", None) or "wikitext2", args.fix_corpus)
+    calibration_corpus(ppl_corpus or "wikitext2", fix.corpus)
 
 
 def failing_checks(verdicts: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -124,9 +97,10 @@ def _limits(config, variant: str) -> tuple[float, float, str]:
     return float(limits["kld_mean_max"]), float(limits["ppl_ratio_max"]), pattern
 
 
-def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir: Path) -> dict[str, dict]:
+def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir: Path, measure) -> dict[str, dict]:
     """Sensitivity, search and verification for each failing scheme of ``fails``; writes
-    ``results.details['fix']`` and the ``fix`` records, and returns the details."""
+    ``results.details['fix']`` and the ``fix`` records, and returns the details. ``config``: the gate
+    limits; ``measure``: the session's run loop, which runs each verification."""
     import torch
 
     from evalsuite.measure.corpus import load_corpus
@@ -140,21 +114,21 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         quantized_layer_names,
     )
 
-    args = ctx.args
-    budget = parse_budget(args.fix_budget)
-    corpus = calibration_corpus(getattr(args, "ppl_corpus", None) or "wikitext2", args.fix_corpus)
+    fix = ctx.config.fix
+    budget = parse_budget(fix.budget)
+    corpus = calibration_corpus(ctx.option("ppl_corpus") or "wikitext2", fix.corpus)
     text, source, _ = load_corpus(corpus, ctx.data_dir)
-    context = int(getattr(args, "ppl_context", None) or 2048)
+    context = int(ctx.option("ppl_context") or 2048)
     if ctx.loaded.info.max_seq_len:
         context = min(context, int(ctx.loaded.info.max_seq_len))
-    windows = calibration_windows(ctx.tokenizer, text, int(args.fix_tokens), context, source)
+    windows = calibration_windows(ctx.tokenizer, text, int(fix.tokens), context, source)
     stats_fn, _, _ = select_stats(ctx.device, False, ctx.fused_kernels)
     dtype_bytes = torch.empty((), dtype=ctx.dtype).element_size()
     details = results.details.setdefault("fix", {})
     for variant, checks in fails.items():
         t0 = time.perf_counter()
         kld_max, ratio_max, pattern = _limits(config, variant)
-        margin = float(args.fix_margin)
+        margin = float(fix.margin)
         stages = [s for s in dict.fromkeys(c.get("stage") for c in checks) if s]
         unfixable = [c["check"] for c in checks if c.get("stage") not in FIXABLE_STAGES]
         entry: dict[str, Any] = {
@@ -163,7 +137,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
                 "margin": margin},
             "calibration": {"source": source, "corpus": corpus, "tokens": int(windows.n_scored.sum()),
                             "windows": len(windows), "context": int(windows.input_ids.shape[1])},
-            "granularity": args.fix_granularity, "budget_fraction": budget,
+            "granularity": fix.granularity, "budget_fraction": budget,
         }
         details[variant] = entry
         if unfixable:
@@ -175,7 +149,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
             continue
         fp, quantized = ctx.fp, ctx.variants[variant]
         layer_names = quantized_layer_names(quantized)
-        units = make_units(fp, layer_names, args.fix_granularity)
+        units = make_units(fp, layer_names, fix.granularity)
         total_params = sum(u.params for u in units)
         under = {l for c in checks if c.get("stage") == "layers" for l in (c.get("extra") or {}).get("under", [])}
         forced = [u for u in units if under & set(u.layers)]
@@ -186,9 +160,9 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         with torch.inference_mode(), ctx.fused_forwards(fp, quantized):
             cf = Counterfactuals(fp, quantized, windows.input_ids, ctx.device, stats_fn,
                                  batch_size=len(windows) if ctx.device.type == "cuda" else 1)
-            search = greedy_restore(cf, units, target, int(budget * total_params), rerank=int(args.fix_rerank),
+            search = greedy_restore(cf, units, target, int(budget * total_params), rerank=int(fix.rerank),
                                     forced=forced)
-            blocks = make_units(fp, layer_names, "block") if args.fix_granularity == "layer" else []
+            blocks = make_units(fp, layer_names, "block") if fix.granularity == "layer" else []
             block_drop = {b.name: search.baseline.kld_mean - cf.measure(b.layers).kld_mean for b in blocks}
             forwards = cf.forwards
             del cf
@@ -201,8 +175,12 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         fp_bytes = params * dtype_bytes
         verify_dir = out_dir / "fix" / variant
         command = run_command(results.run.get("argv"), str(ctx.loaded.info.path), variant, skip, stages, str(verify_dir))
-        verified, checks_after, t_verify = _verify(ctx, results, config, variant, skip, stages, verify_dir,
-                                                       command)
+        try:
+            verified, checks_after, t_verify = _verify(ctx, results, config, variant, skip, stages, verify_dir,
+                                                       command, measure)
+        except Exception as e:
+            entry.update(status="verification failed", error=f"{type(e).__name__}: {e}", command=command)
+            raise
         entry.update({
             "status": "verified" if verified["pass"] else ("verification failed" if search.met else "no set within the budget"),
             "predicted_met": search.met, "stop_reason": search.stop_reason,
@@ -231,34 +209,34 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
 
 
 def _verify(ctx, results: Results, config, variant: str, skip: list[str], stages: list[str],
-            out_dir: Path, command: str = "evalsuite run") -> tuple[dict, list[dict], float]:
-    """Re-run ``stages`` for ``variant`` quantized with ``skip`` on the evaluation data; judge it."""
-    import torch
-
+            out_dir: Path, command: str, measure) -> tuple[dict, list[dict], float]:
+    """Re-run ``stages`` for ``variant`` quantized with ``skip`` on the evaluation data (``measure``: the
+    session's run loop, on the run's config with these ``--skip-layers``); judge it. A stage that
+    raises is recorded in the verification's results.json, which is written either way."""
     from evalsuite.judge.checks import PASS, finalize
     from evalsuite.judge.within import within_run_checks
-    from evalsuite.measure import get_stage
     from evalsuite.measure.context import RunContext
     from evalsuite.quantize import quantize_
 
     t0 = time.perf_counter()
     cfg = ctx.configs[variant]
     model = quantize_(copy.deepcopy(ctx.fp), cfg, skip=tuple(skip))
-    args = copy.copy(ctx.args)
-    args.skip_layers = ",".join(skip)
-    args.ppl_noise_floor = False  # the gate's checks do not need it; a third of the ppl stage's cost
+    # the gate's checks do not need the noise floor; it costs a third of the ppl stage
+    vconfig = ctx.config.with_model(skip_layers=",".join(skip)).with_options(ppl_noise_floor="off")
     run = {**results.run, "argv": shlex.split(command)[1:], "schemes": [variant], "stages": stages,
            "fix_verification_of": variant,
-           "stage_seconds": {}, "partial": bool(results.run.get("partial"))}
+           "stage_seconds": {}, "partial": bool(results.run.get("partial")), "config": vconfig.to_record()}
     vres = Results(run=run)
     vctx = RunContext(loaded=ctx.loaded, variants={"fp": ctx.fp, variant: model}, configs={variant: cfg},
-                      device=ctx.device, dtype=ctx.dtype, args=args, results=vres, data_dir=ctx.data_dir,
+                      device=ctx.device, dtype=ctx.dtype, config=vconfig, results=vres, data_dir=ctx.data_dir,
                       limit=ctx.limit, reload=None, show_progress=ctx.show_progress)
-    for name in stages:
-        t = time.perf_counter()
-        with torch.inference_mode():
-            get_stage(name).run(vctx)
-        vres.run["stage_seconds"][name] = round(time.perf_counter() - t, 3)
+    try:
+        measure(vctx, stages)
+    except Exception:
+        if getattr(ctx, "rank", 0) == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            vres.save(out_dir / "results.json")
+        raise
     del model
     checks = [c for c in finalize(within_run_checks(vres, config), config.strict)
               if c.variant == variant and c.stage in stages]
@@ -342,59 +320,3 @@ def describe(variant: str, e: dict) -> str:
 
 def exit_code(details: dict[str, dict]) -> int:
     return 0 if all(e.get("status") == "verified" for e in details.values()) else 1
-
-
-def main(args: argparse.Namespace) -> int:
-    """``evalsuite fix RESULTS.json``: re-judge the run's within-run limits; fix each failing scheme."""
-    import torch
-
-    from evalsuite.cli import build_parser
-    from evalsuite.judge.checks import finalize
-    from evalsuite.judge.config import load_gate_config
-    from evalsuite.judge.within import within_run_checks
-
-    path = Path(args.results)
-    results = Results.load(path)
-    argv = results.run.get("argv") or []
-    run_args = build_parser("run").parse_args(argv if argv[:1] == ["run"] else ["run"])
-    config = load_gate_config(args.gates or run_args.gates, strict=run_args.strict)  # the run's limits by default
-    checks = finalize(within_run_checks(results, config), config.strict)
-    fails = failing_checks([c.to_dict() for c in checks])
-    if not fails:
-        print("every scheme meets its within-run limits: no fix needed")
-        return 0
-    for k in ("fix_budget", "fix_granularity", "fix_tokens", "fix_corpus", "fix_margin", "fix_rerank"):
-        setattr(run_args, k, getattr(args, k))
-    validate(run_args)
-    model_path = Path(args.model or (results.run.get("model") or {}).get("path") or "")
-    if not model_path.exists():
-        raise EvalsuiteError(f"{path}: the run's model {model_path} is not there; pass --model PATH")
-    data_dir = args.data_dir or results.run.get("data_dir")
-    if data_dir is not None and not Path(data_dir).is_dir():
-        raise EvalsuiteError(f"data dir {data_dir} is not there; pass --data-dir DIR")
-    unknown = [v for v in fails if v not in (results.run.get("schemes") or [])]
-    if unknown:
-        raise EvalsuiteError(f"{path}: failing variants {', '.join(unknown)} are not schemes of the run")
-
-    from evalsuite.load import load_model
-    from evalsuite.measure.context import RunContext
-    from evalsuite.pipeline import resolve_device
-    from evalsuite.quantize import parse_scheme, quantize_
-    from evalsuite.quantize.policy import parse_skip
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device or (results.run.get("device") or {}).get("type") or "auto")
-    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[results.run.get("dtype", "fp32")])
-    loaded = load_model(model_path, device=device, dtype=dtype, arch=run_args.arch, tokenizer_path=run_args.tokenizer)
-    configs = {v: parse_scheme(v) for v in fails}
-    skip = parse_skip(run_args.skip_layers)
-    variants = {"fp": loaded.model, **{v: quantize_(copy.deepcopy(loaded.model), c, skip=skip) for v, c in configs.items()}}
-    ctx = RunContext(loaded=loaded, variants=variants, configs=configs, device=device, dtype=dtype, args=run_args,
-                     results=results, data_dir=Path(data_dir) if data_dir else None, limit=results.run.get("limit"),
-                     show_progress=sys.stderr.isatty())
-    details = suggest(ctx, results, config, fails, path.parent)
-    from evalsuite.report import write_reports
-
-    write_reports(results, path.parent)
-    return exit_code(details)

@@ -29,7 +29,7 @@ from evalsuite.results import Results, write_bytes_atomic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from evalsuite.cli import CommaList, hidden_alias
+    from evalsuite.commands.cli import CommaList, hidden_alias
 
     # 'save' is the old spelling of 'update', still accepted
     p.add_argument("action", choices=["update", "show"], type=lambda a: "update" if a == "save" else a,

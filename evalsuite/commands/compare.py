@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evalsuite.judge import config_from_args
+from evalsuite.app.judge_report import gate_config
+from evalsuite.commands.gate import judge_config
 from evalsuite.judge.baseline import check_identity, compare_metric, from_results, metric_key, variant_group
 from evalsuite.errors import EvalsuiteError
 from evalsuite.judge.checks import EXIT_INCOMPLETE, EXIT_INVALID, FAIL, IMPROVED, INVALID, VERDICTS, fmt
@@ -24,7 +25,7 @@ from evalsuite.results import Results
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A.json", help="reference results file")
     p.add_argument("b", metavar="B.json", help="candidate results file")
-    from evalsuite.cli import CommaList
+    from evalsuite.commands.cli import CommaList
 
     p.add_argument("--variant", action=CommaList, help="only these variants (comma list or repeated)")
     p.add_argument("--stage", action=CommaList, help="only these stages (comma list or repeated)")
@@ -40,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     from evalsuite.judge.protocol import mismatch_warning, results_protocol
 
     a, b = Results.load(args.a), Results.load(args.b)
-    config = config_from_args(args)
+    config = gate_config(judge_config(args))
     for name, wanted, held in (("--stage", args.stage, "stage"), ("--variant", args.variant, "variant")):
         have = {getattr(m, held) for m in (*a.records, *b.records)}
         unknown = [x for x in wanted or [] if x not in have]

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from evalsuite import __version__
+from evalsuite.versions import __version__
 from evalsuite.errors import EvalsuiteError, Interrupted, user_error
 
 from evalsuite.judge.checks import EXIT_INCOMPLETE, EXIT_INTERNAL, EXIT_INVALID, EXIT_USAGE
@@ -28,16 +28,16 @@ EXIT_CODES = f"""exit codes:
 
 # name → (module, help); the module defines add_arguments(parser) and main(args) -> int
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("evalsuite.pipeline", "quantize a model and evaluate fp and quantized variants side by side"),
-    "schemes": ("evalsuite.quantize.cli", "list the quantization schemes"),
-    "compare": ("evalsuite.judge.cli_compare", "compare two results files metric by metric"),
-    "gate": ("evalsuite.judge.cli_gate", "gate a candidate results file against a baseline"),
-    "report": ("evalsuite.report.cli", "render a results file as md, html, json or junit"),
-    "baseline": ("evalsuite.judge.cli_baseline", "create or update a baseline from a results file"),
-    "history": ("evalsuite.judge.cli_history", "show a metric's trend across runs and flag drift"),
-    "data": ("evalsuite.data.cli", "fetch the evaluation data from the Hub into a local mirror, or check one"),
-    "fix": ("evalsuite.fix", "suggest and verify the fewest layers to keep in fp so a failing scheme passes"),
-    "nightly": ("evalsuite.nightly", "run a matrix of models x schemes x stages from a config file"),
+    "run": ("evalsuite.commands.run", "quantize a model and evaluate fp and quantized variants side by side"),
+    "schemes": ("evalsuite.commands.schemes", "list the quantization schemes"),
+    "compare": ("evalsuite.commands.compare", "compare two results files metric by metric"),
+    "gate": ("evalsuite.commands.gate", "gate a candidate results file against a baseline"),
+    "report": ("evalsuite.commands.report", "render a results file as md, html, json or junit"),
+    "baseline": ("evalsuite.commands.baseline", "create or update a baseline from a results file"),
+    "history": ("evalsuite.commands.history", "show a metric's trend across runs and flag drift"),
+    "data": ("evalsuite.commands.data", "fetch the evaluation data from the Hub into a local mirror, or check one"),
+    "fix": ("evalsuite.commands.fix", "suggest and verify the fewest layers to keep in fp so a failing scheme passes"),
+    "nightly": ("evalsuite.commands.nightly", "run a matrix of models x schemes x stages from a config file"),
 }
 
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prefer_expandable_segments()
     quiet_import_noise()
-    from evalsuite.nightly import start_entry_watchdog
+    from evalsuite.commands.nightly import start_entry_watchdog
 
     start_entry_watchdog()  # only under 'evalsuite nightly': ends this entry if the matrix dies or time runs out
     command = next((a for a in argv if not a.startswith("-")), None)

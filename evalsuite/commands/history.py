@@ -22,7 +22,7 @@ from evalsuite.results import Results, write_bytes_atomic
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from evalsuite.cli import hidden_alias
+    from evalsuite.commands.cli import hidden_alias
 
     p.add_argument("--history", metavar="PATH", dest="db", default=str(DEFAULT_HISTORY),
                    help=f"history database (default {DEFAULT_HISTORY}; the option 'evalsuite run' appends with)")

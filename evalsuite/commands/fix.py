@@ -1,0 +1,54 @@
+"""``evalsuite fix RESULTS.json`` (and ``run --suggest-fix``'s options): parsed here; the fix itself is
+``evalsuite.app.fix``."""
+
+from __future__ import annotations
+
+import argparse
+
+from evalsuite.app.fix import DEFAULT_BUDGET
+from evalsuite.results import Results
+
+
+def add_fix_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--fix-budget", default=DEFAULT_BUDGET,
+                   help="most of the quantized linear weights to keep in fp, as a percentage or fraction (default 25%%)")
+    g.add_argument("--fix-granularity", choices=["layer", "block"], default="layer",
+                   help="restore single linear layers (default) or whole blocks")
+    g.add_argument("--fix-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
+    g.add_argument("--fix-corpus",
+                   help="calibration corpus, disjoint from --ppl-corpus (default: the other WikiText-2 split; "
+                        "wikitext2, wikitext2-valid or a .txt/.jsonl file)")
+    g.add_argument("--fix-margin", type=float, default=0.8,
+                   help="predicted KLD and ln(ppl ratio) must be below this fraction of their limits (default 0.8)")
+    g.add_argument("--fix-rerank", type=int, default=8,
+                   help="most candidates re-measured on top of the chosen set at each greedy step (default 8)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("results", help="results.json of a run (its model, schemes and data are reused)")
+    add_fix_options(p.add_argument_group("fix"))
+    p.add_argument("--gates", metavar="FILE", help="YAML file overriding the default gate limits (default: the run's --gates)")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], help="default: the run's device")
+    p.add_argument("--model", help="the model, where it moved since the run (default: the run's model path)")
+    p.add_argument("--data-dir", help="evaluation data (default: the run's --data-dir)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+
+
+def main(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from evalsuite.app.config import FixConfig
+    from evalsuite.app.session import fix_results
+    from evalsuite.commands.cli import build_parser
+    from evalsuite.commands.run import config_from_args
+
+    results = Results.load(args.results)
+    argv = results.run.get("argv") or []
+    run_args = build_parser("run").parse_args(argv if argv[:1] == ["run"] else ["run"])
+    # the run's own config, with this command's fix options
+    config = dataclasses.replace(config_from_args(run_args, argv), fix=FixConfig(
+        suggest=True, budget=args.fix_budget, granularity=args.fix_granularity, tokens=args.fix_tokens,
+        corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank))
+    return fix_results(config, results, Path(args.results), gates=args.gates, device=args.device, model=args.model,
+                       data_dir=args.data_dir, threads=args.threads)
