@@ -400,6 +400,7 @@ def test_gpu_fp8_dq_takes_scaled_mm_on_sm89_and_equals_its_emulation(scheme, mon
     dev = torch.device("cuda")
     if torch.cuda.get_device_capability(dev) < (8, 9):
         pytest.skip("no fp8 tensor cores before sm89")
+    monkeypatch.setenv("EVALSUITE_FP8_SCALED_MM", "1")  # opt-in until this test passes on Hopper
     layer = gaussian_linear(512, 1024, seed=9).to(dev, torch.bfloat16)
     model = quantize_(nn.Sequential(copy.deepcopy(layer)), parse_scheme(scheme))
     x = torch.randn(4, 33, 1024, device=dev, dtype=torch.bfloat16)

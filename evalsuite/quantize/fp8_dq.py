@@ -17,10 +17,15 @@ Two forwards, the same numbers within the output dtype's rounding:
   rounding to the output dtype.
 
 ``forward_path`` says which one a layer takes on a device; the pipeline records it per variant.
+
+The ``torch._scaled_mm`` path is opt-in (``EVALSUITE_FP8_SCALED_MM=1``): on an H100 (torch 2.11) its
+GPU test against the emulation failed on 2026-12-07 and the cause has not been read yet, so until it
+passes there every device runs the emulation, whose numbers are exact by construction.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +61,7 @@ class Float8DynamicActivationFloat8WeightConfig:
 
 def has_fp8_mm(device: torch.device) -> bool:
     """Whether ``device`` has an fp8 tensor-core GEMM for ``torch._scaled_mm``."""
-    if device.type != "cuda":
+    if device.type != "cuda" or os.environ.get("EVALSUITE_FP8_SCALED_MM") != "1":
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     ok = _FP8_MM.get(index)
