@@ -106,6 +106,9 @@ def test_records_their_definitions_and_the_bf16_noise_floor(tmp_path, data_dir):
     assert res.get("gen", "generation", G.NOISE, "tf_kld_prompt").value > 0  # bf16 rounding is measured
     assert "float32" in res.get("gen", "generation", G.NOISE, "identical_fraction").definition
     assert res.details["gen"]["noise_floor"].startswith("measured")
+    # each prompt named by its source and tokens, so that a baseline pairs only with the same prompts
+    keys = res.details["gen"]["prompt_keys"]
+    assert len(keys) == 6 and len(set(keys)) == 6 and G.prompt_key("wikitext2", [1, 2]) != G.prompt_key("gsm8k", [1, 2])
 
 
 @pytest.mark.parametrize("options, message", [
@@ -221,3 +224,145 @@ def test_gen_limits_are_known_keys_of_a_gates_file(tmp_path):
     f.write_text('schemes:\n  "int4-*": {gen_identical_vs_noise_min: "low"}\n')
     with pytest.raises(EvalsuiteError, match="gen_identical_vs_noise_min"):
         load_gate_config(f)
+
+
+# ------------------------------------------------------------------------------ judged against a stored baseline
+def gen_baseline_run(identical: dict[str, list[int]], seed: int = 0, new_tokens: int = 64):
+    """``synthetic_gen_run`` with what a baseline needs: the model, the card and the prompts' keys."""
+    res = synthetic_gen_run(identical, seed=seed)
+    n = len(next(iter(identical.values())))
+    res.run.update(model={"name": "tiny-gen", "sha256": "c" * 64}, device={"type": "cuda", "name": "synthetic"},
+                   started=f"2026-12-01T00:{seed % 60:02d}:00+00:00", git_revision=f"rev{seed}",
+                   stages_finished=["gen"], argv=["run"])
+    res.details["gen"].update(prompt_keys=[f"{i:016x}" for i in range(n)], new_tokens=new_tokens,
+                              protocol=f"{n} prompts (wikitext2 {n}), greedy, up to {new_tokens} new tokens")
+    return res
+
+
+def _gate_on(tmp_path, baseline, candidate):
+    """``evalsuite baseline update`` from ``baseline``, then ``evalsuite gate`` of ``candidate``."""
+    import json
+
+    from evalsuite.commands.cli import main
+
+    base, cand, folder, out = (tmp_path / x for x in ("base.json", "cand.json", "baselines", "out"))
+    baseline.save(base)
+    candidate.save(cand)
+    assert main(["baseline", "update", str(base), "--dir", str(folder)]) == 0
+    code = main(["gate", "--baselines", str(folder), "--candidate", str(cand), "--out", str(out), "--formats", "json",
+                 "--no-history"])
+    return code, {v["check"]: v for v in json.loads((out / "results.json").read_text())["verdicts"]}
+
+
+def _flip(flags: list[int], rate: float, rng) -> list[int]:
+    """An honest rerun: a ``rate`` of prompts flips identical↔diverged, as often one way as the other."""
+    import numpy as np
+
+    x = np.asarray(flags, dtype=bool)
+    q = x.mean()
+    p = np.where(x, rate / (2 * q), rate / (2 * (1 - q))) if 0 < q < 1 else np.full(x.size, rate / 2)
+    return [int(v) for v in x ^ (rng.random(x.size) < np.minimum(p, 1.0))]
+
+
+def test_the_same_run_as_its_own_baseline_passes_its_paired_gen_check(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    run = gen_baseline_run({G.NOISE: _noise_level(64, 0.66, rng), "int8-wo": _noise_level(64, 0.6, rng)})
+    code, v = _gate_on(tmp_path, run, run)
+    check = v["baseline:gen/generation/int8-wo/identical_shift"]
+    assert check["verdict"] == PASS and check["gated"] and check["p_value"] is not None, check
+    assert "default margin: no measured gen noise" in check["reason"] and "64 prompts" in check["reason"]
+    assert check["tolerance"] == pytest.approx(0.10)
+    assert not v["baseline:gen/generation/fp@noise/identical_shift"]["gated"]  # the dtype's rounding: reported
+    assert not v["baseline:gen/generation/int8-wo/divergence_shift"]["gated"]
+    assert code == 0, {k: c["verdict"] for k, c in v.items()}
+
+
+def test_a_rerun_with_noise_level_prompt_flips_never_fails_the_paired_gen_check():
+    import numpy as np
+
+    from evalsuite.judge.noise import NoiseModel
+    from evalsuite.judge.paired import paired_arrays, paired_checks
+
+    rng = np.random.default_rng(4)
+    noise, flags = _noise_level(64, 0.66, rng), _noise_level(64, 0.6, rng)
+    base = paired_arrays(gen_baseline_run({G.NOISE: noise, "int8-wo": flags}), "int8-wo")
+    verdicts = []
+    for seed in range(200):
+        rng = np.random.default_rng(1000 + seed)
+        rerun = gen_baseline_run({G.NOISE: noise, "int8-wo": _flip(flags, rng.uniform(0.05, 0.3), rng)}, seed=seed)
+        checks = finalize(paired_checks(base, paired_arrays(rerun, "int8-wo"), "int8-wo", NoiseModel(), [], 0.01),
+                          strict=False)
+        (check,) = [c for c in checks if c.check == "baseline:gen/generation/int8-wo/identical_shift"]
+        verdicts.append(check.verdict)
+    assert FAIL not in verdicts and verdicts.count(PASS) > 150, verdicts
+
+
+def test_a_collapsed_identical_fraction_fails_against_the_baseline(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    noise = _noise_level(64, 0.66, rng)
+    base = gen_baseline_run({G.NOISE: noise, "int8-wo": [int(i >= 4) for i in range(64)]})  # 60 of 64 identical
+    # 24 of 64: from 0.94 to 0.38, yet not below 0.5 × fp@noise's within the run: only the baseline sees it
+    collapsed = gen_baseline_run({G.NOISE: noise, "int8-wo": [int(i % 8 < 3) for i in range(64)]}, seed=1)
+    code, v = _gate_on(tmp_path, base, collapsed)
+    check = v["baseline:gen/generation/int8-wo/identical_shift"]
+    assert check["verdict"] == FAIL and check["gated"] and check["p_value"] < 1e-3, check
+    assert "Holm over" in check["extra"]["family"] and "identical→diverged 39" in check["reason"]
+    assert code == 1
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda d: d.update(prompt_keys=[f"{i + 1:016x}" for i in range(64)]),
+     "different prompts: baseline 64, this run 64, 63 in common"),
+    (lambda d: d.update(new_tokens=32), "another token budget: baseline up to 64 new tokens, this run 32"),
+    (lambda d: d.pop("prompt_keys"), "this run does not name its gen prompts"),
+])
+def test_other_prompts_or_another_budget_are_not_paired(change, message):
+    import numpy as np
+
+    from evalsuite.judge.noise import NoiseModel
+    from evalsuite.judge.paired import paired_arrays, paired_checks
+
+    rng = np.random.default_rng(6)
+    flags = {G.NOISE: _noise_level(64, 0.66, rng), "int8-wo": _noise_level(64, 0.6, rng)}
+    base = paired_arrays(gen_baseline_run(flags), "int8-wo")
+    cand = gen_baseline_run({**flags, "int8-wo": [0] * 64})
+    change(cand.details["gen"])
+    checks = paired_checks(base, paired_arrays(cand, "int8-wo"), "int8-wo", NoiseModel(), [], 0.01)
+    assert [(c.check, c.verdict) for c in checks] == [("baseline:gen/generation/int8-wo/paired", "SKIPPED")]
+    assert message in checks[0].reason
+
+
+def test_a_baseline_written_before_gen_arrays_were_kept_is_skipped_never_pass(tmp_path):
+    import hashlib
+    import io
+    import json
+
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    run = gen_baseline_run({G.NOISE: _noise_level(64, 0.66, rng), "int8-wo": _noise_level(64, 0.6, rng)})
+    code, v = _gate_on(tmp_path, run, run)
+    stored = tmp_path / "baselines" / "tiny-gen" / "cuda-bf16"
+    with np.load(stored / "int8-wo.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    assert {"gen/generation/prompt_keys", "gen/generation/int8-wo/identical"} <= set(arrays)
+    # the same baseline as older code wrote it: paired data of other stages only
+    old = {k: v for k, v in arrays.items() if not k.startswith("gen/")} or {"ppl/x/window_start": np.arange(2)}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **old)
+    (stored / "int8-wo.npz").write_bytes(buf.getvalue())
+    meta = json.loads((stored / "int8-wo.json").read_text())
+    meta["paired"]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    (stored / "int8-wo.json").write_text(json.dumps(meta))
+    from evalsuite.commands.cli import main
+
+    out = tmp_path / "out2"
+    main(["gate", "--baselines", str(tmp_path / "baselines"), "--candidate", str(tmp_path / "cand.json"), "--out",
+          str(out), "--formats", "json", "--no-history"])
+    v = {x["check"]: x for x in json.loads((out / "results.json").read_text())["verdicts"]}
+    check = v["baseline:gen/generation/int8-wo/identical_shift"]
+    assert check["verdict"] == "SKIPPED" and "holds no per-window / per-item / per-prompt gen data" in check["reason"]

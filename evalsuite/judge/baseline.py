@@ -1,7 +1,7 @@
 """Baselines: versioned expected values, one file per model × device/dtype × variant.
 
 Schema ``evalsuite.baseline/2`` adds what a paired comparison needs (``evalsuite.judge.paired``):
-``"paired": {"file": "<variant>.npz", "sha256": ...}`` (per-window and per-item arrays beside the
+``"paired": {"file": "<variant>.npz", "sha256": ...}`` (per-window, per-item and per-prompt arrays beside the
 JSON), ``"measured"`` (code revision, kernels, batch plan, dtype, card, versions, protocol) and
 ``"noise"`` (the run-to-run noise its margins were calibrated with, and its source). Schema /1
 files still load; they have no paired data, so regressions against them are INCONCLUSIVE.
@@ -318,8 +318,14 @@ def _paired_primary_checks(results: Results, baseline: Baseline, noise: NoiseMod
         if f"baseline:{k}" not in seen and not any(c.check.startswith(f"baseline:{k.rsplit('/', 1)[0]}/paired")
                                                    for c in checks):
             stage = k.split("/", 1)[0]
-            why = f"stage {stage} was not run" if stages is not None and stage not in stages else \
-                "this run holds no per-window / per-item data for it"
+            if stages is not None and stage not in stages:
+                why = f"stage {stage} was not run"
+            elif not any(a.startswith(stage + "/") for a in baseline.arrays):
+                why = (f"the baseline {baseline.path or 'file'} holds no per-window / per-item / per-prompt {stage} "
+                       f"data (written before they were kept): not judged, never a PASS; regenerate it with "
+                       f"'evalsuite baseline update'")
+            else:
+                why = "this run holds no per-window / per-item / per-prompt data for it"
             checks.append(Check(f"baseline:{k}", "baseline", SKIPPED, why, stage=stage, variant=baseline.variant))
     for c in checks:
         c.extra.setdefault("baseline_measured", baseline.measured)

@@ -7,7 +7,10 @@ therefore keeps what pairing needs, in a compressed ``.npz`` beside its JSON:
 
 - ppl: per window (same corpus windows, checked by their start offsets) the NLL sum and scored
   tokens of each variant, and for a quantized one its KLD sum and its top-1% KLD sum and count;
-- tasks: per task the doc ids, per-item ``acc`` / ``acc_norm`` (1/0) and per-choice log-likelihoods.
+- tasks: per task the doc ids, per-item ``acc`` / ``acc_norm`` (1/0) and per-choice log-likelihoods;
+- gen: the prompts' keys (``details.gen.prompt_keys``: source and token ids hashed), the new-token
+  budget, and per prompt of each variant (``fp@noise`` with fp) ``identical`` (its greedy generation
+  equals fp's) and ``divergence`` (tokens before the first difference).
 
 The gated (primary) statistics, per variant group, each a one-sided test that the candidate is no
 worse than the baseline by more than a margin (``evalsuite.judge.noise``):
@@ -16,9 +19,13 @@ worse than the baseline by more than a margin (``evalsuite.judge.noise``):
                                              bug moves both);
 - ``ppl/<corpus>/<scheme>/kld_mean_rel``    relative change of the mean KLD;
 - ``ppl/<corpus>/<scheme>/kld_top1pct_rel`` relative change of the windows' top-1% KLD (the tail);
-- ``tasks/pooled/<variant>/acc_shift``      accuracy over all tasks' items, from the flips.
+- ``tasks/pooled/<variant>/acc_shift``      accuracy over all tasks' items, from the flips;
+- ``gen/generation/<scheme>/identical_shift`` the fraction of prompts whose greedy generation equals
+                                             fp's, from the prompts that flip (same prompts only: the
+                                             keys and the token budget must match, else SKIPPED).
 
-Per-task accuracy and log-likelihood shifts are reported, not gated.
+Per-task accuracy and log-likelihood shifts, the tokens to the first divergence and ``fp@noise``'s
+identical fraction (the dtype's own rounding, not a property of the code) are reported, not gated.
 """
 
 from __future__ import annotations
@@ -83,6 +90,16 @@ def paired_arrays(results: Results, group: str) -> dict[str, np.ndarray]:
             if ll:
                 out[f"tasks/{name}/{v}/ll"] = np.asarray([x for doc in ll for x in doc], dtype=np.float32)
                 out[f"tasks/{name}/{v}/ll_count"] = np.asarray([len(doc) for doc in ll], dtype=np.int32)
+    gen = results.details.get("gen") or {}
+    mine = {v: d for v, d in (gen.get("paired") or {}).items() if variant_group(v) == group and isinstance(d, dict)}
+    if mine:
+        if gen.get("prompt_keys") is not None:
+            out["gen/generation/prompt_keys"] = np.asarray([str(k) for k in gen["prompt_keys"]], dtype=np.str_)
+        if gen.get("new_tokens") is not None:
+            out["gen/generation/new_tokens"] = np.asarray(int(gen["new_tokens"]), dtype=np.int64)
+        for v, d in mine.items():
+            out[f"gen/generation/{v}/identical"] = np.asarray(d.get("identical") or [], dtype=np.float64) > 0.5
+            out[f"gen/generation/{v}/divergence"] = np.asarray(d.get("divergence") or [], dtype=np.float64)
     return out
 
 
@@ -220,6 +237,8 @@ def primary_keys(baseline_arrays: dict[str, np.ndarray] | None, baseline_metrics
         keys += [f"ppl/{t}/{group}/{s}" for t in sorted(tasks) for s in ("kld_mean_rel", "kld_top1pct_rel")]
     if any(m.stage == "tasks" for m in baseline_metrics):
         keys.append(f"tasks/pooled/{group}/acc_shift")
+    if group != "fp" and any(m.stage == "gen" and m.variant == group for m in baseline_metrics):
+        keys.append(f"gen/generation/{group}/identical_shift")
     return keys
 
 
@@ -323,7 +342,59 @@ def paired_checks(base: dict[str, np.ndarray], cand: dict[str, np.ndarray], grou
                         "paired mean log-likelihood shift per choice over all tasks' items", "nats", est, se, k,
                         "items", -1, gated=False, stage="tasks", task="pooled", variant=group, metric="ll_shift",
                         **args))
+    checks += _gen_checks(base, cand, group, add, args)
     return checks
+
+
+def _gen_checks(base: dict[str, np.ndarray], cand: dict[str, np.ndarray], group: str, add, args: dict) -> list[Check]:
+    """The gen stage's per-prompt statistics against the baseline's, on the same prompts only.
+    ``add`` appends a judged check (with the path note); what is returned are the SKIPPED ones."""
+    variants = sorted(k.split("/")[2] for k in base if k.startswith("gen/generation/") and k.endswith("/identical")
+                      and k in cand)
+    if not variants:
+        return []
+    common = dict(stage="gen", task="generation", variant=group)
+    name = f"baseline:gen/generation/{group}/paired"
+    kb, kc = base.get("gen/generation/prompt_keys"), cand.get("gen/generation/prompt_keys")
+    if kb is None or kc is None:
+        which = "the baseline" if kb is None else "this run"
+        return [Check(name, "baseline", SKIPPED, f"{which} does not name its gen prompts (written before "
+                      f"details.gen.prompt_keys was kept): same prompts not provable; not paired", **common)]
+    nb, nc = base.get("gen/generation/new_tokens"), cand.get("gen/generation/new_tokens")
+    if nb is None or nc is None or int(nb) != int(nc):
+        return [Check(name, "baseline", SKIPPED, f"another token budget: baseline up to "
+                      f"{'?' if nb is None else int(nb)} new tokens, this run {'?' if nc is None else int(nc)} "
+                      f"(--gen-new-tokens); not paired", **common)]
+    if kb.shape != kc.shape or not np.array_equal(kb, kc):
+        shared = np.intersect1d(kb, kc).size
+        return [Check(name, "baseline", SKIPPED, f"different prompts: baseline {kb.size}, this run {kc.size}, "
+                      f"{shared} in common (another --gen-prompts, --gen-sources, --gen-prefix-tokens, --limit or "
+                      f"tokenizer); not paired", **common)]
+    skipped = []
+    budget = float(int(nb))
+    for v in variants:
+        ib, ic = base[f"gen/generation/{v}/identical"], cand[f"gen/generation/{v}/identical"]
+        db, dc = base.get(f"gen/generation/{v}/divergence"), cand.get(f"gen/generation/{v}/divergence")
+        if ib.size != kb.size or ic.size != kc.size:
+            skipped.append(Check(f"baseline:gen/generation/{v}/identical_shift", "baseline", SKIPPED,
+                                 f"{v}: {ib.size} (baseline) and {ic.size} (this run) per-prompt flags for {kb.size} "
+                                 f"prompts (partial or failed gen data); not paired", **{**common, "variant": v}))
+            continue
+        gated = v == group  # fp@noise is the dtype's own rounding against fp32: reported
+        est, se, n, r2w, w2r = stats.paired_flip_shift(ib, ic)
+        add(drift_check(f"baseline:gen/generation/{v}/identical_shift", f"gen/generation/{v}/identical_shift",
+                        f"paired shift of the fraction of greedy generations identical to fp's (this run - baseline; "
+                        f"prompts identical→diverged {r2w}, diverged→identical {w2r})", "(fraction)", est, se, n,
+                        "prompts", -1, gated=gated, stage="gen", task="generation", variant=v,
+                        metric="identical_shift", **args))
+        if db is not None and dc is not None and db.size == dc.size == kb.size and budget > 0:
+            est, se, k = stats.paired_ratio_shift(db / budget, dc / budget, np.ones(db.size))
+            add(drift_check(f"baseline:gen/generation/{v}/divergence_shift", f"gen/generation/{v}/divergence_shift",
+                            f"paired shift of the mean tokens before the first divergence from fp, as a fraction of "
+                            f"the {int(budget)}-token budget (this run - baseline)", "(fraction)", est, se, k,
+                            "prompts", -1, gated=False, stage="gen", task="generation", variant=v,
+                            metric="divergence_shift", **args))
+    return skipped
 
 
 def _per_doc_sums(flat: np.ndarray, counts: np.ndarray) -> np.ndarray:

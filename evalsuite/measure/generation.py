@@ -21,7 +21,9 @@ at EOS), through :func:`evalsuite.measure.generate.greedy_decode` (the same cach
   interval over tokens (the bootstrap alone collapses to [1, 1] when every token agrees).
 
 Per prompt, ``details.gen.paired.<variant>`` keeps ``identical`` (0/1) and ``divergence`` (tokens),
-in prompt order, for the judge's paired test against the noise floor.
+in prompt order, for the judge's paired test against the noise floor and against a stored baseline;
+``details.gen.prompt_keys`` names each prompt (:func:`prompt_key`), so that a baseline is paired
+with a run only on the same prompts.
 
 Noise floor, variant ``fp@noise``: the same paired records for fp in the run's dtype against fp in
 float32 (greedy generations diverge under rounding alone); trivial, and not recorded, when the run
@@ -31,6 +33,7 @@ is in float32.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -131,6 +134,13 @@ def prompt_set(ctx) -> tuple[list[str], list[list[int]]]:
         prompts += wiki
         names += ["wikitext2"] * len(wiki)
     return names, [list(p) for p in prompts]
+
+
+def prompt_key(source: str, ids: list[int]) -> str:
+    """A prompt's identity across runs: the first 16 hex digits of the sha256 of its source and
+    token ids (another tokenizer, prefix length or question gives another key)."""
+    text = source + ":" + ",".join(map(str, ids))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -283,7 +293,7 @@ def run(ctx) -> None:
     protocol = (f"{len(prompts)} prompts ({', '.join(f'{v} {k}' for k, v in counts.items())}), greedy, "
                 f"up to {new_tokens} new tokens")
     details: dict[str, Any] = {"protocol": protocol, "sources": names, "new_tokens": new_tokens, "noise_floor": noise,
-                               "generations": {}}
+                               "prompt_keys": [prompt_key(s, p) for s, p in zip(names, prompts)], "generations": {}}
     ctx.results.details["gen"] = details
     if ctx.limit is not None:
         ctx.results.run["partial"] = True
