@@ -117,13 +117,12 @@ def test_records_their_definitions_and_the_bf16_noise_floor(tmp_path, data_dir):
     ({"gen_new_tokens": 0}, "--gen-new-tokens must be at least 1"),
 ])
 def test_bad_options_are_refused_before_the_model_loads(options, message):
-    import argparse
-
+    from evalsuite.app.config import RunConfig
     from evalsuite.errors import EvalsuiteError
 
     with pytest.raises(EvalsuiteError, match=message):
-        G.validate(argparse.Namespace(**{"gen_sources": None, "gen_prompts": None, "gen_new_tokens": None,
-                                         "gen_prefix_tokens": None, **options}))
+        G.validate(RunConfig.of_options(**{"gen_sources": None, "gen_prompts": None, "gen_new_tokens": None,
+                                           "gen_prefix_tokens": None, **options}))
 
 
 def test_the_stage_is_registered_opt_in_and_selectable_by_name():
