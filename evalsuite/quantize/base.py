@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from evalsuite.quantize.policy import LayerPolicy
@@ -17,6 +18,32 @@ class QuantizedLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The effective weight, [out_features, in_features], in float32."""
         raise NotImplementedError
+
+
+class ChannelScaledLinear(QuantizedLinear):
+    """Weight-only codes of ``code_dtype`` with one scale per output channel, in the weight dtype:
+    the seed's runtime forward, ``F.linear(x, w.to(x.dtype)) * scales``. int8-wo and fp8-wo differ only
+    in the codes' dtype."""
+
+    code_dtype: torch.dtype
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
+                 device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=self.code_dtype, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float().unsqueeze(-1)
 
 
 class QuantHandler:

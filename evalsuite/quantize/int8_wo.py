@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from evalsuite.quantize.base import QuantHandler, QuantizedLinear
+from evalsuite.quantize.base import ChannelScaledLinear, QuantHandler
 from evalsuite.quantize.policy import LayerPolicy
 
 
@@ -43,23 +42,8 @@ def quantize_per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return q.clamp(-128, 127).to(torch.int8), scales, clipped
 
 
-class WeightOnlyInt8Linear(QuantizedLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, dtype=dtype, device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
-        else:
-            self.bias = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight.to(x.dtype)) * self.scales
-        return y if self.bias is None else y + self.bias
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight.float() * self.scales.float().unsqueeze(-1)
+class WeightOnlyInt8Linear(ChannelScaledLinear):
+    code_dtype = torch.int8
 
 
 class WeightOnlyInt8QuantHandler(QuantHandler):
