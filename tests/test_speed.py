@@ -436,15 +436,22 @@ def test_limit_on_cpu_shortens_the_stage_says_it_is_indicative_and_ticks_every_s
                    speed_repeats=5, speed_batch_sizes="1")
     ctx.limit = 4
     monkeypatch.setattr(ctx, "progress", lambda it, desc, total=None, unit="it": Bar())
+    threads_seen = []
+    decode_run = speed.decode_run
+    monkeypatch.setattr(speed, "decode_run", lambda *a, **k: threads_seen.append(torch.get_num_threads()) or decode_run(*a, **k))
+    torch.set_num_threads(2)
     speed.STAGE.run(ctx)
+    # timed on one thread (a shared CPU's thread barriers dominate tiny decode ops), restored after
+    assert threads_seen == [1, 1] and torch.get_num_threads() == 2 and ctx.results.run["speed"]["threads"] == 1
     rec = ctx.results.get("speed", "decode_bs1", "fp", "tokens_per_s")
     assert rec.extra["n_tokens"] == speed.CPU_LIMIT_TOKENS and rec.n == speed.CPU_LIMIT_REPEATS
     assert ctx.results.find("speed", task=f"prefill_{speed.CPU_LIMIT_PROMPT_LEN}")
     assert ctx.results.run["speed"]["note"] == speed.CPU_NOTE
     assert "indicative" in capsys.readouterr().err
-    # one tick per sample (warm-up included) of both variants' decode and prefill
-    assert ticks.count(1) == 2 * 2 * (speed.CPU_LIMIT_REPEATS + 1)
-    assert "speed int8-wo decode_bs1" in ticks and "speed fp prefill_64" in ticks
+    # eager on a CPU under --limit: no warm-up sample; one tick per sample of both variants' decode and prefill
+    assert ctx.results.run["speed"]["warmup"] == 0 and ctx.results.details["speed"]["fp"]["decode_bs1"]["warmup_s"] == []
+    assert ticks.count(1) == 2 * 2 * speed.CPU_LIMIT_REPEATS
+    assert "speed int8-wo decode_bs1" in ticks and f"speed fp prefill_{speed.CPU_LIMIT_PROMPT_LEN}" in ticks
 
 
 def test_compiled_measurements_say_they_compile(tiny_llama, monkeypatch):

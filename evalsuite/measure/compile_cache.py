@@ -7,6 +7,11 @@ under ``/tmp``, which a fresh or cleaned machine loses. Pointing them into ``$EV
 (default ``~/.cache/evalsuite``) lets a second run load the graphs instead of recompiling them; the
 stage still times compiled decode exactly as before (the warm-up sample holds what compilation is
 left). A folder the user set (``TORCHINDUCTOR_CACHE_DIR``, ``TRITON_CACHE_DIR``) is left alone.
+
+Besides those folders, each compiled speed-stage program is kept whole, one file a key
+(``compiled_program``): PyTorch's mega-cache bytes under ``$EVALSUITE_CACHE/compile/<key>.bin``
+with a JSON manifest beside it, the key hashing everything the program depends on. It is portable
+(a fresh machine given the folder compiles from it) and says per run whether it was found.
 """
 
 from __future__ import annotations
@@ -120,7 +125,7 @@ def compiled_program(parts: dict[str, Any], enabled: bool = True):
     """Around one compilation and its first runs: load the programs stored under ``parts``' key
     (``$EVALSUITE_CACHE/compile/<key>.bin``, PyTorch's mega-cache: FX graphs, AOTAutograd results,
     autotuning choices, Triton kernels) into Inductor's caches first, so that the compilation finds
-    them, and store what it made afterwards when nothing usable was there.
+    them, and store what it made afterwards when nothing usable was there (or Inductor still missed).
 
     Yields the record of it, which the caller completes (``compile_s``): ``key``, ``status``
     (``hit``: a stored entry was loaded; ``miss``: none was; ``corrupt``: one failed its hash or

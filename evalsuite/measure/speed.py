@@ -76,8 +76,10 @@ DECODE_PROMPT_LEN = 5  # the anchor's prompt length before decoding
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 25}
 CPU_DEFAULT_TOKENS = 32
 GPU_DEFAULT_TOKENS = 200
-# --limit on a CPU: a short check of the mechanics, not a measurement (the stage took minutes there)
-CPU_LIMIT_TOKENS, CPU_LIMIT_PROMPT_LEN, CPU_LIMIT_REPEATS = 8, 64, 3
+# --limit on a CPU (the smoke suite's case): a short check of the mechanics, not a measurement; every
+# record is still made from real samples, only fewer (2 the fewest a dispersion needs) and, eager, no
+# warm-up (nothing is compiled, so the first call has nothing to hide)
+CPU_LIMIT_TOKENS, CPU_LIMIT_PROMPT_LEN, CPU_LIMIT_REPEATS = 4, 32, 2
 CPU_NOTE = ("CPU speed numbers are indicative only (shared cores, eager decoding); "
             "time on the target GPU for numbers to compare")
 
@@ -569,6 +571,8 @@ def settings_from(ctx) -> SpeedSettings:
         n_tokens = min(n_tokens, CPU_LIMIT_TOKENS)
         prompt_len = min(prompt_len, CPU_LIMIT_PROMPT_LEN)
         repeats = min(repeats, CPU_LIMIT_REPEATS)
+        if not ctx.option("speed_compile"):
+            warmup = 0
     if n_tokens < 1 or repeats < 2 or warmup < 0 or prompt_len < 0:
         raise EvalsuiteError("--speed-tokens must be >= 1, --speed-repeats >= 2, --speed-warmup >= 0, --speed-prompt-len >= 0")
     compile_opt = ctx.option("speed_compile")
@@ -665,14 +669,25 @@ def run(ctx) -> None:
         ctx.results.run["speed"]["note"] = CPU_NOTE
         if ctx.rank == 0:
             print(f"speed: {CPU_NOTE}" + (f"; --limit: {s.n_tokens} decoded tokens, prefill {s.prompt_len}, "
-                                          f"{s.repeats} samples" if ctx.limit is not None else ""), file=sys.stderr)
+                                          f"{s.repeats} samples, one thread" if ctx.limit is not None else ""),
+                  file=sys.stderr)
     n_variants = 1 + len(ctx.configs) * (2 if ctx.option("speed_int8_kernel") else 1)
     bar = ctx.progress(None, "speed", total=n_variants * samples_per_variant(s), unit="sample")
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu" and ctx.limit is not None:
+        # the mechanics check times on one thread: decoding is thousands of tiny ops, and on a CPU
+        # shared with other work each op's thread barrier waits for a descheduled peer (2 threads
+        # decoded SmolLM2 16x slower than 1 on a loaded 2-core machine, 2.7 s a token)
+        torch.set_num_threads(1)
+        ctx.results.run["speed"]["threads"] = 1
     # as gpt-fast: no_grad, not inference mode, so that the tensors made here (KV caches, fused
     # projections, random weights) are ordinary ones that compiled CUDA graphs may update in place
-    with torch.inference_mode(False), torch.no_grad():
-        with bar:
-            measure_variants(ctx.results, variants, s, ctx.device, ctx.checkpoint, bar)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            with bar:
+                measure_variants(ctx.results, variants, s, ctx.device, ctx.checkpoint, bar)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def add_arguments(g: argparse._ArgumentGroup) -> None:
@@ -681,7 +696,8 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--speed-tokens", type=int, help=f"decoded tokens per sample (default {GPU_DEFAULT_TOKENS} on GPU, "
                                                     f"{CPU_DEFAULT_TOKENS} on CPU; under --limit on a CPU at most "
                                                     f"{CPU_LIMIT_TOKENS}, prefill at most {CPU_LIMIT_PROMPT_LEN} "
-                                                    f"tokens, at most {CPU_LIMIT_REPEATS} samples)")
+                                                    f"tokens, at most {CPU_LIMIT_REPEATS} samples, no warm-up "
+                                                    f"unless compiled)")
     g.add_argument("--speed-batch-sizes", default="1",
                    help="decode batch sizes, comma separated (default 1; each size is one more compile per variant)")
     g.add_argument("--speed-prompt-len", type=int, default=512, help="prefill prompt length; 0 skips prefill (default 512)")
