@@ -224,6 +224,18 @@ def test_bandwidth_and_roofline_arithmetic():
 
 # ---------------------------------------------------------------------------- runs and the stage
 
+def test_a_cpu_decode_faster_than_the_measured_copy_is_not_a_contradiction():
+    """A shared CPU's copy bandwidth, timed at another moment, is no bound: a smoke run measured
+    decoding at 1.7x it and the evidence check called the results file INVALID (exit 5)."""
+    from evalsuite.judge.evidence import schema_problems
+
+    results = Results()
+    run = synthetic_run("decode_bs1", 1, 100, [0.5, 0.4, 0.45])
+    speed.record_run(results, "fp", run, 7_000_000_000, 7_000_000_010, 1.0, {"device_type": "cpu"}, CPU)
+    rf = results.get("speed", "decode_bs1", "fp", "roofline_fraction")
+    assert rf.value > 1 and rf.unit == "ratio" and not schema_problems(results)
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(*args, **kwargs):
         def fn(*a, **k):
