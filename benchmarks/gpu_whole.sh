@@ -26,7 +26,10 @@ for path in sys.argv[1:]:
     r = json.load(open(path))["run"]
     print(json.dumps({"results": path, "stage_seconds": r.get("stage_seconds"), "load_seconds": r.get("load_seconds"),
                       "fp_cache": {k: v.get("status") for k, v in (r.get("fp_cache") or {}).items()},
-                      "compile_cache": r.get("compile_cache")}))
+                      "compile_cache": r.get("compile_cache"),
+                      "speed_compile_cache": {v: {t: (c.get("status"), c.get("compile_s"), c.get("inductor"))
+                                                  for t, c in runs.items()}
+                                              for v, runs in ((r.get("speed") or {}).get("compile_cache") or {}).items()}}))
 EOF
 }
 

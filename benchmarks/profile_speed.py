@@ -7,7 +7,8 @@ The first process compiles on empty caches (as on a fresh machine), the second o
 AOTAutograd and Triton caches the first left in ``$EVALSUITE_CACHE`` (as a second run on the same
 machine). Each times, as the speed stage does (``measure.speed.decode_run``: bs 1, the default
 tokens, 5 samples after 1 warm-up), its process start and imports, the model load, the warm-up
-sample (compilation + one run), the timed samples, the eager prefill; and prints Dynamo's own
+sample (compilation + one run), the timed samples, the eager prefill, the stored-program record
+(``program_cache``: key, hit or miss, Inductor's cache counters); and prints Dynamo's own
 compile-phase table (``torch._dynamo.utils.compile_times``). Writes ``$OUT/profile_speed.json``.
 """
 
@@ -56,7 +57,7 @@ def child(variant: str, device_name: str = "cuda") -> dict:
     return {"imports_s": round(t_imports, 2), "load_s": round(t_load, 2), "load_phases": loaded.info.extra.get("seconds"),
             "decode_wall_s": round(t_decode, 2), "decode_warmup_s": r.warmup_s, "decode_samples_s": r.samples_s,
             "compiled": r.compiled, "compile_error": r.compile_error, "prefill_wall_s": round(t_prefill, 2), "prefill_samples_s": pre.samples_s,
-            "compile_cache": cache_counters(), "dynamo_compile_times": torch._dynamo.utils.compile_times(repr="str")}
+            "compile_cache": cache_counters(), "program_cache": r.compile_cache, "dynamo_compile_times": torch._dynamo.utils.compile_times(repr="str")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,12 +24,37 @@ Definitions (each record repeats its own):
   bootstrap interval from resampling each variant's samples; its width is the timing noise.
 
 CPU numbers are labelled ``device_type: cpu`` and are for testing the mechanics only.
+
+Compilation, once a machine. Compiling gpt-fast's decode step (``mode="reduce-overhead"``) is most
+of the stage on a GPU, and without help every process pays it again. Each compiled run is keyed by
+what its program depends on (torch and Triton versions, the device's name, the model's structure:
+every module's class and every tensor's name, shape, dtype and class, so the scheme too; the
+variant; batch and KV-cache length or prompt length; compile mode and Inductor settings), and
+PyTorch's own mega-cache (``torch.compiler.save_cache_artifacts`` after the first compile,
+``load_cache_artifacts`` before the next: FX graphs, AOTAutograd results, autotuning choices,
+Triton kernels) is kept as one file a key, ``$EVALSUITE_CACHE/compile/<key>.bin`` beside a JSON
+manifest holding its parts and hash (``compile_cache.compiled_program``). A later process on the
+same machine, or a fresh one given the folder, loads it and compiles from Inductor's cache instead
+of from scratch; ``run.speed.compile_cache[variant][task]`` says per run: key, ``hit``/``miss``
+(``corrupt``: failed its hash, recomputed), Inductor's own cache hits and misses, ``compile_s``
+(the first warm-up sample: the compilation left plus one run). Dynamo still traces in every process
+(seconds; the mega-cache keeps what comes after tracing).
+
+Coordinate-descent tuning stays on (``--no-speed-tuning`` turns it off), as gpt-fast runs it, so that
+tokens/s stay comparable with gpt-fast's figures and with baselines measured so; what it costs is
+paid once a machine rather than every process: its choices go to Inductor's local autotune cache
+(``autotune_local_cache``, on) and into the stored mega-cache, and a kernel whose choice is found
+there is not tuned again. Turning it off by default would save the first run its ~5 s on an H100
+but change every absolute tokens/s a baseline holds. Still to measure on a GPU (torch 2.11,
+``benchmarks/gpu_whole.sh runs``): the profile before this change saw 18 of 24 kernels tuned again
+in a second process; whether the stored choices now stop that, and the second run's speed stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import math
 import sys
@@ -51,8 +76,10 @@ DECODE_PROMPT_LEN = 5  # the anchor's prompt length before decoding
 COPY_BYTES = {"cuda": 1 << 30, "cpu": 1 << 25}
 CPU_DEFAULT_TOKENS = 32
 GPU_DEFAULT_TOKENS = 200
-# --limit on a CPU: a short check of the mechanics, not a measurement (the stage took minutes there)
-CPU_LIMIT_TOKENS, CPU_LIMIT_PROMPT_LEN, CPU_LIMIT_REPEATS = 8, 64, 3
+# --limit on a CPU (the smoke suite's case): a short check of the mechanics, not a measurement; every
+# record is still made from real samples, only fewer (2 the fewest a dispersion needs) and, eager, no
+# warm-up (nothing is compiled, so the first call has nothing to hide)
+CPU_LIMIT_TOKENS, CPU_LIMIT_PROMPT_LEN, CPU_LIMIT_REPEATS = 4, 32, 2
 CPU_NOTE = ("CPU speed numbers are indicative only (shared cores, eager decoding); "
             "time on the target GPU for numbers to compare")
 
@@ -195,6 +222,7 @@ class RunResult:
     peak_extra_bytes: int | None = None
     kv_cache_bytes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    compile_cache: dict[str, Any] | None = None  # compile_cache.compiled_program's record
 
     @property
     def tokens_per_s(self) -> list[float]:
@@ -205,36 +233,72 @@ class RunResult:
         return [self.steps_per_sample / s for s in self.samples_s]
 
 
-def configure_inductor() -> None:
-    """gpt-fast's inductor settings for decoding; absent settings in other torch versions are skipped."""
+def configure_inductor(tuning: bool = True) -> None:
+    """gpt-fast's inductor settings for decoding (``tuning``: coordinate-descent tuning of the
+    generated Triton kernels); absent settings in other torch versions are skipped."""
     import torch._inductor.config as cfg
 
     from evalsuite.measure.compile_cache import use_persistent_caches
 
     use_persistent_caches()
-    for name, value in (("coordinate_descent_tuning", True), ("fx_graph_cache", True)):
+    for name, value in (("coordinate_descent_tuning", bool(tuning)), ("fx_graph_cache", True),
+                        ("autotune_local_cache", True)):
         if hasattr(cfg, name):
             setattr(cfg, name, value)
     if hasattr(cfg, "triton") and hasattr(cfg.triton, "unique_kernel_names"):
         cfg.triton.unique_kernel_names = True
 
 
-def _run_soft_compiled(eager_fn: Callable, compile_kwargs: dict | None, run: Callable[[Callable], tuple]):
+@dataclass
+class CompileSettings:
+    """How a run compiles: ``tuning`` (coordinate-descent tuning), ``cache`` (the compiled-program
+    store under ``$EVALSUITE_CACHE/compile/``), ``key`` (what the program depends on besides the
+    libraries, device and Inductor settings: the model's structure, the call's shapes, the variant)."""
+
+    tuning: bool = True
+    cache: bool = True
+    key: dict[str, Any] = field(default_factory=dict)
+
+
+def _run_soft_compiled(eager_fn: Callable, compile_kwargs: dict | None, run: Callable[[Callable], tuple],
+                       how: CompileSettings | None = None):
     """``run(fn)`` with ``torch.compile(eager_fn, **compile_kwargs)``; on any compile or first-run
-    failure, ``run(eager_fn)`` instead. Returns (run's result, compiled?, error line or None)."""
+    failure, ``run(eager_fn)`` instead. Returns (run's result, compiled?, error line or None, the
+    compiled-program cache's record or None)."""
     if compile_kwargs is None:
-        return run(eager_fn), False, None
+        return run(eager_fn), False, None, None
+    from evalsuite.measure.compile_cache import compiled_program, environment_parts
+
+    how = how or CompileSettings()
     try:
         # a fresh dynamo cache per run: a model or batch size already seen would otherwise count
         # against the recompile limit, past which torch silently runs eager
         torch._dynamo.reset()
-        configure_inductor()
-        fn = torch.compile(eager_fn, **compile_kwargs)
-        return run(fn), True, None
+        configure_inductor(how.tuning)
+        parts = {"program": eager_fn.__name__, "compile": compile_kwargs, **how.key,
+                 **environment_parts(_device_of(how.key))}
+        with compiled_program(parts, enabled=how.cache) as record:
+            fn = torch.compile(eager_fn, **compile_kwargs)
+            out = run(fn)
+        record["compile_s"] = round(out[1][0], 3) if out[1] else None  # the first warm-up sample
+        return out, True, None, record
     except Exception as e:  # compilation fails in many ways (no compiler, unsupported op, OOM)
         error = f"{type(e).__name__}: {first_line(e)}"
         torch._dynamo.reset()
-        return run(eager_fn), False, error
+        return run(eager_fn), False, error, None
+
+
+def _device_of(key: dict[str, Any]) -> torch.device:
+    return torch.device(key.get("device_type", "cpu"))
+
+
+def _program_key(model: gptfast.Transformer, variant: str, device: torch.device, **call) -> dict[str, Any]:
+    """The model- and call-dependent part of a compiled program's cache key."""
+    from evalsuite.measure.compile_cache import model_fingerprint
+
+    return {"variant": variant, "model": model_fingerprint(model), "config": vars(model.config).copy(),
+            "dtype": str(model.output.weight.dtype) if hasattr(model.output, "weight") else None,
+            "device_type": device.type, **call}
 
 
 def _kv_bytes(model: gptfast.Transformer) -> int:
@@ -264,7 +328,8 @@ def _peak_extra(device: torch.device, base: int | None) -> int | None:
 
 
 def decode_run(model: gptfast.Transformer, batch: int, n_tokens: int, repeats: int, warmup: int,
-               compile: bool, device: torch.device, seed: int = 0, tick: Callable[[], None] = lambda: None) -> RunResult:
+               compile: bool, device: torch.device, seed: int = 0, tick: Callable[[], None] = lambda: None,
+               how: CompileSettings | None = None, variant: str = "fp") -> RunResult:
     """Time ``n_tokens`` cached greedy decoding steps at ``batch`` after a DECODE_PROMPT_LEN prompt.
 
     Every sample restarts at the same position, so all samples do identical work; the prompt's
@@ -289,17 +354,21 @@ def decode_run(model: gptfast.Transformer, batch: int, n_tokens: int, repeats: i
         return time_samples(sample, device, repeats, warmup, tick)
 
     mode = dict(mode="reduce-overhead", fullgraph=True) if device.type == "cuda" else dict(fullgraph=True)
-    (samples, warm), compiled, error = _run_soft_compiled(gptfast.decode_one_token, mode if compile else None, run)
+    how = dataclasses.replace(how or CompileSettings(), key=_program_key(
+        model, variant, device, batch=batch, cache_len=DECODE_PROMPT_LEN + n_tokens)) if compile else None
+    (samples, warm), compiled, error, cache = _run_soft_compiled(
+        gptfast.decode_one_token, mode if compile else None, run, how)
     result = RunResult(task=f"decode_bs{batch}", batch=batch, tokens_per_sample=batch * n_tokens,
                        steps_per_sample=n_tokens, samples_s=samples, warmup_s=warm, compiled=compiled,
                        compile_error=error, peak_extra_bytes=_peak_extra(device, base), kv_cache_bytes=_kv_bytes(model),
-                       extra={"n_tokens": n_tokens, "prompt_len": DECODE_PROMPT_LEN})
+                       extra={"n_tokens": n_tokens, "prompt_len": DECODE_PROMPT_LEN}, compile_cache=cache)
     _drop_caches(model)
     return result
 
 
 def prefill_run(model: gptfast.Transformer, prompt_len: int, repeats: int, warmup: int, compile: bool,
-                device: torch.device, seed: int = 0, tick: Callable[[], None] = lambda: None) -> RunResult:
+                device: torch.device, seed: int = 0, tick: Callable[[], None] = lambda: None,
+                how: CompileSettings | None = None, variant: str = "fp") -> RunResult:
     """Time one forward of a ``prompt_len``-token prompt (batch 1) into the KV cache.
 
     Compiled prefill (one static shape, no CUDA graphs) only when asked: a long prompt is
@@ -314,11 +383,14 @@ def prefill_run(model: gptfast.Transformer, prompt_len: int, repeats: int, warmu
     def run(fn):
         return time_samples(lambda: fn(model, prompt, pos), device, repeats, warmup, tick)
 
-    (samples, warm), compiled, error = _run_soft_compiled(gptfast.prefill, dict(fullgraph=True) if compile else None, run)
+    how = dataclasses.replace(how or CompileSettings(), key=_program_key(
+        model, variant, device, prompt_len=prompt_len)) if compile else None
+    (samples, warm), compiled, error, cache = _run_soft_compiled(
+        gptfast.prefill, dict(fullgraph=True) if compile else None, run, how)
     result = RunResult(task=f"prefill_{prompt_len}", batch=1, tokens_per_sample=prompt_len, steps_per_sample=1,
                        samples_s=samples, warmup_s=warm, compiled=compiled, compile_error=error,
                        peak_extra_bytes=_peak_extra(device, base), kv_cache_bytes=_kv_bytes(model),
-                       extra={"prompt_len": prompt_len})
+                       extra={"prompt_len": prompt_len}, compile_cache=cache)
     _drop_caches(model)
     return result
 
@@ -336,6 +408,7 @@ class SpeedSettings:
     model_label: str
     compile_prefill: bool = False
     seed: int = 0
+    tuning: bool = True  # coordinate-descent tuning of compiled kernels (see the stage's docstring)
 
 
 def record_run(results, variant: str, r: RunResult, weights: int, all_weights: int, copy_gb_s: float | None,
@@ -360,9 +433,12 @@ def record_run(results, variant: str, r: RunResult, weights: int, all_weights: i
             definition="weight bytes per step (embeddings excluded) x decoding steps/s / 1e9; median over samples." + cpu_note,
             extra={**base_extra, "min": d["min"], "max": d["max"], "cv": d["cv"], "weight_bytes": weights})
         if copy_gb_s:
-            add(metric="roofline_fraction", value=d["median"] / copy_gb_s, unit="fraction", n=d["n"],
-                higher_is_better=True,
-                definition="weight_bandwidth_gb_s / copy_bandwidth_gb_s (device-to-device copy, this run)." + cpu_note,
+            # on a CPU shared with other work the copy, timed at another moment's load, bounds nothing:
+            # decoding has measured 1.7x it, so there the value is a ratio, not a fraction in [0, 1]
+            add(metric="roofline_fraction", value=d["median"] / copy_gb_s,
+                unit="fraction" if device.type == "cuda" else "ratio", n=d["n"], higher_is_better=True,
+                definition="weight_bandwidth_gb_s / copy_bandwidth_gb_s (device-to-device copy, this run)." + cpu_note
+                           + ("" if device.type == "cuda" else " On a CPU the copy is no bound; it may exceed 1."),
                 extra={**base_extra, "copy_bandwidth_gb_s": copy_gb_s})
     if r.compiled:
         add(metric="compile_s", value=r.warmup_s[0] if r.warmup_s else math.nan, unit="s", n=1, higher_is_better=False,
@@ -400,19 +476,23 @@ def samples_per_variant(s: SpeedSettings) -> int:
 
 
 def measure_variant(model: gptfast.Transformer, s: SpeedSettings, device: torch.device,
-                    progress: Callable[[str], Callable[[], None]] = lambda what: (lambda: None)) -> list[RunResult]:
+                    progress: Callable[[str], Callable[[], None]] = lambda what: (lambda: None),
+                    variant: str = "fp") -> list[RunResult]:
     """``progress(what)`` names the next measurement and returns the tick its every sample calls."""
     limit = model.config.block_size
     if DECODE_PROMPT_LEN + s.n_tokens > limit or s.prompt_len > limit:
         raise EvalsuiteError(f"--speed-tokens {s.n_tokens} (+{DECODE_PROMPT_LEN} prompt) or --speed-prompt-len "
                              f"{s.prompt_len} exceeds the model's {limit} positions")
     compiling = " (compiling first: takes a while)"
+    how = CompileSettings(tuning=s.tuning)
     runs = [decode_run(model, b, s.n_tokens, s.repeats, s.warmup, s.compile, device, s.seed,
-                       progress(f"decode_bs{b}" + (compiling if s.compile else ""))) for b in s.batch_sizes]
+                       progress(f"decode_bs{b}" + (compiling if s.compile else "")), how, variant)
+            for b in s.batch_sizes]
     if s.prompt_len > 0:
         compile_prefill = s.compile and s.compile_prefill
         runs.append(prefill_run(model, s.prompt_len, s.repeats, s.warmup, compile_prefill, device, s.seed,
-                                progress(f"prefill_{s.prompt_len}" + (compiling if compile_prefill else ""))))
+                                progress(f"prefill_{s.prompt_len}" + (compiling if compile_prefill else "")),
+                                how, variant))
     return runs
 
 
@@ -446,7 +526,7 @@ def measure_variants(results, variants: Callable[[], Any], s: SpeedSettings, dev
     for name, model in variants():
         weights, all_weights = weight_bytes(model), total_tensor_bytes(model)
         try:
-            runs = {r.task: r for r in measure_variant(model, s, device, progress_of(name))}
+            runs = {r.task: r for r in measure_variant(model, s, device, progress_of(name), name)}
         except torch.cuda.OutOfMemoryError as e:  # one variant too large must not lose the others
             results.add_error(STAGE_NAME, f"out of device memory: {first_line(e, 200)}", variant=name)
             _drop_caches(model)
@@ -462,6 +542,9 @@ def measure_variants(results, variants: Callable[[], Any], s: SpeedSettings, dev
             record_speedups(results, fp_runs, name, runs, common, s.seed)
         details[name] = {t: {"samples_s": r.samples_s, "warmup_s": r.warmup_s, "compiled": r.compiled,
                              "compile_error": r.compile_error} for t, r in runs.items()}
+        stored = {t: r.compile_cache for t, r in runs.items() if r.compile_cache is not None}
+        if stored:
+            results.run.setdefault("speed", {}).setdefault("compile_cache", {})[name] = stored
         for r in runs.values():
             if r.compile_error:
                 results.add_error(STAGE_NAME, f"{r.task}: torch.compile failed, timed eager instead ({r.compile_error})",
@@ -491,6 +574,8 @@ def settings_from(ctx) -> SpeedSettings:
         n_tokens = min(n_tokens, CPU_LIMIT_TOKENS)
         prompt_len = min(prompt_len, CPU_LIMIT_PROMPT_LEN)
         repeats = min(repeats, CPU_LIMIT_REPEATS)
+        if not ctx.option("speed_compile"):
+            warmup = 0
     if n_tokens < 1 or repeats < 2 or warmup < 0 or prompt_len < 0:
         raise EvalsuiteError("--speed-tokens must be >= 1, --speed-repeats >= 2, --speed-warmup >= 0, --speed-prompt-len >= 0")
     compile_opt = ctx.option("speed_compile")
@@ -501,7 +586,8 @@ def settings_from(ctx) -> SpeedSettings:
     label = f"random:{shape}" if shape else ctx.loaded.info.name
     return SpeedSettings(n_tokens=int(n_tokens), prompt_len=int(prompt_len), batch_sizes=batch_sizes,
                          repeats=int(repeats), warmup=int(warmup), compile=compile, model_label=label,
-                         seed=int(ctx.option("seed", 0) or 0), compile_prefill=bool(ctx.option("speed_compile_prefill")))
+                         seed=int(ctx.option("seed", 0) or 0), compile_prefill=bool(ctx.option("speed_compile_prefill")),
+                         tuning=ctx.option("speed_tuning", True) is not False)
 
 
 def parse_batch_sizes(spec: str | list[int]) -> list[int]:
@@ -580,19 +666,31 @@ def run(ctx) -> None:
     ctx.results.run.setdefault("speed", {}).update({
         "model": s.model_label, "n_tokens": s.n_tokens, "prompt_len": s.prompt_len, "batch_sizes": s.batch_sizes,
         "repeats": s.repeats, "warmup": s.warmup, "compile": s.compile, "torch": torch.__version__,
+        "coordinate_descent_tuning": s.compile and s.tuning,
     })
     if ctx.device.type == "cpu":
         ctx.results.run["speed"]["note"] = CPU_NOTE
         if ctx.rank == 0:
             print(f"speed: {CPU_NOTE}" + (f"; --limit: {s.n_tokens} decoded tokens, prefill {s.prompt_len}, "
-                                          f"{s.repeats} samples" if ctx.limit is not None else ""), file=sys.stderr)
+                                          f"{s.repeats} samples, one thread" if ctx.limit is not None else ""),
+                  file=sys.stderr)
     n_variants = 1 + len(ctx.configs) * (2 if ctx.option("speed_int8_kernel") else 1)
     bar = ctx.progress(None, "speed", total=n_variants * samples_per_variant(s), unit="sample")
+    threads = torch.get_num_threads()
+    if ctx.device.type == "cpu" and ctx.limit is not None:
+        # the mechanics check times on one thread: decoding is thousands of tiny ops, and on a CPU
+        # shared with other work each op's thread barrier waits for a descheduled peer (2 threads
+        # decoded SmolLM2 16x slower than 1 on a loaded 2-core machine, 2.7 s a token)
+        torch.set_num_threads(1)
+        ctx.results.run["speed"]["threads"] = 1
     # as gpt-fast: no_grad, not inference mode, so that the tensors made here (KV caches, fused
     # projections, random weights) are ordinary ones that compiled CUDA graphs may update in place
-    with torch.inference_mode(False), torch.no_grad():
-        with bar:
-            measure_variants(ctx.results, variants, s, ctx.device, ctx.checkpoint, bar)
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            with bar:
+                measure_variants(ctx.results, variants, s, ctx.device, ctx.checkpoint, bar)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def add_arguments(g: argparse._ArgumentGroup) -> None:
@@ -601,7 +699,8 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--speed-tokens", type=int, help=f"decoded tokens per sample (default {GPU_DEFAULT_TOKENS} on GPU, "
                                                     f"{CPU_DEFAULT_TOKENS} on CPU; under --limit on a CPU at most "
                                                     f"{CPU_LIMIT_TOKENS}, prefill at most {CPU_LIMIT_PROMPT_LEN} "
-                                                    f"tokens, at most {CPU_LIMIT_REPEATS} samples)")
+                                                    f"tokens, at most {CPU_LIMIT_REPEATS} samples, no warm-up "
+                                                    f"unless compiled)")
     g.add_argument("--speed-batch-sizes", default="1",
                    help="decode batch sizes, comma separated (default 1; each size is one more compile per variant)")
     g.add_argument("--speed-prompt-len", type=int, default=512, help="prefill prompt length; 0 skips prefill (default 512)")
@@ -613,6 +712,9 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
                    help="also time each int8-wo scheme with the Triton batch-1 GEMV (variant <scheme>@triton; CUDA)")
     g.add_argument("--speed-compile-prefill", action="store_true",
                    help="also compile the prefill forward (default: prefill runs eager)")
+    g.add_argument("--speed-tuning", action=argparse.BooleanOptionalAction, default=True,
+                   help="coordinate-descent tuning of the compiled kernels, as gpt-fast (default on; its "
+                        "choices are kept in $EVALSUITE_CACHE, so a machine tunes each program once)")
 
 
 STAGE = Stage(name=STAGE_NAME, help="decode/prefill throughput and bandwidth vs the measured roofline", run=run,
