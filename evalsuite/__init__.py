@@ -5,6 +5,13 @@ Python API (imported on first use, so ``import evalsuite`` stays cheap): :func:`
 ``.gate(baselines)``). See the README's "Python API".
 """
 
+import os
+
+# Before torch is imported: OpenMP's busy-waiting threads stall when a core is shared (a 2-core CI
+# machine running other work decoded SmolLM2 16x slower on 2 threads than on 1); passive waiting
+# costs little where the cores are free. A value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from evalsuite.versions import __version__  # noqa: E402
 __all__ = ["evaluate", "quantize", "Results", "EvalsuiteError"]
 
