@@ -183,7 +183,9 @@ class RunConfig:
     def of_options(cls, **values: Any) -> "RunConfig":
         """A config of these stage options and run settings (``kernels``, ``seed``, ``fp_cache``, ``tp``,
         ``skip_layers``, ``data_dir``, ``limit``) over the defaults: for a stage measured outside a
-        run (tests, benchmarks), where no command line declares the options."""
+        run (tests, benchmarks), where no command line declares the options. The fp cache is off
+        unless asked for: a stage measured on its own must not answer from another run's cache."""
+        values = {"fp_cache": "off", **values}
         sections: dict[str, dict[str, Any]] = {}
         options = {}
         for k, v in values.items():
