@@ -292,3 +292,33 @@ def test_known_lossy_scheme_beyond_its_limit_is_offered_a_fix_too():
     fails = failing_checks(verdicts)
     assert list(fails) == ["int4", "g32"]
     assert [c["check"] for c in fails["int4"]] == ["ppl/w/int4/kld_mean"]
+
+
+def test_not_verified_names_the_failing_check_when_only_a_tasks_accuracy_fails():
+    """The planted case of issue #30: the verification's KLD and ppl ratio are inside their limits,
+    its pooled accuracy drop is not; the fix is reported unfixed and the line names that check."""
+    from evalsuite.app.fix import describe, exit_code
+
+    metrics = {"kld_mean": {"task": "wikitext2", "value": 0.01, "ci95": [0.009, 0.011], "n": 100},
+               "ppl_ratio": {"task": "wikitext2", "value": 1.005, "ci95": [1.004, 1.006], "n": 100}}
+    checks = [
+        {"check": "ppl/wikitext2/int4-wo-g128/kld_mean", "verdict": "PASS", "value": 0.01,
+         "interval": [0.009, 0.011], "limit": 0.05},
+        {"check": "ppl/wikitext2/int4-wo-g128/ppl_ratio", "verdict": "PASS", "value": 1.005,
+         "interval": [1.004, 1.006], "limit": 1.01},
+        {"check": "tasks/pooled/int4-wo-g128/delta_acc", "verdict": "FAIL", "value": -0.031,
+         "interval": [-0.042, -0.02], "limit": -0.01},
+    ]
+    entry = {"status": "verification failed", "predicted": {"kld_mean": 0.008, "ppl_ratio": 1.004},
+             "before": {"kld_mean": 0.09}, "verified": {"pass": False, "verdict": "FAIL", "metrics": metrics},
+             "verification_checks": checks, "layers_restored": 3, "layers_quantized": 210, "params_fraction": 0.02,
+             "bytes_extra": 2**20, "set": ["model.layers.0.mlp.down_proj"], "budget_fraction": 0.25,
+             "command": "evalsuite run ..."}
+    text = describe("int4-wo-g128", entry)
+    head, last = text.splitlines()[0], text.splitlines()[-1]
+    assert head.startswith("fix NOT verified int4-wo-g128")
+    assert head.endswith("FAIL (1 of 3 checks not passed: tasks/pooled/int4-wo-g128/delta_acc)")
+    assert "tasks/pooled/int4-wo-g128/delta_acc -0.031 [-0.042, -0.02] limit -0.01: FAIL" in last
+    assert "ppl/wikitext2/int4-wo-g128/kld_mean 0.01 [0.009, 0.011] limit 0.05: PASS" in last
+    assert "ppl_ratio 1.005 [1.004, 1.006] limit 1.01: PASS" in last
+    assert exit_code({"int4-wo-g128": entry}) == 1
