@@ -26,11 +26,11 @@ from evalsuite.results import Results
 BAD = "model.layers.0.mlp.down_proj"
 
 
-def planted_model(vocab_size: int = 512, plant: bool = True):
+def planted_model(vocab_size: int = 512, plant: bool = True, hidden: int = 64):
     """A tiny Llama whose logits depend on its layers enough for int8 errors to show (a sharper head,
     larger layer weights), with one planted bad layer: a large outlier in column 0 of every row of
     ``BAD``, so int8's per-row scale rounds the rest of that layer's weights to a few codes."""
-    model = make_tiny_llama(vocab_size=vocab_size, hidden=64, layers=2, tie=False)
+    model = make_tiny_llama(vocab_size=vocab_size, hidden=hidden, layers=2, tie=False)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
         for name, mod in model.named_modules():
@@ -292,3 +292,87 @@ def test_known_lossy_scheme_beyond_its_limit_is_offered_a_fix_too():
     fails = failing_checks(verdicts)
     assert list(fails) == ["int4", "g32"]
     assert [c["check"] for c in fails["int4"]] == ["ppl/w/int4/kld_mean"]
+
+
+def test_not_verified_names_the_failing_check_when_only_a_tasks_accuracy_fails():
+    """The planted case of issue #30: the verification's KLD and ppl ratio are inside their limits,
+    its pooled accuracy drop is not; the fix is reported unfixed and the line names that check."""
+    from evalsuite.app.fix import describe, exit_code
+
+    metrics = {"kld_mean": {"task": "wikitext2", "value": 0.01, "ci95": [0.009, 0.011], "n": 100},
+               "ppl_ratio": {"task": "wikitext2", "value": 1.005, "ci95": [1.004, 1.006], "n": 100}}
+    checks = [
+        {"check": "ppl/wikitext2/int4-wo-g128/kld_mean", "verdict": "PASS", "value": 0.01,
+         "interval": [0.009, 0.011], "limit": 0.05},
+        {"check": "ppl/wikitext2/int4-wo-g128/ppl_ratio", "verdict": "PASS", "value": 1.005,
+         "interval": [1.004, 1.006], "limit": 1.01},
+        {"check": "tasks/pooled/int4-wo-g128/delta_acc", "verdict": "FAIL", "value": -0.031,
+         "interval": [-0.042, -0.02], "limit": -0.01},
+    ]
+    entry = {"status": "verification failed", "predicted": {"kld_mean": 0.008, "ppl_ratio": 1.004},
+             "before": {"kld_mean": 0.09}, "verified": {"pass": False, "verdict": "FAIL", "metrics": metrics},
+             "verification_checks": checks, "layers_restored": 3, "layers_quantized": 210, "params_fraction": 0.02,
+             "bytes_extra": 2**20, "set": ["model.layers.0.mlp.down_proj"], "budget_fraction": 0.25,
+             "command": "evalsuite run ..."}
+    text = describe("int4-wo-g128", entry)
+    head, last = text.splitlines()[0], text.splitlines()[-1]
+    assert head.startswith("fix NOT verified int4-wo-g128")
+    assert head.endswith("FAIL (1 of 3 checks not passed: tasks/pooled/int4-wo-g128/delta_acc)")
+    assert "tasks/pooled/int4-wo-g128/delta_acc -0.031 [-0.042, -0.02] limit -0.01: FAIL" in last
+    assert "ppl/wikitext2/int4-wo-g128/kld_mean 0.01 [0.009, 0.011] limit 0.05: PASS" in last
+    assert "ppl_ratio 1.005 [1.004, 1.006] limit 1.01: PASS" in last
+    assert exit_code({"int4-wo-g128": entry}) == 1
+
+
+# ---- per-layer formats (issue #30): the search raises a layer's scheme, not only to fp
+
+def test_candidate_schemes_fewest_bytes_first():
+    from evalsuite.measure.sensitivity import candidate_schemes
+
+    assert candidate_schemes("int4-wo-g128") == ["int4-wo-g128", "int4-wo-g32", "int8-wo", "fp"]
+    assert candidate_schemes("int4-wo-g32") == ["int4-wo-g32", "int8-wo", "fp"]
+    assert candidate_schemes("int8-wo") == ["int8-wo", "fp"]
+
+
+def planted_formats(rows: int):
+    """The planted model at width 128 (int4-g128 pads no layer), its int4-wo-g128 quantization, their
+    counterfactuals on ``rows`` random windows, and each quantized layer's candidate formats."""
+    from evalsuite.measure.sensitivity import candidate_schemes, layer_formats
+
+    fp = planted_model(hidden=128)
+    q = quantize_(copy.deepcopy(fp), parse_scheme("int4-wo-g128"))
+    ids = torch.randint(0, 512, (rows, 64), generator=torch.Generator().manual_seed(0))
+    cf = Counterfactuals(fp, q, ids, torch.device("cpu"), paired_token_stats)
+    return fp, ids, cf, layer_formats(fp, quantized_layer_names(q), candidate_schemes("int4-wo-g128"))
+
+
+def test_format_search_raises_the_planted_layer_first_and_its_recipe_runs_as_predicted(tmp_path):
+    """int4-wo-g128 on the planted model: the outlier layer's format is raised first, the target is met
+    within a fraction of the bytes that fp would add, and the recipe written from the assignment, run
+    through --quant recipe:, gives the predicted KLD."""
+    from evalsuite.measure.sensitivity import greedy_formats, to_recipe
+
+    fp, ids, cf, formats = planted_formats(rows=2)
+    assert [f.scheme for f in formats[BAD]] == ["int4-wo-g128", "int4-wo-g32", "int8-wo", "fp"]
+    assert [f.bytes for f in formats[BAD]] == sorted(f.bytes for f in formats[BAD])
+    search = greedy_formats(cf, formats, lambda m: m.kld_mean <= 0.9, budget_bytes=10**9, batch=1)
+    assert search.steps[1]["moves"][0].startswith(f"{BAD}=")
+    assert search.assignment[BAD] != "int4-wo-g128"
+    assert search.met and search.baseline.kld_mean > 2 * 0.9 and search.metrics.kld_mean <= 0.9
+    total_fp = sum(f[-1].bytes - f[0].bytes for f in formats.values())
+    assert 0 < search.extra_bytes < total_fp / 10
+
+    path = tmp_path / "fix.json"
+    path.write_text(json.dumps(to_recipe("int4-wo-g128", search.assignment)))
+    mixed = quantize_(copy.deepcopy(fp), parse_scheme(f"recipe:{path}"))
+    again = Counterfactuals(fp, mixed, ids, torch.device("cpu"), paired_token_stats).measure()
+    assert again.kld_mean == pytest.approx(search.metrics.kld_mean, rel=1e-5)
+
+
+def test_format_search_stops_at_its_byte_budget():
+    from evalsuite.measure.sensitivity import greedy_formats
+
+    fp, ids, cf, formats = planted_formats(rows=1)
+    budget = formats[BAD][1].bytes - formats[BAD][0].bytes - 1  # not even the planted layer's next format
+    search = greedy_formats(cf, formats, lambda m: m.kld_mean <= 1e-6, budget_bytes=budget)
+    assert not search.met and search.extra_bytes <= budget and search.assignment[BAD] == "int4-wo-g128"

@@ -305,17 +305,31 @@ def describe(variant: str, e: dict) -> str:
                     for k, m in v["metrics"].items())
     head = {"verified": "fix", "verification failed": "fix NOT verified",
             "no set within the budget": f"no fix within {e['budget_fraction']:.0%} budget; best found"}[e["status"]]
+    checks = e.get("verification_checks") or []
+    failed = [c["check"] for c in checks if c.get("verdict") != "PASS"]
     lines = [
         f"{head} {variant}: keep {e['layers_restored']} of {e['layers_quantized']} quantized layers in fp "
         f"({e['params_fraction']:.1%} of linear weights, +{e['bytes_extra'] / 2**20:.2f} MiB): "
         f"predicted on calibration KLD {fmt(p['kld_mean'])} (before {fmt(e['before']['kld_mean'])}), "
-        f"ppl ratio {fmt(p['ppl_ratio'])}; verified {ver}: {v['verdict']}",
+        f"ppl ratio {fmt(p['ppl_ratio'])}; verified {ver}: {v['verdict']}"
+        + (f" ({len(failed)} of {len(checks)} checks not passed: {', '.join(failed)})" if failed else ""),
     ]
     if e.get("unfixable"):
         lines.append(f"  not addressed (not fixable by keeping layers in fp): {', '.join(e['unfixable'])}")
     lines.append(f"  set: {', '.join(e['set'][:12])}{' …' if len(e['set']) > 12 else ''}")
     lines.append(f"  {e['command']}")
+    lines.append(f"  verification checks: {'; '.join(map(describe_check, checks)) or 'none judged'}")
     return "\n".join(lines)
+
+
+def describe_check(c: dict) -> str:
+    """``tasks/pooled/int8-wo/delta_acc -0.05 [-0.07, -0.03] limit -0.02: FAIL``."""
+    from evalsuite.judge.checks import fmt
+
+    interval = c.get("interval")
+    ci = f" [{fmt(interval[0])}, {fmt(interval[1])}]" if interval else ""
+    limit = f" limit {fmt(c['limit'])}" if c.get("limit") is not None else ""
+    return f"{c['check']} {fmt(c.get('value'))}{ci}{limit}: {c.get('verdict')}"
 
 
 def exit_code(details: dict[str, dict]) -> int:

@@ -622,7 +622,9 @@ def fix_results(config: RunConfig, results: Results, path: Path, *, gates: str |
     dev = resolve_device(device or (results.run.get("device") or {}).get("type") or "auto")
     dtype = getattr(torch, DTYPES[results.run.get("dtype", "fp32")])
     loaded = load_model(model_path, device=dev, dtype=dtype, arch=config.model.arch, tokenizer_path=config.model.tokenizer)
-    configs = {v: parse_scheme(v) for v in fails}
+    # a named variant (NAME=SPEC, a recipe) is re-made from its spec as the run recorded it
+    specs = results.run.get("quant_specs") or {}
+    configs = {v: parse_scheme(f"{v}={specs[v]}" if v in specs else v) for v in fails}
     skip = parse_skip(config.model.skip_layers)
     variants = {"fp": loaded.model, **{v: quantize_(copy.deepcopy(loaded.model), c, skip=skip) for v, c in configs.items()}}
     config = config.with_data(data_dir=str(data_dir) if data_dir else None, limit=results.run.get("limit"))

@@ -88,19 +88,24 @@ def make_units(fp: nn.Module, layer_names: list[str], granularity: str = "layer"
 
 
 @contextlib.contextmanager
-def restored(quantized: nn.Module, fp: nn.Module, layers: Iterable[str]):
-    """``quantized`` with ``layers`` swapped for fp's own modules for the duration of the block."""
+def swapped(quantized: nn.Module, modules: dict[str, nn.Module]):
+    """``quantized`` with each named layer replaced by the given module for the duration of the block."""
     saved = []
     try:
-        for name in layers:
+        for name, module in modules.items():
             parent_name, _, child = name.rpartition(".")
             parent = quantized.get_submodule(parent_name) if parent_name else quantized
             saved.append((parent, child, getattr(parent, child)))
-            setattr(parent, child, fp.get_submodule(name))
+            setattr(parent, child, module)
         yield quantized
     finally:
         for parent, child, mod in reversed(saved):
             setattr(parent, child, mod)
+
+
+def restored(quantized: nn.Module, fp: nn.Module, layers: Iterable[str]):
+    """``quantized`` with ``layers`` swapped for fp's own modules for the duration of the block."""
+    return swapped(quantized, {name: fp.get_submodule(name) for name in layers})
 
 
 @dataclass
@@ -129,11 +134,15 @@ class Counterfactuals:
         self.fp_logits = [forward_logits(fp, x)[:, :-1] for x in self.batches]
         self.forwards = 0
 
-    @torch.inference_mode()
     def measure(self, layers: Iterable[str] = ()) -> Metrics:
+        return self.measure_modules({name: self.fp.get_submodule(name) for name in layers})
+
+    @torch.inference_mode()
+    def measure_modules(self, modules: dict[str, nn.Module]) -> Metrics:
+        """The metrics of ``quantized`` with these layers replaced by these modules (another format)."""
         kld = nll_gap = 0.0
         n = 0
-        with restored(self.quantized, self.fp, layers):
+        with swapped(self.quantized, modules):
             for x, ref in zip(self.batches, self.fp_logits):
                 q = forward_logits(self.quantized, x)[:, :-1]
                 for b in range(x.shape[0]):
@@ -242,3 +251,131 @@ def calibration_windows(tokenizer, text: str, tokens: int, context: int, source:
     return make_windows(ids, text, ends, Protocol(context=context, max_windows=n_windows), tokenizer_bos(tokenizer),
                         source, decode=tokenizer.decode)
 
+
+
+# --- per-layer formats: which scheme each layer takes --------------------------------------------
+
+FLOAT = "fp"
+
+
+def candidate_schemes(scheme: str) -> list[str]:
+    """A layer's formats, fewest bytes first: the failing scheme, a finer group for int4, int8-wo, fp."""
+    out = [scheme]
+    if scheme.startswith("int4-wo-g") and scheme != "int4-wo-g32":
+        out.append("int4-wo-g32")
+    if scheme != "int8-wo":
+        out.append("int8-wo")
+    return [*out, FLOAT]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One layer in one scheme: its runtime module and its weight bytes as stored (no bias)."""
+
+    scheme: str
+    module: nn.Module
+    bytes: int
+
+
+class _Holder(nn.Module):
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+
+
+def layer_formats(fp: nn.Module, layers: list[str], schemes: list[str]) -> dict[str, list[Format]]:
+    """Each layer of ``fp`` in each of ``schemes`` (built-in names or ``fp``), by its scheme's own
+    handler; a layer's formats sorted by bytes, the first scheme first."""
+    import copy
+
+    from evalsuite.quantize import parse_scheme, quantize_
+    from evalsuite.quantize.recipe import weight_bytes
+
+    configs = {s: parse_scheme(s) for s in schemes if s != FLOAT}
+    out = {}
+    for name in layers:
+        linear = fp.get_submodule(name)
+        formats = []
+        for s in schemes:
+            module = linear if s == FLOAT else quantize_(_Holder(copy.deepcopy(linear)), configs[s]).linear
+            formats.append(Format(s, module, weight_bytes(module)))
+        out[name] = [formats[0], *sorted(formats[1:], key=lambda f: f.bytes)]
+    return out
+
+
+@dataclass
+class FormatSearch:
+    assignment: dict[str, str]  # layer → scheme
+    metrics: Metrics
+    baseline: Metrics
+    met: bool
+    extra_bytes: int  # weight bytes above every layer in the first scheme
+    steps: list[dict]
+    stop_reason: str
+
+
+def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target: Callable[[Metrics], bool],
+                   budget_bytes: int, batch: int = 1, rerank: int = 8, start: dict[str, int] | None = None,
+                   ) -> FormatSearch:
+    """Raise layers' formats greedily by predicted KLD reduction per extra byte until ``target`` holds.
+
+    A move is one layer to one of its larger formats, measured on top of the current assignment
+    (``cf.measure_modules``). The first round measures every move; later rounds re-measure the
+    ``rerank`` best by their last ratio. Each round applies up to ``batch`` moves (distinct layers,
+    positive reduction, within ``budget_bytes`` of extra bytes), then re-measures the assignment.
+    ``start``: a previous search's format indices, to continue from (a tightened target)."""
+    choice = dict(start or {name: 0 for name in formats})
+
+    def modules(ch: dict[str, int]) -> dict[str, nn.Module]:
+        return {n: formats[n][i].module for n, i in ch.items() if i}
+
+    def extra(ch: dict[str, int]) -> int:
+        return sum(formats[n][i].bytes - formats[n][0].bytes for n, i in ch.items())
+
+    baseline = cf.measure_modules({})
+    current = cf.measure_modules(modules(choice)) if any(choice.values()) else baseline
+    steps = [{"moves": [], **current.to_dict(), "extra_bytes": extra(choice), "forwards": cf.forwards}]
+    ratio: dict[tuple[str, int], float] = {}
+    stop = "target met"
+    first = True
+    while not target(current):
+        used = extra(choice)
+        moves = [(n, j) for n, fs in formats.items() for j in range(choice[n] + 1, len(fs))
+                 if used + fs[j].bytes - fs[choice[n]].bytes <= budget_bytes]
+        if not moves:
+            stop = "byte budget spent" if any(choice[n] + 1 < len(fs) for n, fs in formats.items()) else "every layer in fp"
+            break
+        todo = moves if first else sorted(moves, key=lambda m: ratio.get(m, math.inf), reverse=True)[:rerank]
+        first = False
+        for n, j in todo:
+            m = cf.measure_modules(modules({**choice, n: j}))
+            # a move that saves bytes (int4 padding a narrow layer to its group) counts as one byte
+            cost = max(formats[n][j].bytes - formats[n][choice[n]].bytes, 1)
+            ratio[(n, j)] = (current.kld_mean - m.kld_mean) / cost
+        picked, budget_left = [], budget_bytes - used
+        for n, j in sorted(todo, key=lambda m: ratio[m], reverse=True):
+            cost = formats[n][j].bytes - formats[n][choice[n]].bytes
+            if ratio[(n, j)] <= 0 or len(picked) >= batch or any(n == p for p, _ in picked) or cost > budget_left:
+                continue
+            picked.append((n, j))
+            budget_left -= cost
+        if not picked:
+            stop = "no remaining move lowers the KLD"
+            break
+        for n, j in picked:
+            choice[n] = j
+            ratio = {k: v for k, v in ratio.items() if k[0] != n}  # its other moves now cost differently
+        current = cf.measure_modules(modules(choice))
+        steps.append({"moves": [f"{n}={formats[n][j].scheme}" for n, j in picked], **current.to_dict(),
+                      "extra_bytes": extra(choice), "forwards": cf.forwards})
+    return FormatSearch(assignment={n: formats[n][i].scheme for n, i in choice.items()}, metrics=current,
+                        baseline=baseline, met=target(current), extra_bytes=extra(choice), steps=steps,
+                        stop_reason=stop)
+
+
+def to_recipe(default: str, assignment: dict[str, str]) -> dict:
+    """The recipe file's content: ``default`` for every layer but those the search raised."""
+    from evalsuite.quantize.recipe import SCHEMA
+
+    return {"schema": SCHEMA, "default": default,
+            "layers": [{"pattern": n, "scheme": s} for n, s in assignment.items() if s != default]}

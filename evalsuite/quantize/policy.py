@@ -41,10 +41,12 @@ class LayerPolicy:
     include_head: also quantize the output head.
     skip: fnmatch patterns of qualified module names to leave in floating point; a pattern that
     matches no linear layer of the model is a usage error (a typo must not quantize everything).
+    only: where given, the qualified names to quantize, of those the rest of the policy selects.
     """
 
     include_head: bool = False
     skip: tuple[str, ...] = ()
+    only: tuple[str, ...] | None = None  # exact names: a recipe gives each scheme's handler its own layers
 
     def select(self, model: nn.Module) -> list[str]:
         linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
@@ -59,6 +61,8 @@ class LayerPolicy:
             if name == head and not self.include_head:
                 continue
             if any(fnmatch.fnmatchcase(name, pat) for pat in self.skip):
+                continue
+            if self.only is not None and name not in self.only:
                 continue
             names.append(name)
         return names

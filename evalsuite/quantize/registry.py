@@ -28,7 +28,7 @@ from evalsuite.quantize.fp8_wo import Float8WeightOnlyConfig, WeightOnlyFloat8Qu
 from evalsuite.quantize.int4_wo import GROUP_SIZES, Int4WeightOnlyConfig, WeightOnlyInt4QuantHandler
 from evalsuite.quantize.int8_dq import Int8DynActInt8WeightQuantHandler, Int8DynamicActivationInt8WeightConfig
 from evalsuite.quantize.int8_wo import Int8WeightOnlyConfig, WeightOnlyInt8QuantHandler
-from evalsuite.quantize import torchao_config, user
+from evalsuite.quantize import recipe, torchao_config, user
 from evalsuite.quantize.policy import LayerPolicy
 from evalsuite.quantize.spec import parse_reference, split_name, split_top_level
 
@@ -58,6 +58,7 @@ def register_transform(config_type: type, transform: Callable[[nn.Module, object
 
 register_transform(user.UserHandlerConfig, user.apply)
 register_transform(torchao_config.TorchaoConfig, torchao_config.apply)
+register_transform(recipe.RecipeConfig, recipe.apply)
 
 
 register(Int8WeightOnlyConfig, Scheme(
@@ -111,6 +112,8 @@ def parse_scheme(spec: str, skip: tuple[str, ...] = (), handler_timeout: float |
     quantizes the output head; ``NAME=`` names the variant; ``FILE.py:X`` / ``module:X`` import the
     user's code (see ``user``; ``handler_timeout`` bounds it), ``torchao:Config`` builds torchao's config."""
     label, body = split_name(spec)
+    if recipe.is_recipe(body):
+        return recipe.load(body[len(recipe.PREFIX):], label)
     ref = parse_reference(body)
     if ref is not None:
         label = label or ref.default_name()
@@ -132,7 +135,7 @@ def _parse_builtin(name: str) -> object:
                 break
     raise EvalsuiteError(
         f"unknown quantization scheme {name!r}; known: {', '.join(known_schemes())} (append +head to include the output "
-        f"head), or FILE.py:Name, package.module:Name, torchao:Config"
+        f"head), or FILE.py:Name, package.module:Name, torchao:Config, recipe:FILE"
     )
 
 
@@ -169,28 +172,32 @@ def describe(config: object, model: nn.Module, device: torch.device, dtype: torc
     """What the results should record about how ``config``'s variant ``model`` runs on ``device``:
     the packing a torchao config was given, which forward fp8 layers take. Empty when nothing."""
     details = dict(getattr(config, "details", None) or {})
-    if isinstance(config, Float8DynamicActivationFloat8WeightConfig):
+    if isinstance(config, recipe.RecipeConfig):
+        details.update(recipe.describe(config, model))
+    elif isinstance(config, Float8DynamicActivationFloat8WeightConfig):
         details["forward"] = forward_paths(model, device, dtype)
     elif isinstance(config, Float8WeightOnlyConfig):
         details["forward"] = "F.linear on the e4m3 weights cast to the compute dtype (no fp8 x bf16 kernel)"
     return details
 
 
-def make_handler(model: nn.Module, config: object, skip: tuple[str, ...] = ()) -> QuantHandler:
+def make_handler(model: nn.Module, config: object, skip: tuple[str, ...] = (),
+                 only: tuple[str, ...] | None = None) -> QuantHandler:
     scheme = _SCHEMES.get(type(config))
     if scheme is None:
         raise EvalsuiteError(f"no quantization scheme is registered for {type(config).__name__}")
-    policy = LayerPolicy(include_head=config.include_head, skip=skip)
+    policy = LayerPolicy(include_head=config.include_head, skip=skip, only=only)
     return scheme.make_handler(model, config, policy)
 
 
-def quantize_(model: nn.Module, config: object, skip: tuple[str, ...] = ()) -> nn.Module:
+def quantize_(model: nn.Module, config: object, skip: tuple[str, ...] = (),
+              only: tuple[str, ...] | None = None) -> nn.Module:
     """Quantize ``model`` with the scheme of ``config``; returns the quantized model (the same
-    module, except where a user's handler returns a new one)."""
+    module, except where a user's handler returns a new one). ``only``: just these layers (a recipe's)."""
     transform = _TRANSFORMS.get(type(config))
     if transform is not None:
-        return transform(model, config, LayerPolicy(include_head=bool(config.include_head), skip=skip))
-    handler = make_handler(model, config, skip)
+        return transform(model, config, LayerPolicy(include_head=bool(config.include_head), skip=skip, only=only))
+    handler = make_handler(model, config, skip, only)
     state_dict = handler.create_quantized_state_dict()
     handler.convert_for_runtime()
     model.load_state_dict(state_dict, assign=True)
