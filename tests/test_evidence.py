@@ -285,3 +285,19 @@ def test_fuzz_no_edit_turns_a_fail_into_a_pass_and_the_details_catch_every_edit_
             assert on_pass == on_fail == EXIT_INVALID, f"edit {i} ({what}) went undetected: {on_pass}, {on_fail}"
         if gap:
             assert on_pass in (EXIT_INCOMPLETE, EXIT_INVALID), f"edit {i} ({what}) removed a gated record and passed"
+
+
+def test_a_roofline_above_one_is_a_measurement_not_a_contradiction():
+    """Decode bandwidth over a copy timed at another moment: a model whose weights fit in the GPU's L2
+    (or a loaded CPU) measures more than 1; the gate must not call unchanged code INVALID for it,
+    while a negative one still is."""
+    from evalsuite.judge.evidence import schema_problems
+    from evalsuite.results import Results
+
+    res = Results()
+    res.add(stage="speed", task="decode_bs1", variant="fp", metric="roofline_fraction", value=1.3,
+            unit="fraction", n=5, higher_is_better=True)
+    assert schema_problems(res) == []
+    res.add(stage="speed", task="decode_bs1", variant="fp", metric="roofline_fraction", value=-0.1,
+            unit="fraction", n=5, higher_is_better=True)
+    assert schema_problems(res)
