@@ -231,11 +231,7 @@ def _clean(value: Any, path: str, report: _Report) -> Any:
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            try:
-                key = _json_key(k)
-            except TypeError:
-                key = str(k)
-                report.unencodable[f"{path}/{key}(key)"] = type(k).__name__
+            key = _report_key(k, path, report)
             out[key] = _clean(v, f"{path}/{key}", report)
         return out
     if isinstance(value, (list, tuple)):
@@ -250,6 +246,15 @@ def _clean(value: Any, path: str, report: _Report) -> Any:
         return _clean(float(value) if isinstance(value, float) else int(value), path, report)
     report.unencodable[path] = type(value).__name__
     return None
+
+
+def _report_key(key: Any, path: str, report: _Report) -> str:
+    """A dict key as JSON writes it; one JSON cannot hold is written as its ``str`` and named."""
+    try:
+        return _json_key(key)
+    except TypeError:
+        report.unencodable[f"{path}/{key}(key)"] = type(key).__name__
+        return str(key)
 
 
 def _dumps(value: Any, path: str, report: _Report) -> str:
@@ -273,11 +278,7 @@ def _encode(value: Any, sealed: dict[int, list], path: str, report: _Report) -> 
     if isinstance(value, dict) and sealed:
         parts = []
         for k, v in value.items():
-            try:
-                key = _json_key(k)
-            except TypeError:
-                key = str(k)
-                report.unencodable[f"{path}/{key}(key)"] = type(k).__name__
+            key = _report_key(k, path, report)
             parts.append(f"{json.dumps(key)}: {_encode(v, sealed, f'{path}/{key}', report)}")
         return "{" + ", ".join(parts) + "}"
     return _dumps(value, path, report)
