@@ -665,26 +665,14 @@ def render_markdown(outcomes: list[Outcome], summary: dict[str, Any]) -> str:
 
 def render_junit(outcomes: list[Outcome]) -> str:
     """One test case per entry (failure = regression, error = no verdict) and one per failing
-    check, so a CI system lists the matrix natively."""
-    import xml.etree.ElementTree as ET
+    check, so a CI system lists the matrix natively (the run's own JUnit writer)."""
+    from evalsuite.report.junit import Case, junit_xml
 
-    suite = ET.Element("testsuite", name="evalsuite.commands.nightly", tests="0", failures="0", errors="0", skipped="0")
-    n = {"tests": 0, "failures": 0, "errors": 0}
+    cases = []
     for o in outcomes:
-        case = ET.SubElement(suite, "testcase", classname="nightly", name=o.name, time=str(o.seconds or 0))
-        n["tests"] += 1
-        if o.status == FAIL:
-            ET.SubElement(case, "failure", message=o.message or "regression").text = o.log or ""
-            n["failures"] += 1
-        elif o.status in (ERROR, NOT_RUN):
-            ET.SubElement(case, "error", message=f"{o.status}: {o.message}").text = o.log or ""
-            n["errors"] += 1
-        for c in o.failing_checks:
-            sub = ET.SubElement(suite, "testcase", classname=f"nightly.{o.name}", name=str(c.get("check")))
-            ET.SubElement(sub, "failure", message=str(c.get("reason", ""))).text = c.get("command") or ""
-            n["tests"] += 1
-            n["failures"] += 1
-    for k, v in n.items():
-        suite.set(k, str(v))
-    ET.indent(suite)
-    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+        outcome = "failure" if o.status == FAIL else "error" if o.status in (ERROR, NOT_RUN) else "pass"
+        message = (o.message or "regression") if o.status == FAIL else f"{o.status}: {o.message}"
+        cases.append(Case("nightly", o.name, outcome, message, text=o.log or "", time=o.seconds or 0))
+        cases += [Case(f"nightly.{o.name}", str(c.get("check")), "failure", str(c.get("reason", "")),
+                       text=c.get("command") or "") for c in o.failing_checks]
+    return junit_xml("evalsuite.commands.nightly", cases)

@@ -1,41 +1,73 @@
-"""JUnit XML: one test case per check, so any CI shows the gates natively.
+"""JUnit XML, the one writer: a run's checks (one test case per check, so any CI shows the gates
+natively) and the nightly matrix's entries go through ``junit_xml``.
 
-FAIL (and IMPROVED when failing) → ``<failure>``; INCOMPLETE (no verdict) → ``<error>``; SKIPPED →
-``<skipped>``; the reason is the message.
+A run: FAIL (and IMPROVED or INVALID when failing) → ``<failure>``; INCOMPLETE (no verdict) →
+``<error>``; SKIPPED → ``<skipped>``; the reason is the message.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 from evalsuite.results import Results, write_text_atomic
 
+OUTCOMES = ("pass", "failure", "error", "skipped")
 
-def render_junit(results: Results) -> str:
-    verdicts = results.verdicts
-    model = (results.run.get("model") or {}).get("name", "model")
-    suite = ET.Element("testsuite", name=f"evalsuite.{model}", tests=str(len(verdicts)),
-                       failures=str(sum(1 for v in verdicts if v.get("failing"))),
-                       skipped=str(sum(1 for v in verdicts if v.get("verdict") == "SKIPPED")),
-                       errors=str(sum(1 for v in verdicts if v.get("verdict") == "INCOMPLETE" and not v.get("failing"))))
-    for v in verdicts:
-        case = ET.SubElement(suite, "testcase", name=v["check"],
-                             classname=f"evalsuite.{v.get('kind', 'check')}.{v.get('stage') or 'run'}")
-        message = f"{v['verdict']}: {v.get('reason', '')}"
-        if v.get("failing"):
-            fail = ET.SubElement(case, "failure", message=message, type=v["verdict"])
-            fail.text = message + (f"\n{v['command']}" if v.get("command") else "")
-        elif v.get("verdict") == "INCOMPLETE":
-            ET.SubElement(case, "error", message=message, type="INCOMPLETE")
-        elif v.get("verdict") == "SKIPPED":
-            ET.SubElement(case, "skipped", message=message)
-        else:
-            ET.SubElement(case, "system-out").text = message
+
+@dataclass(frozen=True)
+class Case:
+    """One test case: ``outcome`` one of OUTCOMES; ``text`` the element's body (a log, a command)."""
+
+    classname: str
+    name: str
+    outcome: str
+    message: str
+    text: str = ""
+    type: str | None = None
+    time: float | None = None
+
+
+def junit_xml(suite_name: str, cases: list[Case]) -> str:
+    """``<testsuites>`` holding one ``<testsuite>`` of ``cases``, its counts from the cases."""
+    count = {o: sum(c.outcome == o for c in cases) for o in OUTCOMES}
+    suite = ET.Element("testsuite", name=suite_name, tests=str(len(cases)), failures=str(count["failure"]),
+                       errors=str(count["error"]), skipped=str(count["skipped"]))
+    for c in cases:
+        case = ET.SubElement(suite, "testcase", classname=c.classname, name=c.name)
+        if c.time is not None:
+            case.set("time", f"{c.time:g}")
+        if c.outcome == "pass":
+            ET.SubElement(case, "system-out").text = c.message
+            continue
+        element = ET.SubElement(case, c.outcome, message=c.message)
+        if c.type:
+            element.set("type", c.type)
+        if c.text:
+            element.text = c.text
     root = ET.Element("testsuites")
     root.append(suite)
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def _verdict_case(v: dict) -> Case:
+    message = f"{v['verdict']}: {v.get('reason', '')}"
+    classname = f"evalsuite.{v.get('kind', 'check')}.{v.get('stage') or 'run'}"
+    if v.get("failing"):
+        return Case(classname, v["check"], "failure", message, type=v["verdict"],
+                    text=message + (f"\n{v['command']}" if v.get("command") else ""))
+    if v.get("verdict") == "INCOMPLETE":
+        return Case(classname, v["check"], "error", message, type="INCOMPLETE")
+    if v.get("verdict") == "SKIPPED":
+        return Case(classname, v["check"], "skipped", message)
+    return Case(classname, v["check"], "pass", message)
+
+
+def render_junit(results: Results) -> str:
+    model = (results.run.get("model") or {}).get("name", "model")
+    return junit_xml(f"evalsuite.{model}", [_verdict_case(v) for v in results.verdicts])
 
 
 def write_junit(results: Results, path: Path) -> Path:
