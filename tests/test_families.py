@@ -16,7 +16,7 @@ from torch import nn
 
 from evalsuite.load import gptfast
 from evalsuite.measure import families
-from evalsuite.measure import layers as L
+from evalsuite.measure import layer_capture as C
 from evalsuite.measure import perplexity as P
 from evalsuite.measure.lm_adapter import TorchLM
 from evalsuite.quantize import Int8WeightOnlyConfig, quantize_
@@ -102,7 +102,7 @@ def test_layers_stage_equals_the_transformers_blocks(pair):
     name, fp, q = pair
     ids = random_ids(2, 24, seed=5)
     with torch.inference_mode():
-        _, block_sums = L.measure_activations(fp, {"q": q}, [ids], torch.device("cpu"))
+        _, block_sums = C.measure_activations(fp, {"q": q}, [ids], torch.device("cpu"))
         ref = fp(input_ids=ids, output_hidden_states=True).hidden_states
         test = q(input_ids=ids, output_hidden_states=True).hidden_states
     assert len(block_sums["q"]) == 2
@@ -110,7 +110,7 @@ def test_layers_stage_equals_the_transformers_blocks(pair):
     r, t = ref[1].double(), test[1].double()
     signal, noise, _, n = block_sums["q"][0].values()
     assert n == ids.numel()
-    assert L.sqnr_db(signal, noise) == pytest.approx(10 * torch.log10((r**2).sum() / ((r - t) ** 2).sum()).item(), abs=0.01)
+    assert C.sqnr_db(signal, noise) == pytest.approx(10 * torch.log10((r**2).sum() / ((r - t) ** 2).sum()).item(), abs=0.01)
     results = run_stage(_layers_ctx(fp, q))
     rows = [r for r in results.records if r.metric == "output_sqnr_db"]
     assert rows and all(np.isfinite(r.value) for r in rows), name

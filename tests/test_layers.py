@@ -19,7 +19,7 @@ from evalsuite.app.config import RunConfig
 from evalsuite.errors import EvalsuiteError
 from evalsuite.load import LoadedModel
 from evalsuite.load.model import ModelInfo
-from evalsuite.measure import layers as L, tokenization
+from evalsuite.measure import layer_capture as C, layers as L, tokenization
 from evalsuite.measure.context import RunContext
 from evalsuite.measure.layer_thresholds import load_thresholds
 from evalsuite.quantize import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
@@ -76,13 +76,13 @@ def summary(results: Results, variant: str) -> dict:
 # --- numbers against numpy ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk", [L.CHUNK_ELEMENTS, 1000])
+@pytest.mark.parametrize("chunk", [C.CHUNK_ELEMENTS, 1000])
 def test_weight_metrics_match_numpy(chunk, monkeypatch):
-    monkeypatch.setattr(L, "CHUNK_ELEMENTS", chunk)  # 1000: many row chunks per layer
+    monkeypatch.setattr(C, "CHUNK_ELEMENTS", chunk)  # 1000: many row chunks per layer
     fp = tiny(bias=True, layers=2)
     for cfg in (Int8WeightOnlyConfig(), Int4WeightOnlyConfig(group_size=32)):
         q = quantize_(copy.deepcopy(fp), cfg)
-        for name, qmod in L.quantized_layers(q).items():
+        for name, qmod in C.quantized_layers(q).items():
             w = fp.get_submodule(name).weight.numpy().astype(np.float64)
             if isinstance(cfg, Int8WeightOnlyConfig):
                 codes = qmod.weight.numpy().astype(np.float64)
@@ -95,7 +95,7 @@ def test_weight_metrics_match_numpy(chunk, monkeypatch):
                 zeros = np.repeat(qmod.zeros.numpy().astype(np.float64), g, axis=1)[:, : w.shape[1]]
                 w_hat = (codes - 8) * scales + zeros
                 at_ends = np.mean((codes == 0) | (codes == 15))
-            got = L.weight_errors(fp.get_submodule(name).weight, qmod)
+            got = C.weight_errors(fp.get_submodule(name).weight, qmod)
             diff = w - w_hat
             assert got["weight_sqnr_db"] == pytest.approx(np_sqnr_db(w, w_hat), abs=1e-4), name
             assert got["weight_rel_error"] == pytest.approx(np.linalg.norm(diff) / np.linalg.norm(w), rel=1e-5)
@@ -103,20 +103,20 @@ def test_weight_metrics_match_numpy(chunk, monkeypatch):
             assert got["clipped_fraction"] == pytest.approx(at_ends)
 
 
-@pytest.mark.parametrize("chunk", [L.CHUNK_ELEMENTS, 1000])
+@pytest.mark.parametrize("chunk", [C.CHUNK_ELEMENTS, 1000])
 def test_output_and_hidden_sqnr_match_numpy(chunk, monkeypatch):
-    monkeypatch.setattr(L, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(C, "CHUNK_ELEMENTS", chunk)
     fp = tiny(bias=True, layers=3)
     q = quantize_(copy.deepcopy(fp), Int4WeightOnlyConfig(group_size=32))
     ids = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
-        layer_sums, block_sums = L.measure_activations(fp, {"q": q}, [ids[:1], ids[1:]], torch.device("cpu"))
+        layer_sums, block_sums = C.measure_activations(fp, {"q": q}, [ids[:1], ids[1:]], torch.device("cpu"))
 
     inputs: dict[str, list[np.ndarray]] = {}
     hidden: dict[str, list[list[np.ndarray]]] = {"fp": [[] for _ in range(3)], "q": [[] for _ in range(3)]}
     handles = [fp.get_submodule(n).register_forward_hook(
         lambda m, a, o, n=n: inputs.setdefault(n, []).append(a[0].numpy().reshape(-1, a[0].shape[-1])))
-        for n in L.quantized_layers(q)]
+        for n in C.quantized_layers(q)]
     for tag, model in (("fp", fp), ("q", q)):
         for i, block in enumerate(model.model.layers):
             handles.append(block.register_forward_hook(
@@ -128,7 +128,7 @@ def test_output_and_hidden_sqnr_match_numpy(chunk, monkeypatch):
     for h in handles:
         h.remove()
 
-    for name, qmod in L.quantized_layers(q).items():
+    for name, qmod in C.quantized_layers(q).items():
         x = np.concatenate(inputs[name]).astype(np.float64)
         lin = fp.get_submodule(name)
         b = lin.bias.numpy().astype(np.float64)
@@ -137,12 +137,12 @@ def test_output_and_hidden_sqnr_match_numpy(chunk, monkeypatch):
         cos = np.mean(np.sum(y * y_q, 1) / (np.linalg.norm(y, axis=1) * np.linalg.norm(y_q, axis=1)))
         signal, noise, cos_sum, n = layer_sums["q"][name].values()
         assert n == ids.numel()
-        assert L.sqnr_db(signal, noise) == pytest.approx(np_sqnr_db(y, y_q), abs=0.01), name
+        assert C.sqnr_db(signal, noise) == pytest.approx(np_sqnr_db(y, y_q), abs=0.01), name
         assert cos_sum / n == pytest.approx(cos, abs=1e-5)
     for i in range(3):
         ref, test = np.concatenate(hidden["fp"][i]), np.concatenate(hidden["q"][i])
         signal, noise, _, n = block_sums["q"][i].values()
-        assert L.sqnr_db(signal, noise) == pytest.approx(np_sqnr_db(ref, test), abs=0.01)
+        assert C.sqnr_db(signal, noise) == pytest.approx(np_sqnr_db(ref, test), abs=0.01)
 
 
 # --- planted faults ----------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_records_follow_the_metric_contract(data_dir):
     n_records = len(run_stage(ctx).records)
     results = run_stage(ctx)  # a re-run replaces its records, it does not add to them
     assert len(results.records) == n_records == 14 * 6 + 2 + 4
-    names = list(L.quantized_layers(q))
+    names = list(C.quantized_layers(q))
     assert len(names) == 14
     for name in names:
         for metric in ("weight_sqnr_db", "weight_rel_error", "weight_max_abs_error", "clipped_fraction",
@@ -397,14 +397,14 @@ class OpaqueLinear(nn.Module):
 
 def test_pairing_finds_changed_linears_of_a_model_it_did_not_quantize():
     fp = tiny(layers=2)
-    assert L.paired_layers(fp, copy.deepcopy(fp)) == {}  # an unchanged copy: nothing quantized
+    assert C.paired_layers(fp, copy.deepcopy(fp)) == {}  # an unchanged copy: nothing quantized
     variant = copy.deepcopy(fp)
     bad = "model.layers.1.mlp.up_proj"
     with torch.no_grad():
         variant.get_submodule(bad).weight.mul_(1.001)  # a float checkpoint whose weights moved (dequantized GGUF)
     variant.model.layers[0].self_attn.o_proj = OpaqueLinear(fp.model.layers[0].self_attn.o_proj)
-    assert set(L.paired_layers(fp, variant)) == {bad, "model.layers.0.self_attn.o_proj"}
-    assert set(L.paired_layers(fp, quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig()))) == set(L.quantized_layers(
+    assert set(C.paired_layers(fp, variant)) == {bad, "model.layers.0.self_attn.o_proj"}
+    assert set(C.paired_layers(fp, quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig()))) == set(C.quantized_layers(
         quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig())))
 
 
@@ -434,8 +434,8 @@ def test_float_weights_of_a_checkpoint_are_their_own_dequantization():
         w.copy_(quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig()).get_submodule(name).dequantize())
     q = quantize_(copy.deepcopy(fp), Int8WeightOnlyConfig()).get_submodule(name)
     ref = fp.get_submodule(name).weight
-    assert L.weight_errors(ref, variant.get_submodule(name))["weight_sqnr_db"] == pytest.approx(
-        L.weight_errors(ref, q)["weight_sqnr_db"], abs=1e-6)
+    assert C.weight_errors(ref, variant.get_submodule(name))["weight_sqnr_db"] == pytest.approx(
+        C.weight_errors(ref, q)["weight_sqnr_db"], abs=1e-6)
 
 
 def test_calibration_starts_with_bos_as_the_ppl_windows_do(data_dir):

@@ -235,13 +235,13 @@ def test_packed_batches_equal_padded_ones_and_the_direct_computation(budget):
 def test_packed_plan_computes_each_prefix_once():
     """One context and four continuations cost the context once plus each continuation but its last
     token; each continuation's keys are the context's slots and its own."""
-    from evalsuite.measure.lm_adapter import _PackedBatch
+    from evalsuite.measure.batch_plan import PackedBatch
 
     ctx = list(range(10, 30))
     conts = [[1], [2, 3], [4, 5, 6], [7, 8, 9, 10]]
     lm = TorchLM(make_tiny_llama(), None, device="cpu", packed=True)
     (batch,) = lm._plan([((str(k), ""), ctx, c) for k, c in enumerate(conts)]).batches
-    assert isinstance(batch, _PackedBatch)
+    assert isinstance(batch, PackedBatch)
     assert len(batch.ids) == len(ctx) + sum(len(c) - 1 for c in conts)
     assert batch.ids.tolist() == ctx + [7, 8, 9] + [4, 5] + [2]  # the longest suffix after the context
     assert batch.cu_q.tolist() == [0, 23, 25, 26]  # the empty suffix has no segment
@@ -334,7 +334,7 @@ def test_gpt_fast_model_matches_direct_computation():
 def test_gpu_token_budget_keeps_the_largest_activation_near_2_gib(width, hidden):
     from types import SimpleNamespace
 
-    from evalsuite.measure.lm_adapter import ACTIVATION_BYTES, gpu_batch_tokens
+    from evalsuite.measure.batch_plan import ACTIVATION_BYTES, gpu_batch_tokens
 
     tokens = gpu_batch_tokens(SimpleNamespace(intermediate_size=width, hidden_size=hidden))
     mlp = width or 4 * hidden
@@ -362,7 +362,7 @@ def _greedy_plan(lengths, max_seqs, max_tokens):
 def test_batch_plan_covers_in_order_within_budgets_and_beats_budget_cuts(seed):
     import numpy as np
 
-    from evalsuite.measure.lm_adapter import plan_batches
+    from evalsuite.measure.batch_plan import plan_batches
 
     rng = np.random.default_rng(seed)
     # long-tailed lengths, as task prompts are: most short, a few long
@@ -385,7 +385,7 @@ def test_batch_plan_covers_in_order_within_budgets_and_beats_budget_cuts(seed):
 def test_batch_plan_splits_where_lengths_drop_and_keeps_small_batches_whole():
     import numpy as np
 
-    from evalsuite.measure.lm_adapter import plan_batches
+    from evalsuite.measure.batch_plan import plan_batches
 
     lengths = np.asarray([1000] * 4 + [10] * 400)
     keeps = np.ones(len(lengths), dtype=np.int64)

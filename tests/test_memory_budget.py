@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from evalsuite.measure import memory
-from evalsuite.measure.lm_adapter import gpu_batch_tokens, gpu_scored_rows
+from evalsuite.measure.batch_plan import gpu_batch_tokens, gpu_scored_rows
 from evalsuite.measure.perplexity import gpu_windows_per_batch
 
 GiB = 1 << 30

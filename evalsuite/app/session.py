@@ -282,7 +282,7 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
     from evalsuite.load import load_model
     from evalsuite.load.variant import load_variant_model
     from evalsuite.measure.context import RunContext
-    from evalsuite.measure.layers import paired_layers
+    from evalsuite.measure.layer_capture import paired_layers
     from evalsuite.quantize import quantize_
     from evalsuite.quantize.policy import LayerPolicy, parse_skip
     from evalsuite.quantize.registry import describe as describe_scheme
@@ -435,7 +435,7 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
                                          f"than the previous run's (sha256 {before['sha256'][:12]}, now "
                                          f"{var.info.sha256[:12]}); use --force to replace it")
         with timed("quantize"):
-            # modules paired by name with the fp model whose type or weight changed (see measure.layers)
+            # modules paired by name with the fp model whose type or weight changed (see measure.layer_capture)
             quantized_layers = results.run["quantized_layers"] = {
                 name: len(paired_layers(loaded.model, mod)) for name, mod in variants.items() if name != "fp"}
             for name, n in quantized_layers.items():

@@ -34,7 +34,7 @@ SCHEMA = "evalsuite.fp-cache/1"
 MODES = ("on", "off", "refresh")
 # the source files whose code decides fp's numbers (the key holds their hash)
 _MEASURING_CODE = ("measure/perplexity.py", "measure/noise_floor.py", "measure/tasks.py", "measure/lm_adapter.py",
-                   "measure/packed.py", "load/fast_forward.py", "load/model.py", "kernels/kld.py",
+                   "measure/batch_plan.py", "measure/packed.py", "load/fast_forward.py", "load/model.py", "kernels/kld.py",
                    "kernels/llama_fused.py")
 _PACKAGES = ("torch", "transformers", "lm_eval", "triton", "numpy", "tokenizers", "datasets")
 

@@ -605,7 +605,7 @@ def _fp_cache_entry(ctx, name: str, by_doc: dict[int, list], limit: int | None, 
     """fp's cache entry for one task, keyed by its requests (documents, templates, few-shot examples
     as lm-eval built them) and the adapter's batch settings; None with --fp-cache off."""
     from evalsuite.measure import fp_cache
-    from evalsuite.measure.lm_adapter import gpu_batch_tokens, gpu_scored_rows
+    from evalsuite.measure.batch_plan import gpu_batch_tokens, gpu_scored_rows
 
     if ctx.option("fp_cache", "off") == "off":
         return None
