@@ -12,11 +12,13 @@ from torch import nn
 
 from evalsuite.errors import EvalsuiteError
 from evalsuite.quantize import (
+    Float8DynActFloat8WeightQuantHandler,
     Int4WeightOnlyConfig,
     Int8WeightOnlyConfig,
     LayerPolicy,
     WeightOnlyInt4Linear,
     WeightOnlyInt8Linear,
+    WeightOnlyFloat8QuantHandler,
     WeightOnlyInt8QuantHandler,
     known_schemes,
     parse_scheme,
@@ -76,11 +78,13 @@ def test_int8_wo_runtime_forward_is_seed_expression():
     torch.testing.assert_close(model.up(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_save_reload_gives_identical_outputs():
+@pytest.mark.parametrize("handler_cls", [WeightOnlyInt8QuantHandler, WeightOnlyFloat8QuantHandler,
+                                         Float8DynActFloat8WeightQuantHandler])
+def test_save_reload_gives_identical_outputs(handler_cls):
     torch.manual_seed(2)
     model = TwoLayer()
     x = torch.randn(4, 32)
-    handler = WeightOnlyInt8QuantHandler(model)
+    handler = handler_cls(model)
     sd = handler.create_quantized_state_dict()
     handler.convert_for_runtime()
     model.load_state_dict(sd, assign=True)
@@ -90,7 +94,7 @@ def test_save_reload_gives_identical_outputs():
     torch.save(model.state_dict(), buf)
     buf.seek(0)
     fresh = TwoLayer()
-    WeightOnlyInt8QuantHandler(fresh).convert_for_runtime()
+    handler_cls(fresh).convert_for_runtime()
     fresh.load_state_dict(torch.load(buf, weights_only=True), assign=True)
     assert torch.equal(fresh(x), expected)
 
@@ -318,24 +322,6 @@ def test_fp8_dq_scaled_mm_and_emulation_give_the_same_numbers(scheme, monkeypatc
     torch.testing.assert_close(fast.float(), emulated.float(), rtol=2 ** -7, atol=1e-3)
     # row-wise scaling is a bfloat16-only kernel: in fp16 the layer emulates
     assert model[0].forward_path(cpu, torch.float16) == (fp8_dq.EMULATED if scheme == "fp8-dq" else fp8_dq.SCALED_MM)
-
-
-def test_fp8_save_reload_gives_identical_outputs():
-    from evalsuite.quantize import Float8DynActFloat8WeightQuantHandler
-
-    model = TwoLayer()
-    x = torch.randn(4, 32)
-    handler = Float8DynActFloat8WeightQuantHandler(model)
-    sd = handler.create_quantized_state_dict()
-    handler.convert_for_runtime()
-    model.load_state_dict(sd, assign=True)
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    buf.seek(0)
-    fresh = TwoLayer()
-    Float8DynActFloat8WeightQuantHandler(fresh).convert_for_runtime()
-    fresh.load_state_dict(torch.load(buf, weights_only=True), assign=True)
-    assert torch.equal(fresh(x), model(x))
 
 
 def test_fp8_scheme_names_and_what_the_results_record():
