@@ -20,7 +20,7 @@ from pathlib import Path
 from evalsuite import distributed
 from evalsuite.versions import __version__
 from evalsuite.errors import EvalsuiteError, first_line, raise_interrupted, signal_name, user_error
-from evalsuite.app.config import DEFAULT_SEED, DTYPES, RunConfig  # noqa: F401  (DEFAULT_SEED re-exported)
+from evalsuite.app.config import DTYPES, RunConfig
 from evalsuite.measure import STAGE_MODULES, get_stage, parse_stages
 from evalsuite.results import Results
 
