@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from evalsuite.quantize.policy import LayerPolicy
+
+
+@dataclass(frozen=True, kw_only=True)
+class SchemeConfig:
+    """What every built-in scheme's config holds (keyword-only, so a scheme's own fields keep their
+    positions): whether the head is quantized too, and the NAME of ``--quant NAME=SPEC``. A subclass
+    says its scheme's name, as ``--quant`` spells it, in ``scheme``."""
+
+    include_head: bool = False
+    label: str | None = None
+
+    scheme = ""  # a class attribute or a property of the subclass, not a field
+
+    @property
+    def name(self) -> str:
+        return self.label or self.scheme + ("+head" if self.include_head else "")
 
 
 class QuantizedLinear(nn.Module):

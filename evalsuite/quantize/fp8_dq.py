@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evalsuite.quantize.base import QuantHandler, QuantizedLinear
+from evalsuite.quantize.base import QuantHandler, QuantizedLinear, SchemeConfig
 from evalsuite.quantize.fp8_wo import FP8, quantize_fp8
 from evalsuite.quantize.policy import LayerPolicy
 
@@ -44,19 +44,16 @@ _FP8_MM: dict[int, bool] = {}  # CUDA device index → has an fp8 GEMM (capabili
 
 
 @dataclass(frozen=True)
-class Float8DynamicActivationFloat8WeightConfig:
+class Float8DynamicActivationFloat8WeightConfig(SchemeConfig):
     granularity: str = "row"
-    include_head: bool = False
-    label: str | None = None  # NAME= of --quant NAME=SPEC
 
     def __post_init__(self):
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"fp8-dq granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
 
     @property
-    def name(self) -> str:
-        base = "fp8-dq" if self.granularity == "row" else f"fp8-dq-{self.granularity}"
-        return self.label or base + ("+head" if self.include_head else "")
+    def scheme(self) -> str:
+        return "fp8-dq" if self.granularity == "row" else f"fp8-dq-{self.granularity}"
 
 
 def has_fp8_mm(device: torch.device) -> bool:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from evalsuite.quantize.base import ChannelScaledLinear, QuantHandler
+from evalsuite.quantize.base import ChannelScaledLinear, QuantHandler, SchemeConfig
 from evalsuite.quantize.policy import LayerPolicy
 
 FP8 = torch.float8_e4m3fn
@@ -25,13 +25,8 @@ _EPS = torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
-class Float8WeightOnlyConfig:
-    include_head: bool = False
-    label: str | None = None  # NAME= of --quant NAME=SPEC
-
-    @property
-    def name(self) -> str:
-        return self.label or "fp8-wo" + ("+head" if self.include_head else "")
+class Float8WeightOnlyConfig(SchemeConfig):
+    scheme = "fp8-wo"
 
 
 def quantize_fp8(t: torch.Tensor, dim: int | None = -1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,25 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evalsuite.quantize.base import QuantHandler, QuantizedLinear
+from evalsuite.quantize.base import QuantHandler, QuantizedLinear, SchemeConfig
 from evalsuite.quantize.policy import LayerPolicy
 
 GROUP_SIZES = (32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
-class Int4WeightOnlyConfig:
+class Int4WeightOnlyConfig(SchemeConfig):
     group_size: int = 128
-    include_head: bool = False
-    label: str | None = None  # NAME= of --quant NAME=SPEC
 
     def __post_init__(self):
         if self.group_size not in GROUP_SIZES:
             raise ValueError(f"int4 group size must be one of {GROUP_SIZES}, got {self.group_size}")
 
     @property
-    def name(self) -> str:
-        return self.label or f"int4-wo-g{self.group_size}" + ("+head" if self.include_head else "")
+    def scheme(self) -> str:
+        return f"int4-wo-g{self.group_size}"
 
 
 def padded_width(in_features: int, group_size: int) -> int:

@@ -14,20 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evalsuite.quantize.base import QuantHandler, QuantizedLinear
+from evalsuite.quantize.base import QuantHandler, QuantizedLinear, SchemeConfig
 from evalsuite.quantize.policy import LayerPolicy
 
 _EPS = torch.finfo(torch.float32).eps
 
 
 @dataclass(frozen=True)
-class Int8DynamicActivationInt8WeightConfig:
-    include_head: bool = False
-    label: str | None = None  # NAME= of --quant NAME=SPEC
-
-    @property
-    def name(self) -> str:
-        return self.label or "int8-dq" + ("+head" if self.include_head else "")
+class Int8DynamicActivationInt8WeightConfig(SchemeConfig):
+    scheme = "int8-dq"
 
 
 def quantize_symmetric_int8(t: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,18 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from evalsuite.quantize.base import ChannelScaledLinear, QuantHandler
+from evalsuite.quantize.base import ChannelScaledLinear, QuantHandler, SchemeConfig
 from evalsuite.quantize.policy import LayerPolicy
 
 
 @dataclass(frozen=True)
-class Int8WeightOnlyConfig:
-    include_head: bool = False
-    label: str | None = None  # NAME= of --quant NAME=SPEC
-
-    @property
-    def name(self) -> str:
-        return self.label or "int8-wo" + ("+head" if self.include_head else "")
+class Int8WeightOnlyConfig(SchemeConfig):
+    scheme = "int8-wo"
 
 
 def quantize_per_channel_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
