@@ -57,7 +57,7 @@ def _domain(m: Metric) -> tuple[float, float, bool, str] | None:
         return 1.0, math.inf, False, "a perplexity is ≥ 1"
     if unit == "p-value":
         return 0.0, 1.0, False, "a p-value is in [0, 1]"
-    if metric == "roofline_fraction":  # two bandwidths measured apart: weights that fit in cache beat the copy
+    if metric == "roofline_fraction":  # a ratio of two measured bandwidths, unit "fraction" in older files
         return 0.0, math.inf, True, "a ratio of two measured bandwidths is > 0"
     if unit in ("fraction", "probability"):
         if metric.startswith("delta_") and not metric.endswith("_rms"):
