@@ -44,6 +44,8 @@ runs)
     wall=$(python3 -c "print(round($t1 - $t0, 1))")
     echo "$pass: exit $rc, wall $wall s: $(tail -1 "$WORK/$pass.log")" | tee -a "$OUT/whole-runs.txt"
     [ -f "$WORK/run-$pass/results.json" ] && summarise "$WORK/run-$pass/results.json" | tee -a "$OUT/whole-runs.txt"
+    cp "$WORK/$pass.log" "$OUT/whole-$pass.log"
+    [ -f "$WORK/run-$pass/results.json" ] && cp "$WORK/run-$pass/results.json" "$OUT/whole-$pass.results.json"
   done
   ;;
 matrix)
