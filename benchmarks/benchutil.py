@@ -26,13 +26,16 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - t0
 
 
-def timed_ms(fn, device: torch.device, repeat: int, warmup: int = 1) -> dict:
+def timed_ms(fn, device: torch.device, repeat: int, warmup: int = 1, before=None) -> dict:
     """Median / min milliseconds of ``fn()`` over ``repeat`` calls after ``warmup`` untimed ones:
-    CUDA events on a GPU (device time of the call), the wall clock elsewhere."""
+    CUDA events on a GPU (device time of the call), the wall clock elsewhere. ``before()``, if given,
+    runs ahead of every call, untimed (e.g. an L2 flush: on a GPU it is queued before the start event)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        if before is not None:
+            before()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()

@@ -7,10 +7,13 @@
 #   bash benchmarks/gpu_soundness.sh formats   ppl, tasks and layers for fp8-wo, fp8-dq, int8-wo,
 #                                              int4-wo-g128 and torchao's Int4WeightOnlyConfig (the packing
 #                                              is picked for the card), then the speed stage for them
+#   bash benchmarks/gpu_soundness.sh kernels   benchmarks/bench_kernels.py: evalsuite's int8-wo, int4-wo-g128,
+#                                              fp8-wo, fp8-dq layers vs torchao's configs and bf16 on the 7B
+#                                              linear shapes, decode and prefill; the table, $OUT/kernels.json
 #
 # Logs and results go to $OUT (default /tmp/evalsuite-soundness).
 set -u
-phase=${1:?usage: gpu_soundness.sh gsm8k|formats}
+phase=${1:?usage: gpu_soundness.sh gsm8k|formats|kernels}
 OUT=${OUT:-/tmp/evalsuite-soundness}
 mkdir -p "$OUT"
 run() {  # name, then evalsuite run options
@@ -40,5 +43,15 @@ formats)
   schemes='fp8-wo,fp8-dq,int8-wo,int4-wo-g128,ao-int4=torchao:Int4WeightOnlyConfig(group_size=128)'
   TAIL=70 run formats --quant "$schemes" --stages ppl,tasks,layers
   TAIL=50 run formats-speed --quant "$schemes" --stages speed
+  ;;
+kernels)
+  t0=$(date +%s)
+  timeout 280 python3 benchmarks/bench_kernels.py --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+  echo "== kernels: exit $? in $(( $(date +%s) - t0 )) s"
+  tail -n "${TAIL:-45}" "$OUT/kernels.log"
+  ;;
+*)
+  echo "usage: gpu_soundness.sh gsm8k|formats|kernels" >&2
+  exit 2
   ;;
 esac

@@ -58,7 +58,8 @@ DEFAULTS: dict[str, Any] = {
         # int8's ~39, ~10x the weight noise power; int8-wo's KLD on SmolLM2-135M is 0.0043 (ppl ratio
         # 1.003), so fp8-wo is expected near 0.04 / 1.03. fp8-dq adds the activations' own e4m3
         # rounding (int8-dq measured 0.026 / 1.029): a looser tier. No speed gate: the weight-only
-        # forward has no fp8 kernel, and the dynamic one has one only on CUDA >= sm89.
+        # forward has no fp8 kernel, and the dynamic one has one only on CUDA >= sm89. To replace them
+        # with measured ones: benchmarks/calibrate_limits.py, by int8's rule (docs/limits.md).
         "fp8-wo*": {"kld_mean_max": 0.05, "ppl_ratio_max": 1.05, "max_acc_drop": 0.02,
                     "layer_sqnr_min_db": 20.0, "speedup_min": {}},
         "fp8-*": {"kld_mean_max": 0.08, "ppl_ratio_max": 1.08, "max_acc_drop": 0.02,

@@ -21,6 +21,9 @@ int8 rows' distance to their weight floor (dq: the activations' own e4m3 roundin
     fp8-wo         23      20      15     (provisional until measured on the GPU)
     fp8-dq         20      14      11     (fp8-dq and fp8-dq-tensor)
 
+``benchmarks/calibrate_limits.py`` measures them on the GPU and applies the rule above,
+``floor(worst − 5)`` (docs/limits.md).
+
 These floors catch gross faults (a dropped bias, wrong-axis scales, a layer at 2-3 bits); subtle
 ones (floor instead of round) are caught by the layers stage's peer rule, relative to the model's own
 layers of the same kind.
