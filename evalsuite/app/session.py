@@ -408,7 +408,8 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
             info = loaded.info
             results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
                                     "n_params": info.n_params, "arch": info.arch}
-            results.run["load_seconds"] = info.extra.get("seconds", {})  # read, hash, to_device
+            results.run["load_seconds"] = info.extra.get("seconds", {})  # read (and a GGUF's parts), hash, to_device
+            results.run["load_source"] = info.extra.get("source")  # gguf streamed | gguf cache | gguf via transformers | ...
             if previous is not None and (previous.run.get("model") or {}).get("sha256") != info.sha256:
                 raise EvalsuiteError(f"--resume {previous_path}: the previous run measured another model "
                                      f"({(previous.run.get('model') or {}).get('name')}); use --force to replace it")
