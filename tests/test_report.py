@@ -371,3 +371,50 @@ def test_the_smoke_runs_verdict_fits_in_60_lines(columns):
     assert len(lines) <= 60, "\n".join(lines)
     assert all(len(ln) <= columns for ln in lines)
     assert all(v["check"] in "\n".join(lines) for v in verdicts if v.get("gated"))
+
+
+def test_timing_table_shows_each_stage_with_its_device_idle_fraction():
+    from evalsuite.report.table import render_timing, timing_rows
+
+    res = make_results()
+    res.run["stage_seconds"] = {"load": 2.0, "ppl": 10.0, "speed": 30.0, "layers": 1.0}
+    res.run["stage_idle"] = {"ppl": {"fraction": 0.25, "busy_s": 7.5, "wall_s": 10.0},
+                             "speed": {"fraction": None, "reason": "not measured: it would perturb the timing"},
+                             "layers": {"fraction": 0.0, "busy_s": 1.0, "wall_s": 1.0}}
+    header, rows = timing_rows(res)
+    assert header == ["stage", "seconds", "device idle"]
+    assert rows == [["load", "2.0", "–"], ["ppl", "10.0", "25%"], ["speed", "30.0", "n/a"], ["layers", "1.0", "0%"]]
+    assert "n/a: not measured: it would perturb the timing" in render_timing(res)
+
+
+def test_device_busy_is_a_fraction_of_the_stage_on_cuda_and_nothing_on_a_cpu():
+    import torch
+
+    from evalsuite.measure.phase_timer import NO_IDLE_ON_CPU, DeviceBusy
+
+    model = torch.nn.Linear(8, 8)
+    with DeviceBusy([model], "cpu") as busy:
+        model(torch.zeros(1, 8))
+    assert busy.record() == {"fraction": None, "reason": NO_IDLE_ON_CPU}
+    assert not model._forward_hooks and not model._forward_pre_hooks
+
+
+@pytest.mark.gpu
+def test_device_busy_counts_forwards_and_not_the_host_time_between_them():
+    import time
+
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.Linear(4096, 4096)).cuda()
+    x = torch.randn(4096, 4096, device="cuda")
+    from evalsuite.measure.phase_timer import DeviceBusy
+
+    with DeviceBusy([model, model], "cuda") as busy:
+        for _ in range(20):
+            model(x)
+        torch.cuda.synchronize()
+        time.sleep(0.5)  # host work: the device idles
+    rec = busy.record()
+    assert rec["forwards"] == 20  # the outermost forward only, a model listed twice counted once
+    assert 0 < rec["busy_s"] < rec["wall_s"] and 0.3 < rec["fraction"] < 1.0
+    assert not model._forward_hooks

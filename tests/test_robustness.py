@@ -290,7 +290,8 @@ def test_corrupt_model_cache_is_detected_and_rebuilt(tiny_dir, tmp_path, monkeyp
     fake_gguf.write_bytes(b"GGUF")
     # an intact entry is used as it is: no GGUF conversion
     monkeypatch.setattr(load_model_mod, "_check_gguf", lambda p: (_ for _ in ()).throw(AssertionError("rebuilt")))
-    model, _ = load_model_mod._load_gguf(fake_gguf, "0" * 64, None, cache=True)
+    model, _, source = load_model_mod._load_gguf(fake_gguf, "0" * 64, None, cache=True)
+    assert source == "gguf cache"
     assert torch.equal(model.model.embed_tokens.weight, tiny.model.model.embed_tokens.weight)
     # a flipped byte: detected by its hash, the entry removed and rebuilt from the GGUF
     with open(entry / "model.safetensors", "r+b") as f:

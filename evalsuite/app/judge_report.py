@@ -6,6 +6,7 @@ The judge and the reporters do not know each other; this is where one's output b
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 from evalsuite.app.config import JudgeConfig
@@ -40,7 +41,8 @@ def judge_and_report(results: Results, out_dir: Path, j: JudgeConfig, remeasure=
     Returns the run's exit code: 5 INVALID, else 1 when any gate failed, else 4 when the run is INCOMPLETE, else 0.
     """
     from evalsuite.report import write_reports
-    from evalsuite.report.table import colour_enabled, render_table, render_verdicts, summary_line, terminal_width
+    from evalsuite.report.table import (colour_enabled, render_table, render_timing, render_verdicts, summary_line,
+                                        terminal_width)
 
     out_dir = Path(out_dir)
     results_path = out_dir / "results.json"
@@ -71,6 +73,7 @@ def judge_and_report(results: Results, out_dir: Path, j: JudgeConfig, remeasure=
 
         run_id = append_run(hist, results, source=str(results_path))
         print(f"history: run {run_id} appended to {hist}")
+    print(render_timing(results), file=sys.stderr)  # where the time went: diagnostics, beside the progress
     print("reports: " + ", ".join(str(p) for p in written))
     print(summary_line(results.verdicts, None if verbose else terminal_width()))
     if fault is not None:  # as a crash in the run's own stages: the first judgement is written, then it surfaces

@@ -283,6 +283,7 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
     from evalsuite.load.variant import load_variant_model
     from evalsuite.measure.context import RunContext
     from evalsuite.measure.layer_capture import paired_layers
+    from evalsuite.measure.phase_timer import NO_IDLE_ON_CPU, DeviceBusy
     from evalsuite.quantize import quantize_
     from evalsuite.quantize.policy import LayerPolicy, parse_skip
     from evalsuite.quantize.registry import describe as describe_scheme
@@ -323,6 +324,7 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
         results.run["stages"] = [s for s in STAGE_MODULES if s in set(stages) | set(kept)]
         results.run["stages_finished"] = [s for s in STAGE_MODULES if s in kept]
         results.run["stage_seconds"] = {s: t for s, t in previous.run.get("stage_seconds", {}).items() if s in kept}
+        results.run["stage_idle"] = {s: t for s, t in (previous.run.get("stage_idle") or {}).items() if s in kept}
         results.run["resumed_from"] = {"started": previous.run.get("started"), "kept_stages": list(results.run["stages_finished"])}
         if "tasks" in kept and "tasks_requested" in previous.run:
             results.run["tasks_requested"] = previous.run["tasks_requested"]
@@ -361,11 +363,22 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
                     torch.cuda.reset_peak_memory_stats(device)
                 if measure:  # a run killed in this stage then says which one it was
                     checkpoint()
+                self.busy = None
+                if measure and name != "speed":
+                    self.busy = DeviceBusy(ctx.variants.values(), device).__enter__()
 
             def __exit__(self, exc_type, *exc):
+                if self.busy is not None:
+                    self.busy.__exit__(exc_type, *exc)
                 if exc_type is not None:  # a stage that raised did not finish: no time, not finished
                     return
                 results.run["stage_seconds"][name] = round(time.perf_counter() - self.t0, 3)
+                if measure:  # the fraction of the stage's wall time the device sat idle (measure.phase_timer)
+                    results.run.setdefault("stage_idle", {})[name] = (
+                        self.busy.record() if self.busy is not None else
+                        {"fraction": None, "reason": NO_IDLE_ON_CPU} if device.type != "cuda" else
+                        {"fraction": None, "reason": "not measured: events around its forwards would perturb "
+                                                     "the timing it measures"})
                 if device.type == "cuda":  # what the stage held at most, models included
                     results.run.setdefault("stage_peak_gpu_bytes", {})[name] = torch.cuda.max_memory_allocated(device)
                     if dist_env.world_size > 1:  # every rank's GPU (under --tp each holds other shards)
@@ -408,7 +421,8 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
             info = loaded.info
             results.run["model"] = {"path": info.path, "name": info.name, "format": info.format, "sha256": info.sha256,
                                     "n_params": info.n_params, "arch": info.arch}
-            results.run["load_seconds"] = info.extra.get("seconds", {})  # read, hash, to_device
+            results.run["load_seconds"] = info.extra.get("seconds", {})  # read (and a GGUF's parts), hash, to_device
+            results.run["load_source"] = info.extra.get("source")  # gguf streamed | gguf cache | gguf via transformers | ...
             if previous is not None and (previous.run.get("model") or {}).get("sha256") != info.sha256:
                 raise EvalsuiteError(f"--resume {previous_path}: the previous run measured another model "
                                      f"({(previous.run.get('model') or {}).get('name')}); use --force to replace it")

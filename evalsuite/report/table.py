@@ -165,6 +165,32 @@ def render_table(results: Results, tablefmt: str = "simple", width: int | None =
     return title + "\n\n".join(parts) + "\n" + fill(note, width)
 
 
+def timing_rows(results: Results) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the run's timing table: each stage's wall seconds and the fraction of them
+    the device sat idle (``run.stage_idle``; "n/a" where there is no number, its reason in results.json,
+    "–" for a stage with no record)."""
+    run = results.run
+    idle = run.get("stage_idle") or {}
+    rows = []
+    for stage, seconds in (run.get("stage_seconds") or {}).items():
+        rec = idle.get(stage)
+        frac = rec.get("fraction") if isinstance(rec, dict) else None
+        shown = "–" if rec is None else "n/a" if frac is None else f"{100 * frac:.0f}%"
+        rows.append([stage, f"{seconds:.1f}", shown])
+    return ["stage", "seconds", "device idle"], rows
+
+
+def render_timing(results: Results, tablefmt: str = "simple") -> str:
+    """The timing table, with the reason once where the idle fraction is not applicable."""
+    header, rows = timing_rows(results)
+    if not rows:
+        return "(no stage timings recorded)"
+    reasons = sorted({r["reason"] for r in (results.run.get("stage_idle") or {}).values()
+                      if isinstance(r, dict) and r.get("fraction") is None and r.get("reason")})
+    text = tabulate(rows, headers=header, tablefmt=tablefmt, disable_numparse=True)
+    return text + "".join(f"\nn/a: {r}" for r in reasons)
+
+
 def sorted_verdicts(verdicts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(verdicts, key=lambda v: VERDICT_ORDER.index(v["verdict"]) if v.get("verdict") in VERDICT_ORDER else 9)
 
