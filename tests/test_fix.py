@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 
 import pytest
 import torch
@@ -140,10 +141,15 @@ def test_calibration_corpus_is_disjoint_from_the_evaluation_corpus():
 
 @pytest.mark.parametrize("spec,value", [("25%", 0.25), ("10%", 0.1), ("0.5", 0.5), ("100%", 1.0)])
 def test_parse_budget(spec, value):
-    assert parse_budget(spec) == pytest.approx(value)
+    assert parse_budget(spec).fraction == pytest.approx(value) and parse_budget(spec).bits is None
 
 
-@pytest.mark.parametrize("spec", ["0", "0%", "150%", "abc", "-1"])
+@pytest.mark.parametrize("spec,bits", [("5.5bpw", 5.5), ("6 bits", 6.0), ("4.5BPW", 4.5)])
+def test_parse_budget_in_bits_per_weight(spec, bits):
+    assert parse_budget(spec).bits == bits and parse_budget(spec).fraction is None
+
+
+@pytest.mark.parametrize("spec", ["0", "0%", "150%", "abc", "-1", "0bpw", "40bpw"])
 def test_parse_budget_rejects(spec):
     with pytest.raises(EvalsuiteError, match="--fix-budget"):
         parse_budget(spec)
@@ -195,29 +201,50 @@ def _main(argv, monkeypatch):
 
 
 @pytest.mark.slow
-def test_cli_suggest_fix_names_the_planted_layer_and_verification_passes(model_dirs, data_dir, tmp_path,
-                                                                        monkeypatch, capsys):
+def test_cli_suggest_fix_raises_the_planted_layer_first_and_its_recipe_verifies(model_dirs, data_dir, tmp_path,
+                                                                                monkeypatch, capsys):
     out = tmp_path / "run"
     code = _main(_run_argv(model_dirs["planted"], data_dir, out, "--suggest-fix"), monkeypatch)
     assert code == 1  # the scheme as given failed
     results = Results.load(out / "results.json")
     assert any(v["check"].endswith("int8-wo/kld_mean") and v["verdict"] == "FAIL" for v in results.verdicts)
     fix = results.details["fix"]["int8-wo"]
-    assert fix["set"][0] == BAD
+    assert fix["set"][0] == BAD and fix["steps"][1]["moves"] == [f"{BAD}=fp"]
     assert fix["status"] == "verified" and fix["verified"]["pass"]
     assert fix["verified"]["metrics"]["kld_mean"]["value"] < 0.01
-    assert 0 < fix["params_fraction"] <= 0.25
+    assert fix["layers_raised"] < fix["layers_quantized"] and fix["bytes_extra"] <= fix["budget_bytes"]
     assert fix["calibration"]["source"].endswith("valid.txt")
     assert results.get("fix", BAD, "int8-wo", "kld_drop").value == max(fix["sensitivity"].values())
     assert results.get("fix", "suggestion", "int8-wo", "verified_pass").value == 1.0
+
+    # the recipe file: evalsuite.recipe/1 beside results.json, the scheme by default, the planted layer raised
+    recipe = json.loads((out / "fix" / "int8-wo.recipe.json").read_text())
+    assert recipe["schema"] == "evalsuite.recipe/1" and recipe["default"] == "int8-wo"
+    assert {"pattern": BAD, "scheme": "fp"} in recipe["layers"]
+    # the recipe's effective bits per weight: between the scheme's and fp32's, as the verification recorded it
     verification = Results.load(out / "fix" / "int8-wo" / "results.json")
     assert all(v["verdict"] == "PASS" for v in verification.verdicts)
+    assert verification.run["quant_details"]["int8-wo-fix"]["bits_per_weight"] == pytest.approx(fix["bits_per_weight"])
+    assert fix["bits_per_weight_scheme"] < fix["bits_per_weight"] < 32
+    assert fix["steps"][-1]["bits_per_weight"] == pytest.approx(fix["bits_per_weight"])
+
+    # the frontier: the visited points and the simple strategies, each with its bits and predicted KLD
+    frontier = {p["strategy"]: p for p in fix["frontier"] if p["strategy"] != "search"}
+    assert set(frontier) == {"q4_k_m-like", "lowest-sqnr", "first-last", "random-1234"}
+    assert all(p["bits_per_weight"] >= fix["bits_per_weight_scheme"] and p["predicted_kld_mean"] > 0
+               for p in frontier.values())
+    verified_points = [p for p in fix["frontier"] if p.get("verdict")]
+    assert verified_points and verified_points[-1]["verified_kld_mean"] == fix["verified"]["metrics"]["kld_mean"]["value"]
+
     printed = capsys.readouterr().out
-    assert fix["command"] in printed and f"--skip-layers {BAD}" in fix["command"]
-    assert "Fix suggestion" in (out / "report.md").read_text()
+    assert fix["command"] in printed and f"--quant int8-wo-fix=recipe:{out / 'fix' / 'int8-wo.recipe.json'}" in printed
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("  verification checks: ") and "int8-wo-fix/kld_mean" in last and "limit 0.01: PASS" in last
+    report = (out / "report.md").read_text()
+    assert "Fix suggestion" in report and "q4_k_m-like" in report and "fix_frontier" in report
 
     # the printed command, run as a user would, passes the gate too
-    argv = fix["command"].split()[1:]
+    argv = shlex.split(fix["command"])[1:]
     argv[argv.index("--out") + 1] = str(tmp_path / "again")
     assert _main([*argv, "--no-history"], monkeypatch) == 0
 
@@ -228,21 +255,26 @@ def test_fix_command_on_a_results_file_and_a_passing_scheme_gets_none(model_dirs
     honest = tmp_path / "honest"
     assert _main(_run_argv(model_dirs["honest"], data_dir, honest, "--suggest-fix"), monkeypatch) == 0
     assert "fix" not in Results.load(honest / "results.json").details
+    assert not (honest / "fix").exists()  # no recipe for a passing scheme
     assert _main(["fix", str(honest / "results.json")], monkeypatch) == 0
     assert "no fix needed" in capsys.readouterr().out
 
     planted = tmp_path / "planted"
     assert _main(_run_argv(model_dirs["planted"], data_dir, planted), monkeypatch) == 1
     assert "fix" not in Results.load(planted / "results.json").details
-    # a budget smaller than the bad layer: no set passes, and it says so with the best found
+    # a budget smaller than the bad layer's next format: no recipe passes, and it says so with the best found
     code = _main(["fix", str(planted / "results.json"), "--fix-budget", "5%", "--fix-tokens", "256"], monkeypatch)
     assert code == 1
     fix = json.loads((planted / "results.json").read_text())["details"]["fix"]["int8-wo"]
-    assert fix["status"] == "no set within the budget" and BAD not in fix["set"]
-    assert "no fix within 5% budget; best found" in capsys.readouterr().out
-    assert _main(["fix", str(planted / "results.json"), "--fix-tokens", "256"], monkeypatch) == 0
+    assert fix["status"] == "no recipe within the budget" and BAD not in fix["set"]
+    assert fix["bytes_extra"] <= fix["budget_bytes"]
+    printed = capsys.readouterr().out
+    assert "no fix within the 5% budget; best found" in printed and "int8-wo-fix/kld_mean" in printed
+    assert "checks not passed: ppl/wikitext2/int8-wo-fix/kld_mean" in printed
+    assert _main(["fix", str(planted / "results.json"), "--fix-tokens", "256", "--fix-budget", "12bpw"],
+                 monkeypatch) == 0
     fix = Results.load(planted / "results.json").details["fix"]["int8-wo"]
-    assert fix["status"] == "verified" and fix["set"][0] == BAD
+    assert fix["status"] == "verified" and fix["set"][0] == BAD and fix["bits_per_weight"] <= 12
 
 
 def test_cli_rejects_bad_fix_options_before_loading(tmp_path, monkeypatch, capsys):
@@ -311,13 +343,15 @@ def test_not_verified_names_the_failing_check_when_only_a_tasks_accuracy_fails()
     ]
     entry = {"status": "verification failed", "predicted": {"kld_mean": 0.008, "ppl_ratio": 1.004},
              "before": {"kld_mean": 0.09}, "verified": {"pass": False, "verdict": "FAIL", "metrics": metrics},
-             "verification_checks": checks, "layers_restored": 3, "layers_quantized": 210, "params_fraction": 0.02,
-             "bytes_extra": 2**20, "set": ["model.layers.0.mlp.down_proj"], "budget_fraction": 0.25,
-             "command": "evalsuite run ..."}
+             "verification_checks": checks, "layers_raised": 3, "layers_quantized": 210, "bits_per_weight": 4.4,
+             "bits_per_weight_scheme": 4.25, "layers_by_scheme": {"int4-wo-g128": 207, "int8-wo": 3},
+             "raised": {"model.layers.0.mlp.down_proj": "int8-wo"}, "recipe": "o/fix/int4-wo-g128.recipe.json",
+             "bytes_extra": 2**20, "budget": "25%", "seconds": {"rounds": 3},
+             "command": "evalsuite run ... --quant int4-wo-g128-fix=recipe:o/fix/int4-wo-g128.recipe.json"}
     text = describe("int4-wo-g128", entry)
     head, last = text.splitlines()[0], text.splitlines()[-1]
-    assert head.startswith("fix NOT verified int4-wo-g128")
-    assert head.endswith("FAIL (1 of 3 checks not passed: tasks/pooled/int4-wo-g128/delta_acc)")
+    assert head.startswith("fix NOT verified int4-wo-g128: recipe at 4.4 bits/weight")
+    assert head.endswith("FAIL after 3 verification rounds (1 of 3 checks not passed: tasks/pooled/int4-wo-g128/delta_acc)")
     assert "tasks/pooled/int4-wo-g128/delta_acc -0.031 [-0.042, -0.02] limit -0.01: FAIL" in last
     assert "ppl/wikitext2/int4-wo-g128/kld_mean 0.01 [0.009, 0.011] limit 0.05: PASS" in last
     assert "ppl_ratio 1.005 [1.004, 1.006] limit 1.01: PASS" in last
