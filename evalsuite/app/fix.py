@@ -156,7 +156,7 @@ def tightened(kld_target: float, ln_ratio_target: float, predicted: dict, checks
     does not predict); never by less than a half, nor more than 0.1."""
     factor, why = 0.5, []
     for c in checks:
-        if c.get("verdict") == "PASS":
+        if c.get("verdict") == "PASS" or not c.get("gated", True):
             continue
         v, limit = c.get("value"), c.get("limit")
         metric = c["check"].rsplit("/", 1)[-1]
@@ -221,6 +221,8 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         if unfixable:
             entry["unfixable"] = unfixable
         stages = [s for s in stages if s in FIXABLE_STAGES]
+        if stages and "ppl" not in stages and "ppl" in (results.run.get("stages") or []):
+            stages = ["ppl", *stages]  # the KLD the search predicts, verified too (the frontier's verified points)
         cfg = ctx.configs[variant]
         if not stages:
             entry["status"] = NOT_FIXABLE
@@ -292,6 +294,10 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
             kld_target, ln_ratio_target, why = tightened(kld_target, ln_ratio_target, search.metrics.to_dict(),
                                                          checks_after, margin)
             rounds[-1]["tightened"] = why
+            if any(c["check"].startswith("tasks/") and c.get("gated", True) and c.get("verdict") != "PASS"
+                   for c in checks_after):
+                entry["task_signal"] = ("none: a failing task check tightens the KLD target; no calibration signal "
+                                        "of its own (gold-answer log-likelihoods on unscored items) yet")
             forced |= {l for c in checks_after if c.get("verdict") != "PASS"
                        for l in (c.get("extra") or {}).get("under", []) if l in formats}
             start = {**search.assignment, **{n: FLOAT for n in forced}}
@@ -442,12 +448,15 @@ def _verify(ctx, results: Results, config, name: str, recipe_cfg, stages: list[s
     for metric in ("kld_mean", "ppl_ratio"):
         for m in vres.find(stage="ppl", variant=name, metric=metric):
             metrics[metric] = {"task": m.task, "value": m.value, "ci95": m.ci95, "n": m.n}
-    ok = bool(checks) and all(c.verdict == PASS for c in checks)
+    # the fix passes when every gated check passes (a task's own check, reported beside the pooled one,
+    # does not gate the run and does not gate the fix); an INCONCLUSIVE gated check has not passed
+    gated = [c for c in checks if c.gated]
+    ok = bool(gated) and all(c.verdict == PASS for c in gated)
     verified = {"pass": ok, "verdict": "PASS" if ok else "FAIL", "metrics": metrics,
                 "results": str(out_dir / "results.json"), "stage_seconds": vres.run["stage_seconds"],
                 "seconds": round(time.perf_counter() - t0, 3)}
     return verified, [{"check": c.check, "verdict": c.verdict, "value": c.value, "interval": c.interval,
-                       "limit": c.limit, **({"extra": {"under": c.extra["under"]}}
+                       "limit": c.limit, "gated": bool(c.gated), **({"extra": {"under": c.extra["under"]}}
                                             if (c.extra or {}).get("under") else {})} for c in checks], \
         quant_details["bits_per_weight"]
 
@@ -502,7 +511,8 @@ def describe(variant: str, e: dict) -> str:
     head = {"verified": "fix", "verification failed": "fix NOT verified",
             "no recipe within the budget": f"no fix within the {e['budget']} budget; best found"}[e["status"]]
     checks = e.get("verification_checks") or []
-    failed = [c["check"] for c in checks if c.get("verdict") != "PASS"]
+    failed = [c["check"] for c in checks if c.get("gated", True) and c.get("verdict") != "PASS"]
+    gated = sum(1 for c in checks if c.get("gated", True))
     by_scheme = ", ".join(f"{n} {s}" for s, n in e["layers_by_scheme"].items())
     rounds = e["seconds"]["rounds"]
     lines = [
@@ -511,7 +521,7 @@ def describe(variant: str, e: dict) -> str:
         f"{e['layers_quantized']} quantized layers raised ({by_scheme}): predicted on calibration KLD "
         f"{fmt(p['kld_mean'])} (before {fmt(e['before']['kld_mean'])}), ppl ratio {fmt(p['ppl_ratio'])}; "
         f"verified {ver or 'no ppl stage'}: {v['verdict']} after {rounds} verification round{'s' if rounds > 1 else ''}"
-        + (f" ({len(failed)} of {len(checks)} checks not passed: {', '.join(failed)})" if failed else ""),
+        + (f" ({len(failed)} of {gated} gated checks not passed: {', '.join(failed)})" if failed else ""),
     ]
     if e.get("unfixable"):
         lines.append(f"  not addressed (not fixable by a recipe): {', '.join(e['unfixable'])}")
@@ -530,7 +540,8 @@ def describe_check(c: dict) -> str:
     interval = c.get("interval")
     ci = f" [{fmt(interval[0])}, {fmt(interval[1])}]" if interval else ""
     limit = f" limit {fmt(c['limit'])}" if c.get("limit") is not None else ""
-    return f"{c['check']} {fmt(c.get('value'))}{ci}{limit}: {c.get('verdict')}"
+    return f"{c['check']} {fmt(c.get('value'))}{ci}{limit}: {c.get('verdict')}" \
+        + ("" if c.get("gated", True) else " (reported, not gated)")
 
 
 def exit_code(details: dict[str, dict]) -> int:
