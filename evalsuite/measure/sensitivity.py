@@ -16,7 +16,11 @@ Definitions (per scored calibration token, natural logs):
   allows, the unit with the largest KLD drop per parameter given the set already chosen. Each step
   re-measures candidates on top of the chosen set (interactions measured, not assumed additive) in
   the order of their last measured drop, until a re-measured one beats the next one's last drop, at
-  most ``rerank`` of them (lazy greedy: a unit's drop rarely grows as the set grows).
+  most ``rerank`` of them (lazy greedy: a unit's drop rarely grows as the set grows);
+- the per-layer format search (:func:`greedy_formats`, what ``evalsuite fix`` runs) generalises it:
+  each layer may move to any of its larger formats (:func:`layer_formats`), chosen by KLD reduction
+  per extra byte; its result is a recipe (:func:`to_recipe`), its size effective bits per weight
+  (:func:`bits_per_weight`), and :func:`simple_strategies` gives the frontier's comparison points.
 """
 
 from __future__ import annotations
