@@ -499,3 +499,35 @@ def test_a_failure_only_a_tasks_accuracy_shows_is_fixed_by_tightening_or_named(p
         assert fix["status"] != "verified" and K_PROJ not in fix["raised"] and BAD in fix["raised"]
         assert "tasks/pooled/int8-wo-fix/delta_acc -0.2" in last and "limit -0.05: FAIL" in last
         assert fix["bits_per_weight"] <= 11.5
+
+
+def test_prior_estimates_find_the_planted_layer_first_in_fewer_forwards_than_every_move():
+    """One forward a layer (its fp drop) seeds the estimates; the search still takes the planted layer
+    first, and measures far fewer moves than the 3 per layer the first round would measure without."""
+    from evalsuite.measure.sensitivity import greedy_formats, prior_ratios
+
+    fp, ids, cf, formats = planted_formats(rows=1)
+    prior, sensitivity = prior_ratios(cf, formats, fp)
+    assert max(sensitivity, key=sensitivity.get) == BAD and cf.forwards == 1 + len(formats)
+    start = cf.forwards
+    search = greedy_formats(cf, formats, lambda m: m.kld_mean <= 0.9, budget_bytes=10**9, rerank=4, prior=prior)
+    assert search.met and search.steps[1]["moves"][0].startswith(f"{BAD}=")
+    moves = sum(len(fs) - 1 for fs in formats.values())
+    assert cf.forwards - start < moves
+
+
+def test_simple_strategies_follow_their_rules_within_the_budget():
+    from evalsuite.measure.sensitivity import extra_bytes, simple_strategies
+
+    fp, ids, cf, formats = planted_formats(rows=1)
+    # room for one block's layers in int8-wo
+    budget = sum(fs[2].bytes - fs[0].bytes for n, fs in formats.items() if n.startswith("model.layers.0."))
+    got = simple_strategies(fp, formats, budget, seed=7)
+    assert got["q4_k_m-like"]["assignment"] == {"model.layers.0.self_attn.v_proj": "int8-wo", BAD: "int8-wo"}
+    sqnr = got["lowest-sqnr"]["assignment"]
+    assert BAD in sqnr and set(sqnr.values()) == {"int8-wo"}  # the outlier layer has the lowest weight SQNR
+    assert sorted(got["first-last"]["assignment"]) == sorted(n for n in formats if n.startswith("model.layers.0."))
+    assert got["random-7"] == simple_strategies(fp, formats, budget, seed=7)["random-7"]
+    assert got["random-7"] != simple_strategies(fp, formats, budget, seed=8)["random-8"]
+    for name in ("lowest-sqnr", "first-last", "random-7"):
+        assert 0 < extra_bytes(formats, got[name]["assignment"]) <= budget

@@ -424,9 +424,12 @@ def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target
             ratio[(n, j)] = (current.kld_mean - m.kld_mean) / cost
             fresh.add((n, j))
         picked, budget_left = [], budget_bytes - used
+        # lazy greedy: a measured move is taken only ahead of every move not measured this round
+        best_stale = max((ratio.get(m, math.inf) for m in moves if m not in fresh), default=-math.inf)
         for n, j in sorted(fresh & set(moves), key=lambda m: ratio[m], reverse=True):
             cost = formats[n][j].bytes - formats[n][choice[n]].bytes
-            if ratio[(n, j)] <= 0 or len(picked) >= batch or any(n == p for p, _ in picked) or cost > budget_left:
+            if ratio[(n, j)] <= 0 or ratio[(n, j)] < best_stale or len(picked) >= batch \
+                    or any(n == p for p, _ in picked) or cost > budget_left:
                 continue
             picked.append((n, j))
             budget_left -= cost
@@ -436,8 +439,16 @@ def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target
             stop = "no remaining move lowers the KLD"
             break
         for n, j in picked:
+            # the layer's larger formats: what they remove beyond this one, per byte beyond it (an estimate
+            # from the last ratios, re-measured before any is taken)
+            fs, i = formats[n], choice[n]
+            gain = {k: ratio.get((n, k), math.inf) * max(fs[k].bytes - fs[i].bytes, 1) for k in range(i + 1, len(fs))}
+            for k in range(j + 1, len(fs)):
+                ratio[(n, k)] = math.inf if math.isinf(gain[k]) or math.isinf(gain[j]) \
+                    else (gain[k] - gain[j]) / max(fs[k].bytes - fs[j].bytes, 1)
+            for k in range(i + 1, j + 1):
+                ratio.pop((n, k), None)
             choice[n] = j
-            ratio = {k: v for k, v in ratio.items() if k[0] != n}  # its other moves now cost differently
         fresh = set()
         current = cf.measure_modules(modules(choice))
         steps.append(step([f"{n}={formats[n][j].scheme}" for n, j in picked], current))
