@@ -382,8 +382,9 @@ def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target
 
     A move is one layer to one of its larger formats, measured on top of the current assignment
     (``cf.measure_modules``). The first round measures every move, unless ``prior`` gives each move
-    a first estimate of its ratio (:func:`prior_ratios`); every round re-measures the ``rerank`` best
-    by their last ratio and applies up to ``batch`` of the measured moves (distinct layers, positive
+    a first estimate of its ratio (:func:`prior_ratios`); every round re-measures moves in the order
+    of their last ratio until the ``batch`` best measured ones beat the next one's last ratio, at most
+    ``rerank`` of them, and applies up to ``batch`` of the measured moves (distinct layers, positive
     reduction, within ``budget_bytes`` of extra bytes), then re-measures the assignment. A move is
     taken only on a ratio measured on top of the current assignment (interactions measured, not
     assumed additive). ``start``: layer → scheme to begin from (a previous round's recipe, layers
@@ -416,20 +417,24 @@ def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target
             stop = "byte budget spent" if any(choice[n] + 1 < len(fs) for n, fs in formats.items()) else "every layer in fp"
             break
         stale = [m for m in moves if m not in fresh]
-        todo = stale if not ratio else sorted(stale, key=lambda m: ratio.get(m, math.inf), reverse=True)[:rerank]
-        for n, j in todo:
+        # lazy greedy: re-measure by last ratio until the ``batch`` best measured ones beat the next
+        # estimate, at most ``rerank`` of them (a move's ratio rarely grows as the recipe grows)
+        lazy = bool(ratio)
+        todo = sorted(stale, key=lambda m: ratio.get(m, math.inf), reverse=True)[:rerank] if lazy else stale
+        for i, (n, j) in enumerate(todo):
             m = cf.measure_modules(modules({**choice, n: j}))
             # a move that saves bytes (int4 padding a narrow layer to its group) counts as one byte
             cost = max(formats[n][j].bytes - formats[n][choice[n]].bytes, 1)
             ratio[(n, j)] = (current.kld_mean - m.kld_mean) / cost
             fresh.add((n, j))
+            good = sorted((ratio[f] for f in fresh if ratio[f] > 0), reverse=True)
+            if lazy and i + 1 < len(todo) and len(good) >= batch \
+                    and good[batch - 1] >= ratio.get(todo[i + 1], math.inf):
+                break
         picked, budget_left = [], budget_bytes - used
-        # lazy greedy: a measured move is taken only ahead of every move not measured this round
-        best_stale = max((ratio.get(m, math.inf) for m in moves if m not in fresh), default=-math.inf)
         for n, j in sorted(fresh & set(moves), key=lambda m: ratio[m], reverse=True):
             cost = formats[n][j].bytes - formats[n][choice[n]].bytes
-            if ratio[(n, j)] <= 0 or ratio[(n, j)] < best_stale or len(picked) >= batch \
-                    or any(n == p for p, _ in picked) or cost > budget_left:
+            if ratio[(n, j)] <= 0 or len(picked) >= batch or any(n == p for p, _ in picked) or cost > budget_left:
                 continue
             picked.append((n, j))
             budget_left -= cost
