@@ -113,17 +113,23 @@ def test_bits_per_weight_of_plain_schemes():
     assert bits_per_weight(q, layers) == pytest.approx(4 + 2 * 32 / 32)
 
 
-def test_cli_runs_a_recipe_variant_in_the_ppl_and_speed_stages(tmp_path, monkeypatch, smollm2):
+def tiny_model_dir(tmp_path, tokenizer):
+    """A tiny random Llama saved as a Hugging Face folder with SmolLM2's tokenizer."""
     from safetensors.torch import save_model
 
+    model_dir = tmp_path / "tiny"
+    model = make_tiny_llama(vocab_size=len(tokenizer), tie=False)
+    model.config.save_pretrained(model_dir)
+    save_model(model, str(model_dir / "model.safetensors"))
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
+def test_cli_runs_a_recipe_variant_in_the_ppl_and_speed_stages(tmp_path, monkeypatch, smollm2):
     from evalsuite.commands.cli import main
     from evalsuite.results import Results
 
-    model_dir = tmp_path / "tiny"
-    model = make_tiny_llama(vocab_size=len(smollm2.tokenizer), tie=False)
-    model.config.save_pretrained(model_dir)
-    save_model(model, str(model_dir / "model.safetensors"))
-    smollm2.tokenizer.save_pretrained(model_dir)
+    model_dir = tiny_model_dir(tmp_path, smollm2.tokenizer)
     path = write(tmp_path, recipe())
     out = tmp_path / "out"
     argv = ["run", "--model", str(model_dir), "--quant", f"mix=recipe:{path}", "--stages", "ppl,speed", "--device",
@@ -148,3 +154,20 @@ def test_cli_refuses_a_bad_recipe_before_the_model_loads(tmp_path, monkeypatch, 
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "int3-magic" in err and "Traceback" not in err
+
+
+def test_cli_a_recipe_pattern_matching_no_layer_is_one_line_exit_2(tmp_path, monkeypatch, capsys, smollm2):
+    """A recipe whose pattern names no layer of the model (a recipe written for another model): one
+    line naming the pattern, usage error, no results written as if measured."""
+    from evalsuite.commands.cli import main
+
+    path = write(tmp_path, recipe(layers=(("model.layers.9.*", "int8-wo"),)))
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(tiny_model_dir(tmp_path, smollm2.tokenizer)), "--quant", f"mix=recipe:{path}",
+            "--stages", "ppl", "--device", "cpu", "--limit", "2", "--ppl-context", "64", "--no-progress",
+            "--threads", "1", "--no-history", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", ["evalsuite", *argv])
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "pattern model.layers.9.* matches no quantized linear layer" in err[0]
+    assert "Traceback" not in err[0]

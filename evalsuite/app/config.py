@@ -135,6 +135,7 @@ class FixConfig:
     corpus: str | None = None
     margin: float = 0.8
     rerank: int = 8
+    verify_strategies: bool = False
 
 
 @dataclass(frozen=True)

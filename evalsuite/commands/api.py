@@ -80,7 +80,8 @@ _RUN_OPTIONS = {
     "baseline": ("judge", "baseline"), "verbose": ("judge", "verbose"), "confirm": ("judge", "confirm"),
     "suggest_fix": ("fix", "suggest"), "fix_budget": ("fix", "budget"), "fix_granularity": ("fix", "granularity"),
     "fix_tokens": ("fix", "tokens"), "fix_corpus": ("fix", "corpus"), "fix_margin": ("fix", "margin"),
-    "fix_rerank": ("fix", "rerank"), "resume": ("output", "resume"), "force": ("output", "force"),
+    "fix_rerank": ("fix", "rerank"), "fix_verify_strategies": ("fix", "verify_strategies"),
+    "resume": ("output", "resume"), "force": ("output", "force"),
 }
 
 

@@ -11,9 +11,11 @@ from evalsuite.results import Results
 
 def add_fix_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--fix-budget", default=DEFAULT_BUDGET,
-                   help="most of the quantized linear weights to keep in fp, as a percentage or fraction (default 25%%)")
+                   help="most extra weight bytes the recipe may add: a share of the bytes from the scheme to fp "
+                        "(a percentage or fraction; default 25%%: a quarter of the way), or an effective "
+                        "bits-per-weight ceiling such as 5.5bpw")
     g.add_argument("--fix-granularity", choices=["layer", "block"], default="layer",
-                   help="restore single linear layers (default) or whole blocks")
+                   help="accepted for older scripts; the recipe search chooses a format per linear layer")
     g.add_argument("--fix-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     g.add_argument("--fix-corpus",
                    help="calibration corpus, disjoint from --ppl-corpus (default: the other WikiText-2 split; "
@@ -21,7 +23,11 @@ def add_fix_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--fix-margin", type=float, default=0.8,
                    help="predicted KLD and ln(ppl ratio) must be below this fraction of their limits (default 0.8)")
     g.add_argument("--fix-rerank", type=int, default=8,
-                   help="most candidates re-measured on top of the chosen set at each greedy step (default 8)")
+                   help="most moves (a layer to a larger format) re-measured on top of the current recipe at each "
+                        "greedy round (default 8)")
+    g.add_argument("--fix-verify-strategies", action="store_true",
+                   help="verify the frontier's simple strategies on the evaluation data too (default: predicted on "
+                        "the calibration tokens only; the chosen recipe is always verified)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +55,7 @@ def main(args: argparse.Namespace) -> int:
     # the run's own config, with this command's fix options
     config = dataclasses.replace(config_from_args(run_args, argv), fix=FixConfig(
         suggest=True, budget=args.fix_budget, granularity=args.fix_granularity, tokens=args.fix_tokens,
-        corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank))
+        corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank,
+        verify_strategies=args.fix_verify_strategies))
     return fix_results(config, results, Path(args.results), gates=args.gates, device=args.device, model=args.model,
                        data_dir=args.data_dir, threads=args.threads)

@@ -109,7 +109,8 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
                           history=args.history, no_history=args.no_history, verbose=args.verbose,
                           confirm=args.confirm),
         fix=FixConfig(suggest=args.suggest_fix, budget=args.fix_budget, granularity=args.fix_granularity,
-                      tokens=args.fix_tokens, corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank),
+                      tokens=args.fix_tokens, corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank,
+                      verify_strategies=args.fix_verify_strategies),
         output=OutputConfig(out=args.out, resume=args.resume, force=args.force),
         argv=tuple(sys.argv[1:] if argv is None else argv),
     )

@@ -16,7 +16,11 @@ Definitions (per scored calibration token, natural logs):
   allows, the unit with the largest KLD drop per parameter given the set already chosen. Each step
   re-measures candidates on top of the chosen set (interactions measured, not assumed additive) in
   the order of their last measured drop, until a re-measured one beats the next one's last drop, at
-  most ``rerank`` of them (lazy greedy: a unit's drop rarely grows as the set grows).
+  most ``rerank`` of them (lazy greedy: a unit's drop rarely grows as the set grows);
+- the per-layer format search (:func:`greedy_formats`, what ``evalsuite fix`` runs) generalises it:
+  each layer may move to any of its larger formats (:func:`layer_formats`), chosen by KLD reduction
+  per extra byte; its result is a recipe (:func:`to_recipe`), its size effective bits per weight
+  (:func:`bits_per_weight`), and :func:`simple_strategies` gives the frontier's comparison points.
 """
 
 from __future__ import annotations
@@ -270,11 +274,13 @@ def candidate_schemes(scheme: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Format:
-    """One layer in one scheme: its runtime module and its weight bytes as stored (no bias)."""
+    """One layer in one scheme: its runtime module, its weight bytes as stored (no bias) and its
+    number of weights (for effective bits per weight: 8 x bytes / weights)."""
 
     scheme: str
     module: nn.Module
     bytes: int
+    weights: int
 
 
 class _Holder(nn.Module):
@@ -283,9 +289,11 @@ class _Holder(nn.Module):
         self.linear = linear
 
 
-def layer_formats(fp: nn.Module, layers: list[str], schemes: list[str]) -> dict[str, list[Format]]:
+def layer_formats(fp: nn.Module, layers: list[str], schemes: list[str],
+                  quantized: nn.Module | None = None) -> dict[str, list[Format]]:
     """Each layer of ``fp`` in each of ``schemes`` (built-in names or ``fp``), by its scheme's own
-    handler; a layer's formats sorted by bytes, the first scheme first."""
+    handler; a layer's formats sorted by bytes, the first scheme first. ``quantized``: a model already
+    in the first scheme, whose modules are that format (no second copy is made)."""
     import copy
 
     from evalsuite.quantize import parse_scheme, quantize_
@@ -296,11 +304,63 @@ def layer_formats(fp: nn.Module, layers: list[str], schemes: list[str]) -> dict[
     for name in layers:
         linear = fp.get_submodule(name)
         formats = []
-        for s in schemes:
-            module = linear if s == FLOAT else quantize_(_Holder(copy.deepcopy(linear)), configs[s]).linear
-            formats.append(Format(s, module, weight_bytes(module)))
+        for i, s in enumerate(schemes):
+            if s == FLOAT:
+                module = linear
+            elif i == 0 and quantized is not None:
+                module = quantized.get_submodule(name)
+            else:
+                module = quantize_(_Holder(copy.deepcopy(linear)), configs[s]).linear
+            formats.append(Format(s, module, weight_bytes(module), linear.weight.numel()))
         out[name] = [formats[0], *sorted(formats[1:], key=lambda f: f.bytes)]
     return out
+
+
+def bits_per_weight(formats: dict[str, list[Format]], assignment: dict[str, str]) -> float:
+    """Effective bits per weight of the searched layers in ``assignment`` (layer → scheme; a layer
+    not named is in its first format): 8 x their weights' stored bytes / their number of weights,
+    as :func:`evalsuite.quantize.recipe.bits_per_weight` counts a quantized model."""
+    total = sum(fs[0].weights for fs in formats.values())
+    stored = sum(_format(fs, assignment.get(n)).bytes for n, fs in formats.items())
+    return 8 * stored / total if total else 0.0
+
+
+def _format(fs: list[Format], scheme: str | None) -> Format:
+    return next((f for f in fs if f.scheme == scheme), fs[0])
+
+
+def extra_bytes(formats: dict[str, list[Format]], assignment: dict[str, str]) -> int:
+    """Weight bytes ``assignment`` adds above every layer in its first format."""
+    return sum(_format(fs, assignment.get(n)).bytes - fs[0].bytes for n, fs in formats.items())
+
+
+def weight_error_energy(fp_linear: nn.Module, module: nn.Module) -> float:
+    """||W - dequantize(W)||^2 of one format of a layer (0 for the float layer itself)."""
+    if not hasattr(module, "dequantize"):
+        return 0.0
+    w = fp_linear.weight.float()
+    return float((w - module.dequantize().to(w.device).float()).pow(2).sum())
+
+
+def prior_ratios(cf: "Counterfactuals", formats: dict[str, list[Format]], fp: nn.Module,
+                 ) -> tuple[dict[tuple[str, int], float], dict[str, float]]:
+    """A first estimate of every move's KLD reduction per extra byte from one forward per layer: the
+    layer restored to its largest format (fp) is measured (its leave-one-out KLD drop, returned as
+    the sensitivity); an intermediate format is estimated to remove the share of that drop that it
+    removes of the layer's weight error energy. Costs one forward a layer instead of one a move; the
+    search re-measures every move before it takes one."""
+    base = cf.measure_modules({})
+    ratios, sensitivity = {}, {}
+    for n, fs in formats.items():
+        top = len(fs) - 1
+        drop = base.kld_mean - cf.measure_modules({n: fs[top].module}).kld_mean
+        sensitivity[n] = drop
+        linear = fp.get_submodule(n)
+        e0 = weight_error_energy(linear, fs[0].module)
+        for j in range(1, len(fs)):
+            share = 1.0 if j == top or e0 <= 0 else max(0.0, 1 - weight_error_energy(linear, fs[j].module) / e0)
+            ratios[(n, j)] = drop * share / max(fs[j].bytes - fs[0].bytes, 1)
+    return ratios, sensitivity
 
 
 @dataclass
@@ -310,67 +370,170 @@ class FormatSearch:
     baseline: Metrics
     met: bool
     extra_bytes: int  # weight bytes above every layer in the first scheme
-    steps: list[dict]
+    bits_per_weight: float  # of the searched layers (:func:`bits_per_weight`)
+    steps: list[dict]  # each applied round: its moves, metrics, extra bytes, bits per weight, forwards so far
     stop_reason: str
 
 
 def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target: Callable[[Metrics], bool],
-                   budget_bytes: int, batch: int = 1, rerank: int = 8, start: dict[str, int] | None = None,
-                   ) -> FormatSearch:
+                   budget_bytes: int, batch: int = 1, rerank: int = 8, start: dict[str, str] | None = None,
+                   prior: dict[tuple[str, int], float] | None = None) -> FormatSearch:
     """Raise layers' formats greedily by predicted KLD reduction per extra byte until ``target`` holds.
 
     A move is one layer to one of its larger formats, measured on top of the current assignment
-    (``cf.measure_modules``). The first round measures every move; later rounds re-measure the
-    ``rerank`` best by their last ratio. Each round applies up to ``batch`` moves (distinct layers,
-    positive reduction, within ``budget_bytes`` of extra bytes), then re-measures the assignment.
-    ``start``: a previous search's format indices, to continue from (a tightened target)."""
-    choice = dict(start or {name: 0 for name in formats})
+    (``cf.measure_modules``). The first round measures every move, unless ``prior`` gives each move
+    a first estimate of its ratio (:func:`prior_ratios`); every round re-measures moves in the order
+    of their last ratio until the ``batch`` best measured ones beat the next one's last ratio, at most
+    ``rerank`` of them, and applies up to ``batch`` of the measured moves (distinct layers, positive
+    reduction, within ``budget_bytes`` of extra bytes), then re-measures the assignment. A move is
+    taken only on a ratio measured on top of the current assignment (interactions measured, not
+    assumed additive). ``start``: layer → scheme to begin from (a previous round's recipe, layers
+    forced to fp); the search never lowers a layer."""
+    index = {n: {f.scheme: i for i, f in enumerate(fs)} for n, fs in formats.items()}
+    choice = {n: index[n].get((start or {}).get(n), 0) for n in formats}
 
     def modules(ch: dict[str, int]) -> dict[str, nn.Module]:
         return {n: formats[n][i].module for n, i in ch.items() if i}
 
-    def extra(ch: dict[str, int]) -> int:
-        return sum(formats[n][i].bytes - formats[n][0].bytes for n, i in ch.items())
+    def assignment(ch: dict[str, int]) -> dict[str, str]:
+        return {n: formats[n][i].scheme for n, i in ch.items()}
+
+    def step(moves: list[str], m: Metrics) -> dict:
+        a = assignment(choice)
+        return {"moves": moves, **m.to_dict(), "extra_bytes": extra_bytes(formats, a),
+                "bits_per_weight": bits_per_weight(formats, a), "forwards": cf.forwards}
 
     baseline = cf.measure_modules({})
     current = cf.measure_modules(modules(choice)) if any(choice.values()) else baseline
-    steps = [{"moves": [], **current.to_dict(), "extra_bytes": extra(choice), "forwards": cf.forwards}]
-    ratio: dict[tuple[str, int], float] = {}
+    steps = [step([], current)]
+    ratio: dict[tuple[str, int], float] = dict(prior or {})
+    fresh: set[tuple[str, int]] = set()  # ratios measured on top of the current assignment
     stop = "target met"
-    first = True
     while not target(current):
-        used = extra(choice)
+        used = extra_bytes(formats, assignment(choice))
         moves = [(n, j) for n, fs in formats.items() for j in range(choice[n] + 1, len(fs))
                  if used + fs[j].bytes - fs[choice[n]].bytes <= budget_bytes]
         if not moves:
             stop = "byte budget spent" if any(choice[n] + 1 < len(fs) for n, fs in formats.items()) else "every layer in fp"
             break
-        todo = moves if first else sorted(moves, key=lambda m: ratio.get(m, math.inf), reverse=True)[:rerank]
-        first = False
-        for n, j in todo:
+        stale = [m for m in moves if m not in fresh]
+        # lazy greedy: re-measure by last ratio until the ``batch`` best measured ones beat the next
+        # estimate, at most ``rerank`` of them (a move's ratio rarely grows as the recipe grows)
+        lazy = bool(ratio)
+        todo = sorted(stale, key=lambda m: ratio.get(m, math.inf), reverse=True)[:rerank] if lazy else stale
+        for i, (n, j) in enumerate(todo):
             m = cf.measure_modules(modules({**choice, n: j}))
             # a move that saves bytes (int4 padding a narrow layer to its group) counts as one byte
             cost = max(formats[n][j].bytes - formats[n][choice[n]].bytes, 1)
             ratio[(n, j)] = (current.kld_mean - m.kld_mean) / cost
+            fresh.add((n, j))
+            good = sorted((ratio[f] for f in fresh if ratio[f] > 0), reverse=True)
+            if lazy and i + 1 < len(todo) and len(good) >= batch \
+                    and good[batch - 1] >= ratio.get(todo[i + 1], math.inf):
+                break
         picked, budget_left = [], budget_bytes - used
-        for n, j in sorted(todo, key=lambda m: ratio[m], reverse=True):
+        for n, j in sorted(fresh & set(moves), key=lambda m: ratio[m], reverse=True):
             cost = formats[n][j].bytes - formats[n][choice[n]].bytes
             if ratio[(n, j)] <= 0 or len(picked) >= batch or any(n == p for p, _ in picked) or cost > budget_left:
                 continue
             picked.append((n, j))
             budget_left -= cost
         if not picked:
+            if any(ratio.get(m, math.inf) > 0 for m in moves if m not in fresh):
+                continue  # the measured ones do not help; the next best estimates are measured next
             stop = "no remaining move lowers the KLD"
             break
         for n, j in picked:
+            # the layer's larger formats: what they remove beyond this one, per byte beyond it (an estimate
+            # from the last ratios, re-measured before any is taken)
+            fs, i = formats[n], choice[n]
+            gain = {k: ratio.get((n, k), math.inf) * max(fs[k].bytes - fs[i].bytes, 1) for k in range(i + 1, len(fs))}
+            for k in range(j + 1, len(fs)):
+                ratio[(n, k)] = math.inf if math.isinf(gain[k]) or math.isinf(gain[j]) \
+                    else (gain[k] - gain[j]) / max(fs[k].bytes - fs[j].bytes, 1)
+            for k in range(i + 1, j + 1):
+                ratio.pop((n, k), None)
             choice[n] = j
-            ratio = {k: v for k, v in ratio.items() if k[0] != n}  # its other moves now cost differently
+        fresh = set()
         current = cf.measure_modules(modules(choice))
-        steps.append({"moves": [f"{n}={formats[n][j].scheme}" for n, j in picked], **current.to_dict(),
-                      "extra_bytes": extra(choice), "forwards": cf.forwards})
-    return FormatSearch(assignment={n: formats[n][i].scheme for n, i in choice.items()}, metrics=current,
-                        baseline=baseline, met=target(current), extra_bytes=extra(choice), steps=steps,
-                        stop_reason=stop)
+        steps.append(step([f"{n}={formats[n][j].scheme}" for n, j in picked], current))
+    final = assignment(choice)
+    return FormatSearch(assignment=final, metrics=current, baseline=baseline, met=target(current),
+                        extra_bytes=extra_bytes(formats, final), bits_per_weight=bits_per_weight(formats, final),
+                        steps=steps, stop_reason=stop)
+
+
+def measure_assignment(cf: Counterfactuals, formats: dict[str, list[Format]], assignment: dict[str, str]) -> Metrics:
+    """The calibration metrics of the variant with each layer in its assigned format (one forward)."""
+    return cf.measure_modules({n: _format(fs, assignment.get(n)).module for n, fs in formats.items()
+                               if _format(fs, assignment.get(n)) is not fs[0]})
+
+
+# --- simple strategies: what a user would try instead of a search, at the search's size ----------
+
+def raised_scheme(fs: list[Format]) -> str:
+    """The format a simple strategy gives a layer it raises: int8-wo (Q4_K_M's 6-8 bits for its chosen
+    tensors) where it is a larger format than the layer's first, else fp."""
+    return "int8-wo" if any(f.scheme == "int8-wo" for f in fs[1:]) else FLOAT
+
+
+def _fill(formats: dict[str, list[Format]], order: list[list[str]], budget_bytes: int) -> dict[str, str]:
+    """Raise each group of layers of ``order`` (a layer, or a block's layers) while the extra bytes stay
+    within ``budget_bytes``; a group that does not fit is passed over."""
+    out: dict[str, str] = {}
+    used = 0
+    for group in order:
+        cost = sum(_format(formats[n], raised_scheme(formats[n])).bytes - formats[n][0].bytes for n in group)
+        if used + cost <= budget_bytes:
+            out.update({n: raised_scheme(formats[n]) for n in group})
+            used += cost
+    return out
+
+
+def _block_index(name: str) -> int | None:
+    block = block_of(name)
+    return int(block.rsplit(".", 1)[1]) if block else None
+
+
+def simple_strategies(fp: nn.Module, formats: dict[str, list[Format]], budget_bytes: int, seed: int = 0,
+                      ) -> dict[str, dict]:
+    """The simple strategies of the size-quality frontier, each ``{"assignment": layer → scheme}`` or
+    ``{"skipped": why}``; every layer a strategy raises goes to :func:`raised_scheme`:
+
+    - ``q4_k_m-like``: llama.cpp Q4_K_M's rule, v_proj and down_proj of every other block (0, 2, ...);
+      its own size, not ``budget_bytes``;
+    - ``lowest-sqnr``: layers by weight SQNR (10 log10 ||W||^2 / ||W - dequantize(W)||^2), lowest first;
+    - ``first-last``: whole blocks from both ends (0, N-1, 1, N-2, ...);
+    - ``random``: layers in a random order (``seed``).
+
+    All but the first take layers while the extra bytes stay within ``budget_bytes``."""
+    import random
+
+    layers = list(formats)
+    out: dict[str, dict] = {}
+    rule = [n for n in layers if n.rsplit(".", 1)[-1] in ("v_proj", "down_proj")
+            and (_block_index(n) is not None and _block_index(n) % 2 == 0)]
+    out["q4_k_m-like"] = ({"assignment": {n: raised_scheme(formats[n]) for n in rule}} if rule else
+                          {"skipped": "no v_proj or down_proj layer inside numbered blocks"})
+    if all(hasattr(formats[n][0].module, "dequantize") for n in layers):
+        sqnr = {}
+        for n in layers:
+            err = weight_error_energy(fp.get_submodule(n), formats[n][0].module)
+            power = float(fp.get_submodule(n).weight.float().pow(2).sum())
+            sqnr[n] = 10 * math.log10(power / err) if err > 0 else math.inf
+        out["lowest-sqnr"] = {"assignment": _fill(formats, [[n] for n in sorted(layers, key=sqnr.get)], budget_bytes)}
+    else:
+        out["lowest-sqnr"] = {"skipped": "the scheme's layers have no dequantize(): no weight SQNR"}
+    blocks: dict[str, list[str]] = {}
+    for n in layers:
+        blocks.setdefault(block_of(n) or n, []).append(n)
+    names = list(blocks)
+    ends = [names[i // 2] if i % 2 == 0 else names[-1 - i // 2] for i in range(len(names))]
+    out["first-last"] = {"assignment": _fill(formats, [blocks[b] for b in ends], budget_bytes)}
+    order = layers[:]
+    random.Random(seed).shuffle(order)
+    out[f"random-{seed}"] = {"assignment": _fill(formats, [[n] for n in order], budget_bytes)}
+    return out
 
 
 def to_recipe(default: str, assignment: dict[str, str]) -> dict:

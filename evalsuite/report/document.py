@@ -117,35 +117,65 @@ def layers_section(results: Results) -> Section | None:
 
 
 def fix_section(results: Results) -> Section | None:
-    """The suggested fix of each failing scheme (``evalsuite fix`` / ``run --suggest-fix``)."""
+    """The suggested fix of each failing scheme (``evalsuite fix`` / ``run --suggest-fix``): the recipe,
+    its verification, and the size-quality frontier of the search beside simple strategies."""
     fixes = results.details.get("fix") or {}
     if not fixes:
         return None
     s = Section("Fix suggestion", paragraphs=[
-        "For each scheme failing a within-run limit: the fewest parameters of quantized linear layers to keep in fp, "
-        "chosen greedily by leave-one-out KLD drop per parameter on calibration tokens disjoint from the evaluation "
-        "windows, then verified by re-running the failing stages with them in --skip-layers. The verified verdict "
-        "is the one that counts."])
+        "For each scheme failing a within-run limit: a mixed-precision recipe (each quantized linear layer in the "
+        "failing scheme, int4-wo-g32, int8-wo or fp), chosen greedily by predicted KLD reduction per extra byte on "
+        "calibration tokens disjoint from the evaluation windows, then verified by re-running the failing stages "
+        "with --quant NAME=recipe:FILE (tightened and searched again while a check fails, within the budget). "
+        "The verified verdict is the one that counts. Bits/weight: 8 x the linear layers' stored weight bytes / "
+        "their number of weights."])
     rows, top = [], []
+    frontier = []
     for variant, e in fixes.items():
         if "verified" not in e:
-            rows.append(["", variant, e.get("status", ""), "", "", "", ""])
+            rows.append(["", variant, e.get("status", ""), "", "", "", "", ""])
             continue
         p, v = e["predicted"], e["verified"]
         ver = ", ".join(f"{k} {_num(m.get('value'))}" for k, m in v.get("metrics", {}).items())
-        rows.append([v.get("verdict", ""), variant, e["status"], f"{e['layers_restored']} of {e['layers_quantized']}",
-                     f"{e['params_fraction']:.1%} (+{e['bytes_extra'] / 2**20:.2f} MiB)",
+        failed = [c["check"] for c in e.get("verification_checks") or [] if c.get("verdict") != "PASS"]
+        rows.append([v.get("verdict", ""), variant, e["status"],
+                     f"{_num(e.get('bits_per_weight'))} (scheme {_num(e.get('bits_per_weight_scheme'))})",
+                     f"{e.get('layers_raised', 0)} of {e.get('layers_quantized', 0)}",
                      f"KLD {_num(e['before']['kld_mean'])} → {_num(p['kld_mean'])}, ppl ratio {_num(p['ppl_ratio'])}",
-                     ver])
+                     ver + (f"; failing: {', '.join(failed)}" if failed else ""),
+                     str((e.get("seconds") or {}).get("rounds", ""))])
         sens = sorted(e.get("sensitivity", {}).items(), key=lambda kv: -kv[1])[:5]
+        raised = [f"{n}={x}" for n, x in (e.get("raised") or {}).items()]
         top.append(f"{variant}: most sensitive " + ", ".join(f"{k} ({_num(x)} nats)" for k, x in sens)
-                   + f"; set: {', '.join(e['set']) or 'none'}; stopped: {e.get('stop_reason', '')}")
+                   + f"; raised: {', '.join(raised[:12]) or 'none'}{' …' if len(raised) > 12 else ''}; "
+                   f"stopped: {e.get('stop_reason', '')}; recipe: {e.get('recipe', '')}")
         s.code.append(e["command"])
-    s.tables.append(Table(["verified", "scheme", "status", "layers kept in fp", "of linear weights",
-                           "predicted (calibration)", "verified (evaluation data)"], rows, verdict_col=0))
+        frontier += frontier_rows(variant, e.get("frontier") or [])
+    s.tables.append(Table(["verified", "scheme", "status", "bits/weight", "layers raised",
+                           "predicted (calibration)", "verified (evaluation data)", "rounds"], rows, verdict_col=0))
+    if frontier:
+        s.tables.append(Table(["scheme", "strategy", "bits/weight", "extra MiB", "predicted KLD (calibration)",
+                               "verified KLD (evaluation)", "verdict"], frontier))
     s.notes.extend(top)
-    s.figures.append("fix")
+    s.figures += ["fix_frontier", "fix"]
     return s
+
+
+def frontier_rows(variant: str, points: list[dict[str, Any]]) -> list[list[str]]:
+    """The frontier table's rows of one scheme: the search's verified recipes and last point of
+    each round, then each simple strategy (or why it was skipped)."""
+    rows = []
+    searched = [p for p in points if p.get("strategy") == "search"]
+    keep = [p for i, p in enumerate(searched) if "verdict" in p or i + 1 == len(searched)
+            or searched[i + 1].get("round") != p.get("round")]
+    for p in keep + [p for p in points if p.get("strategy") != "search"]:
+        name = p["strategy"] + (f" (round {p['round']})" if p.get("round") else "")
+        if "skipped" in p:
+            rows.append([variant, name, "", "", "", "", f"skipped: {p['skipped']}"])
+            continue
+        rows.append([variant, name, _num(p.get("bits_per_weight")), f"{p.get('extra_bytes', 0) / 2**20:.2f}",
+                     _num(p.get("predicted_kld_mean")), _num(p.get("verified_kld_mean")), p.get("verdict", "")])
+    return rows
 
 
 def noise_section(results: Results) -> Section | None:

@@ -161,8 +161,8 @@ def trend_figure(series: list[Any], last: int = 20) -> bytes:
 
 
 def fix_figure(results: Results) -> bytes | None:
-    """Leave-one-out KLD drop of each quantized layer, in model order, per scheme with a fix; the
-    layers of the suggested set marked."""
+    """Leave-one-out KLD drop of each quantized layer (the layer alone in fp), in model order, per
+    scheme with a fix; the layers the recipe raised marked."""
     fixes = {v: e for v, e in ((results.details or {}).get("fix") or {}).items() if e.get("sensitivity")}
     if not fixes:
         return None
@@ -175,8 +175,42 @@ def fix_figure(results: Results) -> bytes | None:
         ax.bar(range(len(names)), [m.value for m in recs],
                color=["tab:red" if n in chosen else "tab:blue" for n in names])
         ax.set_ylabel("KLD drop (nats)")
-        ax.set_title(f"{variant}: KLD removed by restoring one {e.get('granularity', 'layer')} (red: suggested set)")
-        ax.set_xlabel(f"{e.get('granularity', 'layer')} index in model order")
+        ax.set_title(f"{variant}: KLD removed by one layer in fp (red: raised by the recipe)")
+        ax.set_xlabel("layer index in model order")
+    return _png(fig)
+
+
+def fix_frontier_figure(results: Results) -> bytes | None:
+    """Effective bits per weight against KLD, per scheme with a fix: the assignments the search
+    visited (predicted on calibration tokens; verified ones filled), the simple strategies at the
+    recipe's size, and the gate's KLD limit."""
+    fixes = {v: e for v, e in ((results.details or {}).get("fix") or {}).items() if e.get("frontier")}
+    if not fixes:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(fixes), figsize=(min(5.5 * len(fixes), 11), 3.8), squeeze=False)
+    for ax, (variant, e) in zip(axes[0], fixes.items()):
+        pts = [p for p in e["frontier"] if p.get("bits_per_weight") is not None]
+        search = [p for p in pts if p["strategy"] == "search"]
+        ax.plot([p["bits_per_weight"] for p in search], [p["predicted_kld_mean"] for p in search], "o-", ms=3,
+                color="tab:blue", label="search (predicted)")
+        verified = [p for p in pts if p.get("verified_kld_mean") is not None]
+        for i, p in enumerate(verified):
+            ax.scatter(p["bits_per_weight"], p["verified_kld_mean"], s=60, marker="*",
+                       color="tab:green" if p.get("verdict") == "PASS" else "tab:red",
+                       label="verified (evaluation)" if i == 0 else None, zorder=3)
+        for i, p in enumerate(p for p in pts if p["strategy"] != "search"):
+            ax.scatter(p["bits_per_weight"], p["predicted_kld_mean"], s=30, marker="s", color=f"C{i + 3}",
+                       label=f"{p['strategy']} (predicted)")
+        limit = (e.get("limits") or {}).get("kld_mean_max")
+        if limit:
+            ax.axhline(limit, ls="--", color="grey", lw=0.8, label="KLD limit")
+        ax.set_yscale("log")
+        ax.set_xlabel("effective bits / weight")
+        ax.set_ylabel("mean KLD (nats)")
+        ax.set_title(variant, fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
     return _png(fig)
 
 
@@ -185,5 +219,6 @@ FIGURES = {
     "layers": ("Per-layer SQNR by depth", layers_figure),
     "tasks": ("Task accuracy change with 95% intervals", tasks_figure),
     "speed": ("Decode / prefill speed with dispersion", speed_figure),
+    "fix_frontier": ("Size-quality frontier of the fix: effective bits per weight against KLD", fix_frontier_figure),
     "fix": ("Leave-one-out layer sensitivity of the failing schemes", fix_figure),
 }

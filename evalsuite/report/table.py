@@ -256,8 +256,8 @@ def stage_not_requested(v: dict[str, Any]) -> bool:
 
 
 def fix_command(verdicts: list[dict[str, Any]], results_path: str | None = None) -> str | None:
-    """``evalsuite fix RESULTS`` when a failing check is a scheme's within-run limit that keeping
-    layers in fp can bring back (a limit of ppl, tasks or layers; not speed, not a baseline)."""
+    """``evalsuite fix RESULTS`` when a failing check is a scheme's within-run limit that a recipe
+    of per-layer formats can bring back (a limit of ppl, tasks or layers; not speed, not a baseline)."""
     fixable = [v for v in verdicts if v.get("failing") and v.get("kind") == "limit" and v.get("variant")
                and v.get("stage") in FIXABLE_STAGES]
     if not fixable:
@@ -329,7 +329,7 @@ def render_verdicts(verdicts: list[dict[str, Any]], color: bool = False, tablefm
     if fix:
         schemes = ", ".join(dict.fromkeys(v["variant"] for v in verdicts if v.get("failing") and v.get("variant")
                                           and v.get("kind") == "limit" and v.get("stage") in FIXABLE_STAGES))
-        out.append(f"to find the fewest layers to keep in fp so that {schemes} passes its limits:\n  {fix}")
+        out.append(f"to find a mixed-precision recipe (per-layer formats) with which {schemes} passes its limits:\n  {fix}")
     missing = [v for v in verdicts if v.get("command") and v.get("verdict") == "SKIPPED"]
     create = list(dict.fromkeys(v["command"] for v in missing))
     if create:
