@@ -250,6 +250,27 @@ def test_cli_suggest_fix_raises_the_planted_layer_first_and_its_recipe_verifies(
 
 
 @pytest.mark.slow
+def test_a_fix_stopped_by_sigterm_keeps_the_runs_results_and_says_the_fix_was_interrupted(model_dirs, data_dir,
+                                                                                          tmp_path, monkeypatch, capsys):
+    import signal
+
+    from evalsuite.app import fix
+    from evalsuite.errors import Interrupted
+
+    def stopped(*args, **kwargs):  # as a CI job's cancellation arrives in the middle of the search
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(fix, "suggest", stopped)
+    out = tmp_path / "run"
+    assert _main(_run_argv(model_dirs["planted"], data_dir, out, "--suggest-fix"), monkeypatch) == 128 + signal.SIGTERM
+    results = Results.load(out / "results.json")  # the run's own measurement and verdicts are kept
+    assert any(v["check"].endswith("int8-wo/kld_mean") and v["verdict"] == "FAIL" for v in results.verdicts)
+    assert results.details["fix"]["int8-wo"]["status"] == "interrupted by SIGTERM"
+    assert "fix" in results.run["stage_seconds"]
+    assert "interrupted by SIGTERM" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_fix_command_on_a_results_file_and_a_passing_scheme_gets_none(model_dirs, data_dir, tmp_path, monkeypatch,
                                                                        capsys):
     honest = tmp_path / "honest"

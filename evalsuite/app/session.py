@@ -550,6 +550,12 @@ def suggest_fix(ctx, results: Results, out_dir: Path, config: RunConfig) -> None
     t0 = time.perf_counter()
     try:
         fix.suggest(ctx, results, gate_config(config.judge), fails, out_dir, measure_stages)
+    except KeyboardInterrupt as e:  # the run's verdict stands; what the fix found so far is kept, marked so
+        for variant in fails:
+            entry = results.details.setdefault("fix", {}).setdefault(variant, {})
+            if entry.get("status") not in ("verified", "verification failed", "no recipe within the budget"):
+                entry["status"] = f"interrupted by {signal_name(e)}"
+        raise
     finally:  # a verification that failed leaves what was found, and its error, in the reports
         results.run["stage_seconds"]["fix"] = round(time.perf_counter() - t0, 3)
         write_reports(results, out_dir)
