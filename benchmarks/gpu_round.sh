@@ -13,7 +13,7 @@
 #   gputests   pytest -m gpu (every GPU-marked test)
 #   scale7b    benchmarks/bench_scale.py, Llama-2-7B shape, int8-wo, ppl stage, cold and warm
 #   limits     benchmarks/calibrate_limits.py (fp8 and int8 ppl + layers)
-#   fix        benchmarks/bench_fix.py (issue 30; see that script)
+#   fix        benchmarks/bench_fix.py $FIX_ARGS (default: --quant int4-wo-g128 --stages ppl,tasks; issue 30)
 # Every step's stdout goes to $OUT/round-<step>.log and its exit code and seconds to $OUT/round.txt.
 set -u
 OUT=${OUT:-/tmp/evalsuite-round}
@@ -34,7 +34,7 @@ for spec in "$@"; do
     scale7b)  cmd=(python3 benchmarks/bench_scale.py --shapes llama2-7b --schemes int8-wo --stages ppl --warm
                    --budget-s $((limit - 10))) ;;
     limits)   cmd=(python3 benchmarks/calibrate_limits.py --out "$OUT/calibrate") ;;
-    fix)      cmd=(python3 benchmarks/bench_fix.py) ;;
+    fix)      cmd=(python3 benchmarks/bench_fix.py ${FIX_ARGS:---quant int4-wo-g128 --stages ppl,tasks}) ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   t0=$(date +%s.%N)
