@@ -230,7 +230,12 @@ def test_cli_suggest_fix_raises_the_planted_layer_first_and_its_recipe_verifies(
 
     # the frontier: the visited points and the simple strategies, each with its bits and predicted KLD
     frontier = {p["strategy"]: p for p in fix["frontier"] if p["strategy"] != "search"}
-    assert set(frontier) == {"q4_k_m-like", "lowest-sqnr", "first-last", "random-1234"}
+    assert set(frontier) == {"q4_k_m-like", "lowest-sqnr", "first-last", "random-1234", "fp-only search"}
+    # the fix as it was (each layer in the scheme or fp), searched to the same target: it keeps the planted
+    # layer in fp too, and mixed formats never need more bytes than it does
+    fp_only = frontier["fp-only search"]
+    assert fp_only["target_met"] and fp_only["layers_raised"] >= 1
+    assert fix["bits_per_weight"] <= fp_only["bits_per_weight"] + 1e-9
     assert all(p["bits_per_weight"] >= fix["bits_per_weight_scheme"] and p["predicted_kld_mean"] > 0
                for p in frontier.values())
     verified_points = [p for p in fix["frontier"] if p.get("verdict")]

@@ -305,6 +305,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         with torch.inference_mode(), ctx.fused_forwards(fp, quantized):
             frontier = _frontier(ctx, results, config, cf, fp, formats, visited, last, variant, name, cfg.scheme,
                                  stages, out_dir, measure, bool(getattr(fix, "verify_strategies", False)))
+            frontier.append(_fp_only(cf, formats, target, limit_bytes, batch, int(fix.rerank), prior, cfg.scheme))
         forwards = cf.forwards
         del cf
         ok = last["verified"]["pass"]
@@ -403,6 +404,21 @@ def _frontier(ctx, results: Results, config, cf, fp, formats: dict, visited: lis
                          verdict=verified["verdict"])
         points.append(point)
     return points
+
+
+def _fp_only(cf, formats: dict, target, limit_bytes: int, batch: int, rerank: int, prior: dict, scheme: str) -> dict:
+    """The point of the fix as it was before per-layer formats: the same greedy search and final target,
+    each layer either in the scheme or in fp (predicted on the calibration slice), to set the recipe's
+    bits per weight beside."""
+    from evalsuite.measure.sensitivity import greedy_formats
+
+    two = {n: [fs[0], fs[-1]] for n, fs in formats.items()}  # a layer's formats run up to fp
+    prior2 = {(n, 1): r for (n, j), r in prior.items() if j == len(formats[n]) - 1}
+    search = greedy_formats(cf, two, target, limit_bytes, batch=batch, rerank=rerank, prior=prior2)
+    return {"strategy": "fp-only search", "bits_per_weight": search.bits_per_weight, "extra_bytes": search.extra_bytes,
+            "predicted_kld_mean": search.metrics.kld_mean, "predicted_ppl_ratio": search.metrics.ppl_ratio,
+            "layers_raised": sum(1 for v in search.assignment.values() if v != scheme),
+            "target_met": search.met, "stop_reason": search.stop_reason}
 
 
 def _verify(ctx, results: Results, config, name: str, recipe_cfg, stages: list[str], out_dir: Path, command: str,
