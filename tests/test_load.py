@@ -269,6 +269,25 @@ def test_gguf_the_streaming_reader_cannot_match_goes_through_transformers_with_o
     assert [k for k, v in _bits(loaded.model).items() if not torch.equal(v, theirs[k])] == []
 
 
+def test_a_fault_of_the_streaming_reader_falls_back_to_transformers_with_one_line(monkeypatch, smollm2_path,
+                                                                                  transformers_gguf, caplog):
+    """A bug of the reader on some device (a kernel refused, a shape it did not expect) costs the first
+    load its speed, never the run."""
+    import evalsuite.load.gguf_stream as stream
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted: no kernel for this dtype on this device\nsecond line")
+
+    monkeypatch.setattr(stream, "load_streamed", broken)
+    with caplog.at_level("WARNING", logger="evalsuite.load.model"):
+        loaded = load_model(smollm2_path, cache=False)
+    lines = [r.getMessage() for r in caplog.records if "streaming GGUF reader failed" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "RuntimeError: planted" in lines[0]
+    assert loaded.info.extra["source"] == "gguf via transformers"
+    theirs = _bits(transformers_gguf)
+    assert [k for k, v in _bits(loaded.model).items() if not torch.equal(v, theirs[k])] == []
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0", "F16", "BF16", "F32"])
 def test_device_unpackers_compute_what_gguf_py_computes(qtype):
     """Random blocks (every nibble and scale pattern, NaN and -0.0 included) through both."""

@@ -370,6 +370,12 @@ def _read_gguf(path: Path, tokenizer_path, device: torch.device, seconds: dict[s
     except NotStreamable as e:
         log.warning("%s: %s; reading it through transformers' GGUF loader (dequantized on the host)", path, e)
         return (*_load_hf(path.parent, path.parent, path.name, tokenizer_path), "gguf via transformers")
+    except (EvalsuiteError, OSError, MemoryError):
+        raise
+    except Exception as e:  # a fault of the streaming reader itself: transformers' loader is the reference
+        log.warning("%s: the streaming GGUF reader failed (%s: %s); reading it through transformers' GGUF loader "
+                    "instead", path, type(e).__name__, first_line(e))
+        return (*_load_hf(path.parent, path.parent, path.name, tokenizer_path), "gguf via transformers")
     if streamed.host_types:
         log.warning("%s: %s dequantized on the host (no device unpacking for that type)", path,
                     ", ".join(f"{n} tensor(s) of type {t}" for t, n in sorted(streamed.host_types.items())))
