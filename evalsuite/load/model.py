@@ -373,6 +373,7 @@ def _read_gguf(path: Path, tokenizer_path, device: torch.device, seconds: dict[s
     except (EvalsuiteError, OSError, MemoryError):
         raise
     except Exception as e:  # a fault of the streaming reader itself: transformers' loader is the reference
+        _check_gguf(path)  # unless the file is damaged: that is the user's one line (the caller says it)
         log.warning("%s: the streaming GGUF reader failed (%s: %s); reading it through transformers' GGUF loader "
                     "instead", path, type(e).__name__, first_line(e))
         return (*_load_hf(path.parent, path.parent, path.name, tokenizer_path), "gguf via transformers")

@@ -329,7 +329,8 @@ def render_verdicts(verdicts: list[dict[str, Any]], color: bool = False, tablefm
     if fix:
         schemes = ", ".join(dict.fromkeys(v["variant"] for v in verdicts if v.get("failing") and v.get("variant")
                                           and v.get("kind") == "limit" and v.get("stage") in FIXABLE_STAGES))
-        out.append(f"to find a mixed-precision recipe (per-layer formats) with which {schemes} passes its limits:\n  {fix}")
+        head = f"to find a mixed-precision recipe (per-layer formats) with which {schemes} passes its limits:"
+        out.append(f"{head if width is None else fill(head, width, subsequent_indent='  ')}\n  {fix}")
     missing = [v for v in verdicts if v.get("command") and v.get("verdict") == "SKIPPED"]
     create = list(dict.fromkeys(v["command"] for v in missing))
     if create:
