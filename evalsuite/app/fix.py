@@ -251,6 +251,9 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         rounds: list[dict] = []
         visited: list[dict] = []
         t_search = t_verify = 0.0
+        print(f"fix {variant}: measuring each of {len(layer_names)} layers in fp on {entry['calibration']['tokens']} "
+              f"calibration tokens (one forward a layer), then searching formats ({', '.join(candidate_schemes(cfg.scheme))})",
+              flush=True)
         with torch.inference_mode(), ctx.fused_forwards(fp, quantized):
             cf = Counterfactuals(fp, quantized, windows.input_ids, ctx.device, stats_fn,
                                  batch_size=len(windows) if ctx.device.type == "cuda" else 1)
@@ -258,6 +261,9 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         search = None
         for k in range(MAX_ROUNDS):
             t1 = time.perf_counter()
+            if k:
+                print(f"fix {variant}: round {k + 1} of at most {MAX_ROUNDS}, target tightened to KLD "
+                      f"{kld_target:.4g}", flush=True)
 
             def target(m, kt=kld_target, rt=ln_ratio_target) -> bool:
                 return m.kld_mean <= kt and m.ln_ppl_ratio <= rt
@@ -273,6 +279,9 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
                 break
             recipe_cfg, command = _write_recipe(ctx, results, variant, name, search.assignment, cfg.scheme,
                                                 recipe_path, stages, verify_dir)
+            print(f"fix {variant}: recipe at {search.bits_per_weight:.3g} bits/weight, predicted KLD "
+                  f"{search.metrics.kld_mean:.4g} ({cf.forwards} forwards so far); verifying it on the evaluation "
+                  f"data ({', '.join(stages)})", flush=True)
             t1 = time.perf_counter()
             try:
                 verified, checks_after, bits = _verify(ctx, results, config, name, recipe_cfg, stages, verify_dir,
