@@ -15,8 +15,6 @@ from evalsuite.measure.perplexity import paired_token_stats
 from evalsuite.measure.sensitivity import (
     Counterfactuals,
     calibration_corpus,
-    greedy_restore,
-    make_units,
     quantized_layer_names,
     restored,
 )
@@ -61,73 +59,6 @@ def test_restoring_a_layer_equals_quantizing_with_it_skipped():
         got = q(ids).logits
     assert torch.equal(got, skipped(ids).logits)
     assert not torch.equal(got, q(ids).logits)
-
-
-def planted_counterfactuals(rows: int):
-    """The planted model, its int8-wo quantization, their counterfactuals on ``rows`` random
-    64-token windows, and the quantized layers as units."""
-    fp = planted_model()
-    q = quantize_(copy.deepcopy(fp), parse_scheme("int8-wo"))
-    ids = torch.randint(0, 512, (rows, 64), generator=torch.Generator().manual_seed(0))
-    cf = Counterfactuals(fp, q, ids, torch.device("cpu"), paired_token_stats)
-    return fp, q, cf, make_units(fp, quantized_layer_names(q))
-
-
-def test_sensitivity_names_the_planted_layer_first_and_greedy_restores_it():
-    fp, q, cf, units = planted_counterfactuals(rows=2)
-    assert len(units) == 14
-    search = greedy_restore(cf, units, lambda m: m.kld_mean <= 0.008, budget_params=10**9, rerank=4)
-    ranked = sorted(search.sensitivity, key=search.sensitivity.get, reverse=True)
-    assert ranked[0] == BAD
-    assert search.sensitivity[BAD] > 10 * search.sensitivity[ranked[1]]
-    assert search.chosen[0].name == BAD and search.met
-    assert search.baseline.kld_mean > 0.01 > search.metrics.kld_mean
-    # one forward per counterfactual: baseline + 14 leave-one-out + at most 4 re-measures a later pick
-    assert 1 + 14 + (len(search.chosen) - 1) <= cf.forwards <= 1 + 14 + 4 * (len(search.chosen) - 1)
-
-
-class FakeCounterfactuals:
-    """KLD of a restored set from a table: a and b remove the same error (redundant), c another."""
-
-    KLD = {(): 1.0, ("a",): 0.5, ("b",): 0.55, ("c",): 0.7, ("a", "b"): 0.5, ("a", "c"): 0.2, ("b", "c"): 0.25,
-           ("a", "b", "c"): 0.2}
-
-    def __init__(self):
-        self.forwards = 0
-
-    def measure(self, layers=()):
-        from evalsuite.measure.sensitivity import Metrics
-
-        self.forwards += 1
-        return Metrics(self.KLD[tuple(sorted(layers))], 0.0, 100)
-
-
-def test_greedy_re_measures_interactions_instead_of_adding_leave_one_out_drops():
-    """By leave-one-out drops b (0.45) comes before c (0.3); once a is restored b removes nothing
-    more, and the re-measured search takes c and meets the target with two units."""
-    from evalsuite.measure.sensitivity import Unit
-
-    units = [Unit(n, (n,), n, 10) for n in "abc"]
-    search = greedy_restore(FakeCounterfactuals(), units, lambda m: m.kld_mean <= 0.25, budget_params=30, rerank=3)
-    assert [u.name for u in search.chosen] == ["a", "c"] and search.met
-    assert search.sensitivity == pytest.approx({"a": 0.5, "b": 0.45, "c": 0.3})
-    assert search.metrics.kld_mean == 0.2
-
-
-def test_budget_too_small_says_so_and_keeps_the_best_found():
-    fp, q, cf, units = planted_counterfactuals(rows=1)
-    down = next(u for u in units if u.name == BAD)
-    search = greedy_restore(cf, units, lambda m: m.kld_mean <= 0.008, budget_params=down.params - 1)
-    assert not search.met and BAD not in [u.name for u in search.chosen]
-    assert search.stop_reason in ("byte budget spent", "no remaining layer lowers the KLD")
-
-
-def test_block_units_group_a_blocks_layers_under_one_pattern():
-    fp = planted_model()
-    q = quantize_(copy.deepcopy(fp), parse_scheme("int8-wo"))
-    units = make_units(fp, quantized_layer_names(q), "block")
-    assert [u.pattern for u in units] == ["model.layers.0.*", "model.layers.1.*"]
-    assert sum(u.params for u in units) == sum(u.params for u in make_units(fp, quantized_layer_names(q)))
 
 
 def test_calibration_corpus_is_disjoint_from_the_evaluation_corpus():
@@ -429,7 +360,7 @@ def test_format_search_raises_the_planted_layer_first_and_its_recipe_runs_as_pre
     path = tmp_path / "fix.json"
     path.write_text(json.dumps(to_recipe("int4-wo-g128", search.assignment)))
     mixed = quantize_(copy.deepcopy(fp), parse_scheme(f"recipe:{path}"))
-    again = Counterfactuals(fp, mixed, ids, torch.device("cpu"), paired_token_stats).measure()
+    again = Counterfactuals(fp, mixed, ids, torch.device("cpu"), paired_token_stats).measure_modules({})
     assert again.kld_mean == pytest.approx(search.metrics.kld_mean, rel=1e-5)
 
 
@@ -440,6 +371,33 @@ def test_format_search_stops_at_its_byte_budget():
     budget = formats[BAD][1].bytes - formats[BAD][0].bytes - 1  # not even the planted layer's next format
     search = greedy_formats(cf, formats, lambda m: m.kld_mean <= 1e-6, budget_bytes=budget)
     assert not search.met and search.extra_bytes <= budget and search.assignment[BAD] == "int4-wo-g128"
+
+
+class FakeCounterfactuals:
+    """KLD with a set of layers in fp, from a table: a and b remove the same error (redundant), c another."""
+
+    KLD = {(): 1.0, ("a",): 0.5, ("b",): 0.55, ("c",): 0.7, ("a", "b"): 0.5, ("a", "c"): 0.2, ("b", "c"): 0.25,
+           ("a", "b", "c"): 0.2}
+
+    def __init__(self):
+        self.forwards = 0
+
+    def measure_modules(self, modules):
+        from evalsuite.measure.sensitivity import Metrics
+
+        self.forwards += 1
+        return Metrics(self.KLD[tuple(sorted(modules))], 0.0, 100)
+
+
+def test_format_search_re_measures_interactions_instead_of_adding_leave_one_out_drops():
+    """By leave-one-out drops b (0.45) comes before c (0.3); once a is in fp b removes nothing more,
+    and the re-measured search takes c and meets the target with two layers raised."""
+    from evalsuite.measure.sensitivity import Format, greedy_formats
+
+    formats = {n: [Format("int8-wo", None, 10, 10), Format("fp", object(), 20, 10)] for n in "abc"}
+    search = greedy_formats(FakeCounterfactuals(), formats, lambda m: m.kld_mean <= 0.25, budget_bytes=30)
+    assert search.assignment == {"a": "fp", "b": "int8-wo", "c": "fp"} and search.met
+    assert search.metrics.kld_mean == 0.2 and search.extra_bytes == 20
 
 
 # ---- a failure only a task's accuracy shows (issue #30): the fix tightens and goes on, or names the check

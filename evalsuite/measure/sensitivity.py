@@ -10,17 +10,14 @@ forward over the calibration tokens and the model is loaded once.
 Definitions (per scored calibration token, natural logs):
 - ``kld_mean`` = mean KL(P || Q_S) in nats; ``ln_ppl_ratio`` = mean NLL(Q_S) - mean NLL(P) (nats/token),
   ``ppl_ratio`` = exp(ln_ppl_ratio);
-- leave-one-out sensitivity of unit u: ``kld_drop`` = kld_mean(∅) - kld_mean({u}), the KLD removed by
-  restoring only u (a unit is one linear layer, or one block's quantized linears);
-- the greedy search (:func:`greedy_restore`) adds, while the target is not met and the budget
-  allows, the unit with the largest KLD drop per parameter given the set already chosen. Each step
-  re-measures candidates on top of the chosen set (interactions measured, not assumed additive) in
-  the order of their last measured drop, until a re-measured one beats the next one's last drop, at
-  most ``rerank`` of them (lazy greedy: a unit's drop rarely grows as the set grows);
-- the per-layer format search (:func:`greedy_formats`, what ``evalsuite fix`` runs) generalises it:
-  each layer may move to any of its larger formats (:func:`layer_formats`), chosen by KLD reduction
-  per extra byte; its result is a recipe (:func:`to_recipe`), its size effective bits per weight
-  (:func:`bits_per_weight`), and :func:`simple_strategies` gives the frontier's comparison points.
+- leave-one-out sensitivity of a layer: ``kld_drop`` = kld_mean(∅) - kld_mean({layer}), the KLD
+  removed by restoring only that layer (:func:`prior_ratios`);
+- the per-layer format search (:func:`greedy_formats`, what ``evalsuite fix`` runs): each layer may
+  move to any of its larger formats (:func:`layer_formats`), chosen greedily by KLD reduction per
+  extra byte, each move re-measured on top of the current assignment (interactions measured, not
+  assumed additive; lazy greedy: a move's ratio rarely grows as the recipe grows); its result is a
+  recipe (:func:`to_recipe`), its size effective bits per weight (:func:`bits_per_weight`), and
+  :func:`simple_strategies` gives the frontier's comparison points.
 """
 
 from __future__ import annotations
@@ -28,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -65,30 +62,6 @@ def quantized_layer_names(model: nn.Module) -> list[str]:
 def block_of(name: str) -> str | None:
     m = _BLOCK.match(name)
     return m.group(1) if m else None
-
-
-@dataclass(frozen=True)
-class Unit:
-    """What the search restores as one: one layer (``granularity`` layer) or one block's quantized
-    layers. ``pattern`` is its ``--skip-layers`` spelling; ``params`` its linear weights' parameters."""
-
-    name: str
-    layers: tuple[str, ...]
-    pattern: str
-    params: int
-
-
-def make_units(fp: nn.Module, layer_names: list[str], granularity: str = "layer") -> list[Unit]:
-    params = {n: fp.get_submodule(n).weight.numel() for n in layer_names}
-    if granularity == "layer":
-        return [Unit(n, (n,), n, params[n]) for n in layer_names]
-    if granularity != "block":
-        raise EvalsuiteError(f"--fix-granularity {granularity!r}: expected layer or block")
-    groups: dict[str, list[str]] = {}
-    for n in layer_names:
-        groups.setdefault(block_of(n) or n, []).append(n)
-    return [Unit(b, tuple(ls), f"{b}.*" if block_of(ls[0]) == b else b, sum(params[n] for n in ls))
-            for b, ls in groups.items()]
 
 
 @contextlib.contextmanager
@@ -138,9 +111,6 @@ class Counterfactuals:
         self.fp_logits = [forward_logits(fp, x)[:, :-1] for x in self.batches]
         self.forwards = 0
 
-    def measure(self, layers: Iterable[str] = ()) -> Metrics:
-        return self.measure_modules({name: self.fp.get_submodule(name) for name in layers})
-
     @torch.inference_mode()
     def measure_modules(self, modules: dict[str, nn.Module]) -> Metrics:
         """The metrics of ``quantized`` with these layers replaced by these modules (another format)."""
@@ -160,77 +130,6 @@ class Counterfactuals:
         if n == 0:
             return Metrics(math.inf, math.inf, 0)
         return Metrics(kld / n, nll_gap / n, n)
-
-
-@dataclass
-class Step:
-    unit: str | None
-    metrics: Metrics
-    params: int  # parameters restored so far
-    forwards: int  # counterfactual forwards so far
-
-    def to_dict(self) -> dict:
-        return {"unit": self.unit, **self.metrics.to_dict(), "params": self.params, "forwards": self.forwards}
-
-
-@dataclass
-class Search:
-    chosen: list[Unit]
-    metrics: Metrics
-    met: bool
-    steps: list[Step]
-    sensitivity: dict[str, float]  # leave-one-out KLD drop per unit (nats)
-    baseline: Metrics
-    stop_reason: str
-    forced: list[Unit] = field(default_factory=list)
-
-
-def greedy_restore(cf: Counterfactuals, units: list[Unit], target: Callable[[Metrics], bool], budget_params: int,
-                   rerank: int = 8, forced: Iterable[Unit] = ()) -> Search:
-    """Choose units to restore, greedily by KLD drop per parameter, until ``target`` holds (see the
-    module docstring); ``forced`` units are in the set from the start."""
-    forced = list(forced)
-    chosen = list(forced)
-    layers = [l for u in chosen for l in u.layers]
-    used = sum(u.params for u in chosen)
-    baseline = cf.measure()
-    current = cf.measure(layers) if forced else baseline
-    steps = [Step(None, current, used, cf.forwards)]
-    rest = [u for u in units if u not in chosen]
-    units_by_name = {u.name: u for u in units}
-    # leave-one-out: each unit alone on top of the forced set (the plain sensitivity when none)
-    fresh = {u.name: cf.measure(layers + list(u.layers)) for u in rest}
-    drop = {name: current.kld_mean - m.kld_mean for name, m in fresh.items()}
-    sensitivity = dict(drop)
-    stop = "target met"
-    while not target(current):
-        fits = [u for u in rest if used + u.params <= budget_params]
-        if not fits:
-            stop = "byte budget spent" if rest else "every layer restored"
-            break
-        if not fresh:  # lazy greedy: re-measure by last drop until a fresh one beats the next stale one
-            order = sorted(fits, key=lambda u: drop[u.name] / u.params, reverse=True)[:rerank]
-            for i, u in enumerate(order):
-                m = cf.measure(layers + list(u.layers))
-                fresh[u.name] = m
-                drop[u.name] = current.kld_mean - m.kld_mean
-                best_fresh = max(drop[n] / units_by_name[n].params for n in fresh)
-                if i + 1 < len(order) and best_fresh >= drop[order[i + 1].name] / order[i + 1].params:
-                    break
-        candidates = [u for u in fits if u.name in fresh]
-        best = max(candidates, key=lambda u: drop[u.name] / u.params)
-        if drop[best.name] <= 0:
-            stop = "no remaining layer lowers the KLD"
-            break
-        chosen.append(best)
-        rest.remove(best)
-        layers += list(best.layers)
-        used += best.params
-        current = fresh[best.name]
-        steps.append(Step(best.name, current, used, cf.forwards))
-        fresh = {}
-    return Search(chosen=chosen, metrics=current, met=target(current), steps=steps, sensitivity=sensitivity,
-                  baseline=baseline, stop_reason=stop, forced=forced)
 
 
 def calibration_windows(tokenizer, text: str, tokens: int, context: int, source: str):
