@@ -399,6 +399,37 @@ def test_device_busy_is_a_fraction_of_the_stage_on_cuda_and_nothing_on_a_cpu():
     assert not model._forward_hooks and not model._forward_pre_hooks
 
 
+def test_device_busy_times_the_decoder_blocks_too_for_paths_that_run_them_without_the_model():
+    """The tasks stage's packed forwards call the blocks, not the model: their time is the device's too."""
+    from conftest import make_tiny_llama
+    from evalsuite.measure.phase_timer import DeviceBusy
+
+    model = make_tiny_llama(layers=3)
+    timed = DeviceBusy([model, model], "cpu")._timed_modules()
+    assert timed[0] is model and timed[1:] == list(model.model.layers)
+
+
+@pytest.mark.gpu
+def test_device_busy_counts_the_blocks_of_a_packed_path_and_nothing_twice_inside_a_forward():
+    import torch
+
+    from conftest import make_tiny_llama
+    from evalsuite.measure.phase_timer import DeviceBusy
+
+    model = make_tiny_llama(layers=3).cuda()
+    ids = torch.randint(0, 256, (1, 16), device="cuda")
+    with DeviceBusy([model], "cuda") as busy:
+        model(ids)  # one span: the blocks inside it record nothing
+    assert busy.record()["forwards"] == 1
+    with DeviceBusy([model], "cuda") as busy, torch.no_grad():
+        hidden = model.model.embed_tokens(ids)
+        cos_sin = model.model.rotary_emb(hidden, torch.arange(16, device="cuda")[None])
+        for layer in model.model.layers:  # as measure.packed runs them
+            hidden = layer(hidden, position_embeddings=cos_sin)
+    rec = busy.record()
+    assert rec["forwards"] == 3 and rec["busy_s"] > 0
+
+
 @pytest.mark.gpu
 def test_device_busy_counts_forwards_and_not_the_host_time_between_them():
     import time

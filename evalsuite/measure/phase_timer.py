@@ -51,9 +51,11 @@ class DeviceBusy:
     fraction per stage (``idle = 1 - busy / wall``).
 
     On CUDA each outermost forward of the given models is bracketed by a pair of timing events on the
-    current stream (forward hooks on the models themselves, not their submodules: two events a
-    forward, no synchronisation while the stage runs); ``busy`` is the sum of those spans, read once at
-    the end. A span counts the device's gaps inside a forward (a launch-bound decode) as busy, and
+    current stream (forward hooks on the models and on their decoder blocks, the first ``ModuleList`` of
+    more than one module: a path that runs the blocks itself, as the tasks stage's packed forwards
+    do, is timed block by block; inside a model's own forward the blocks' hooks record nothing; two
+    events an outermost span, no synchronisation while the stage runs); ``busy`` is the sum of those
+    spans (``forwards`` in the record: their number), read once at the end. A span counts the device's gaps inside a forward (a launch-bound decode) as busy, and
     work outside a forward (a model reloaded by the stage, the statistics) as idle: it says how much of
     the stage the models' forwards left the device waiting on the host. Elsewhere there is no number.
     """
@@ -67,8 +69,10 @@ class DeviceBusy:
         self.wall = 0.0
 
     def _pre(self, module, args):
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
+        start = None
+        if not self._open:  # inside an outermost span nothing is recorded
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         self._open.append(start)
 
     def _post(self, module, args, output):
@@ -78,9 +82,17 @@ class DeviceBusy:
             end.record()
             self._spans.append((start, end))
 
+    def _timed_modules(self) -> list[torch.nn.Module]:
+        out = []
+        for m in self.models:
+            out.append(m)
+            blocks = next((c for c in m.modules() if isinstance(c, torch.nn.ModuleList) and len(c) > 1), None)
+            out += list(blocks or ())
+        return list({id(m): m for m in out}.values())
+
     def __enter__(self) -> "DeviceBusy":
         if self.cuda:
-            for m in self.models:
+            for m in self._timed_modules():
                 self._handles += [m.register_forward_pre_hook(self._pre), m.register_forward_hook(self._post)]
         self._t0 = time.perf_counter()
         return self
