@@ -26,6 +26,10 @@ def timed(fn, device: torch.device):
     return out, time.perf_counter() - t0
 
 
+# ~1 ms of device spin at Hopper's ~1.7 GHz (torch.cuda._sleep counts clock cycles)
+HOST_COVER_CYCLES = 2_000_000
+
+
 def timed_ms(fn, device: torch.device, repeat: int, warmup: int = 1, before=None) -> dict:
     """Median / min milliseconds of ``fn()`` over ``repeat`` calls after ``warmup`` untimed ones:
     CUDA events on a GPU (device time of the call), the wall clock elsewhere. ``before()``, if given,
@@ -38,6 +42,11 @@ def timed_ms(fn, device: torch.device, repeat: int, warmup: int = 1, before=None
             before()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            # keep the device busy while the host queues the call: otherwise the start event fires
+            # when ``before`` ends and the host's launch time of ``fn`` (a CUDA-graph replay's
+            # bookkeeping, ~0.1-0.2 ms) is counted as device time (H100, 2026-12-07: a 32 MiB bf16
+            # GEMV read 216 us, ~20x its copy-bandwidth time)
+            torch.cuda._sleep(HOST_COVER_CYCLES)
             start.record()
             fn()
             end.record()

@@ -46,7 +46,7 @@ formats)
   ;;
 kernels)
   t0=$(date +%s)
-  timeout 280 python3 benchmarks/bench_kernels.py --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
+  timeout 280 python3 benchmarks/bench_kernels.py --budget-s "${KERNELS_BUDGET_S:-200}" --out "$OUT/kernels.json" > "$OUT/kernels.log" 2>&1
   echo "== kernels: exit $? in $(( $(date +%s) - t0 )) s"
   tail -n "${TAIL:-45}" "$OUT/kernels.log"
   ;;

@@ -293,7 +293,8 @@ def test_torchao_int4_without_a_packing_format_takes_the_one_that_runs_on_the_de
     # a default that runs is kept, and nothing is noted
     monkeypatch.setattr(torchao_config, "_probe", _fake_probe({"plain", "tile_packed_to_4d"}))
     [kept] = check_runs_on([parse_scheme("torchao:Int4WeightOnlyConfig")], cuda, torch.bfloat16)
-    assert kept.config.int4_packing_format == "plain" and kept.details == {} and packing_note(kept) is None
+    assert kept.config.int4_packing_format == "plain" and packing_note(kept) is None
+    assert kept.details == {"limits_as": "int4-wo-g128"}  # nothing chosen; held to int4-wo-g128's limits
     # an explicit packing format is never overridden
     monkeypatch.setattr(torchao_config, "_probe", _fake_probe({"tile_packed_to_4d"}))
     with pytest.raises(EvalsuiteError, match="cannot run on cuda in bfloat16") as e:

@@ -244,6 +244,40 @@ def run(config: RunConfig, preloaded=None) -> int:
             lock.release()
 
 
+def layer_coverage(fp, changed: set[str], cfg, skip: tuple[str, ...]) -> dict | None:
+    """The linear layers the layer policy gave a handler that it left as they were (torchao skips a
+    layer its kernel cannot take, e.g. int4 where ``in_features`` is not a multiple of the group),
+    or None when it quantized every one: how many, of which shapes, and why where that is known."""
+    from evalsuite.quantize.policy import LayerPolicy
+
+    chosen = LayerPolicy(include_head=bool(getattr(cfg, "include_head", False)), skip=skip).select(fp)
+    left = [n for n in chosen if n not in changed]
+    if not left:
+        return None
+    shapes: dict[str, int] = {}
+    for name in left:
+        m = fp.get_submodule(name)
+        key = f"{m.in_features}->{m.out_features}"
+        shapes[key] = shapes.get(key, 0) + 1
+    out = {"chosen": len(chosen), "quantized": len(chosen) - len(left), "left": len(left),
+           "fraction_quantized": round((len(chosen) - len(left)) / len(chosen), 4),
+           "left_shapes": shapes, "left_examples": left[:3]}
+    group = getattr(getattr(cfg, "config", None), "group_size", None)
+    if isinstance(group, int) and group > 0:
+        bad = sorted({int(k.split("->")[0]) for k in shapes if int(k.split("->")[0]) % group})
+        if bad:
+            out["why"] = f"in_features {', '.join(map(str, bad))} not a multiple of group_size {group}"
+    return out
+
+
+def describe_coverage(variant: str, spec: str, c: dict, dtype) -> str:
+    shapes = ", ".join(f"{n} of {k}" for k, n in c["left_shapes"].items())
+    why = f": {c['why']}" if c.get("why") else ""
+    return (f"--quant {variant} ({spec}): quantized {c['quantized']} of the {c['chosen']} linear layers chosen; "
+            f"{c['left']} stay {str(dtype).removeprefix('torch.')} ({shapes}{why}). Its verdicts are for that "
+            "model; --skip-layers makes the choice explicit")
+
+
 def refuse_unchanged(variant: str, changed_layers: int, spec: str) -> None:
     """A variant whose every layer is bit-identical to fp's quantized nothing: measuring it would pass
     every check and report the quantizer as perfect."""
@@ -462,8 +496,15 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
                 results.run.setdefault("quantize_seconds", {})[cfg.name] = round(time.perf_counter() - t0, 3)
                 if hasattr(cfg, "spec"):  # not one of evalsuite's own schemes: check what it made
                     check_variant(cfg.name, variants[cfg.name], info.vocab_size, load_device, cfg.spec)
-                quantized_layers[cfg.name] = len(paired_layers(loaded.model, variants[cfg.name]))
+                changed = paired_layers(loaded.model, variants[cfg.name])
+                quantized_layers[cfg.name] = len(changed)
                 refuse_unchanged(cfg.name, quantized_layers[cfg.name], getattr(cfg, "spec", cfg.name))
+                if hasattr(cfg, "spec") and not hasattr(cfg, "rules"):  # torchao's or a user's handler
+                    coverage = layer_coverage(loaded.model, set(changed), cfg, skip)
+                    if coverage is not None:
+                        results.run.setdefault("quant_coverage", {})[cfg.name] = coverage
+                        if dist_env.is_writer:
+                            print(describe_coverage(cfg.name, cfg.spec, coverage, dtype), file=sys.stderr)
                 details = describe_scheme(cfg, variants[cfg.name], device, dtype)  # packing, fp8 forward path
                 if details:
                     results.run.setdefault("quant_details", {})[cfg.name] = details

@@ -116,13 +116,21 @@ class GateConfig:
     def strict(self) -> bool:
         return bool(self.data.get("strict"))
 
-    def scheme(self, variant: str) -> tuple[str, dict[str, Any]]:
+    def scheme(self, variant: str, limits_as: str | None = None) -> tuple[str, dict[str, Any]]:
         """The limits for ``variant`` and the pattern they came from. Patterns are tried in order,
-        with a catch-all ``*`` always last."""
+        with a catch-all ``*`` always last. ``limits_as``: the built-in scheme whose format the variant
+        has (a torchao config's, e.g. ``int4-wo-g128`` for ``Int4WeightOnlyConfig(group_size=128)``),
+        tried where only the catch-all matches the variant's own name: a user's name for an int4
+        variant gets int4's limits, not the catch-all's; a pattern naming the variant still wins."""
         pats = sorted(self.data["schemes"], key=lambda p: p == "*")
-        for pattern in pats:
-            if fnmatch.fnmatchcase(variant, pattern):
-                return pattern, {**self.data["schemes"].get("*", {}), **self.data["schemes"][pattern]}
+        names = [variant] + ([limits_as] if limits_as and limits_as != variant else [])
+        for name in names:
+            for pattern in pats:
+                if pattern != "*" and fnmatch.fnmatchcase(name, pattern):
+                    merged = {**self.data["schemes"].get("*", {}), **self.data["schemes"][pattern]}
+                    return (pattern if name == variant else f"{pattern} (as {limits_as})"), merged
+        if "*" in self.data["schemes"]:
+            return "*", dict(self.data["schemes"]["*"])
         return "*", {}
 
     def rel_floor(self, key: str) -> float:

@@ -219,6 +219,23 @@ def block_checks(results: Results, variant: str) -> list[Check]:
                   extra={"under": [f"block.{b}" for b, _, _ in under]})]
 
 
+def coverage_checks(results: Results, variant: str) -> list[Check]:
+    """A handler that left some of the layers it was given as they were (``run.quant_coverage``,
+    recorded by the quantize step): the variant's verdicts are for a partly quantized model, which
+    its name does not say. Reported (WORSE), not gated: the measurements are true of that model."""
+    c = (results.run.get("quant_coverage") or {}).get(variant)
+    if not c:
+        return []
+    shapes = ", ".join(f"{n} of {k}" for k, n in (c.get("left_shapes") or {}).items())
+    why = f"; {c['why']}" if c.get("why") else ""
+    return [Check(f"quantize/{variant}/coverage", "limit", WORSE,
+                  f"reported, not gated: the handler quantized {c['quantized']} of the {c['chosen']} linear layers "
+                  f"it was given; {c['left']} stay in floating point ({shapes}{why}), so every verdict of "
+                  f"{variant} is for that partly quantized model; --skip-layers makes the choice explicit",
+                  stage="quantize", variant=variant, metric="fraction_quantized", value=c.get("fraction_quantized"),
+                  limit=1.0, gated=False, extra={"left_examples": c.get("left_examples")})]
+
+
 # Below this fraction of the measured copy bandwidth the fp decode is not memory-bound (a 135M model
 # on an H100 decodes at ~9%; gpt-fast's 7B at ~70%), and the speed-up gate does not apply.
 MEMORY_BOUND_FRACTION = 0.3
@@ -285,12 +302,14 @@ def run_checks(results: Results) -> list[Check]:
 def within_run_checks(results: Results, config: GateConfig) -> list[Check]:
     checks = run_checks(results)
     metrics = list(config.data["layer_metric"])
+    details = results.run.get("quant_details") or {}
     for variant in quantized_variants(results):
-        pattern, limits = config.scheme(variant)
+        pattern, limits = config.scheme(variant, (details.get(variant) or {}).get("limits_as"))
         checks += ppl_checks(results, variant, limits, pattern, config.alpha)
         checks += task_checks(results, variant, limits, pattern, config.alpha)
         checks += generation_checks(results, variant, limits, pattern, config.alpha)
         checks += layer_checks(results, variant, limits, pattern, metrics)
         checks += block_checks(results, variant)
+        checks += coverage_checks(results, variant)
         checks += speed_checks(results, variant, limits, pattern, list(config.data["speed_devices"]), config.alpha)
     return checks

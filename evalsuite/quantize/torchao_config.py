@@ -43,8 +43,28 @@ class TorchaoConfig(ReferencedScheme):
         return self.ref.include_head
 
     @property
+    def limits_as(self) -> str | None:
+        """The built-in scheme of the same format, whose gate limits the variant is held to (the
+        judge's ``schemes`` patterns are built-in names; a name of the user's own matches only ``*``)."""
+        return limits_as(self.config)
+
+    @property
     def details(self) -> dict[str, Any]:
-        return dict(self.chosen)
+        out = dict(self.chosen)
+        if self.limits_as:
+            out["limits_as"] = self.limits_as
+        return out
+
+
+def limits_as(config: Any) -> str | None:
+    """``Int4WeightOnlyConfig(group_size=128)`` → ``int4-wo-g128``, ``Int8WeightOnlyConfig`` →
+    ``int8-wo``, the fp8 configs → ``fp8-wo``/``fp8-dq``; None for a config of another format."""
+    name = type(config).__name__
+    if name in ("Int4WeightOnlyConfig", "PrototypeInt4WeightOnlyConfig"):
+        group = getattr(config, "group_size", None)
+        return f"int4-wo-g{group}" if group else "int4-wo"
+    return {"Int8WeightOnlyConfig": "int8-wo", "Int8DynamicActivationInt8WeightConfig": "int8-dq",
+            "Float8WeightOnlyConfig": "fp8-wo", "Float8DynamicActivationFloat8WeightConfig": "fp8-dq"}.get(name)
 
 
 def _torchao_quantization():
@@ -145,7 +165,7 @@ def check_runs_on(cfg: TorchaoConfig, device: torch.device, dtype: torch.dtype) 
 
 def note(cfg: TorchaoConfig) -> str | None:
     """The one line that says what ``check_runs_on`` chose, or None when it chose nothing."""
-    d = cfg.details
+    d = dict(cfg.chosen)
     if not d:
         return None
     return f"--quant {cfg.spec}: int4_packing_format={d['int4_packing_format']} ({d['why']})"
