@@ -69,6 +69,11 @@ def test_results_record_the_recipe_its_sha256_and_bits_per_weight(tmp_path):
     int4 = int4_weights * (4 + 2 * 32 / 32)
     total = n["q"] * 2 + n["kv"] * 4 + n["o"] * 2 + n["mlp"] * 6
     assert details["bits_per_weight"] == pytest.approx((fp_bits + int8 + int4) / total)
+    # judged as its default scheme, whatever the user named it ("mix" alone matches only the catch-all)
+    assert details["limits_as"] == "int4-wo-g32"
+    from evalsuite.judge.config import load_gate_config
+
+    assert load_gate_config().scheme("mix", details["limits_as"])[0] == "int4-* (as int4-wo-g32)"
 
 
 def test_a_recipe_is_a_yaml_file_too(tmp_path):

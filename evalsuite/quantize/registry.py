@@ -174,6 +174,7 @@ def describe(config: object, model: nn.Module, device: torch.device, dtype: torc
     details = dict(getattr(config, "details", None) or {})
     if isinstance(config, recipe.RecipeConfig):
         details.update(recipe.describe(config, model))
+        details.setdefault("limits_as", config.default)  # a recipe is judged as its default scheme
     elif isinstance(config, Float8DynamicActivationFloat8WeightConfig):
         details["forward"] = forward_paths(model, device, dtype)
     elif isinstance(config, Float8WeightOnlyConfig):
