@@ -128,8 +128,10 @@ def run_command(argv: list[str] | None, model_path: str, quant: str, skip: list[
     return shlex.join(cmd)
 
 
-def _limits(config, variant: str, limits_as: str | None = None) -> tuple[float, float, str]:
-    pattern, limits = config.scheme(variant, limits_as)
+def _limits(config, results: Results, variant: str) -> tuple[float, float, str]:
+    from evalsuite.judge.within import variant_limits
+
+    pattern, limits = variant_limits(config, results, variant)
     return float(limits["kld_mean_max"]), float(limits["ppl_ratio_max"]), pattern
 
 
@@ -205,8 +207,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
     details = results.details.setdefault("fix", {})
     for variant, checks in fails.items():
         t0 = time.perf_counter()
-        kld_max, ratio_max, pattern = _limits(
-            config, variant, ((results.run.get("quant_details") or {}).get(variant) or {}).get("limits_as"))
+        kld_max, ratio_max, pattern = _limits(config, results, variant)
         margin = float(fix.margin)
         stages = [s for s in dict.fromkeys(c.get("stage") for c in checks) if s]
         unfixable = [c["check"] for c in checks if c.get("stage") not in FIXABLE_STAGES]

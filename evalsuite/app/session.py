@@ -255,27 +255,29 @@ def layer_coverage(fp, changed: set[str], cfg, skip: tuple[str, ...]) -> dict | 
     if not left:
         return None
     shapes: dict[str, int] = {}
+    widths: set[int] = set()
     for name in left:
         m = fp.get_submodule(name)
         key = f"{m.in_features}->{m.out_features}"
         shapes[key] = shapes.get(key, 0) + 1
+        widths.add(m.in_features)
     out = {"chosen": len(chosen), "quantized": len(chosen) - len(left), "left": len(left),
            "fraction_quantized": round((len(chosen) - len(left)) / len(chosen), 4),
            "left_shapes": shapes, "left_examples": left[:3]}
     group = getattr(getattr(cfg, "config", None), "group_size", None)
     if isinstance(group, int) and group > 0:
-        bad = sorted({int(k.split("->")[0]) for k in shapes if int(k.split("->")[0]) % group})
+        bad = sorted(w for w in widths if w % group)
         if bad:
             out["why"] = f"in_features {', '.join(map(str, bad))} not a multiple of group_size {group}"
     return out
 
 
 def describe_coverage(variant: str, spec: str, c: dict, dtype) -> str:
-    shapes = ", ".join(f"{n} of {k}" for k, n in c["left_shapes"].items())
-    why = f": {c['why']}" if c.get("why") else ""
-    return (f"--quant {variant} ({spec}): quantized {c['quantized']} of the {c['chosen']} linear layers chosen; "
-            f"{c['left']} stay {str(dtype).removeprefix('torch.')} ({shapes}{why}). Its verdicts are for that "
-            "model; --skip-layers makes the choice explicit")
+    """The quantize step's one line for a ``layer_coverage`` entry."""
+    from evalsuite.judge.within import coverage_words
+
+    return (f"--quant {variant} ({spec}): {coverage_words(c, str(dtype).removeprefix('torch.'))}. Its verdicts are "
+            "for that model; --skip-layers makes the choice explicit")
 
 
 def refuse_unchanged(variant: str, changed_layers: int, spec: str) -> None:
@@ -320,6 +322,7 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
     from evalsuite.measure.phase_timer import NO_IDLE_ON_CPU, DeviceBusy
     from evalsuite.quantize import quantize_
     from evalsuite.quantize.policy import LayerPolicy, parse_skip
+    from evalsuite.quantize.recipe import RecipeConfig
     from evalsuite.quantize.registry import describe as describe_scheme
     from evalsuite.measure.validate import check_variant
 
@@ -499,7 +502,7 @@ def _run_locked(config: RunConfig, stages, configs, variant_specs, model_path, d
                 changed = paired_layers(loaded.model, variants[cfg.name])
                 quantized_layers[cfg.name] = len(changed)
                 refuse_unchanged(cfg.name, quantized_layers[cfg.name], getattr(cfg, "spec", cfg.name))
-                if hasattr(cfg, "spec") and not hasattr(cfg, "rules"):  # torchao's or a user's handler
+                if hasattr(cfg, "spec") and not isinstance(cfg, RecipeConfig):  # torchao's or a user's handler
                     coverage = layer_coverage(loaded.model, set(changed), cfg, skip)
                     if coverage is not None:
                         results.run.setdefault("quant_coverage", {})[cfg.name] = coverage

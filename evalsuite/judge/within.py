@@ -219,6 +219,15 @@ def block_checks(results: Results, variant: str) -> list[Check]:
                   extra={"under": [f"block.{b}" for b, _, _ in under]})]
 
 
+def coverage_words(c: dict, stay: str = "in floating point") -> str:
+    """A ``run.quant_coverage`` entry in words: how many of the chosen layers were quantized, which
+    shapes stayed ``stay`` (the dtype, where the caller knows it) and why, where known."""
+    shapes = ", ".join(f"{n} of {k}" for k, n in (c.get("left_shapes") or {}).items())
+    why = f": {c['why']}" if c.get("why") else ""
+    return (f"quantized {c['quantized']} of the {c['chosen']} linear layers chosen; {c['left']} stay {stay} "
+            f"({shapes}{why})")
+
+
 def coverage_checks(results: Results, variant: str) -> list[Check]:
     """A handler that left some of the layers it was given as they were (``run.quant_coverage``,
     recorded by the quantize step): the variant's verdicts are for a partly quantized model, which
@@ -226,11 +235,8 @@ def coverage_checks(results: Results, variant: str) -> list[Check]:
     c = (results.run.get("quant_coverage") or {}).get(variant)
     if not c:
         return []
-    shapes = ", ".join(f"{n} of {k}" for k, n in (c.get("left_shapes") or {}).items())
-    why = f"; {c['why']}" if c.get("why") else ""
     return [Check(f"quantize/{variant}/coverage", "limit", WORSE,
-                  f"reported, not gated: the handler quantized {c['quantized']} of the {c['chosen']} linear layers "
-                  f"it was given; {c['left']} stay in floating point ({shapes}{why}), so every verdict of "
+                  f"reported, not gated: the handler {coverage_words(c)}, so every verdict of "
                   f"{variant} is for that partly quantized model; --skip-layers makes the choice explicit",
                   stage="quantize", variant=variant, metric="fraction_quantized", value=c.get("fraction_quantized"),
                   limit=1.0, gated=False, extra={"left_examples": c.get("left_examples")})]
@@ -299,12 +305,18 @@ def run_checks(results: Results) -> list[Check]:
     return [Check("run/errors", "run", INCOMPLETE, f"{len(results.errors)} stage error(s), data partial: {msgs}")]
 
 
+def variant_limits(config: GateConfig, results: Results, variant: str) -> tuple[str, dict[str, Any]]:
+    """``config.scheme`` for ``variant``, with the format its quantize step recorded
+    (``run.quant_details[variant].limits_as``: a torchao config's, a recipe's default scheme)."""
+    details = (results.run.get("quant_details") or {}).get(variant) or {}
+    return config.scheme(variant, details.get("limits_as"))
+
+
 def within_run_checks(results: Results, config: GateConfig) -> list[Check]:
     checks = run_checks(results)
     metrics = list(config.data["layer_metric"])
-    details = results.run.get("quant_details") or {}
     for variant in quantized_variants(results):
-        pattern, limits = config.scheme(variant, (details.get(variant) or {}).get("limits_as"))
+        pattern, limits = variant_limits(config, results, variant)
         checks += ppl_checks(results, variant, limits, pattern, config.alpha)
         checks += task_checks(results, variant, limits, pattern, config.alpha)
         checks += generation_checks(results, variant, limits, pattern, config.alpha)
