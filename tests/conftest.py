@@ -64,6 +64,83 @@ def smollm2(smollm2_path):
     return load_model(smollm2_path, device="cpu", dtype=torch.float32)
 
 
+# a byte-level BPE of its own for the tiny GGUF: the 256 byte characters, a few merges, three specials
+_TINY_MERGES = ["Ġ t", "h e", "Ġ a", "i n", "Ġt he", "e r", "o n", "Ġ s", "e d", "Ġ w", "r e", "a t", "o r",
+                "e n", "Ġ c", "i s", "Ġ o", "i t", "Ġ b", "a n", "Ġ f", "e s", "a l", "Ġ p", "a r", "Ġ m",
+                "Ġ in", "i c", "Ġ d", "o u", "Ġ h", "l l", "Ġ l", "Ġo f", "n d", "Ġa nd", "Ġt o", "Ġ is"]
+
+
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A llama GGUF small enough for loader mechanics (77 kB, parsed in milliseconds), laid out as
+    SmolLM2's: a gpt2-style byte-level BPE tokenizer, Q8_0 token embeddings tied to the head, Q4_1
+    linear layers, F32 norms, grouped KV heads; random weights."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+    from gguf import GGUFWriter
+    from gguf.quants import quantize
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *alphabet]
+    for m in _TINY_MERGES:
+        assert all(part in tokens for part in m.split(" ")), m  # a merge joins tokens made before it
+        if m.replace(" ", "") not in tokens:
+            tokens.append(m.replace(" ", ""))
+    merges = _TINY_MERGES
+    vocab, hidden, ffn, heads, kv, blocks = len(tokens), 64, 128, 4, 2, 2
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(blocks)
+    w.add_context_length(512)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(tokens)
+    w.add_token_types([3] * 3 + [1] * (vocab - 3))
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_add_space_prefix(False)
+    rng = np.random.default_rng(seed)
+
+    def add(name: str, shape: tuple[int, ...], qtype) -> None:
+        x = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        if qtype == Q.F32:
+            w.add_tensor(name, x)
+        else:
+            w.add_tensor(name, quantize(x, qtype), raw_dtype=qtype)
+
+    add("token_embd.weight", (vocab, hidden), Q.Q8_0)
+    for b in range(blocks):
+        add(f"blk.{b}.attn_norm.weight", (hidden,), Q.F32)
+        for name, shape in (("attn_q", (hidden, hidden)), ("attn_k", (kv * hidden // heads, hidden)),
+                            ("attn_v", (kv * hidden // heads, hidden)), ("attn_output", (hidden, hidden)),
+                            ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)), ("ffn_down", (hidden, ffn))):
+            add(f"blk.{b}.{name}.weight", shape, Q.Q4_1)
+        add(f"blk.{b}.ffn_norm.weight", (hidden,), Q.F32)
+    add("output_norm.weight", (hidden,), Q.F32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """:func:`write_tiny_gguf`, written once a session."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.Q4_1.gguf")
+
+
 def make_tiny_llama(seed: int = 0, vocab_size: int = 256, hidden: int = 64, layers: int = 2, bias: bool = False,
                     tie: bool = True):
     """A random-weight Hugging Face Llama small enough for mechanics tests (milliseconds a forward)."""

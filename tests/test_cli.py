@@ -65,10 +65,10 @@ def test_not_a_model_file(tmp_path):
     _assert_one_line_error(run_cli("run", "--model", str(bad), "--stages", "none"), "not a model file")
 
 
-def test_truncated_gguf(tmp_path, smollm2_path):
+def test_truncated_gguf(tmp_path, tiny_gguf):
     cut = tmp_path / "cut.gguf"
-    with open(smollm2_path, "rb") as f:
-        cut.write_bytes(f.read(1_500_000))
+    with open(tiny_gguf, "rb") as f:
+        cut.write_bytes(f.read(tiny_gguf.stat().st_size // 2))
     env_cache = tmp_path / "cache"
     p = subprocess.run([sys.executable, "-m", "evalsuite", "run", "--model", str(cut), "--stages", "none",
                         "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600, cwd=REPO,

@@ -148,10 +148,10 @@ def test_directory_that_is_not_a_model(tmp_path):
 
 
 @pytest.mark.parametrize("fraction", [0.02, 0.8])  # in the header's vocabulary, in the tensor data
-def test_truncated_gguf_is_a_clear_error(tmp_path, smollm2_path, fraction):
+def test_truncated_gguf_is_a_clear_error(tmp_path, tiny_gguf, fraction):
     cut = tmp_path / "cut.gguf"
-    with open(smollm2_path, "rb") as f:
-        cut.write_bytes(f.read(int(fraction * smollm2_path.stat().st_size)))
+    with open(tiny_gguf, "rb") as f:
+        cut.write_bytes(f.read(int(fraction * tiny_gguf.stat().st_size)))
     assert detect_format(cut) == "gguf"
     with pytest.raises(EvalsuiteError, match="not a readable GGUF") as e:
         load_model(cut, cache=False)
@@ -202,6 +202,17 @@ def transformers_gguf(smollm2_path):
     return model
 
 
+@pytest.fixture(scope="module")
+def transformers_tiny(tiny_gguf):
+    """transformers' own load of the tiny GGUF (conftest's write_tiny_gguf: SmolLM2's layout, in kB):
+    the fallback paths below are the same code for any file, and transformers parses SmolLM2's 49k-token
+    vocabulary in tens of seconds a load."""
+    from evalsuite.load.model import _load_hf
+
+    model, _ = _load_hf(tiny_gguf.parent, tiny_gguf.parent, tiny_gguf.name, None)
+    return model
+
+
 def test_streamed_gguf_equals_transformers_bit_for_bit_and_is_cached_once(tmp_path, monkeypatch, smollm2_path,
                                                                           transformers_gguf):
     import evalsuite.load.gguf_stream as stream
@@ -225,8 +236,8 @@ def test_streamed_gguf_equals_transformers_bit_for_bit_and_is_cached_once(tmp_pa
     assert [k for k, v in _bits(second.model).items() if not torch.equal(v, theirs[k])] == []
 
 
-def test_gguf_tensor_type_without_a_device_unpacker_is_dequantized_on_the_host(monkeypatch, smollm2_path,
-                                                                                 transformers_gguf, caplog):
+def test_gguf_tensor_type_without_a_device_unpacker_is_dequantized_on_the_host(monkeypatch, tiny_gguf,
+                                                                                 transformers_tiny, caplog):
     import evalsuite.load.gguf_stream as stream
     from gguf import GGMLQuantizationType
 
@@ -234,17 +245,17 @@ def test_gguf_tensor_type_without_a_device_unpacker_is_dequantized_on_the_host(m
     monkeypatch.setattr(stream, "device_dequantizers",
                         lambda: {k: v for k, v in everything().items() if k != GGMLQuantizationType.Q8_0})
     with caplog.at_level("WARNING", logger="evalsuite.load.model"):
-        loaded = load_model(smollm2_path, cache=False)
+        loaded = load_model(tiny_gguf, cache=False)
     lines = [r.getMessage() for r in caplog.records]
     assert any("1 tensor(s) of type Q8_0 dequantized on the host" in m for m in lines), lines
     assert loaded.info.extra["source"] == "gguf streamed"
-    theirs = _bits(transformers_gguf)
+    theirs = _bits(transformers_tiny)
     assert [k for k, v in _bits(loaded.model).items() if not torch.equal(v, theirs[k])] == []
 
 
 @pytest.mark.parametrize("unsupported", ["tensor type", "architecture"])
 def test_gguf_the_streaming_reader_cannot_match_goes_through_transformers_with_one_line(
-        monkeypatch, smollm2_path, transformers_gguf, caplog, unsupported):
+        monkeypatch, tiny_gguf, transformers_tiny, caplog, unsupported):
     import evalsuite.load.gguf_stream as stream
 
     if unsupported == "architecture":
@@ -260,17 +271,17 @@ def test_gguf_the_streaming_reader_cannot_match_goes_through_transformers_with_o
 
         monkeypatch.setattr(stream, "host_dequantize", no_q8)
     with caplog.at_level("WARNING", logger="evalsuite.load.model"):
-        loaded = load_model(smollm2_path, cache=False)
+        loaded = load_model(tiny_gguf, cache=False)
     lines = [r.getMessage() for r in caplog.records if "transformers' GGUF loader" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0]
     assert ("tensor type Q8_0" if unsupported == "tensor type" else "architecture 'llama'") in lines[0]
     assert loaded.info.extra["source"] == "gguf via transformers"
-    theirs = _bits(transformers_gguf)
+    theirs = _bits(transformers_tiny)
     assert [k for k, v in _bits(loaded.model).items() if not torch.equal(v, theirs[k])] == []
 
 
-def test_a_fault_of_the_streaming_reader_falls_back_to_transformers_with_one_line(monkeypatch, smollm2_path,
-                                                                                  transformers_gguf, caplog):
+def test_a_fault_of_the_streaming_reader_falls_back_to_transformers_with_one_line(monkeypatch, tiny_gguf,
+                                                                                  transformers_tiny, caplog):
     """A bug of the reader on some device (a kernel refused, a shape it did not expect) costs the first
     load its speed, never the run."""
     import evalsuite.load.gguf_stream as stream
@@ -280,11 +291,11 @@ def test_a_fault_of_the_streaming_reader_falls_back_to_transformers_with_one_lin
 
     monkeypatch.setattr(stream, "load_streamed", broken)
     with caplog.at_level("WARNING", logger="evalsuite.load.model"):
-        loaded = load_model(smollm2_path, cache=False)
+        loaded = load_model(tiny_gguf, cache=False)
     lines = [r.getMessage() for r in caplog.records if "streaming GGUF reader failed" in r.getMessage()]
     assert len(lines) == 1 and "\n" not in lines[0] and "RuntimeError: planted" in lines[0]
     assert loaded.info.extra["source"] == "gguf via transformers"
-    theirs = _bits(transformers_gguf)
+    theirs = _bits(transformers_tiny)
     assert [k for k, v in _bits(loaded.model).items() if not torch.equal(v, theirs[k])] == []
 
 
