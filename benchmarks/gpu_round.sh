@@ -14,6 +14,7 @@
 #   scale7b    benchmarks/bench_scale.py, Llama-2-7B shape, int8-wo, ppl stage, cold and warm
 #   limits     benchmarks/calibrate_limits.py (fp8 and int8 ppl + layers)
 #   fix        benchmarks/bench_fix.py $FIX_ARGS (default: --quant int4-wo-g128 --stages ppl,tasks; issue 30)
+#   fixsearch  benchmarks/compare_fix_search.py (the fix's searches side by side on the calibration slice)
 # Every step's stdout goes to $OUT/round-<step>.log and its exit code and seconds to $OUT/round.txt.
 set -u
 OUT=${OUT:-/tmp/evalsuite-round}
@@ -36,6 +37,7 @@ for spec in "$@"; do
                    --budget-s $((limit - 10))) ;;
     limits)   cmd=(python3 benchmarks/calibrate_limits.py --out "$OUT/calibrate") ;;
     fix)      cmd=(python3 benchmarks/bench_fix.py ${FIX_ARGS:---quant int4-wo-g128 --stages ppl,tasks}) ;;
+    fixsearch) cmd=(python3 benchmarks/compare_fix_search.py) ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
   t0=$(date +%s.%N)

@@ -136,6 +136,7 @@ class FixConfig:
     margin: float = 0.8
     rerank: int = 8
     verify_strategies: bool = False
+    search: str = "path"  # "path": Fisher-estimated path, bisected by measurement; "greedy": every move measured
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,18 @@ Per failing scheme (costs in ``details.fix.<scheme>.seconds``):
 1. formats: each quantized layer's candidates are the failing scheme, ``int4-wo-g32`` for an int4
    scheme of a coarser group, ``int8-wo`` and fp (the layer's own float weights), each with its bytes
    (:func:`evalsuite.measure.sensitivity.layer_formats`);
-2. sensitivity: one counterfactual forward per layer on a calibration slice disjoint from the
-   evaluation windows (default the other WikiText-2 split, 4096 tokens): the KLD drop of the layer in
-   fp, from which each move's KLD reduction per extra byte is first estimated (``prior_ratios``);
-3. search: greedy by predicted KLD reduction per extra byte, every move re-measured on top of the
-   current assignment before it is taken (``greedy_formats``), until the predicted KLD and ppl ratio
-   are below ``margin`` x their gate limits (``ln`` of the ratio), within ``--fix-budget`` of extra
-   bytes (:func:`budget_bytes`); a failing layer-SQNR check's layers start in fp;
+2. sensitivity, on a calibration slice disjoint from the evaluation windows (default the other
+   WikiText-2 split, 4096 tokens): every layer's KLD in every format estimated from one forward and
+   one backward of fp (the diagonal Fisher score,
+   :func:`evalsuite.measure.sensitivity.fisher_estimates`), a few forwards' cost for all layers;
+3. search: moves (a layer to a larger format) by estimated KLD reduction per extra byte, within
+   ``--fix-budget`` of extra bytes (:func:`budget_bytes`), until the *measured* KLD and ppl ratio of
+   the variant are below ``margin`` x their gate limits (``ln`` of the ratio). ``path``: the greedy
+   order of the estimates is fixed, and a bisection on its prefix length measures about log2(moves)
+   variants (:func:`evalsuite.measure.sensitivity.path_search`); ``greedy``: every move is re-measured
+   on top of the current assignment before it is taken (``greedy_formats``; interactions measured,
+   about ten times the path's forwards, a smaller recipe). A failing layer-SQNR check's layers start
+   in fp;
 4. verification: the recipe is written to ``OUT/fix/<scheme>.recipe.json`` and the failing stages
    re-run on the evaluation data as ``--quant <scheme>-fix=recipe:FILE`` through the session's run
    loop, judged with the failing scheme's limits. If a check still fails, the target is tightened
@@ -21,9 +26,11 @@ Per failing scheme (costs in ``details.fix.<scheme>.seconds``):
    The verdict of the last verification is the fix's, not the prediction.
 
 Why greedy per byte: the cost of a format is its bytes, and its benefit (the KLD it removes) depends
-on the other layers' formats only weakly, so a lazily re-measured greedy is near the knapsack optimum
-at a forward per move measured; the frontier (``details.fix.<scheme>.frontier``) shows the visited
-assignments beside simple strategies at the same size, predicted on the calibration slice.
+on the other layers' formats only weakly, so the greedy order of a multiple-choice knapsack is near
+its optimum; the path search trusts the estimates for the order only, never for the verdict (each
+prefix it keeps is measured, and the recipe is verified on the evaluation data); the frontier
+(``details.fix.<scheme>.frontier``) shows the visited assignments beside simple strategies at the
+same size, predicted on the calibration slice.
 
 A scheme that passes gets no fix. Speed checks are not fixable by a recipe and are reported so.
 """
@@ -46,6 +53,7 @@ FIXABLE_STAGES = ("ppl", "tasks", "layers")
 DEFAULT_BUDGET = "25%"
 MAX_ROUNDS = 3  # verifications per scheme: each costs the failing stages once
 NOT_FIXABLE = "not fixable by a recipe"
+SEARCHES = ("path", "greedy")
 FLOAT = "fp"
 _BITS = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(?:bpw|bits?)$")
 
@@ -88,6 +96,8 @@ def validate(fix, ppl_corpus: str | None = None) -> None:
         raise EvalsuiteError("--fix-margin must be above 0 and at most 1")
     if fix.rerank < 1:
         raise EvalsuiteError("--fix-rerank must be at least 1")
+    if fix.search not in SEARCHES:
+        raise EvalsuiteError(f"--fix-search {fix.search!r}: expected one of {', '.join(SEARCHES)}")
     calibration_corpus(ppl_corpus or "wikitext2", fix.corpus)
 
 
@@ -151,24 +161,35 @@ def budget_bytes(budget: Budget, formats: dict) -> int:
 def tightened(kld_target: float, ln_ratio_target: float, predicted: dict, checks: list[dict], margin: float,
               ) -> tuple[float, float, str]:
     """The next round's predicted-KLD and ln(ppl ratio) targets after a failed verification: the
-    prediction was too optimistic for the evaluation data, so the target drops below what the
-    recipe was predicted to reach, by the factor that would have put each failing ppl check at
-    ``margin`` of its limit (verified value v, limit L: margin L / v, on ln for the ratio), and by
-    half for any other failing check (a task's accuracy, a layer's SQNR, which the calibration KLD
-    does not predict); never by less than a half, nor more than 0.1."""
-    factor, why = 0.5, []
+    prediction was too optimistic for the evaluation data, so the target drops below what the recipe
+    was predicted to reach, by the smallest of each failing gated check's factors:
+
+    - a KLD or ppl-ratio check (verified value v, limit L; ln of a ratio): ``margin L / v``, what would
+      have put it at the margin (the KLD scales with the target);
+    - an accuracy-drop check (limit L < 0, its interval's far end lo < L): ``margin L / lo``, taking the
+      drop as proportional to the KLD: its own measured signal, the verification it failed (measured on
+      an H100, SmolLM2 int4-wo-g128, 2026-12-07: the recipe's KLD x0.48 moved the pooled drop x0.35 and
+      its interval's far end x0.42, at or below proportion);
+    - any other (a layer's SQNR): a half.
+
+    Never by less than a fifth (every round moves), nor by more than x0.1."""
+    factor, why = 1.0, []
     for c in checks:
         if c.get("verdict") == "PASS" or not c.get("gated", True):
             continue
-        v, limit = c.get("value"), c.get("limit")
+        v, limit, interval = c.get("value"), c.get("limit"), c.get("interval")
         metric = c["check"].rsplit("/", 1)[-1]
+        f = 0.5
         if metric in ("kld_mean", "ppl_ratio") and v and limit and v > 0:
             if metric == "ppl_ratio":
                 v, limit = math.log(v), math.log(limit)
             if v > 0 and limit > 0:
-                factor = min(factor, margin * limit / v)
+                f = margin * limit / v
+        elif limit is not None and limit < 0 and interval and interval[0] is not None and interval[0] < limit:
+            f = margin * limit / interval[0]
+        factor = min(factor, f)
         why.append(c["check"])
-    factor = max(factor, 0.1)
+    factor = min(max(factor, 0.1), 0.8)
     kld = min(kld_target, factor * predicted["kld_mean"])
     ln_ratio = min(ln_ratio_target, factor * predicted["ln_ppl_ratio"]) if predicted["ln_ppl_ratio"] > 0 \
         else ln_ratio_target
@@ -188,9 +209,11 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         calibration_corpus,
         calibration_windows,
         candidate_schemes,
+        fisher_estimates,
+        fisher_prior,
         greedy_formats,
         layer_formats,
-        prior_ratios,
+        path_search,
         quantized_layer_names,
     )
     from evalsuite.quantize.base import SchemeConfig
@@ -253,13 +276,21 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         rounds: list[dict] = []
         visited: list[dict] = []
         t_search = t_verify = 0.0
-        print(f"fix {variant}: measuring each of {len(layer_names)} layers in fp on {entry['calibration']['tokens']} "
-              f"calibration tokens (one forward a layer), then searching formats ({', '.join(candidate_schemes(cfg.scheme))})",
-              flush=True)
+        greedy = fix.search == "greedy"
+        how = "estimating every layer's KLD in every format (one forward and backward of fp), then " + (
+            "a greedy search re-measuring every move" if greedy else
+            "measuring the shortest estimated path that meets the target (a bisection)")
+        print(f"fix {variant}: {len(layer_names)} layers, {entry['calibration']['tokens']} calibration tokens: {how} "
+              f"({', '.join(candidate_schemes(cfg.scheme))})", flush=True)
         with torch.inference_mode(), ctx.fused_forwards(fp, quantized):
             cf = Counterfactuals(fp, quantized, windows.input_ids, ctx.device, stats_fn,
                                  batch_size=len(windows) if ctx.device.type == "cuda" else 1)
-            prior, sensitivity = prior_ratios(cf, formats, fp)
+        t1 = time.perf_counter()
+        est, _ = fisher_estimates(fp, formats, cf.batches, seed=int(ctx.option("seed", 0) or 0))
+        prior, sensitivity = fisher_prior(est, formats)
+        entry["seconds_estimate"] = round(time.perf_counter() - t1, 3)
+        entry["search"] = fix.search
+        path: dict[str, Any] = {}  # the path search's path and its measured prefixes, kept while the start is
         search = None
         for k in range(MAX_ROUNDS):
             t1 = time.perf_counter()
@@ -272,10 +303,21 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
 
             with torch.inference_mode(), ctx.fused_forwards(fp, quantized):
                 previous = search
-                search = greedy_formats(cf, formats, target, limit_bytes, batch=batch, rerank=int(fix.rerank),
-                                        start=start, prior=prior)
+                if greedy:
+                    search = greedy_formats(cf, formats, target, limit_bytes, batch=batch, rerank=int(fix.rerank),
+                                            start=start, prior=prior)
+                else:
+                    if path.get("start") != start:
+                        path = {"start": dict(start), "known": {}, "path": None}
+                    search = path_search(cf, formats, target, limit_bytes, prior, start=start, path=path["path"],
+                                         known=path["known"])
+                    path["path"] = search.path
             t_search += time.perf_counter() - t1
-            visited += [dict(st, round=k + 1) for st in search.steps[(1 if k else 0):]]
+            # a greedy round's first step is the last round's recipe; a path search's steps are all new
+            skip = 1 if k and greedy else 0
+            new = [dict(st, round=k + 1) for st in search.steps]
+            chosen = new[search.chosen]
+            visited += new[skip:]
             if previous is not None and search.assignment == previous.assignment:
                 rounds[-1]["note"] = "the tightened target adds nothing within the budget"
                 break
@@ -298,8 +340,8 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
                            "extra_bytes": search.extra_bytes, "recipe": recipe_cfg.to_dict(),
                            "verified": verified, "verification_checks": checks_after,
                            "seconds": round(time.perf_counter() - t1, 3)})
-            visited[-1]["verified_kld_mean"] = (verified["metrics"].get("kld_mean") or {}).get("value")
-            visited[-1]["verdict"] = verified["verdict"]
+            chosen["verified_kld_mean"] = (verified["metrics"].get("kld_mean") or {}).get("value")
+            chosen["verdict"] = verified["verdict"]
             if verified["pass"] or not search.met:  # passed, or the budget is spent
                 break
             kld_target, ln_ratio_target, why = tightened(kld_target, ln_ratio_target, search.metrics.to_dict(),
@@ -307,16 +349,19 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
             rounds[-1]["tightened"] = why
             if any(c["check"].startswith("tasks/") and c.get("gated", True) and c.get("verdict") != "PASS"
                    for c in checks_after):
-                entry["task_signal"] = ("none: a failing task check tightens the KLD target; no calibration signal "
-                                        "of its own (gold-answer log-likelihoods on unscored items) yet")
+                entry["task_signal"] = ("the failing task check's own interval in the verification: the KLD target "
+                                        "scaled so that its far end would sit at the margin, the accuracy drop taken "
+                                        "as proportional to the KLD (no calibration items of its own)")
             forced |= {l for c in checks_after if c.get("verdict") != "PASS"
                        for l in (c.get("extra") or {}).get("under", []) if l in formats}
-            start = {**search.assignment, **{n: FLOAT for n in forced}}
+            # the greedy goes on from its recipe; the path search from the same start, along the same path
+            start = {**(search.assignment if greedy else start), **{n: FLOAT for n in forced}}
         last = rounds[-1]
         with torch.inference_mode(), ctx.fused_forwards(fp, quantized):
             frontier = _frontier(ctx, results, config, cf, fp, formats, visited, last, variant, name, cfg.scheme,
                                  stages, out_dir, measure, bool(getattr(fix, "verify_strategies", False)))
-            frontier.append(_fp_only(cf, formats, target, limit_bytes, batch, int(fix.rerank), prior, cfg.scheme))
+            frontier.append(_fp_only(cf, formats, target, limit_bytes, batch, int(fix.rerank), prior, cfg.scheme,
+                                     greedy))
         forwards = cf.forwards
         del cf
         ok = last["verified"]["pass"]
@@ -417,15 +462,17 @@ def _frontier(ctx, results: Results, config, cf, fp, formats: dict, visited: lis
     return points
 
 
-def _fp_only(cf, formats: dict, target, limit_bytes: int, batch: int, rerank: int, prior: dict, scheme: str) -> dict:
-    """The point of the fix as it was before per-layer formats: the same greedy search and final target,
-    each layer either in the scheme or in fp (predicted on the calibration slice), to set the recipe's
-    bits per weight beside."""
-    from evalsuite.measure.sensitivity import greedy_formats
+def _fp_only(cf, formats: dict, target, limit_bytes: int, batch: int, rerank: int, prior: dict, scheme: str,
+             greedy: bool) -> dict:
+    """The point of the fix as it was before per-layer formats: the same search and final target, each
+    layer either in the scheme or in fp (predicted on the calibration slice), to set the recipe's bits
+    per weight beside."""
+    from evalsuite.measure.sensitivity import greedy_formats, path_search
 
     two = {n: [fs[0], fs[-1]] for n, fs in formats.items()}  # a layer's formats run up to fp
     prior2 = {(n, 1): r for (n, j), r in prior.items() if j == len(formats[n]) - 1}
-    search = greedy_formats(cf, two, target, limit_bytes, batch=batch, rerank=rerank, prior=prior2)
+    search = greedy_formats(cf, two, target, limit_bytes, batch=batch, rerank=rerank, prior=prior2) if greedy \
+        else path_search(cf, two, target, limit_bytes, prior2)
     return {"strategy": "fp-only search", "bits_per_weight": search.bits_per_weight, "extra_bytes": search.extra_bytes,
             "predicted_kld_mean": search.metrics.kld_mean, "predicted_ppl_ratio": search.metrics.ppl_ratio,
             "layers_raised": sum(1 for v in search.assignment.values() if v != scheme),
@@ -488,8 +535,9 @@ def _verify(ctx, results: Results, config, name: str, recipe_cfg, stages: list[s
         quant_details["bits_per_weight"]
 
 
-KLD_DROP_DEF = ("leave-one-out sensitivity: mean per-token KL(fp || Q) minus the same with only this layer "
-                "in fp; on {source}, {tokens} calibration tokens disjoint from the evaluation windows")
+KLD_EST_DEF = ("estimated sensitivity: the KLD of fp with only this layer in the scheme, by the diagonal Fisher "
+               "score (1/2 sum over tokens and output channels of (gradient x output change)^2, labels drawn from "
+               "fp); on {source}, {tokens} calibration tokens disjoint from the evaluation windows")
 
 
 def _records(results: Results, variant: str, e: dict) -> None:
@@ -497,7 +545,7 @@ def _records(results: Results, variant: str, e: dict) -> None:
 
     cal = e["calibration"]
     tokens = cal["tokens"]
-    definition = KLD_DROP_DEF.format(source=cal["source"], tokens=tokens)
+    definition = KLD_EST_DEF.format(source=cal["source"], tokens=tokens)
     records = [dict(stage="fix", task=name, variant=variant, metric="kld_drop", value=v, unit="nats", n=tokens,
                     higher_is_better=None, definition=definition) for name, v in e["sensitivity"].items()]
     summary = [

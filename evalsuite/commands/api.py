@@ -81,6 +81,7 @@ _RUN_OPTIONS = {
     "suggest_fix": ("fix", "suggest"), "fix_budget": ("fix", "budget"), "fix_granularity": ("fix", "granularity"),
     "fix_tokens": ("fix", "tokens"), "fix_corpus": ("fix", "corpus"), "fix_margin": ("fix", "margin"),
     "fix_rerank": ("fix", "rerank"), "fix_verify_strategies": ("fix", "verify_strategies"),
+    "fix_search": ("fix", "search"),
     "resume": ("output", "resume"), "force": ("output", "force"),
 }
 

@@ -25,9 +25,23 @@ def add_fix_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--fix-rerank", type=int, default=8,
                    help="most moves (a layer to a larger format) re-measured on top of the current recipe at each "
                         "greedy round (default 8)")
+    g.add_argument("--fix-search", choices=["path", "greedy"], default="path",
+                   help="path (default): estimate every layer's KLD in every format from one forward and backward "
+                        "of fp (diagonal Fisher), then measure the shortest prefix of the estimated greedy path "
+                        "that meets the target (a bisection, ~log2(moves) forwards); greedy: one forward a layer, "
+                        "then every move re-measured on top of the current recipe (slower, hundreds of forwards)")
     g.add_argument("--fix-verify-strategies", action="store_true",
                    help="verify the frontier's simple strategies on the evaluation data too (default: predicted on "
                         "the calibration tokens only; the chosen recipe is always verified)")
+
+
+def fix_config(args: argparse.Namespace, suggest: bool):
+    """The run's ``FixConfig`` from the parsed fix options (``run --suggest-fix`` and ``evalsuite fix``)."""
+    from evalsuite.app.config import FixConfig
+
+    return FixConfig(suggest=suggest, budget=args.fix_budget, granularity=args.fix_granularity,
+                     tokens=args.fix_tokens, corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank,
+                     verify_strategies=args.fix_verify_strategies, search=args.fix_search)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,7 +58,6 @@ def main(args: argparse.Namespace) -> int:
     import dataclasses
     from pathlib import Path
 
-    from evalsuite.app.config import FixConfig
     from evalsuite.app.session import fix_results
     from evalsuite.commands.cli import build_parser
     from evalsuite.commands.run import config_from_args
@@ -53,9 +66,6 @@ def main(args: argparse.Namespace) -> int:
     argv = results.run.get("argv") or []
     run_args = build_parser("run").parse_args(argv if argv[:1] == ["run"] else ["run"])
     # the run's own config, with this command's fix options
-    config = dataclasses.replace(config_from_args(run_args, argv), fix=FixConfig(
-        suggest=True, budget=args.fix_budget, granularity=args.fix_granularity, tokens=args.fix_tokens,
-        corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank,
-        verify_strategies=args.fix_verify_strategies))
+    config = dataclasses.replace(config_from_args(run_args, argv), fix=fix_config(args, suggest=True))
     return fix_results(config, results, Path(args.results), gates=args.gates, device=args.device, model=args.model,
                        data_dir=args.data_dir, threads=args.threads)

@@ -6,11 +6,11 @@ import argparse
 import os
 
 from evalsuite.app.config import (
-    DEFAULT_SEED, DTYPES, DataConfig, FixConfig, JudgeConfig, ModelConfig, OutputConfig, RunConfig, RuntimeConfig,
+    DEFAULT_SEED, DTYPES, DataConfig, JudgeConfig, ModelConfig, OutputConfig, RunConfig, RuntimeConfig,
     StageOptions, StagesConfig,
 )
 from evalsuite.app.session import run
-from evalsuite.commands.fix import add_fix_options
+from evalsuite.commands.fix import add_fix_options, fix_config
 from evalsuite.commands.gate import add_gate_arguments
 from evalsuite.measure import STAGE_MODULES, get_stage
 
@@ -108,9 +108,7 @@ def config_from_args(args: argparse.Namespace, argv: list[str] | None = None) ->
                           gate_cpu_speed=args.gate_cpu_speed, baseline=args.baseline, baselines=args.baselines,
                           history=args.history, no_history=args.no_history, verbose=args.verbose,
                           confirm=args.confirm),
-        fix=FixConfig(suggest=args.suggest_fix, budget=args.fix_budget, granularity=args.fix_granularity,
-                      tokens=args.fix_tokens, corpus=args.fix_corpus, margin=args.fix_margin, rerank=args.fix_rerank,
-                      verify_strategies=args.fix_verify_strategies),
+        fix=fix_config(args, suggest=args.suggest_fix),
         output=OutputConfig(out=args.out, resume=args.resume, force=args.force),
         argv=tuple(sys.argv[1:] if argv is None else argv),
     )

@@ -10,12 +10,16 @@ forward over the calibration tokens and the model is loaded once.
 Definitions (per scored calibration token, natural logs):
 - ``kld_mean`` = mean KL(P || Q_S) in nats; ``ln_ppl_ratio`` = mean NLL(Q_S) - mean NLL(P) (nats/token),
   ``ppl_ratio`` = exp(ln_ppl_ratio);
-- leave-one-out sensitivity of a layer: ``kld_drop`` = kld_mean(∅) - kld_mean({layer}), the KLD
-  removed by restoring only that layer (:func:`prior_ratios`);
-- the per-layer format search (:func:`greedy_formats`, what ``evalsuite fix`` runs): each layer may
-  move to any of its larger formats (:func:`layer_formats`), chosen greedily by KLD reduction per
-  extra byte, each move re-measured on top of the current assignment (interactions measured, not
-  assumed additive; lazy greedy: a move's ratio rarely grows as the recipe grows); its result is a
+- sensitivity of a layer (``kld_drop``): the KLD restoring it to fp would remove, estimated by the
+  layer's diagonal Fisher score in its first format (:func:`fisher_estimates`, :func:`fisher_prior`);
+- the per-layer format searches of ``evalsuite fix``: each layer may move to any of its larger
+  formats (:func:`layer_formats`), chosen greedily by KLD reduction per extra byte. The default,
+  :func:`path_search`, orders every move once by estimates (:func:`fisher_estimates`: the diagonal
+  Fisher score of each layer in each format, from one forward and backward of fp) into a path
+  (:func:`estimated_path`) and bisects its length by measurement, so each recipe it keeps is
+  measured, at about log2(moves) forwards. :func:`greedy_formats` re-measures each move on top of
+  the current assignment before taking it (interactions measured, not assumed additive; lazy
+  greedy: a move's ratio rarely grows as the recipe grows), hundreds of forwards. The result is a
   recipe (:func:`to_recipe`), its size effective bits per weight (:func:`bits_per_weight`), and
   :func:`simple_strategies` gives the frontier's comparison points.
 """
@@ -241,25 +245,200 @@ def weight_error_energy(fp_linear: nn.Module, module: nn.Module) -> float:
     return float((w - module.dequantize().to(w.device).float()).pow(2).sum())
 
 
-def prior_ratios(cf: "Counterfactuals", formats: dict[str, list[Format]], fp: nn.Module,
+def fisher_estimates(fp: nn.Module, formats: dict[str, list[Format]], batches: list[torch.Tensor], seed: int = 0,
+                     ) -> tuple[dict[tuple[str, int], float], int]:
+    """Every layer's KLD in every one of its formats, estimated from one forward and one backward of
+    ``fp`` per calibration batch instead of one forward a layer (the diagonal Fisher score, as
+    ModelOpt's AutoQuantize ranks layers):
+
+        est(l, f) = 1/N sum_t sum_c 1/2 (g_tc dy_tc)^2,  dy = x (W_f - W)^T,
+
+    where x is the layer's input at token t, W its fp weight, W_f its weight in format f
+    (``dequantize``), and g the gradient of sum_t -log p(y_t) with respect to the layer's output, each
+    label y_t drawn from the fp model's own next-token distribution (so that E[g g^T] is the Fisher of
+    KL(P || .) at fp; one draw a token, ``seed``). A second-order estimate of KL(P || P with only this
+    layer in f), additive over layers, so the search can order every move at once; the search measures
+    the variant before it takes a recipe. Returns ``{(layer, format index): nats/token}`` (0 for fp)
+    and the number of tokens N."""
+    gens: dict[torch.device, torch.Generator] = {}
+    est = {(n, j): 0.0 for n, fs in formats.items() for j in range(len(fs))}
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def on_forward(name: str):
+        def hook(module, args, output):
+            inputs[name] = args[0].detach()
+            if output.requires_grad:
+                output.register_hook(lambda g, name=name, w=module.weight: on_grad(name, w, g))
+        return hook
+
+    def on_grad(name: str, weight: torch.Tensor, g: torch.Tensor) -> None:
+        x = inputs.pop(name).reshape(-1, weight.shape[1]).float()
+        g2 = g.reshape(-1, weight.shape[0]).float().pow(2)
+        w = weight.detach().float()
+        for j, f in enumerate(formats[name]):
+            if hasattr(f.module, "dequantize"):
+                dy = x @ (f.module.dequantize().to(w.device).float() - w).t()
+                est[(name, j)] += 0.5 * float((g2 * dy.pow(2)).sum())
+
+    def grad_from_here(module, args, output):
+        return output.detach().requires_grad_(True)
+
+    embed = fp.get_input_embeddings() if hasattr(fp, "get_input_embeddings") else None
+    if embed is None:
+        raise EvalsuiteError("the Fisher estimate needs the model's input embeddings (get_input_embeddings)")
+    flags = [(p, p.requires_grad) for p in fp.parameters()]
+    n = 0
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        handles.append(embed.register_forward_hook(grad_from_here))
+        handles += [fp.get_submodule(name).register_forward_hook(on_forward(name)) for name in formats]
+        with torch.inference_mode(False), torch.enable_grad():
+            for x in (b[i: i + 1] for b in batches for i in range(b.shape[0])):  # a window at a time
+                # a normal tensor (the caller's may be an inference tensor, which autograd may not save)
+                logits = forward_logits(fp, x.clone())[:, :-1].float()
+                gen = gens.get(logits.device) or gens.setdefault(
+                    logits.device, torch.Generator(device=logits.device).manual_seed(seed))
+                with torch.no_grad():
+                    probs = torch.softmax(logits.detach()[0], dim=-1)
+                    labels = torch.multinomial(probs, 1, generator=gen).reshape(logits.shape[:-1])
+                del probs
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                         reduction="sum")
+                loss.backward()
+                n += labels.numel()
+                inputs.clear()
+                del logits, loss
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return {k: v / max(n, 1) for k, v in est.items()}, n
+
+
+def fisher_prior(est: dict[tuple[str, int], float], formats: dict[str, list[Format]],
                  ) -> tuple[dict[tuple[str, int], float], dict[str, float]]:
-    """A first estimate of every move's KLD reduction per extra byte from one forward per layer: the
-    layer restored to its largest format (fp) is measured (its leave-one-out KLD drop, returned as
-    the sensitivity); an intermediate format is estimated to remove the share of that drop that it
-    removes of the layer's weight error energy. Costs one forward a layer instead of one a move; the
-    search re-measures every move before it takes one."""
-    base = cf.measure_modules({})
+    """:func:`fisher_estimates` as the search's first ratios: a move of a layer from its first format
+    to format j removes est(l, 0) - est(l, j), per extra byte; the sensitivity of a layer is its
+    estimated KLD in its first format (what restoring it to fp removes)."""
     ratios, sensitivity = {}, {}
     for n, fs in formats.items():
-        top = len(fs) - 1
-        drop = base.kld_mean - cf.measure_modules({n: fs[top].module}).kld_mean
-        sensitivity[n] = drop
-        linear = fp.get_submodule(n)
-        e0 = weight_error_energy(linear, fs[0].module)
+        sensitivity[n] = est[(n, 0)]
         for j in range(1, len(fs)):
-            share = 1.0 if j == top or e0 <= 0 else max(0.0, 1 - weight_error_energy(linear, fs[j].module) / e0)
-            ratios[(n, j)] = drop * share / max(fs[j].bytes - fs[0].bytes, 1)
+            ratios[(n, j)] = max(0.0, est[(n, 0)] - est[(n, j)]) / max(fs[j].bytes - fs[0].bytes, 1)
     return ratios, sensitivity
+
+
+def estimated_path(formats: dict[str, list[Format]], ratio: dict[tuple[str, int], float], budget_bytes: int,
+                   start: dict[str, str] | None = None) -> list[tuple[str, int]]:
+    """The moves (layer, format index) in the order a greedy by estimated KLD reduction per extra byte
+    takes them, from ``start``, within ``budget_bytes``: after a layer moves to format j, its larger
+    formats compete by what they remove beyond j per byte beyond j (a multiple-choice knapsack's
+    greedy); a move that removes nothing is never taken."""
+    import heapq
+
+    index = {n: {f.scheme: i for i, f in enumerate(fs)} for n, fs in formats.items()}
+    choice = {n: index[n].get((start or {}).get(n), 0) for n in formats}
+    used = extra_bytes(formats, {n: formats[n][i].scheme for n, i in choice.items()})
+    removed = {(n, j): ratio.get((n, j), 0.0) * max(fs[j].bytes - fs[0].bytes, 1)
+               for n, fs in formats.items() for j in range(1, len(fs))}
+
+    def gain(n: str, j: int) -> float:  # what format j removes beyond the layer's current one
+        return removed.get((n, j), 0.0) - (removed.get((n, choice[n]), 0.0) if choice[n] else 0.0)
+
+    def offers(n: str) -> list[tuple[float, str, int]]:
+        fs, i = formats[n], choice[n]
+        return [(-gain(n, j) / max(fs[j].bytes - fs[i].bytes, 1), n, j) for j in range(i + 1, len(fs))
+                if gain(n, j) > 0]
+
+    heap = [o for n in formats for o in offers(n)]
+    heapq.heapify(heap)
+    path = []
+    version = dict.fromkeys(formats, 0)
+    heap = [(r, n, j, 0) for r, n, j in heap]
+    heapq.heapify(heap)
+    while heap:
+        r, n, j, v = heapq.heappop(heap)
+        if v != version[n] or j <= choice[n]:
+            continue
+        cost = formats[n][j].bytes - formats[n][choice[n]].bytes
+        if used + cost > budget_bytes:
+            continue
+        used += cost
+        choice[n] = j
+        version[n] += 1
+        path.append((n, j))
+        for o in offers(n):
+            heapq.heappush(heap, (*o, version[n]))
+    return path
+
+
+def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target: Callable[[Metrics], bool],
+                budget_bytes: int, ratio: dict[tuple[str, int], float], start: dict[str, str] | None = None,
+                path: list[tuple[str, int]] | None = None, known: dict[int, Metrics] | None = None) -> FormatSearch:
+    """The smallest prefix of the estimated path (:func:`estimated_path`) whose variant meets
+    ``target``, measured: the whole path first (if it fails, the budget is spent), then a bisection on
+    the prefix length, each probe one forward (about log2 of the path's length in all). The measured
+    KLD falls along the path nearly monotonically (each move removes estimated damage), which is what
+    the bisection assumes; the recipe it returns is measured, never an estimate. ``path`` and ``known``
+    (prefix length → metrics measured before) let a tightened round continue on the same path."""
+    index = {n: {f.scheme: i for i, f in enumerate(fs)} for n, fs in formats.items()}
+    base_choice = {n: index[n].get((start or {}).get(n), 0) for n in formats}
+    path = estimated_path(formats, ratio, budget_bytes, start) if path is None else path
+    known = {} if known is None else known
+    before = set(known)
+
+    def choice_at(k: int) -> dict[str, int]:
+        ch = dict(base_choice)
+        for n, j in path[:k]:
+            ch[n] = j
+        return ch
+
+    def assignment(ch: dict[str, int]) -> dict[str, str]:
+        return {n: formats[n][i].scheme for n, i in ch.items()}
+
+    def measured(k: int) -> Metrics:
+        if k not in known:
+            ch = choice_at(k)
+            known[k] = cf.measure_modules({n: formats[n][i].module for n, i in ch.items() if i})
+        return known[k]
+
+    baseline = cf.measure_modules({}) if any(base_choice.values()) else measured(0)
+
+    def step(k: int) -> dict:
+        a = assignment(choice_at(k))
+        previous = max((p for p in known if p < k), default=0)
+        return {"moves": [f"{n}={formats[n][j].scheme}" for n, j in path[previous:k]], "prefix": k,
+                **measured(k).to_dict(), "extra_bytes": extra_bytes(formats, a),
+                "bits_per_weight": bits_per_weight(formats, a), "forwards": cf.forwards}
+
+    lo, hi = 0, len(path)
+    if target(measured(0)):
+        hi, stop = 0, "target met"
+    elif not target(measured(hi)):
+        lo, stop = hi, ("every layer in fp" if all(c + 1 == len(formats[n]) for n, c in choice_at(hi).items())
+                        else "byte budget spent")
+    else:
+        stop = "target met"
+        # the shortest prefix measured to meet it, at least as long as the longest measured to fail
+        lo = max([k for k, m in known.items() if not target(m)], default=0)
+        hi = min(k for k, m in known.items() if target(m) and k >= lo)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if target(measured(mid)):
+                hi = mid
+            else:
+                lo = mid
+    # the prefixes this call measured and the chosen one, by length; each step's moves are those of the
+    # path beyond the longest shorter prefix measured
+    ks = sorted({k for k in known if k not in before} | {hi})
+    steps = [step(k) for k in ks]
+    final = assignment(choice_at(hi))
+    return FormatSearch(assignment=final, metrics=measured(hi), baseline=baseline, met=target(measured(hi)),
+                        extra_bytes=extra_bytes(formats, final), bits_per_weight=bits_per_weight(formats, final),
+                        steps=steps, stop_reason=stop, path=path, chosen=ks.index(hi))
 
 
 @dataclass
@@ -272,6 +451,8 @@ class FormatSearch:
     bits_per_weight: float  # of the searched layers (:func:`bits_per_weight`)
     steps: list[dict]  # each applied round: its moves, metrics, extra bytes, bits per weight, forwards so far
     stop_reason: str
+    path: list[tuple[str, int]] | None = None  # path_search: the estimated path it bisected
+    chosen: int = -1  # the index in ``steps`` of the returned assignment
 
 
 def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target: Callable[[Metrics], bool],
@@ -281,7 +462,7 @@ def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target
 
     A move is one layer to one of its larger formats, measured on top of the current assignment
     (``cf.measure_modules``). The first round measures every move, unless ``prior`` gives each move
-    a first estimate of its ratio (:func:`prior_ratios`); every round re-measures moves in the order
+    a first estimate of its ratio (:func:`fisher_prior`); every round re-measures moves in the order
     of their last ratio until the ``batch`` best measured ones beat the next one's last ratio, at most
     ``rerank`` of them, and applies up to ``batch`` of the measured moves (distinct layers, positive
     reduction, within ``budget_bytes`` of extra bytes), then re-measures the assignment. A move is

@@ -161,8 +161,9 @@ def trend_figure(series: list[Any], last: int = 20) -> bytes:
 
 
 def fix_figure(results: Results) -> bytes | None:
-    """Leave-one-out KLD drop of each quantized layer (the layer alone in fp), in model order, per
-    scheme with a fix; the layers the recipe raised marked."""
+    """Each quantized layer's sensitivity (its estimated KLD alone in the scheme: what restoring it to
+    fp removes; the fix's diagonal Fisher estimate), in model order, per scheme with a fix; the
+    layers the recipe raised marked."""
     fixes = {v: e for v, e in ((results.details or {}).get("fix") or {}).items() if e.get("sensitivity")}
     if not fixes:
         return None
@@ -174,8 +175,8 @@ def fix_figure(results: Results) -> bytes | None:
         chosen = set(e.get("set", []))
         ax.bar(range(len(names)), [m.value for m in recs],
                color=["tab:red" if n in chosen else "tab:blue" for n in names])
-        ax.set_ylabel("KLD drop (nats)")
-        ax.set_title(f"{variant}: KLD removed by one layer in fp (red: raised by the recipe)")
+        ax.set_ylabel("estimated KLD (nats)")
+        ax.set_title(f"{variant}: estimated KLD of each layer alone in the scheme (red: raised by the recipe)")
         ax.set_xlabel("layer index in model order")
     return _png(fig)
 
@@ -220,5 +221,5 @@ FIGURES = {
     "tasks": ("Task accuracy change with 95% intervals", tasks_figure),
     "speed": ("Decode / prefill speed with dispersion", speed_figure),
     "fix_frontier": ("Size-quality frontier of the fix: effective bits per weight against KLD", fix_frontier_figure),
-    "fix": ("Leave-one-out layer sensitivity of the failing schemes", fix_figure),
+    "fix": ("Layer sensitivity of the failing schemes (estimated KLD of each layer alone)", fix_figure),
 }
