@@ -679,3 +679,25 @@ def test_tightening_scales_the_target_by_each_failing_checks_own_distance_from_i
     assert tightened(0.12, 0.112, predicted, [near], 0.95)[0] == pytest.approx(0.8 * 0.114)  # at least x0.8
     # a target already below the tightened value stays
     assert tightened(0.01, 0.112, predicted, [task], 0.8)[0] == 0.01
+
+
+def test_fisher_estimates_run_on_a_gpt_fast_model_too():
+    """A gpt-fast checkpoint (no get_input_embeddings): the estimate starts its graph at tok_embeddings,
+    ranks a planted outlier layer first and leaves the model as it found it."""
+    from evalsuite.load import gptfast
+    from evalsuite.measure.sensitivity import candidate_schemes, fisher_estimates, layer_formats
+
+    torch.manual_seed(0)
+    model = gptfast.Transformer(gptfast.ModelArgs(block_size=64, vocab_size=256, n_layer=2, n_head=4, dim=64)).eval()
+    bad = "layers.1.feed_forward.w2"
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        model.get_submodule(bad).weight[:, 0] = 20.0
+    model.requires_grad_(False)
+    q = quantize_(copy.deepcopy(model), parse_scheme("int8-wo"))
+    names = quantized_layer_names(q)
+    formats = layer_formats(model, names, candidate_schemes("int8-wo"), q)
+    est, n = fisher_estimates(model, formats, [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))])
+    assert n == 2 * 31 and max(names, key=lambda name: est[(name, 0)]) == bad
+    assert all(not p.requires_grad and p.grad is None for p in model.parameters())

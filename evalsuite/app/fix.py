@@ -172,7 +172,7 @@ def tightened(kld_target: float, ln_ratio_target: float, predicted: dict, checks
       its interval's far end x0.42, at or below proportion);
     - any other (a layer's SQNR): a half.
 
-    Never by less than a fifth (every round moves), nor by more than x0.1."""
+    The factor is at most 0.8 (every round moves) and at least 0.1."""
     factor, why = 1.0, []
     for c in checks:
         if c.get("verdict") == "PASS" or not c.get("gated", True):
@@ -290,7 +290,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         prior, sensitivity = fisher_prior(est, formats)
         entry["seconds_estimate"] = round(time.perf_counter() - t1, 3)
         entry["search"] = fix.search
-        path: dict[str, Any] = {}  # the path search's path and its measured prefixes, kept while the start is
+        path: dict[str, Any] = {}  # the path search's path and measured prefixes, kept while its start stays
         search = None
         for k in range(MAX_ROUNDS):
             t1 = time.perf_counter()

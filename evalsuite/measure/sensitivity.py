@@ -284,9 +284,10 @@ def fisher_estimates(fp: nn.Module, formats: dict[str, list[Format]], batches: l
     def grad_from_here(module, args, output):
         return output.detach().requires_grad_(True)
 
-    embed = fp.get_input_embeddings() if hasattr(fp, "get_input_embeddings") else None
+    # where the graph starts: the token embeddings' output (Hugging Face, or gpt-fast's tok_embeddings)
+    embed = fp.get_input_embeddings() if hasattr(fp, "get_input_embeddings") else getattr(fp, "tok_embeddings", None)
     if embed is None:
-        raise EvalsuiteError("the Fisher estimate needs the model's input embeddings (get_input_embeddings)")
+        raise EvalsuiteError(f"the fix's Fisher estimate cannot find the token embeddings of a {type(fp).__name__}")
     flags = [(p, p.requires_grad) for p in fp.parameters()]
     n = 0
     try:
