@@ -354,12 +354,11 @@ def estimated_path(formats: dict[str, list[Format]], ratio: dict[tuple[str, int]
         return [(-gain(n, j) / max(fs[j].bytes - fs[i].bytes, 1), n, j) for j in range(i + 1, len(fs))
                 if gain(n, j) > 0]
 
-    heap = [o for n in formats for o in offers(n)]
+    # (-ratio, layer, format, the layer's version when offered: an offer made before the layer moved is stale)
+    version = dict.fromkeys(formats, 0)
+    heap = [(*o, 0) for n in formats for o in offers(n)]
     heapq.heapify(heap)
     path = []
-    version = dict.fromkeys(formats, 0)
-    heap = [(r, n, j, 0) for r, n, j in heap]
-    heapq.heapify(heap)
     while heap:
         r, n, j, v = heapq.heappop(heap)
         if v != version[n] or j <= choice[n]:
