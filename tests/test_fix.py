@@ -701,3 +701,20 @@ def test_fisher_estimates_run_on_a_gpt_fast_model_too():
     est, n = fisher_estimates(model, formats, [torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))])
     assert n == 2 * 31 and max(names, key=lambda name: est[(name, 0)]) == bad
     assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_path_search_from_a_start_measures_the_scheme_once_across_rounds():
+    """Layers forced to fp by a failing layer check start raised: the scheme's own metrics (the
+    baseline) cost one forward in the first round and none in a tightened one on the same path."""
+    from evalsuite.measure.sensitivity import path_search
+
+    formats = _formats({f"l{i}": [10, 20] for i in range(10)})
+    ratio = {(f"l{i}", 1): 1.0 - i / 100 for i in range(10)}
+    cf, known = PathCounterfactuals(), {}
+    s = path_search(cf, formats, lambda m: m.kld_mean <= 0.55, 1000, ratio, start={"l9": "fp"}, known=known)
+    assert s.baseline.kld_mean == 1.0 and s.assignment["l9"] == "fp" and s.met and s.metrics.kld_mean == pytest.approx(0.5)
+    assert [st["prefix"] for st in s.steps] == sorted(st["prefix"] for st in s.steps) and min(st["prefix"] for st in s.steps) >= 0
+    before = cf.forwards
+    s2 = path_search(cf, formats, lambda m: m.kld_mean <= 0.25, 1000, ratio, start={"l9": "fp"}, path=s.path, known=known)
+    assert s2.baseline.kld_mean == 1.0 and s2.metrics.kld_mean == pytest.approx(0.2)
+    assert cf.forwards - before == 2  # the bisection's two new prefixes only, no second baseline

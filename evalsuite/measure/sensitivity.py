@@ -383,7 +383,8 @@ def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target:
     the prefix length, each probe one forward (about log2 of the path's length in all). The measured
     KLD falls along the path nearly monotonically (each move removes estimated damage), which is what
     the bisection assumes; the recipe it returns is measured, never an estimate. ``path`` and ``known``
-    (prefix length → metrics measured before) let a tightened round continue on the same path."""
+    (prefix length → metrics measured before; -1: every layer in its first format, where ``start``
+    raised some) let a tightened round continue on the same path."""
     index = {n: {f.scheme: i for i, f in enumerate(fs)} for n, fs in formats.items()}
     base_choice = {n: index[n].get((start or {}).get(n), 0) for n in formats}
     path = estimated_path(formats, ratio, budget_bytes, start) if path is None else path
@@ -405,11 +406,14 @@ def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target:
             known[k] = cf.measure_modules({n: formats[n][i].module for n, i in ch.items() if i})
         return known[k]
 
-    baseline = cf.measure_modules({}) if any(base_choice.values()) else measured(0)
+    if any(base_choice.values()):  # every layer in its first format, kept (key -1) for a later round
+        baseline = known[-1] = known[-1] if -1 in known else cf.measure_modules({})
+    else:
+        baseline = measured(0)
 
     def step(k: int) -> dict:
         a = assignment(choice_at(k))
-        previous = max((p for p in known if p < k), default=0)
+        previous = max((p for p in known if 0 <= p < k), default=0)
         return {"moves": [f"{n}={formats[n][j].scheme}" for n, j in path[previous:k]], "prefix": k,
                 **measured(k).to_dict(), "extra_bytes": extra_bytes(formats, a),
                 "bits_per_weight": bits_per_weight(formats, a), "forwards": cf.forwards}
@@ -423,7 +427,7 @@ def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target:
     else:
         stop = "target met"
         # the shortest prefix measured to meet it, at least as long as the longest measured to fail
-        lo = max([k for k, m in known.items() if not target(m)], default=0)
+        lo = max([k for k, m in known.items() if k >= 0 and not target(m)], default=0)
         hi = min(k for k, m in known.items() if target(m) and k >= lo)
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -433,7 +437,7 @@ def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target:
                 lo = mid
     # the prefixes this call measured and the chosen one, by length; each step's moves are those of the
     # path beyond the longest shorter prefix measured
-    ks = sorted({k for k in known if k not in before} | {hi})
+    ks = sorted({k for k in known if k >= 0 and k not in before} | {hi})
     steps = [step(k) for k in ks]
     final = assignment(choice_at(hi))
     return FormatSearch(assignment=final, metrics=measured(hi), baseline=baseline, met=target(measured(hi)),
