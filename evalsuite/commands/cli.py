@@ -36,7 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "baseline": ("evalsuite.commands.baseline", "create or update a baseline from a results file"),
     "history": ("evalsuite.commands.history", "show a metric's trend across runs and flag drift"),
     "data": ("evalsuite.commands.data", "fetch the evaluation data from the Hub into a local mirror, or check one"),
-    "fix": ("evalsuite.commands.fix", "suggest and verify the fewest layers to keep in fp so a failing scheme passes"),
+    "fix": ("evalsuite.commands.fix", "find and verify a mixed-precision recipe (a format per layer) with which a failing "
+            "scheme passes"),
     "nightly": ("evalsuite.commands.nightly", "run a matrix of models x schemes x stages from a config file"),
 }
 

@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "plan (speed: re-timed) and fail only if the failure reproduces")
     g = p.add_argument_group("fix (after a failing judge)")
     g.add_argument("--suggest-fix", action="store_true",
-                   help="for each scheme failing a within-run limit, find and verify the fewest layers to keep in fp")
+                   help="for each scheme failing a within-run limit, find and verify a mixed-precision recipe "
+                        "(a format per layer, as few bytes as the search finds) with which it passes")
     add_fix_options(g)
 
 
