@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -124,9 +125,19 @@ def main(argv=None) -> int:
     baselines = root / "no-baselines"
     baselines.mkdir(parents=True, exist_ok=True)
     out: dict = {"args": vars(a), "model": model, "schemes": {}}
-    if a.shape:
-        model, out["built"] = build_model(a.shape, root / "model")
+    built_dir = None
+    if a.shape:  # outside $OUT (a 7B folder is 13 GB), removed when the benchmark ends
+        built_dir = Path(tempfile.mkdtemp(prefix="bench_fix-model-"))
+        model, out["built"] = build_model(a.shape, built_dir / a.shape)
         out["model"] = model
+    try:
+        return _run(a, model, data_dir, root, baselines, out)
+    finally:
+        if built_dir is not None:
+            shutil.rmtree(built_dir, ignore_errors=True)
+
+
+def _run(a, model: str, data_dir: str, root: Path, baselines: Path, out: dict) -> int:
     summary, frontier = [], []
     for scheme in a.quant.split(","):
         run_dir = root / scheme
