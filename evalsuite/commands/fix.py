@@ -28,8 +28,9 @@ def add_fix_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--fix-search", choices=["path", "greedy"], default="path",
                    help="path (default): estimate every layer's KLD in every format from one forward and backward "
                         "of fp (diagonal Fisher), then measure the shortest prefix of the estimated greedy path "
-                        "that meets the target (a bisection, ~log2(moves) forwards); greedy: one forward a layer, "
-                        "then every move re-measured on top of the current recipe (slower, hundreds of forwards)")
+                        "that meets the target (a bisection, ~log2(moves) forwards); greedy: the same estimates, "
+                        "then every move re-measured on top of the current recipe (~10x the forwards, a somewhat "
+                        "smaller recipe)")
     g.add_argument("--fix-verify-strategies", action="store_true",
                    help="verify the frontier's simple strategies on the evaluation data too (default: predicted on "
                         "the calibration tokens only; the chosen recipe is always verified)")
