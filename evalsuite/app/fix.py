@@ -211,9 +211,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         candidate_schemes,
         fisher_estimates,
         fisher_prior,
-        greedy_formats,
         layer_formats,
-        path_search,
         quantized_layer_names,
     )
     from evalsuite.quantize.base import SchemeConfig
@@ -290,7 +288,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         prior, sensitivity = fisher_prior(est, formats)
         entry["seconds_estimate"] = round(time.perf_counter() - t1, 3)
         entry["search"] = fix.search
-        path: dict[str, Any] = {}  # the path search's path and measured prefixes, kept while its start stays
+        path: dict[str, Any] = {}  # the path search's state across rounds (_search)
         search = None
         for k in range(MAX_ROUNDS):
             t1 = time.perf_counter()
@@ -303,15 +301,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
 
             with torch.inference_mode(), ctx.fused_forwards(fp, quantized):
                 previous = search
-                if greedy:
-                    search = greedy_formats(cf, formats, target, limit_bytes, batch=batch, rerank=int(fix.rerank),
-                                            start=start, prior=prior)
-                else:
-                    if path.get("start") != start:
-                        path = {"start": dict(start), "known": {}, "path": None}
-                    search = path_search(cf, formats, target, limit_bytes, prior, start=start, path=path["path"],
-                                         known=path["known"])
-                    path["path"] = search.path
+                search = _search(greedy, cf, formats, target, limit_bytes, prior, batch, int(fix.rerank), start, path)
             t_search += time.perf_counter() - t1
             # a greedy round's first step is the last round's recipe; a path search's steps are all new
             skip = 1 if k and greedy else 0
@@ -462,17 +452,32 @@ def _frontier(ctx, results: Results, config, cf, fp, formats: dict, visited: lis
     return points
 
 
+def _search(greedy: bool, cf, formats: dict, target, limit_bytes: int, prior: dict, batch: int, rerank: int,
+            start: dict[str, str] | None = None, state: dict | None = None):
+    """``--fix-search``'s search from ``start``: the measured greedy, or the bisected path. ``state``
+    (the path search's, across rounds): its path and measured prefixes, kept while ``start`` stays the
+    same, so that a tightened round goes on along the path; a new start begins a new one."""
+    from evalsuite.measure.sensitivity import greedy_formats, path_search
+
+    if greedy:
+        return greedy_formats(cf, formats, target, limit_bytes, batch=batch, rerank=rerank, start=start, prior=prior)
+    state = {} if state is None else state
+    if state.get("start") != (start or {}):
+        state.update(start=dict(start or {}), known={}, path=None)
+    search = path_search(cf, formats, target, limit_bytes, prior, start=start, path=state["path"],
+                         known=state["known"])
+    state["path"] = search.path
+    return search
+
+
 def _fp_only(cf, formats: dict, target, limit_bytes: int, batch: int, rerank: int, prior: dict, scheme: str,
              greedy: bool) -> dict:
     """The point of the fix as it was before per-layer formats: the same search and final target, each
     layer either in the scheme or in fp (predicted on the calibration slice), to set the recipe's bits
     per weight beside."""
-    from evalsuite.measure.sensitivity import greedy_formats, path_search
-
     two = {n: [fs[0], fs[-1]] for n, fs in formats.items()}  # a layer's formats run up to fp
     prior2 = {(n, 1): r for (n, j), r in prior.items() if j == len(formats[n]) - 1}
-    search = greedy_formats(cf, two, target, limit_bytes, batch=batch, rerank=rerank, prior=prior2) if greedy \
-        else path_search(cf, two, target, limit_bytes, prior2)
+    search = _search(greedy, cf, two, target, limit_bytes, prior2, batch, rerank)
     return {"strategy": "fp-only search", "bits_per_weight": search.bits_per_weight, "extra_bytes": search.extra_bytes,
             "predicted_kld_mean": search.metrics.kld_mean, "predicted_ppl_ratio": search.metrics.ppl_ratio,
             "layers_raised": sum(1 for v in search.assignment.values() if v != scheme),

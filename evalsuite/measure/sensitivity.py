@@ -245,6 +245,17 @@ def weight_error_energy(fp_linear: nn.Module, module: nn.Module) -> float:
     return float((w - module.dequantize().to(w.device).float()).pow(2).sum())
 
 
+def _start_choice(formats: dict[str, list[Format]], start: dict[str, str] | None) -> dict[str, int]:
+    """Each layer's format index in ``start`` (layer → scheme; a layer not named: its first format)."""
+    index = {n: {f.scheme: i for i, f in enumerate(fs)} for n, fs in formats.items()}
+    return {n: index[n].get((start or {}).get(n), 0) for n in formats}
+
+
+def _schemes(formats: dict[str, list[Format]], choice: dict[str, int]) -> dict[str, str]:
+    """A choice of format indices as layer → scheme."""
+    return {n: formats[n][i].scheme for n, i in choice.items()}
+
+
 def fisher_estimates(fp: nn.Module, formats: dict[str, list[Format]], batches: list[torch.Tensor], seed: int = 0,
                      ) -> tuple[dict[tuple[str, int], float], int]:
     """Every layer's KLD in every one of its formats, estimated from one forward and one backward of
@@ -260,7 +271,7 @@ def fisher_estimates(fp: nn.Module, formats: dict[str, list[Format]], batches: l
     layer in f), additive over layers, so the search can order every move at once; the search measures
     the variant before it takes a recipe. Returns ``{(layer, format index): nats/token}`` (0 for fp)
     and the number of tokens N."""
-    gens: dict[torch.device, torch.Generator] = {}
+    gen: torch.Generator | None = None  # on the logits' device, made at the first window
     est = {(n, j): 0.0 for n, fs in formats.items() for j in range(len(fs))}
     inputs: dict[str, torch.Tensor] = {}
     handles = []
@@ -299,8 +310,7 @@ def fisher_estimates(fp: nn.Module, formats: dict[str, list[Format]], batches: l
             for x in (b[i: i + 1] for b in batches for i in range(b.shape[0])):  # a window at a time
                 # a normal tensor (the caller's may be an inference tensor, which autograd may not save)
                 logits = forward_logits(fp, x.clone())[:, :-1].float()
-                gen = gens.get(logits.device) or gens.setdefault(
-                    logits.device, torch.Generator(device=logits.device).manual_seed(seed))
+                gen = gen or torch.Generator(device=logits.device).manual_seed(seed)
                 with torch.no_grad():
                     probs = torch.softmax(logits.detach()[0], dim=-1)
                     labels = torch.multinomial(probs, 1, generator=gen).reshape(logits.shape[:-1])
@@ -340,9 +350,8 @@ def estimated_path(formats: dict[str, list[Format]], ratio: dict[tuple[str, int]
     greedy); a move that removes nothing is never taken."""
     import heapq
 
-    index = {n: {f.scheme: i for i, f in enumerate(fs)} for n, fs in formats.items()}
-    choice = {n: index[n].get((start or {}).get(n), 0) for n in formats}
-    used = extra_bytes(formats, {n: formats[n][i].scheme for n, i in choice.items()})
+    choice = _start_choice(formats, start)
+    used = extra_bytes(formats, _schemes(formats, choice))
     removed = {(n, j): ratio.get((n, j), 0.0) * max(fs[j].bytes - fs[0].bytes, 1)
                for n, fs in formats.items() for j in range(1, len(fs))}
 
@@ -385,8 +394,7 @@ def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target:
     the bisection assumes; the recipe it returns is measured, never an estimate. ``path`` and ``known``
     (prefix length → metrics measured before; -1: every layer in its first format, where ``start``
     raised some) let a tightened round continue on the same path."""
-    index = {n: {f.scheme: i for i, f in enumerate(fs)} for n, fs in formats.items()}
-    base_choice = {n: index[n].get((start or {}).get(n), 0) for n in formats}
+    base_choice = _start_choice(formats, start)
     path = estimated_path(formats, ratio, budget_bytes, start) if path is None else path
     known = {} if known is None else known
     before = set(known)
@@ -396,9 +404,6 @@ def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target:
         for n, j in path[:k]:
             ch[n] = j
         return ch
-
-    def assignment(ch: dict[str, int]) -> dict[str, str]:
-        return {n: formats[n][i].scheme for n, i in ch.items()}
 
     def measured(k: int) -> Metrics:
         if k not in known:
@@ -412,7 +417,7 @@ def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target:
         baseline = measured(0)
 
     def step(k: int) -> dict:
-        a = assignment(choice_at(k))
+        a = _schemes(formats, choice_at(k))
         previous = max((p for p in known if 0 <= p < k), default=0)
         return {"moves": [f"{n}={formats[n][j].scheme}" for n, j in path[previous:k]], "prefix": k,
                 **measured(k).to_dict(), "extra_bytes": extra_bytes(formats, a),
@@ -439,7 +444,7 @@ def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target:
     # path beyond the longest shorter prefix measured
     ks = sorted({k for k in known if k >= 0 and k not in before} | {hi})
     steps = [step(k) for k in ks]
-    final = assignment(choice_at(hi))
+    final = _schemes(formats, choice_at(hi))
     return FormatSearch(assignment=final, metrics=measured(hi), baseline=baseline, met=target(measured(hi)),
                         extra_bytes=extra_bytes(formats, final), bits_per_weight=bits_per_weight(formats, final),
                         steps=steps, stop_reason=stop, path=path, chosen=ks.index(hi))
@@ -473,17 +478,13 @@ def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target
     taken only on a ratio measured on top of the current assignment (interactions measured, not
     assumed additive). ``start``: layer → scheme to begin from (a previous round's recipe, layers
     forced to fp); the search never lowers a layer."""
-    index = {n: {f.scheme: i for i, f in enumerate(fs)} for n, fs in formats.items()}
-    choice = {n: index[n].get((start or {}).get(n), 0) for n in formats}
+    choice = _start_choice(formats, start)
 
     def modules(ch: dict[str, int]) -> dict[str, nn.Module]:
         return {n: formats[n][i].module for n, i in ch.items() if i}
 
-    def assignment(ch: dict[str, int]) -> dict[str, str]:
-        return {n: formats[n][i].scheme for n, i in ch.items()}
-
     def step(moves: list[str], m: Metrics) -> dict:
-        a = assignment(choice)
+        a = _schemes(formats, choice)
         return {"moves": moves, **m.to_dict(), "extra_bytes": extra_bytes(formats, a),
                 "bits_per_weight": bits_per_weight(formats, a), "forwards": cf.forwards}
 
@@ -494,7 +495,7 @@ def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target
     fresh: set[tuple[str, int]] = set()  # ratios measured on top of the current assignment
     stop = "target met"
     while not target(current):
-        used = extra_bytes(formats, assignment(choice))
+        used = extra_bytes(formats, _schemes(formats, choice))
         moves = [(n, j) for n, fs in formats.items() for j in range(choice[n] + 1, len(fs))
                  if used + fs[j].bytes - fs[choice[n]].bytes <= budget_bytes]
         if not moves:
@@ -541,7 +542,7 @@ def greedy_formats(cf: Counterfactuals, formats: dict[str, list[Format]], target
         fresh = set()
         current = cf.measure_modules(modules(choice))
         steps.append(step([f"{n}={formats[n][j].scheme}" for n, j in picked], current))
-    final = assignment(choice)
+    final = _schemes(formats, choice)
     return FormatSearch(assignment=final, metrics=current, baseline=baseline, met=target(current),
                         extra_bytes=extra_bytes(formats, final), bits_per_weight=bits_per_weight(formats, final),
                         steps=steps, stop_reason=stop)
