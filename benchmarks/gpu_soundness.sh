@@ -4,9 +4,10 @@
 #   bash benchmarks/gpu_soundness.sh gsm8k     the GSM8K tasks stage (all 1319 questions), fp + int8-wo, one
 #                                              full `evalsuite run`: its exit code, the answers kept per
 #                                              variant in results.json, the exact-match and paired records
-#   bash benchmarks/gpu_soundness.sh formats   ppl, tasks and layers for fp8-wo, fp8-dq, int8-wo,
-#                                              int4-wo-g128 and torchao's Int4WeightOnlyConfig (the packing
-#                                              is picked for the card), then the speed stage for them
+#   bash benchmarks/gpu_soundness.sh formats   ppl, tasks, layers and speed in one run for fp8-wo, fp8-dq,
+#                                              int8-wo, int4-wo-g128 and torchao's Int4WeightOnlyConfig (the
+#                                              packing is picked for the card); speed at batch 1, untuned
+#                                              ($FORMATS_SPEED_ARGS replaces those options)
 #   bash benchmarks/gpu_soundness.sh kernels   benchmarks/bench_kernels.py: evalsuite's int8-wo, int4-wo-g128,
 #                                              fp8-wo, fp8-dq layers vs torchao's configs and bf16 on the 7B
 #                                              linear shapes, decode and prefill; the table, $OUT/kernels.json
@@ -41,8 +42,10 @@ PY
   ;;
 formats)
   schemes='fp8-wo,fp8-dq,int8-wo,int4-wo-g128,ao-int4=torchao:Int4WeightOnlyConfig(group_size=128)'
-  TAIL=70 run formats --quant "$schemes" --stages ppl,tasks,layers
-  TAIL=50 run formats-speed --quant "$schemes" --stages speed
+  # one command, all four stages (issue 31's Done-when); the speed stage at batch 1 without
+  # coordinate-descent tuning by default, so that six compiles fit one device call ($FORMATS_SPEED_ARGS)
+  TAIL=90 run formats --quant "$schemes" --stages ppl,tasks,layers,speed \
+    ${FORMATS_SPEED_ARGS---speed-batch-sizes 1 --no-speed-tuning}
   ;;
 kernels)
   t0=$(date +%s)
