@@ -21,8 +21,10 @@ Per failing scheme (costs in ``details.fix.<scheme>.seconds``):
    in fp;
 4. verification: the recipe is written to ``OUT/fix/<scheme>.recipe.json`` and the failing stages
    re-run on the evaluation data as ``--quant <scheme>-fix=recipe:FILE`` through the session's run
-   loop, judged with the failing scheme's limits. If a check still fails, the target is tightened
-   (:func:`tightened`) and the search goes on from the recipe, at most ``MAX_ROUNDS`` verifications.
+   loop, judged with the failing scheme's limits. A task check that failed in the run sets round 1's
+   target below the KLD limit's (:func:`first_target`: the accuracy drop taken as the square root of
+   the KLD); if a check still fails, the target is tightened (:func:`tightened`) and the search goes
+   on from the recipe, at most ``MAX_ROUNDS`` verifications.
    The verdict of the last verification is the fix's, not the prediction.
 
 Why greedy per byte: the cost of a format is its bytes, and its benefit (the KLD it removes) depends
@@ -158,6 +160,42 @@ def budget_bytes(budget: Budget, formats: dict) -> int:
     return int(budget.fraction * max(fp - scheme, 0))
 
 
+def accuracy_factor(check: dict, margin: float) -> float | None:
+    """For an accuracy-drop check (limit L < 0; value v, the drop ``-v``, its interval's far end lo),
+    ``margin x`` the factor by which the KLD must fall for the check's far end to reach its limit,
+    the drop taken to scale as the square root of the KLD: a perturbation of size e of the logits
+    moves the KLD by ~e^2 and flips the answers whose margin is within ~e, a share ~e of them. The
+    interval's half-width (the run's own sampling noise) is kept as measured:
+    ``margin ((-L - (v - lo)) / -v)^2``. 0 when that half-width alone exceeds the limit (only a drop
+    of nothing would pass); None for another kind of check or a drop that is not one.
+
+    Measured (H100, SmolLM2 int4-wo-g128, pooled drop of 8 tasks): from the scheme's own point (KLD
+    0.432, drop 0.0637), the square root predicts 0.0312 / 0.0244 at the recipes' KLD 0.106 / 0.064
+    (measured 0.0307 / 0.0184, 2026-12-08) and 0.0331 / 0.0230 at 0.117 / 0.057 (measured 0.0283 /
+    0.0100, 2026-12-07): at or above the drop each time, where a drop proportional to the KLD
+    (0.0156 / 0.0095 / 0.0172 / 0.0083) was below it each time."""
+    v, limit, interval = check.get("value"), check.get("limit"), check.get("interval")
+    if limit is None or limit >= 0 or v is None or not interval or interval[0] is None:
+        return None
+    drop = -float(v)
+    if drop <= 0:
+        return None
+    room = -float(limit) - max(float(v) - float(interval[0]), 0.0)
+    return margin * (room / drop) ** 2 if room > 0 else 0.0
+
+
+def first_target(checks: list[dict], margin: float) -> tuple[float, list[str]] | None:
+    """Round 1's KLD factor (of the scheme's own KLD on the calibration slice) from the run's failing
+    accuracy-drop checks (:func:`accuracy_factor`, the smallest, at least 0.1), or None when none
+    failed: the first recipe aims where the task check would pass, instead of meeting the KLD limit
+    and failing the verification on the task."""
+    found = [(f, c["check"]) for c in checks if c.get("stage") == "tasks"
+             for f in [accuracy_factor(c, margin)] if f is not None]
+    if not found:
+        return None
+    return max(min(f for f, _ in found), 0.1), [name for _, name in found]
+
+
 def tightened(kld_target: float, ln_ratio_target: float, predicted: dict, checks: list[dict], margin: float,
               ) -> tuple[float, float, str]:
     """The next round's predicted-KLD and ln(ppl ratio) targets after a failed verification: the
@@ -166,10 +204,8 @@ def tightened(kld_target: float, ln_ratio_target: float, predicted: dict, checks
 
     - a KLD or ppl-ratio check (verified value v, limit L; ln of a ratio): ``margin L / v``, what would
       have put it at the margin (the KLD scales with the target);
-    - an accuracy-drop check (limit L < 0, its interval's far end lo < L): ``margin L / lo``, taking the
-      drop as proportional to the KLD: its own measured signal, the verification it failed (measured on
-      an H100, SmolLM2 int4-wo-g128, 2026-12-07: the recipe's KLD x0.48 moved the pooled drop x0.35 and
-      its interval's far end x0.42, at or below proportion);
+    - an accuracy-drop check: :func:`accuracy_factor` of the verification's own interval (the drop
+      taken as the square root of the KLD);
     - any other (a layer's SQNR): a half.
 
     The factor is at most 0.8 (every round moves) and at least 0.1."""
@@ -177,7 +213,7 @@ def tightened(kld_target: float, ln_ratio_target: float, predicted: dict, checks
     for c in checks:
         if c.get("verdict") == "PASS" or not c.get("gated", True):
             continue
-        v, limit, interval = c.get("value"), c.get("limit"), c.get("interval")
+        v, limit = c.get("value"), c.get("limit")
         metric = c["check"].rsplit("/", 1)[-1]
         f = 0.5
         if metric in ("kld_mean", "ppl_ratio") and v and limit and v > 0:
@@ -185,8 +221,8 @@ def tightened(kld_target: float, ln_ratio_target: float, predicted: dict, checks
                 v, limit = math.log(v), math.log(limit)
             if v > 0 and limit > 0:
                 f = margin * limit / v
-        elif limit is not None and limit < 0 and interval and interval[0] is not None and interval[0] < limit:
-            f = margin * limit / interval[0]
+        elif (acc := accuracy_factor(c, margin)) is not None:
+            f = acc
         factor = min(factor, f)
         why.append(c["check"])
     factor = min(max(factor, 0.1), 0.8)
@@ -289,6 +325,16 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         entry["seconds_estimate"] = round(time.perf_counter() - t1, 3)
         entry["search"] = fix.search
         path: dict[str, Any] = {}  # the path search's state across rounds (_search)
+        first = first_target(checks, margin)
+        if first is not None:  # a failing task check sets round 1's target below the KLD limit's
+            with torch.inference_mode(), ctx.fused_forwards(fp, quantized):
+                scheme_kld = cf.measure_modules({})
+            # the path search's own first measurement (the scheme, or key -1 where layers start raised)
+            path.update(start=dict(start), known={-1 if start else 0: scheme_kld}, path=None)
+            kld_target = min(kld_target, first[0] * scheme_kld.kld_mean)
+            entry["first_target"] = {"factor": round(first[0], 4), "checks": first[1],
+                                     "scheme_kld_calibration": scheme_kld.kld_mean, "kld_mean": kld_target}
+            entry["task_signal"] = TASK_SIGNAL
         search = None
         for k in range(MAX_ROUNDS):
             t1 = time.perf_counter()
@@ -339,9 +385,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
             rounds[-1]["tightened"] = why
             if any(c["check"].startswith("tasks/") and c.get("gated", True) and c.get("verdict") != "PASS"
                    for c in checks_after):
-                entry["task_signal"] = ("the failing task check's own interval in the verification: the KLD target "
-                                        "scaled so that its far end would sit at the margin, the accuracy drop taken "
-                                        "as proportional to the KLD (no calibration items of its own)")
+                entry["task_signal"] = TASK_SIGNAL
             forced |= {l for c in checks_after if c.get("verdict") != "PASS"
                        for l in (c.get("extra") or {}).get("under", []) if l in formats}
             # the greedy goes on from its recipe; the path search from the same start, along the same path
@@ -539,6 +583,10 @@ def _verify(ctx, results: Results, config, name: str, recipe_cfg, stages: list[s
                                             if (c.extra or {}).get("under") else {})} for c in checks], \
         quant_details["bits_per_weight"]
 
+
+TASK_SIGNAL = ("the failing task check's own value and interval (in the run for round 1, in the last verification "
+               "after it): the KLD target set where its interval's far end would reach the limit, times the margin, "
+               "the accuracy drop taken as the square root of the KLD (no calibration items of its own)")
 
 KLD_EST_DEF = ("estimated sensitivity: the KLD of fp with only this layer in the scheme, by the diagonal Fisher "
                "score (1/2 sum over tokens and output channels of (gradient x output change)^2, labels drawn from "

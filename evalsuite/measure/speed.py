@@ -713,7 +713,8 @@ def add_arguments(g: argparse._ArgumentGroup) -> None:
                    help="also compile the prefill forward (default: prefill runs eager)")
     g.add_argument("--speed-tuning", action=argparse.BooleanOptionalAction, default=True,
                    help="coordinate-descent tuning of the compiled kernels, as gpt-fast (default on; its "
-                        "choices are kept in $EVALSUITE_CACHE, so a machine tunes each program once)")
+                        "choices are kept in $EVALSUITE_CACHE, so a machine tunes each program once; without "
+                        "it int8-wo decoded at 0.22x fp on an H100, tuned at 0.98x)")
 
 
 STAGE = Stage(name=STAGE_NAME, help="decode/prefill throughput and bandwidth vs the measured roofline", run=run,
