@@ -236,6 +236,61 @@ def test_streamed_gguf_equals_transformers_bit_for_bit_and_is_cached_once(tmp_pa
     assert [k for k, v in _bits(second.model).items() if not torch.equal(v, theirs[k])] == []
 
 
+def test_config_and_tokenizer_come_from_one_parse_and_equal_transformers_own(tiny_gguf, monkeypatch, tmp_path):
+    """Inside ``parsed_once`` transformers' config and tokenizer loads of the file reuse the reader
+    already made and one ``load_gguf_checkpoint`` result (deep copies: a caller that edits its copy
+    changes no other): the same config and the same token ids as transformers' own loads outside it;
+    another file and other arguments go to the originals; on leaving, ``gguf.GGUFReader`` and every
+    transformers module's ``load_gguf_checkpoint`` are the originals again."""
+    import sys
+
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from evalsuite.load.gguf_stream import parsed_once
+
+    texts = ["Hello world, the quick brown fox.", "  spaces\tand\nnewlines ünïcödé 12345", ""]
+    theirs_config = AutoConfig.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name).to_dict()
+    theirs_tok = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+    theirs_meta = gguf_utils.load_gguf_checkpoint(str(tiny_gguf), return_tensors=False)
+    original_reader, original_load = gguf.GGUFReader, gguf_utils.load_gguf_checkpoint
+    parses, loads = [], []
+
+    def counted_reader(*a, **k):
+        parses.append(a[0])
+        return original_reader(*a, **k)
+
+    def counted_load(*a, **k):
+        loads.append(k.get("return_tensors", a[1] if len(a) > 1 else False))
+        return original_load(*a, **k)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counted_reader)
+    for module in list(sys.modules.values()):  # as transformers' modules hold the name
+        if getattr(module, "__name__", "").startswith("transformers") and \
+                getattr(module, "__dict__", {}).get("load_gguf_checkpoint") is original_load:
+            monkeypatch.setattr(module, "load_gguf_checkpoint", counted_load)
+    reader = original_reader(tiny_gguf)
+    with parsed_once(tiny_gguf, reader):
+        first = gguf_utils.load_gguf_checkpoint(str(tiny_gguf), return_tensors=False)
+        first["config"]["planted"] = 1  # a caller's edit of its copy
+        ours_config = AutoConfig.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name).to_dict()
+        ours_tok = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
+        assert gguf.GGUFReader(tiny_gguf) is reader
+        assert gguf.GGUFReader(tiny_gguf, "r") is not reader  # other arguments: the original
+        other = tmp_path / "other.gguf"
+        other.write_bytes(tiny_gguf.read_bytes())
+        elsewhere = gguf_utils.load_gguf_checkpoint(str(other), return_tensors=False)
+    assert parses == [tiny_gguf, str(other)]  # another argument, another file: parsed by the original
+    assert loads == [False, False]  # one metadata load for every caller of this file, one for the other
+    assert "planted" not in ours_config and ours_config == theirs_config
+    assert [ours_tok(t)["input_ids"] for t in texts] == [theirs_tok(t)["input_ids"] for t in texts]
+    assert ours_tok.get_vocab() == theirs_tok.get_vocab() and elsewhere["config"] == theirs_meta["config"]
+    assert gguf.GGUFReader is counted_reader and gguf_utils.load_gguf_checkpoint is counted_load
+    assert all(getattr(m, "__dict__", {}).get("load_gguf_checkpoint") in (None, counted_load, original_load)
+               for m in list(sys.modules.values()) if getattr(m, "__name__", "").startswith("transformers"))
+
+
 def test_gguf_tensor_type_without_a_device_unpacker_is_dequantized_on_the_host(monkeypatch, tiny_gguf,
                                                                                  transformers_tiny, caplog):
     import evalsuite.load.gguf_stream as stream

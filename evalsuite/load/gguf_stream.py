@@ -7,7 +7,7 @@ types (F32, F16, BF16, Q8_0, Q4_0, Q4_1) are unpacked there with torch ops that 
 ``gguf.quants.dequantize`` computes (the same float32 products and sums, no fused multiply-add), so the
 weights equal transformers' bit for bit (a NaN's payload aside). Other types gguf-py knows are dequantized on the host by
 ``gguf.quants.dequantize``, with one line saying which. Config and tokenizer still come from
-transformers, so they are its own.
+transformers, so they are its own, from one parse of the file instead of three (:func:`parsed_once`).
 
 What this does not know how to match exactly (an architecture other than llama, a tensor type gguf-py
 cannot dequantize, a model tensor the file lacks) raises ``NotStreamable``; the caller then loads the
@@ -16,6 +16,10 @@ file through transformers, with one line saying why.
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -131,6 +135,50 @@ def _hf_names(model: nn.Module, arch_name: str, n_layers: int) -> dict[str, str]
     return out
 
 
+@contextlib.contextmanager
+def parsed_once(path: Path, reader):
+    """transformers' GGUF config and tokenizer loads each parse the whole file again
+    (``load_gguf_checkpoint``: a ``gguf.GGUFReader`` over every metadata field, the vocabulary's and
+    merges' ~100k strings one numpy view at a time, ~5 s for SmolLM2 on one core, twice or three
+    times). Within this block, ``gguf.GGUFReader`` of ``path`` is ``reader`` (made already, read-only),
+    and ``load_gguf_checkpoint(path, return_tensors=False)`` runs once, each caller getting a deep copy
+    of its result: the same functions on the same bytes, so config and tokenizer are transformers' own.
+    Every other call (another file, tensors asked for) goes to the originals; everything is put back
+    on leaving, in the modules that imported the function meanwhile too."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original_reader, original_load = gguf.GGUFReader, gguf_utils.load_gguf_checkpoint
+    target = os.path.realpath(path)
+    result: dict[str, Any] = {}
+
+    def reader_of(file, *args, **kwargs):
+        if not args and not kwargs and os.path.realpath(file) == target:
+            return reader
+        return original_reader(file, *args, **kwargs)
+
+    def load_once(file, return_tensors=False, model_to_load=None, **kwargs):
+        if return_tensors or model_to_load is not None or kwargs or os.path.realpath(file) != target:
+            return original_load(file, return_tensors=return_tensors, model_to_load=model_to_load, **kwargs)
+        if "metadata" not in result:
+            result["metadata"] = original_load(file, return_tensors=False)
+        return copy.deepcopy(result["metadata"])
+
+    def swap(old, new) -> None:  # the name as each transformers module holds it (imported or not yet)
+        for module in list(sys.modules.values()):
+            names = getattr(module, "__dict__", {})
+            if getattr(module, "__name__", "").startswith("transformers") and names.get("load_gguf_checkpoint") is old:
+                setattr(module, "load_gguf_checkpoint", new)
+
+    gguf.GGUFReader = reader_of
+    swap(original_load, load_once)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original_reader
+        swap(load_once, original_load)
+
+
 def load_streamed(path: Path, device: torch.device, load_tokenizer) -> StreamedGGUF:
     """The GGUF at ``path`` as a float32 transformers model on ``device`` (weights dequantized there)
     and its tokenizer (``load_tokenizer(path)``); raises ``NotStreamable`` for what it cannot match."""
@@ -151,14 +199,15 @@ def load_streamed(path: Path, device: torch.device, load_tokenizer) -> StreamedG
         raise NotStreamable("the file does not give both attention head counts")
     unpackers = device_dequantizers()
 
-    t = time.perf_counter()
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    seconds["config"] = round(time.perf_counter() - t, 3)
-    if config.model_type != arch_name:  # a llama-architecture file that transformers reads as mistral
-        raise NotStreamable(f"transformers reads it as {config.model_type!r}, not {arch_name!r}")
-    t = time.perf_counter()
-    tokenizer = load_tokenizer(path)
-    seconds["tokenizer"] = round(time.perf_counter() - t, 3)
+    with parsed_once(path, reader):
+        t = time.perf_counter()
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        seconds["config"] = round(time.perf_counter() - t, 3)
+        if config.model_type != arch_name:  # a llama-architecture file that transformers reads as mistral
+            raise NotStreamable(f"transformers reads it as {config.model_type!r}, not {arch_name!r}")
+        t = time.perf_counter()
+        tokenizer = load_tokenizer(path)
+        seconds["tokenizer"] = round(time.perf_counter() - t, 3)
 
     t = time.perf_counter()
     with _no_init_weights():
