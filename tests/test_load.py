@@ -236,6 +236,28 @@ def test_streamed_gguf_equals_transformers_bit_for_bit_and_is_cached_once(tmp_pa
     assert [k for k, v in _bits(second.model).items() if not torch.equal(v, theirs[k])] == []
 
 
+def test_the_plain_view_reader_reads_what_gguf_pys_reader_reads(tiny_gguf):
+    """``open_reader`` (gguf-py's reader over a plain ndarray view of the memory map): every field's
+    types, parts (values and dtypes) and data indices, and every tensor's name, type, shape, offset and
+    bytes, equal ``gguf.GGUFReader``'s; the tensors stay views of the file, read-only."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from evalsuite.load.gguf_stream import open_reader
+
+    theirs, ours = GGUFReader(tiny_gguf), open_reader(tiny_gguf)
+    assert list(ours.fields) == list(theirs.fields) and len(ours.fields) > 10
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.types, mine.data, mine.offset) == (field.types, field.data, field.offset), name
+        assert len(mine.parts) == len(field.parts), name
+        assert all(a.dtype == b.dtype and np.array_equal(a, b) for a, b in zip(mine.parts, field.parts)), name
+    info = [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset, t.n_bytes) for t in theirs.tensors]
+    assert [(t.name, t.tensor_type, t.shape.tolist(), t.data_offset, t.n_bytes) for t in ours.tensors] == info
+    assert all(a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors))
+    assert type(ours.tensors[0].data) is np.ndarray and not ours.tensors[0].data.flags.writeable
+
+
 def test_config_and_tokenizer_come_from_one_parse_and_equal_transformers_own(tiny_gguf, monkeypatch, tmp_path):
     """Inside ``parsed_once`` transformers' config and tokenizer loads of the file reuse the reader
     already made and one ``load_gguf_checkpoint`` result (deep copies: a caller that edits its copy

@@ -1,8 +1,9 @@
 """A GGUF file's weights read straight onto the device and dequantized there.
 
 transformers' own GGUF loader dequantizes every tensor in numpy on the host, copies it, and maps tensor
-names with one gguf-py name table per submodule (about 20 s for SmolLM2-135M's 98 MB on one CPU core). Here the file is memory-mapped once
-(``gguf.GGUFReader``), each tensor's raw blocks go to the device as they are, and the common block
+names with one gguf-py name table per submodule (about 20 s for SmolLM2-135M's 98 MB on one CPU core).
+Here the file is memory-mapped once (``gguf.GGUFReader``, :func:`open_reader`), each tensor's raw
+blocks go to the device as they are, and the common block
 types (F32, F16, BF16, Q8_0, Q4_0, Q4_1) are unpacked there with torch ops that compute exactly what
 ``gguf.quants.dequantize`` computes (the same float32 products and sums, no fused multiply-add), so the
 weights equal transformers' bit for bit (a NaN's payload aside). Other types gguf-py knows are dequantized on the host by
@@ -135,6 +136,25 @@ def _hf_names(model: nn.Module, arch_name: str, n_layers: int) -> dict[str, str]
     return out
 
 
+def open_reader(path: Path):
+    """gguf-py's ``GGUFReader`` of ``path`` over a plain ndarray view of its memory map rather than the
+    ``np.memmap`` itself: the same bytes, fields and tensors (zero-copy, read-only), parsed ~3x faster
+    (4.8 s → 1.5 s for SmolLM2's header on one core): every slice of a memmap subclass runs its
+    ``__array_finalize__``, and the header is sliced a few times per vocabulary string."""
+    from gguf import GGUFReader
+
+    class PlainReader(GGUFReader):
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, value):
+            self._plain = value.view(np.ndarray)
+
+    return PlainReader(path)
+
+
 @contextlib.contextmanager
 def parsed_once(path: Path, reader):
     """transformers' GGUF config and tokenizer loads each parse the whole file again
@@ -182,13 +202,12 @@ def parsed_once(path: Path, reader):
 def load_streamed(path: Path, device: torch.device, load_tokenizer) -> StreamedGGUF:
     """The GGUF at ``path`` as a float32 transformers model on ``device`` (weights dequantized there)
     and its tokenizer (``load_tokenizer(path)``); raises ``NotStreamable`` for what it cannot match."""
-    from gguf import GGUFReader
     from gguf.quants import quant_shape_from_byte_shape
     from transformers import AutoConfig, AutoModelForCausalLM
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
-    reader = GGUFReader(path)
+    reader = open_reader(path)
     arch_name = _field(reader, "general.architecture")
     seconds["read"] = round(time.perf_counter() - t, 3)
     if arch_name not in ARCHITECTURES:
