@@ -69,7 +69,8 @@ def test_torchao_configs_map_to_the_builtin_format():
     assert limits_as(q.Int8WeightOnlyConfig()) == "int8-wo"
     assert limits_as(q.Int8DynamicActivationInt8WeightConfig()) == "int8-dq"
     assert limits_as(q.Float8WeightOnlyConfig()) == "fp8-wo"
-    assert limits_as(q.Float8DynamicActivationFloat8WeightConfig()) == "fp8-dq"
+    assert limits_as(q.Float8DynamicActivationFloat8WeightConfig()) == "fp8-dq-tensor"  # torchao's default: per tensor
+    assert limits_as(q.Float8DynamicActivationFloat8WeightConfig(granularity=q.PerRow())) == "fp8-dq"
     assert limits_as(object()) is None
 
 

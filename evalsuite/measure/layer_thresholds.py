@@ -11,18 +11,16 @@ them, keeping about 5 dB under the worst honest layer of SmolLM2-135M on WikiTex
     int8-dq        38.7    17.7    18.1
     int4-wo-g128   18.2    11.8     8.9
 
-The fp8 floors are provisional, reasoned rather than measured per layer of SmolLM2: e4m3 keeps 3
-mantissa bits, so each weight's relative rounding error is at most 2^-4, about 29-31 dB of weight
-SQNR for Gaussian-like rows whatever their outliers (values under 2^-6 of the row's maximum turn
-subnormal and cost a little more); torchao's fp8 on an H100 measured 28.7 dB (weight-only) and 25.5 dB
-(dynamic). The floors sit about 5 dB under those, as above; the output and hidden floors keep the
-int8 rows' distance to their weight floor (dq: the activations' own e4m3 rounding on top):
+The fp8 floors follow the same rule, ``floor(worst − 5)``, on SmolLM2 measured on an H100
+(2026-12-08, ``benchmarks/calibrate_limits.py``'s rule, docs/limits.md):
 
-    fp8-wo         23      20      15     (provisional until measured on the GPU)
-    fp8-dq         20      14      11     (fp8-dq and fp8-dq-tensor)
+    scheme         weight  output  hidden (worst, dB)            floors
+    fp8-wo         31.5    29.9    21.4                          26 / 24 / 16
+    fp8-dq         31.5    27.0    20.4                          26 / 22 / 15
 
-``benchmarks/calibrate_limits.py`` measures them on the GPU and applies the rule above,
-``floor(worst − 5)`` (docs/limits.md).
+fp8-dq-tensor (one activation scale a tensor) was not measured and keeps the floors reasoned before:
+e4m3's 3 mantissa bits give ~29-31 dB of weight SQNR, the floors ~5 dB under torchao's fp8 on an H100
+(25.5 dB dynamic), the output and hidden floors at int8's distance from the weight floor: 20 / 14 / 11.
 
 These floors catch gross faults (a dropped bias, wrong-axis scales, a layer at 2-3 bits); subtle
 ones (floor instead of round) are caught by the layers stage's peer rule, relative to the model's own
@@ -71,8 +69,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "int8-wo*": {"weight_sqnr_db": 33.0, "output_sqnr_db": 28.0, "hidden_sqnr_db": 24.0},
     "int8-dq*": {"weight_sqnr_db": 33.0, "output_sqnr_db": 12.0, "hidden_sqnr_db": 12.0},
     "int4-wo-*": {"weight_sqnr_db": 13.0, "output_sqnr_db": 6.0, "hidden_sqnr_db": 4.0},
-    "fp8-wo*": {"weight_sqnr_db": 23.0, "output_sqnr_db": 20.0, "hidden_sqnr_db": 15.0},
-    "fp8-dq*": {"weight_sqnr_db": 20.0, "output_sqnr_db": 14.0, "hidden_sqnr_db": 11.0},
+    "fp8-wo*": {"weight_sqnr_db": 26.0, "output_sqnr_db": 24.0, "hidden_sqnr_db": 16.0},
+    "fp8-dq-tensor*": {"weight_sqnr_db": 20.0, "output_sqnr_db": 14.0, "hidden_sqnr_db": 11.0},
+    "fp8-dq*": {"weight_sqnr_db": 26.0, "output_sqnr_db": 22.0, "hidden_sqnr_db": 15.0},
     "*": {"weight_sqnr_db": 20.0, "output_sqnr_db": 20.0, "hidden_sqnr_db": 10.0},
 }
 

@@ -58,11 +58,17 @@ class TorchaoConfig(ReferencedScheme):
 
 def limits_as(config: Any) -> str | None:
     """``Int4WeightOnlyConfig(group_size=128)`` → ``int4-wo-g128``, ``Int8WeightOnlyConfig`` →
-    ``int8-wo``, the fp8 configs → ``fp8-wo``/``fp8-dq``; None for a config of another format."""
+    ``int8-wo``, the fp8 configs → ``fp8-wo``/``fp8-dq`` (per row) or ``fp8-dq-tensor`` (torchao's
+    default per-tensor granularity, whose limits are the unmeasured looser tier); None for a config of
+    another format."""
     name = type(config).__name__
     if name in ("Int4WeightOnlyConfig", "PrototypeInt4WeightOnlyConfig"):
         group = getattr(config, "group_size", None)
         return f"int4-wo-g{group}" if group else "int4-wo"
+    if name == "Float8DynamicActivationFloat8WeightConfig":
+        granularity = getattr(config, "granularity", None)
+        parts = granularity if isinstance(granularity, (list, tuple)) else [granularity]
+        return "fp8-dq" if parts and all(type(g).__name__ == "PerRow" for g in parts) else "fp8-dq-tensor"
     return {"Int8WeightOnlyConfig": "int8-wo", "Int8DynamicActivationInt8WeightConfig": "int8-dq",
             "Float8WeightOnlyConfig": "fp8-wo", "Float8DynamicActivationFloat8WeightConfig": "fp8-dq"}.get(name)
 
