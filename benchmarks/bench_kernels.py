@@ -49,6 +49,7 @@ import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from benchutil import sync, timed_ms, write_out  # noqa: E402
+from benchutil import sync, timed_ms  # noqa: E402
 
 from evalsuite.errors import first_line  # noqa: E402
 
@@ -307,6 +308,55 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     rows = []
     gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def payload(stopped: str | None = None) -> dict:
+        return {"device": device_name, "device_type": device.type, "dtype": str(dtype), "versions": versions(),
+                "prefill_tokens": tokens, "compiled": not a.no_compile, "tuning": not a.no_tuning,
+                "elapsed_s": round(time.perf_counter() - t_start, 1), "stopped": stopped,
+                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}, "rows": rows}
+
+    target = a.out or (Path(os.environ["OUT"]) / "kernels.json" if os.environ.get("OUT") else None)
+
+    def save(stopped: str | None = None) -> None:
+        if target is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(json.dumps(payload(stopped), indent=1, default=str))
+
+    stopped = None
+    # a step limit's SIGTERM ends the rows, not the script: the table and JSON of the rows measured
+    # are still written (each row is saved as it ends too)
+    previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        measure_rows(shapes, impls, rows, gen, tokens, dtype, a, device, flush, t_start, save)
+    except Stopped as e:
+        stopped = f"stopped by {e} after {len(rows)} rows"
+        print(f"\n{stopped}", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+    elapsed = time.perf_counter() - t_start
+    print()
+    print(markdown(rows))
+    clock = "CUDA-event timings, an L2 flush before each call" if device.type == "cuda" else "wall-clock timings"
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s; decode = 1 token, prefill = {tokens} tokens, medians of {clock}; "
+          f"SQNR of the prefill output vs the bf16 layer's")
+    save(stopped)
+    if target is not None:
+        print(f"wrote {target}")
+    return 0
+
+
+class Stopped(Exception):
+    """SIGTERM arrived while rows were being measured."""
+
+
+def _stop(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+
+
+def measure_rows(shapes, impls, rows: list, gen, tokens: int, dtype, a, device, flush, t_start: float,
+                 save: Callable[[], None]) -> None:
+    """Appends a row per (shape, implementation) to ``rows``, saving after each."""
     for shape in shapes:
         _, k, n = shape
         fp = nn.Sequential(nn.Linear(k, n, bias=False))
@@ -331,28 +381,10 @@ def main(argv=None) -> int:
             print(f"  {shape[0]:22} {scheme:17} {impl:9} decode {fmt(row['decode_us'], 1):>8} µs  prefill "
                   f"{fmt(row['prefill_ms'], 3):>8} ms  SQNR {fmt(row['sqnr_db'], 1):>5} dB  ({row['seconds']} s)"
                   + (f"  {row['errors']}" if row["errors"] else ""), flush=True)
+            save()
         del fp, inputs, ref
         if device.type == "cuda":
             torch.cuda.empty_cache()
-
-    elapsed = time.perf_counter() - t_start
-    print()
-    print(markdown(rows))
-    clock = "CUDA-event timings, an L2 flush before each call" if device.type == "cuda" else "wall-clock timings"
-    print(f"\n{len(rows)} rows in {elapsed:.0f} s; decode = 1 token, prefill = {tokens} tokens, medians of {clock}; "
-          f"SQNR of the prefill output vs the bf16 layer's")
-    payload = {"device": device_name, "device_type": device.type, "dtype": str(dtype), "versions": versions(),
-               "prefill_tokens": tokens, "compiled": not a.no_compile, "tuning": not a.no_tuning,
-               "elapsed_s": round(elapsed, 1), "args": {k: (str(v) if isinstance(v, Path) else v)
-                                                        for k, v in vars(a).items()},
-               "rows": rows}
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(payload, indent=1, default=str))
-        print(f"wrote {a.out}")
-    else:
-        write_out("kernels", payload)
-    return 0
 
 
 if __name__ == "__main__":

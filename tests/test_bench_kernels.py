@@ -70,3 +70,35 @@ def test_env_is_restored(monkeypatch, value):
     with bench_kernels.env(bench_kernels.SCALED_MM_ENV, value):
         assert bench_kernels.os.environ.get(bench_kernels.SCALED_MM_ENV) == value
     assert bench_kernels.os.environ[bench_kernels.SCALED_MM_ENV] == "0"
+
+
+def test_a_sigterm_during_a_row_keeps_the_rows_measured_with_their_table(tmp_path, monkeypatch, capsys):
+    """A step limit's SIGTERM (the 2026-12-08 H100 call lost a whole table to one) ends the rows, not
+    the script: the row it interrupts is lost, the rows measured before it are in the JSON, which says
+    it was stopped, and in the printed table; each row was on disk as soon as it ended."""
+    import os
+    import signal
+
+    measure = bench_kernels.measure_row
+    out = tmp_path / "kernels.json"
+    seen_on_disk = []
+
+    def term_during_the_second(*args, **kwargs):
+        if out.exists():
+            seen_on_disk.append(len(json.loads(out.read_text())["rows"]))
+        row = measure(*args, **kwargs)
+        if args[1] == "fp8-wo":  # SIGTERM arrives while the second row is measured
+            # without the benchmark's handler the signal would end the test session itself
+            assert signal.getsignal(signal.SIGTERM) is bench_kernels._stop
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row
+
+    monkeypatch.setattr(bench_kernels, "measure_row", term_during_the_second)
+    before = signal.getsignal(signal.SIGTERM)
+    report = run(tmp_path, "--only", "bf16,fp8-wo,fp8-dq")
+    assert [(r["scheme"], r["impl"]) for r in report["rows"]] == [("bf16", "torch")]
+    assert report["stopped"] == "stopped by SIGTERM after 1 rows"
+    assert seen_on_disk == [1]  # the first row was saved before the second began
+    printed = capsys.readouterr().out
+    assert "stopped by SIGTERM after 1 rows" in printed and "| tiny 256->512 | bf16 | torch |" in printed
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back
