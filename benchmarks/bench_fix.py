@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.benchutil import write_out  # noqa: E402
-from evalsuite.app.fix import describe_check  # noqa: E402
+from evalsuite.app.fix import SEARCHES, describe_check  # noqa: E402
 from evalsuite.commands.cli import main as evalsuite_main  # noqa: E402
 from evalsuite.results import Results  # noqa: E402
 
@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--fix-tokens", type=int, default=4096)
     p.add_argument("--fix-budget", default="25%")
     p.add_argument("--fix-rerank", type=int, default=8)
-    p.add_argument("--fix-search", default="path", choices=["path", "greedy"], help="the fix's search (default path)")
+    p.add_argument("--fix-search", default=SEARCHES[0], choices=SEARCHES, help="the fix's search (default path)")
     p.add_argument("--verify-strategies", action="store_true", help="--fix-verify-strategies (costs a verification each)")
     p.add_argument("--shape", help="a random-weight folder of this bench_scale shape (llama2-7b, llama3-8b, tiny) "
                                    "instead of the real model")

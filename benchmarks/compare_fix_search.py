@@ -35,6 +35,7 @@ from benchmarks.benchutil import write_out  # noqa: E402
 def main(argv=None) -> int:
     import torch
 
+    from evalsuite.app.fix import budget_bytes, parse_budget
     from evalsuite.load.model import default_model_path, load_model
     from evalsuite.measure import sensitivity as S
     from evalsuite.measure.corpus import load_corpus
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     windows = S.calibration_windows(loaded.tokenizer, text, a.tokens, a.context, source)
     formats = S.layer_formats(fp, S.quantized_layer_names(q), S.candidate_schemes(a.scheme), q)
     stats_fn, _, _ = select_stats(device, False, True)
-    budget = int(0.25 * sum(fs[-1].bytes - fs[0].bytes for fs in formats.values()))
+    budget = budget_bytes(parse_budget("25%"), formats)
     ln_target = 0.8 * math.log(1.15)
 
     def target(m) -> bool:

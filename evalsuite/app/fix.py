@@ -329,8 +329,7 @@ def suggest(ctx, results: Results, config, fails: dict[str, list[dict]], out_dir
         if first is not None:  # a failing task check sets round 1's target below the KLD limit's
             with torch.inference_mode(), ctx.fused_forwards(fp, quantized):
                 scheme_kld = cf.measure_modules({})
-            # the path search's own first measurement (the scheme, or key -1 where layers start raised)
-            path.update(start=dict(start), known={-1 if start else 0: scheme_kld}, path=None)
+            path["scheme"] = scheme_kld  # the path search's first measurement, made
             kld_target = min(kld_target, first[0] * scheme_kld.kld_mean)
             entry["first_target"] = {"factor": round(first[0], 4), "checks": first[1],
                                      "scheme_kld_calibration": scheme_kld.kld_mean, "kld_mean": kld_target}
@@ -509,7 +508,7 @@ def _search(greedy: bool, cf, formats: dict, target, limit_bytes: int, prior: di
     if state.get("start") != (start or {}):
         state.update(start=dict(start or {}), known={}, path=None)
     search = path_search(cf, formats, target, limit_bytes, prior, start=start, path=state["path"],
-                         known=state["known"])
+                         known=state["known"], scheme=state.get("scheme"))
     state["path"] = search.path
     return search
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from evalsuite.app.fix import DEFAULT_BUDGET
+from evalsuite.app.fix import DEFAULT_BUDGET, SEARCHES
 from evalsuite.results import Results
 
 
@@ -25,7 +25,7 @@ def add_fix_options(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--fix-rerank", type=int, default=8,
                    help="most moves (a layer to a larger format) re-measured on top of the current recipe at each "
                         "greedy round (default 8)")
-    g.add_argument("--fix-search", choices=["path", "greedy"], default="path",
+    g.add_argument("--fix-search", choices=SEARCHES, default=SEARCHES[0],
                    help="path (default): estimate every layer's KLD in every format from one forward and backward "
                         "of fp (diagonal Fisher), then measure the shortest prefix of the estimated greedy path "
                         "that meets the target (a bisection, ~log2(moves) forwards); greedy: the same estimates, "

@@ -386,14 +386,16 @@ def estimated_path(formats: dict[str, list[Format]], ratio: dict[tuple[str, int]
 
 def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target: Callable[[Metrics], bool],
                 budget_bytes: int, ratio: dict[tuple[str, int], float], start: dict[str, str] | None = None,
-                path: list[tuple[str, int]] | None = None, known: dict[int, Metrics] | None = None) -> FormatSearch:
+                path: list[tuple[str, int]] | None = None, known: dict[int, Metrics] | None = None,
+                scheme: Metrics | None = None) -> FormatSearch:
     """The smallest prefix of the estimated path (:func:`estimated_path`) whose variant meets
     ``target``, measured: the whole path first (if it fails, the budget is spent), then a bisection on
     the prefix length, each probe one forward (about log2 of the path's length in all). The measured
     KLD falls along the path nearly monotonically (each move removes estimated damage), which is what
     the bisection assumes; the recipe it returns is measured, never an estimate. ``path`` and ``known``
     (prefix length → metrics measured before; -1: every layer in its first format, where ``start``
-    raised some) let a tightened round continue on the same path."""
+    raised some) let a tightened round continue on the same path; ``scheme``: the metrics of every
+    layer in its first format, when the caller measured them already."""
     base_choice = _start_choice(formats, start)
     path = estimated_path(formats, ratio, budget_bytes, start) if path is None else path
     known = {} if known is None else known
@@ -411,7 +413,10 @@ def path_search(cf: "Counterfactuals", formats: dict[str, list[Format]], target:
             known[k] = cf.measure_modules({n: formats[n][i].module for n, i in ch.items() if i})
         return known[k]
 
-    if any(base_choice.values()):  # every layer in its first format, kept (key -1) for a later round
+    first = -1 if any(base_choice.values()) else 0  # the key of every layer in its first format
+    if first not in known and scheme is not None:
+        known[first] = scheme
+    if first == -1:  # kept (key -1) for a later round
         baseline = known[-1] = known[-1] if -1 in known else cf.measure_modules({})
     else:
         baseline = measured(0)
